@@ -1,0 +1,419 @@
+"""Metrics for semantic segmentation, instance segmentation, 3D label volumes and grading.
+
+- ConfusionMatrix: streaming pixel counts in torch (GPU-friendly, summed across DDP ranks).
+- Instance matching, panoptic quality and AJI on label images, through one sparse contingency table of
+  overlapping pixels: cost grows with the number of pixels, not with the number of instance pairs.
+- PanNuke's bPQ / mPQ aggregation, exactly as the PanNuke-metrics script computes it.
+- Adapted Rand error and variation of information: scikit-image's implementations.
+- Quadratic weighted kappa and one-vs-rest ROC AUC: scikit-learn's implementations.
+
+Convention: a score whose denominator is empty (no ground truth, no prediction) is NaN, not 0 or 1, and
+averages skip NaN (nan-mean), as PanNuke-metrics does for classes absent from an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
+from skimage.metrics import adapted_rand_error as _skimage_adapted_rand_error
+from skimage.metrics import contingency_table
+from skimage.metrics import variation_of_information as _skimage_variation_of_information
+from skimage.segmentation import relabel_sequential
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+# Tissue names of PanNuke's types.npy, in the order PanNuke-metrics reports them.
+PANNUKE_TISSUES = (
+    "Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck", "Kidney",
+    "Liver", "Lung", "Ovarian", "Pancreatic", "Prostate", "Skin", "Stomach", "Testis", "Thyroid", "Uterus",
+)
+PANNUKE_CLASSES = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
+
+
+def _nanmean(values) -> float:
+    """Mean over the finite values; NaN (without a warning) when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _ratio(numerator, denominator):
+    """Elementwise numerator / denominator with NaN where the denominator is 0."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ConfusionMatrix:
+    """Streaming confusion matrix (rows: target class, columns: predicted class) over a whole dataset.
+
+        cm = ConfusionMatrix(num_classes=6, device="cuda")
+        for ...: cm.update(logits.argmax(1), target)
+        cm.all_reduce()          # under DDP: sum the counts of every rank (no-op otherwise)
+        scores = cm.compute()    # per class and mean: dice, iou, precision, recall, f1, accuracy, specificity
+
+    For a binary task use num_classes=2 and pred = probability > 0.5. Pixels whose target is ignore_index are
+    not counted. Pixel-level F1 equals Dice; both names are reported.
+    """
+
+    METRICS = ("dice", "iou", "precision", "recall", "f1", "accuracy", "specificity")
+
+    def __init__(self, num_classes: int, device: torch.device | str | None = None, ignore_index: int | None = None):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (binary: 2), got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred and target: class indices of the same shape (any number of dimensions)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} does not match target {tuple(target.shape)}")
+        pred = pred.reshape(-1).to(self.matrix.device, torch.int64)
+        target = target.reshape(-1).to(self.matrix.device, torch.int64)
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            pred, target = pred[keep], target[keep]
+        k = self.num_classes
+        if target.numel() and (min(int(pred.min()), int(target.min())) < 0 or max(int(pred.max()), int(target.max())) >= k):
+            raise ValueError(f"class indices must lie in 0..{k - 1}; got pred in "
+                             f"{int(pred.min())}..{int(pred.max())}, target in {int(target.min())}..{int(target.max())}")
+        self.matrix += torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+
+    def all_reduce(self) -> ConfusionMatrix:
+        """Sum the counts over DDP ranks (call once, after the last update, on every rank)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+        return self
+
+    def compute(self) -> dict:
+        """Per-class lists, `mean_<metric>` over all classes and `fg_mean_<metric>` over classes 1..C-1 (NaN-skipping).
+
+        `overall_accuracy` is the fraction of correctly classified pixels. A per-class score with an empty
+        denominator (class absent from target and prediction) is NaN.
+        """
+        m = self.matrix.double().cpu().numpy()
+        tp = np.diag(m)
+        fp = m.sum(0) - tp
+        fn = m.sum(1) - tp
+        total = m.sum()
+        tn = total - tp - fp - fn
+        per_class = {
+            "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": _ratio(tp, tp + fp + fn),
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn),
+            "accuracy": _ratio(tp + tn, np.full_like(tp, total)),
+            "specificity": _ratio(tn, tn + fp),
+        }
+        per_class["f1"] = per_class["dice"]
+        scores: dict = {"num_pixels": int(total), "overall_accuracy": float(_ratio(tp.sum(), total))}
+        for name in self.METRICS:
+            values = per_class[name]
+            scores[name] = [float(v) for v in values]
+            scores[f"mean_{name}"] = _nanmean(values)
+            scores[f"fg_mean_{name}"] = _nanmean(values[1:])
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instance metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InstanceOverlaps:
+    """Every pair of overlapping instances of two label images (instances numbered 1..n after relabelling)."""
+
+    true_areas: np.ndarray  # (n_true,) pixel counts of true instances 1..n_true
+    pred_areas: np.ndarray  # (n_pred,)
+    true_index: np.ndarray  # (n_pairs,) 0-based index of the true instance of each overlapping pair
+    pred_index: np.ndarray  # (n_pairs,)
+    intersection: np.ndarray  # (n_pairs,) overlapping pixels of each pair
+    true_ids: np.ndarray  # original ids, true_ids[i] is instance i
+    pred_ids: np.ndarray
+
+    @property
+    def union(self) -> np.ndarray:
+        return self.true_areas[self.true_index] + self.pred_areas[self.pred_index] - self.intersection
+
+    @property
+    def iou(self) -> np.ndarray:
+        return self.intersection / self.union
+
+
+def instance_overlaps(true: np.ndarray, pred: np.ndarray) -> InstanceOverlaps:
+    """One pass over both label images (any dimension, 0 = background): areas and all overlapping pairs."""
+    true = np.asarray(true)
+    pred = np.asarray(pred)
+    if true.shape != pred.shape:
+        raise ValueError(f"label images differ in shape: true {true.shape}, pred {pred.shape}")
+    for name, labels in (("true", true), ("pred", pred)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name} labels must be an integer label image, got dtype {labels.dtype}")
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"{name} labels must be >= 0 (0 = background), found {labels.min()}")
+    true_seq, _, true_map = relabel_sequential(true)
+    pred_seq, _, pred_map = relabel_sequential(pred)
+    n_true, n_pred = int(true_seq.max(initial=0)), int(pred_seq.max(initial=0))
+    true_areas = np.bincount(true_seq.ravel(), minlength=n_true + 1)[1:]
+    pred_areas = np.bincount(pred_seq.ravel(), minlength=n_pred + 1)[1:]
+    if n_true and n_pred:
+        table = contingency_table(true_seq, pred_seq).tocoo()
+        keep = (table.row > 0) & (table.col > 0) & (table.data > 0)
+        true_index, pred_index = table.row[keep] - 1, table.col[keep] - 1
+        intersection = np.asarray(table.data[keep], dtype=np.int64)
+        order = np.lexsort((pred_index, true_index))
+        true_index, pred_index, intersection = true_index[order], pred_index[order], intersection[order]
+    else:
+        true_index = pred_index = intersection = np.zeros(0, dtype=np.int64)
+    return InstanceOverlaps(
+        true_areas=true_areas.astype(np.int64),
+        pred_areas=pred_areas.astype(np.int64),
+        true_index=true_index.astype(np.int64),
+        pred_index=pred_index.astype(np.int64),
+        intersection=intersection,
+        true_ids=np.asarray(true_map.out_values)[1:] if n_true else np.zeros(0, dtype=np.int64),
+        pred_ids=np.asarray(pred_map.out_values)[1:] if n_pred else np.zeros(0, dtype=np.int64),
+    )
+
+
+@dataclass
+class InstanceMatch:
+    """One-to-one matching of true and predicted instances at an IoU threshold."""
+
+    tp: int
+    fp: int
+    fn: int
+    matched_true: np.ndarray  # original ids of matched true instances
+    matched_pred: np.ndarray  # original ids of the predicted instance each is matched to
+    matched_iou: np.ndarray
+
+    @property
+    def precision(self) -> float:
+        return float(_ratio(self.tp, self.tp + self.fp))
+
+    @property
+    def recall(self) -> float:
+        return float(_ratio(self.tp, self.tp + self.fn))
+
+    @property
+    def f1(self) -> float:
+        """2 TP / (2 TP + FP + FN) = TP / (TP + (FP + FN) / 2), CellSAM's F1."""
+        return float(_ratio(self.tp, self.tp + 0.5 * (self.fp + self.fn)))
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean IoU of the matched pairs (NaN when nothing matched)."""
+        return float(self.matched_iou.mean()) if self.tp else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision, "recall": self.recall,
+                "f1": self.f1, "mean_matched_iou": self.mean_iou}
+
+
+def _match(overlaps: InstanceOverlaps, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matched pairs (true index, pred index, IoU) with IoU > threshold.
+
+    Above 0.5 a true instance can overlap at most one prediction by more than half of their union, so the
+    pairs are unique as they stand. Below 0.5 pairs may compete: the Hungarian algorithm picks the
+    assignment of largest total IoU among the candidates (as HoVer-Net does).
+    """
+    iou = overlaps.iou
+    candidate = iou > iou_threshold
+    t, p, iou = overlaps.true_index[candidate], overlaps.pred_index[candidate], iou[candidate]
+    if iou_threshold >= 0.5 or iou.size == 0:
+        return t, p, iou
+    rows, row_of = np.unique(t, return_inverse=True)
+    cols, col_of = np.unique(p, return_inverse=True)
+    cost = np.zeros((rows.size, cols.size))
+    cost[row_of, col_of] = -iou
+    r, c = linear_sum_assignment(cost)
+    chosen = cost[r, c] < 0
+    return rows[r[chosen]], cols[c[chosen]], -cost[r[chosen], c[chosen]]
+
+
+def match_instances(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> InstanceMatch:
+    """Match the instances of two label images one to one at IoU > iou_threshold: TP, FP, FN, precision,
+    recall, F1 and the mean IoU of the matches (`.as_dict()` for a report)."""
+    overlaps = instance_overlaps(true, pred)
+    t, p, iou = _match(overlaps, iou_threshold)
+    tp = int(t.size)
+    return InstanceMatch(
+        tp=tp,
+        fp=int(overlaps.pred_areas.size - tp),
+        fn=int(overlaps.true_areas.size - tp),
+        matched_true=overlaps.true_ids[t],
+        matched_pred=overlaps.pred_ids[p],
+        matched_iou=iou,
+    )
+
+
+def panoptic_quality(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
+    """Panoptic quality of one label image as HoVer-Net's `get_fast_pq` (used by PanNuke-metrics) computes it.
+
+    DQ = TP / (TP + FP/2 + FN/2), SQ = sum of matched IoU / (TP + 1e-6), PQ = DQ * SQ, matches at IoU > 0.5.
+    All three are NaN when the ground truth has no instance (PanNuke's rule for an absent class).
+    """
+    match = match_instances(true, pred, iou_threshold)
+    counts = {"tp": match.tp, "fp": match.fp, "fn": match.fn}
+    if match.tp + match.fn == 0:
+        return {"dq": float("nan"), "sq": float("nan"), "pq": float("nan"), **counts}
+    dq = match.tp / (match.tp + 0.5 * match.fp + 0.5 * match.fn)
+    sq = float(match.matched_iou.sum()) / (match.tp + 1.0e-6)
+    return {"dq": dq, "sq": sq, "pq": dq * sq, **counts}
+
+
+def aggregated_jaccard_index(true: np.ndarray, pred: np.ndarray) -> float:
+    """AJI (Kumar et al. 2017) as HoVer-Net's `get_fast_aji` computes it.
+
+    Each true instance is paired with the prediction of highest IoU (a prediction may be used more than once);
+    AJI = sum of paired intersections / (sum of paired unions + areas of unpaired true and predicted
+    instances). NaN when both images are empty.
+    """
+    overlaps = instance_overlaps(true, pred)
+    n_true, n_pred = overlaps.true_areas.size, overlaps.pred_areas.size
+    if n_true == 0 and n_pred == 0:
+        return float("nan")
+    union = overlaps.union
+    score = overlaps.intersection / (union + 1.0e-6)  # HoVer-Net's tie-breaking score
+    # Pairs are sorted by (true, pred): for each true instance keep the highest score, lowest pred id on ties.
+    order = np.lexsort((overlaps.pred_index, -score, overlaps.true_index))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = overlaps.true_index[order][1:] != overlaps.true_index[order][:-1]
+    best = order[first]
+    paired_true, paired_pred = overlaps.true_index[best], overlaps.pred_index[best]
+    inter = float(overlaps.intersection[best].sum())
+    total_union = float(union[best].sum())
+    unpaired_true = np.setdiff1d(np.arange(n_true), paired_true)
+    unpaired_pred = np.setdiff1d(np.arange(n_pred), paired_pred)
+    total_union += float(overlaps.true_areas[unpaired_true].sum() + overlaps.pred_areas[unpaired_pred].sum())
+    return inter / total_union
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PanNuke aggregation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pannuke_binarize(masks: np.ndarray) -> np.ndarray:
+    """Merge PanNuke's per-class instance channels (H, W, C) into one instance map, as PanNuke-metrics'
+    `binarize`: instances get new ids channel by channel, a later channel wins where channels overlap."""
+    out = np.zeros(masks.shape[:2], dtype=np.int64)
+    offset = 0
+    for channel in range(masks.shape[2]):
+        labels, _, _ = relabel_sequential(np.asarray(masks[..., channel]).astype(np.int64))
+        inside = labels > 0
+        out[inside] = labels[inside] + offset
+        offset += int(labels.max(initial=0))
+    return out
+
+
+def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, types: Sequence[str]) -> dict:
+    """PanNuke's official scores (PanNuke-metrics `run.py`) for a stack of tiles.
+
+    true_masks, pred_masks: (N, H, W, 6) or (N, H, W, 5) PanNuke masks (channels 0-4: instance ids of
+    Neoplastic, Inflammatory, Connective, Dead, Epithelial; a 6th background channel is ignored).
+    types: the tissue name of each tile.
+
+    Per tile: PQ of each class (NaN where the class is absent from the ground truth) and binary PQ on the
+    merged channels. mPQ of a tile = nan-mean over classes; per tissue = nan-mean over its tiles; the reported
+    mPQ and bPQ = nan-mean over tissues. Per-class PQ = nan-mean over all tiles.
+    """
+    true_masks = np.asarray(true_masks)
+    pred_masks = np.asarray(pred_masks)
+    if true_masks.shape[:3] != pred_masks.shape[:3] or true_masks.ndim != 4 or pred_masks.ndim != 4:
+        raise ValueError(f"expected (N, H, W, 6) masks of equal size, got true {true_masks.shape}, pred {pred_masks.shape}")
+    if min(true_masks.shape[3], pred_masks.shape[3]) < 5:
+        raise ValueError(f"PanNuke masks need 5 class channels, got true {true_masks.shape}, pred {pred_masks.shape}")
+    types = [str(t) for t in types]
+    if len(types) != true_masks.shape[0]:
+        raise ValueError(f"{len(types)} tissue types given for {true_masks.shape[0]} tiles")
+    n = true_masks.shape[0]
+    class_pq = np.full((n, 5), np.nan)
+    binary_pq = np.full(n, np.nan)
+    for i in range(n):
+        true_i = np.asarray(true_masks[i, ..., :5]).astype(np.int64)
+        pred_i = np.asarray(pred_masks[i, ..., :5]).astype(np.int64)
+        binary_pq[i] = panoptic_quality(pannuke_binarize(true_i), pannuke_binarize(pred_i))["pq"]
+        for c in range(5):
+            class_pq[i, c] = panoptic_quality(true_i[..., c], pred_i[..., c])["pq"]
+    mpq_per_tile = np.array([_nanmean(row) for row in class_pq])
+    tissues = {}
+    for tissue in dict.fromkeys(types):  # first-seen order
+        rows = [i for i, t in enumerate(types) if t == tissue]
+        tissues[tissue] = {"mpq": _nanmean(mpq_per_tile[rows]), "bpq": _nanmean(binary_pq[rows]), "tiles": len(rows)}
+    return {
+        "mpq": _nanmean([s["mpq"] for s in tissues.values()]),
+        "bpq": _nanmean([s["bpq"] for s in tissues.values()]),
+        "pq_per_class": {name: _nanmean(class_pq[:, c]) for c, name in enumerate(PANNUKE_CLASSES)},
+        "per_tissue": tissues,
+        "mpq_per_tile": mpq_per_tile.tolist(),
+        "bpq_per_tile": binary_pq.tolist(),
+        "pq_per_tile_and_class": class_pq.tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3D label volumes (connectomics)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def adapted_rand(true: np.ndarray, pred: np.ndarray) -> dict:
+    """Adapted Rand error (SNEMI3D: 1 - F-score of the Rand split and merge scores) with its precision and
+    recall; voxels whose ground truth is 0 are ignored. This is scikit-image's `adapted_rand_error`."""
+    error, precision, recall = _skimage_adapted_rand_error(np.asarray(true), np.asarray(pred), ignore_labels=(0,))
+    return {"adapted_rand_error": float(error), "precision": float(precision), "recall": float(recall)}
+
+
+def variation_of_information(true: np.ndarray, pred: np.ndarray) -> dict:
+    """Variation of information split into its two conditional entropies, with voxels whose ground truth is 0
+    ignored (scikit-image's `variation_of_information`).
+
+    split = H(pred | true): high when the prediction cuts true objects apart (over-segmentation);
+    merge = H(true | pred): high when one predicted object covers several true ones.
+    """
+    # scikit-image returns (H(image1 | image0), H(image0 | image1)) for (image0, image1) = (true, pred).
+    split, merge = _skimage_variation_of_information(np.asarray(true), np.asarray(pred), ignore_labels=(0,))
+    return {"voi_split": float(split), "voi_merge": float(merge), "voi": float(split + merge)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quadratic_weighted_kappa(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int | None = None) -> float:
+    """Cohen's kappa with quadratic weights (the APTOS competition metric), scikit-learn's implementation.
+    With num_classes, the weight matrix spans every grade 0..num_classes-1 even if some never occur."""
+    labels = None if num_classes is None else list(range(num_classes))
+    return float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"))
+
+
+def roc_auc_one_vs_rest(y_true: Sequence[int], probs: np.ndarray) -> dict:
+    """One-vs-rest ROC AUC of every class from (N, C) probabilities, and their macro (nan-)mean.
+    A class that is absent (or the only one present) has no ROC curve: NaN."""
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    per_class = []
+    for c in range(probs.shape[1]):
+        positives = y_true == c
+        if positives.all() or not positives.any():
+            per_class.append(float("nan"))
+        else:
+            per_class.append(float(roc_auc_score(positives, probs[:, c])))
+    return {"auc_per_class": per_class, "macro_auc": _nanmean(per_class)}
