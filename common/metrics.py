@@ -187,9 +187,16 @@ def instance_overlaps(true: np.ndarray, pred: np.ndarray) -> InstanceOverlaps:
         true_index=true_index.astype(np.int64),
         pred_index=pred_index.astype(np.int64),
         intersection=intersection,
-        true_ids=np.asarray(true_map.out_values)[1:] if n_true else np.zeros(0, dtype=np.int64),
-        pred_ids=np.asarray(pred_map.out_values)[1:] if n_pred else np.zeros(0, dtype=np.int64),
+        true_ids=_original_ids(true_map, n_true),
+        pred_ids=_original_ids(pred_map, n_pred),
     )
+
+
+def _original_ids(inverse_map, count: int) -> np.ndarray:
+    """Original id of each relabelled instance 1..count (the map lacks 0 when the image has no background)."""
+    ids = np.zeros(count + 1, dtype=np.int64)
+    ids[np.asarray(inverse_map.in_values)] = np.asarray(inverse_map.out_values)
+    return ids[1:]
 
 
 @dataclass
@@ -374,15 +381,16 @@ def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, typ
 
 
 def adapted_rand(true: np.ndarray, pred: np.ndarray) -> dict:
-    """Adapted Rand error (SNEMI3D: 1 - F-score of the Rand split and merge scores) with its precision and
-    recall; voxels whose ground truth is 0 are ignored. This is scikit-image's `adapted_rand_error`."""
+    """Adapted Rand error (SNEMI3D): 1 - F-score of the Rand split and merge scores, counted over pairs of
+    voxels (sum n_ij^2 - n), with precision and recall as scikit-image's `adapted_rand_error` (used here)
+    defines them. Voxels whose ground truth is 0 are ignored."""
     error, precision, recall = _skimage_adapted_rand_error(np.asarray(true), np.asarray(pred), ignore_labels=(0,))
     return {"adapted_rand_error": float(error), "precision": float(precision), "recall": float(recall)}
 
 
 def variation_of_information(true: np.ndarray, pred: np.ndarray) -> dict:
-    """Variation of information split into its two conditional entropies, with voxels whose ground truth is 0
-    ignored (scikit-image's `variation_of_information`).
+    """Variation of information split into its two conditional entropies, in bits, with voxels whose ground
+    truth is 0 ignored (scikit-image's `variation_of_information`).
 
     split = H(pred | true): high when the prediction cuts true objects apart (over-segmentation);
     merge = H(true | pred): high when one predicted object covers several true ones.
