@@ -50,7 +50,7 @@ def _reduce_dims(probs: Tensor, batch: bool) -> tuple[int, ...]:
 
 
 def _select_classes(per_class: Tensor, include_background: bool) -> Tensor:
-    """Drop class 0 (background) from a (..., C) tensor of multi-class scores when asked; binary keeps its one channel."""
+    """Drop class 0 (background) from (..., C) multi-class scores when asked; binary keeps its one channel."""
     if include_background or per_class.shape[-1] == 1:
         return per_class
     return per_class[..., 1:]

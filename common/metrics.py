@@ -28,8 +28,25 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 # Tissue names of PanNuke's types.npy, in the order PanNuke-metrics reports them.
 PANNUKE_TISSUES = (
-    "Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck", "Kidney",
-    "Liver", "Lung", "Ovarian", "Pancreatic", "Prostate", "Skin", "Stomach", "Testis", "Thyroid", "Uterus",
+    "Adrenal_gland",
+    "Bile-duct",
+    "Bladder",
+    "Breast",
+    "Cervix",
+    "Colon",
+    "Esophagus",
+    "HeadNeck",
+    "Kidney",
+    "Liver",
+    "Lung",
+    "Ovarian",
+    "Pancreatic",
+    "Prostate",
+    "Skin",
+    "Stomach",
+    "Testis",
+    "Thyroid",
+    "Uterus",
 )
 PANNUKE_CLASSES = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
 
@@ -89,9 +106,13 @@ class ConfusionMatrix:
             keep = target != self.ignore_index
             pred, target = pred[keep], target[keep]
         k = self.num_classes
-        if target.numel() and (min(int(pred.min()), int(target.min())) < 0 or max(int(pred.max()), int(target.max())) >= k):
-            raise ValueError(f"class indices must lie in 0..{k - 1}; got pred in "
-                             f"{int(pred.min())}..{int(pred.max())}, target in {int(target.min())}..{int(target.max())}")
+        if target.numel() and (
+            min(int(pred.min()), int(target.min())) < 0 or max(int(pred.max()), int(target.max())) >= k
+        ):
+            raise ValueError(
+                f"class indices must lie in 0..{k - 1}; got pred in "
+                f"{int(pred.min())}..{int(pred.max())}, target in {int(target.min())}..{int(target.max())}"
+            )
         self.matrix += torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
     def all_reduce(self) -> ConfusionMatrix:
@@ -229,8 +250,15 @@ class InstanceMatch:
         return float(self.matched_iou.mean()) if self.tp else float("nan")
 
     def as_dict(self) -> dict:
-        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision, "recall": self.recall,
-                "f1": self.f1, "mean_matched_iou": self.mean_iou}
+        return {
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "mean_matched_iou": self.mean_iou,
+        }
 
 
 def _match(overlaps: InstanceOverlaps, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -344,7 +372,9 @@ def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, typ
     true_masks = np.asarray(true_masks)
     pred_masks = np.asarray(pred_masks)
     if true_masks.shape[:3] != pred_masks.shape[:3] or true_masks.ndim != 4 or pred_masks.ndim != 4:
-        raise ValueError(f"expected (N, H, W, 6) masks of equal size, got true {true_masks.shape}, pred {pred_masks.shape}")
+        raise ValueError(
+            f"expected (N, H, W, 6) masks of equal size, got true {true_masks.shape}, pred {pred_masks.shape}"
+        )
     if min(true_masks.shape[3], pred_masks.shape[3]) < 5:
         raise ValueError(f"PanNuke masks need 5 class channels, got true {true_masks.shape}, pred {pred_masks.shape}")
     types = [str(t) for t in types]

@@ -89,8 +89,13 @@ def test_dice_matches_monai(dims, num_classes, batch, include_background):
     logits, target = random_case(num_classes, SHAPES[dims])
     ours = DiceLoss(smooth=1.0, batch=batch, include_background=include_background)(logits, target)
     monai = MonaiDiceLoss(
-        sigmoid=num_classes == 1, softmax=num_classes > 1, to_onehot_y=num_classes > 1, batch=batch,
-        include_background=include_background, smooth_nr=1.0, smooth_dr=1.0,
+        sigmoid=num_classes == 1,
+        softmax=num_classes > 1,
+        to_onehot_y=num_classes > 1,
+        batch=batch,
+        include_background=include_background,
+        smooth_nr=1.0,
+        smooth_dr=1.0,
     )(logits, monai_target(target, num_classes))
     assert ours.item() == pytest.approx(monai.item(), abs=1e-5)
 
@@ -100,7 +105,9 @@ def test_dice_class_weights_match_monai_up_to_normalisation():
     weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
     ours = DiceLoss(class_weights=weights)(logits, target)
     # MONAI multiplies each class's loss by its weight and takes the plain mean; ours is the weighted mean.
-    monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, batch=True, weight=weights, smooth_nr=1.0, smooth_dr=1.0)(logits, target.unsqueeze(1))
+    monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, batch=True, weight=weights, smooth_nr=1.0, smooth_dr=1.0)(
+        logits, target.unsqueeze(1)
+    )
     assert ours.item() == pytest.approx(monai.item() * 4 / weights.sum().item(), abs=1e-5)
 
 
@@ -131,7 +138,7 @@ def test_frequency_weighted_dice_uses_batch_or_given_counts():
 def test_binary_focal_hand_computed():
     logits, target, probs, t = binary_case()
     p_t = torch.where(t > 0, probs, 1 - probs)
-    expected = (-(1 - p_t) ** 2 * torch.log(p_t)).mean()
+    expected = (-((1 - p_t) ** 2) * torch.log(p_t)).mean()
     assert FocalLoss(gamma=2.0)(logits, target).item() == pytest.approx(expected.item(), abs=1e-6)
     alpha_t = torch.where(t > 0, 0.25, 0.75)
     expected_alpha = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
@@ -140,7 +147,9 @@ def test_binary_focal_hand_computed():
 
 def test_softmax_focal_gamma_zero_is_cross_entropy():
     logits, target = random_case(5, SHAPES["3d"])
-    assert FocalLoss(gamma=0.0)(logits, target).item() == pytest.approx(F.cross_entropy(logits, target).item(), abs=1e-5)
+    assert FocalLoss(gamma=0.0)(logits, target).item() == pytest.approx(
+        F.cross_entropy(logits, target).item(), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("dims", SHAPES)
@@ -192,8 +201,14 @@ def test_tversky_matches_monai(dims, num_classes):
     logits, target = random_case(num_classes, SHAPES[dims])
     ours = TverskyLoss(alpha=0.7, beta=0.3, batch=True)(logits, target)
     monai = MonaiTverskyLoss(  # MONAI's alpha weights false positives, beta false negatives: swapped
-        sigmoid=num_classes == 1, softmax=num_classes > 1, to_onehot_y=num_classes > 1, alpha=0.3, beta=0.7,
-        smooth_nr=1.0, smooth_dr=1.0, batch=True,
+        sigmoid=num_classes == 1,
+        softmax=num_classes > 1,
+        to_onehot_y=num_classes > 1,
+        alpha=0.3,
+        beta=0.7,
+        smooth_nr=1.0,
+        smooth_dr=1.0,
+        batch=True,
     )(logits, monai_target(target, num_classes))
     assert ours.item() == pytest.approx(monai.item(), abs=1e-5)
 
@@ -340,7 +355,9 @@ def test_combined_loss_sums_weighted_terms_and_reports_each():
     assert not parts["dice"].requires_grad
     combined.weights["boundary"] = 0.0
     total, _ = combined(logits, target)
-    assert total.item() == pytest.approx((DiceLoss()(logits, target) + 0.5 * FocalLoss()(logits, target)).item(), abs=1e-6)
+    assert total.item() == pytest.approx(
+        (DiceLoss()(logits, target) + 0.5 * FocalLoss()(logits, target)).item(), abs=1e-6
+    )
     with pytest.raises(ValueError):
         CombinedLoss({})
 

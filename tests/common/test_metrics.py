@@ -20,9 +20,9 @@ from common.metrics import (
     aggregated_jaccard_index,
     instance_overlaps,
     match_instances,
-    panoptic_quality,
     pannuke_binarize,
     pannuke_panoptic_quality,
+    panoptic_quality,
     quadratic_weighted_kappa,
     roc_auc_one_vs_rest,
 )
@@ -88,7 +88,9 @@ def test_confusion_matrix_hand_computed():
 def test_confusion_matrix_matches_sklearn(num_classes):
     g = torch.Generator().manual_seed(num_classes)
     target = torch.randint(0, num_classes, (4, 32, 32), generator=g)
-    pred = torch.where(torch.rand(4, 32, 32, generator=g) < 0.6, target, torch.randint(0, num_classes, (4, 32, 32), generator=g))
+    pred = torch.where(
+        torch.rand(4, 32, 32, generator=g) < 0.6, target, torch.randint(0, num_classes, (4, 32, 32), generator=g)
+    )
     cm = ConfusionMatrix(num_classes)
     for i in range(4):  # streaming over batches equals one pass
         cm.update(pred[i], target[i])
@@ -189,7 +191,7 @@ def test_match_pq_aji_hand_computed():
     assert (m.tp, m.fp, m.fn) == (2, 1, 0)
     assert m.precision == pytest.approx(2 / 3) and m.recall == 1.0 and m.f1 == pytest.approx(0.8)
     assert m.mean_iou == pytest.approx((6 / 9 + 4 / 6) / 2)
-    assert sorted(zip(m.matched_true.tolist(), m.matched_pred.tolist())) == [(5, 2), (9, 3)]
+    assert sorted(zip(m.matched_true.tolist(), m.matched_pred.tolist(), strict=True)) == [(5, 2), (9, 3)]
     pq = panoptic_quality(true, pred)
     assert pq["dq"] == pytest.approx(0.8)
     assert pq["sq"] == pytest.approx((6 / 9 + 4 / 6) / 2, rel=1e-5)
@@ -216,7 +218,7 @@ def test_low_threshold_uses_optimal_assignment():
     pred = np.array([[3, 3, 4, 4, 4, 4, 4]])
     np.testing.assert_allclose(instance_overlaps(true, pred).iou, [2 / 5, 3 / 7, 2 / 5])
     m = match_instances(true, pred, iou_threshold=0.3)
-    assert sorted(zip(m.matched_true.tolist(), m.matched_pred.tolist())) == [(1, 3), (2, 4)]
+    assert sorted(zip(m.matched_true.tolist(), m.matched_pred.tolist(), strict=True)) == [(1, 3), (2, 4)]
     assert (m.tp, m.fp, m.fn) == naive_match(true, pred, 0.3)[:3]
     assert match_instances(true, pred, iou_threshold=0.5).tp == 0
 
