@@ -83,3 +83,35 @@ def test_ruff_check_is_clean():
         pytest.skip("ruff is not installed (pip install -r requirements-dev.txt)")
     result = subprocess.run([ruff, "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def readme_import_line():
+    python_blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return next(line for block in python_blocks for line in block.splitlines() if line.startswith("sys.path.insert"))
+
+
+@pytest.mark.parametrize("layout", ["in_repo", "copied_out"])
+def test_readme_import_line_finds_common_from_any_directory(tmp_path, layout):
+    """A script with README's first line imports `common` and its own domain package, wherever it is run from:
+    inside this repository, or copied out together with `common/` as README says."""
+    root = ROOT if layout == "in_repo" else tmp_path / "experiment"
+    if layout == "copied_out":
+        shutil.copytree(ROOT / "common", root / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    domain = root / f"_probe_domain_{layout}"
+    domain.mkdir(parents=True)
+    try:
+        (domain / "__init__.py").write_text("")
+        (domain / "model.py").write_text("WIDTH = 7\n")
+        (domain / "train.py").write_text(
+            "import sys\nfrom pathlib import Path\n\n"
+            + readme_import_line()
+            + f"\nimport common.metrics\nfrom {domain.name}.model import WIDTH\n"
+            + "print(Path(common.metrics.__file__).resolve().parent.parent, WIDTH)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, str(domain / "train.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [str(root.resolve()), "7"]
+    finally:
+        shutil.rmtree(domain)
