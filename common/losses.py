@@ -23,12 +23,14 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 
-def probabilities_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Turn logits into probabilities (sigmoid if C == 1, softmax otherwise) and target into the same shape."""
+def target_like(logits: Tensor, target: Tensor) -> Tensor:
+    """The target in the logits' shape (N, C, *S) and float32: one-hot from class indices, a channel added to
+    binary masks. Class indices may also come as (N, 1, *S), as MONAI and some loaders give them."""
     if logits.ndim < 3:
         raise ValueError(f"logits must be (N, C, *spatial), got shape {tuple(logits.shape)}")
-    logits = logits.float()
     num_classes = logits.shape[1]
+    if num_classes > 1 and target.ndim == logits.ndim and target.shape[1] == 1:
+        target = target[:, 0]
     if target.ndim == logits.ndim - 1:
         if num_classes == 1:
             target = target.unsqueeze(1)
@@ -39,8 +41,15 @@ def probabilities_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Te
             f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}: expected class "
             f"indices {(logits.shape[0], *logits.shape[2:])} or one-hot {tuple(logits.shape)}"
         )
-    probs = torch.sigmoid(logits) if num_classes == 1 else torch.softmax(logits, dim=1)
-    return probs, target.to(probs.dtype)
+    return target.float()
+
+
+def probabilities_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Probabilities (sigmoid if C == 1, softmax otherwise) in float32, and the target in the same shape."""
+    target = target_like(logits, target)
+    logits = logits.float()
+    probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+    return probs, target
 
 
 def _reduce_dims(probs: Tensor, batch: bool) -> tuple[int, ...]:
@@ -153,7 +162,7 @@ def softmax_focal_loss(
     target: class indices (N, *S) or one-hot / soft (N, C, *S); alpha: per-class weights (C,) or None.
     reduction 'mean' averages over pixels (and samples), 'sum' sums, 'none' returns (N, *S).
     """
-    _, onehot = probabilities_and_onehot(logits, target)
+    onehot = target_like(logits, target)
     log_p = F.log_softmax(logits.float(), dim=1)
     loss = -onehot * (1.0 - log_p.exp()).pow(gamma) * log_p
     if alpha is not None:
@@ -183,7 +192,7 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if logits.shape[1] == 1:
-            _, target = probabilities_and_onehot(logits, target)
+            target = target_like(logits, target)
             if self.alpha is not None and not isinstance(self.alpha, (int, float)):
                 raise ValueError(f"binary focal loss takes one alpha (weight of the positive class), got {self.alpha}")
             alpha = -1.0 if self.alpha is None else float(self.alpha)
@@ -270,7 +279,7 @@ class WeightedBCELoss(nn.Module):
         self.register_buffer("pos_weight", torch.as_tensor(pos_weight, dtype=torch.float32).reshape(-1))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        _, target = probabilities_and_onehot(logits, target)
+        target = target_like(logits, target)
         pos_weight = self.pos_weight.view(-1, *([1] * (logits.ndim - 2)))
         return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
 

@@ -377,3 +377,12 @@ def test_losses_train_a_tiny_model():
     accuracy = (model(image).argmax(1) == target).float().mean().item()
     assert accuracy > 0.97
     assert math.isfinite(loss.item())
+
+
+def test_target_forms_give_the_same_loss():
+    """Class indices (N, *S), indices with a channel (N, 1, *S) as MONAI gives them, float indices, one-hot."""
+    logits, target = random_case(3, SHAPES["2d"])
+    expected = FocalLoss()(logits, target).item()
+    for form in (target.unsqueeze(1), target.float(), F.one_hot(target, 3).movedim(-1, 1)):
+        assert FocalLoss()(logits, form).item() == pytest.approx(expected)
+        assert DiceLoss()(logits, form).item() == pytest.approx(DiceLoss()(logits, target).item())
