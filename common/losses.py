@@ -13,6 +13,7 @@ predicted foreground down).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -193,7 +194,7 @@ class FocalLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if logits.shape[1] == 1:
             target = target_like(logits, target)
-            if self.alpha is not None and not isinstance(self.alpha, (int, float)):
+            if self.alpha is not None and not isinstance(self.alpha, numbers.Real):
                 raise ValueError(f"binary focal loss takes one alpha (weight of the positive class), got {self.alpha}")
             alpha = -1.0 if self.alpha is None else float(self.alpha)
             return sigmoid_focal_loss(logits.float(), target, alpha=alpha, gamma=self.gamma, reduction="mean")
@@ -280,7 +281,7 @@ class WeightedBCELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         target = target_like(logits, target)
-        pos_weight = self.pos_weight.view(-1, *([1] * (logits.ndim - 2)))
+        pos_weight = self.pos_weight.to(logits.device).view(-1, *([1] * (logits.ndim - 2)))
         return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.metrics import adapted_rand_error as _skimage_adapted_rand_error
 from skimage.metrics import contingency_table
 from skimage.metrics import variation_of_information as _skimage_variation_of_information
@@ -100,6 +102,9 @@ class ConfusionMatrix:
         """pred and target: class indices of the same shape (any number of dimensions)."""
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} does not match target {tuple(target.shape)}")
+        for name, values in (("pred", pred), ("target", target)):
+            if values.is_floating_point() and not torch.equal(values, values.round()):
+                raise ValueError(f"{name} must hold class indices; got fractional {values.dtype} values")
         pred = pred.reshape(-1).to(self.matrix.device, torch.int64)
         target = target.reshape(-1).to(self.matrix.device, torch.int64)
         if self.ignore_index is not None:
@@ -118,7 +123,12 @@ class ConfusionMatrix:
     def all_reduce(self) -> ConfusionMatrix:
         """Sum the counts over DDP ranks (call once, after the last update, on every rank)."""
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+            if dist.get_backend() == "nccl" and self.matrix.device.type != "cuda":
+                on_gpu = self.matrix.to(f"cuda:{torch.cuda.current_device()}")  # NCCL reduces CUDA tensors only
+                dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+                self.matrix.copy_(on_gpu)
+            else:
+                dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
         return self
 
     def compute(self) -> dict:
@@ -177,17 +187,26 @@ class InstanceOverlaps:
         return self.intersection / self.union
 
 
+def _label_image(labels: np.ndarray, name: str) -> np.ndarray:
+    """An integer label image; float images holding whole numbers (PanNuke's masks) are converted."""
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.array_equal(labels, np.round(labels)):
+            raise ValueError(f"{name} labels must be an integer label image, got non-integral {labels.dtype} values")
+        labels = labels.astype(np.int64)
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} labels must be an integer label image, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name} labels must be >= 0 (0 = background), found {labels.min()}")
+    return labels
+
+
 def instance_overlaps(true: np.ndarray, pred: np.ndarray) -> InstanceOverlaps:
     """One pass over both label images (any dimension, 0 = background): areas and all overlapping pairs."""
     true = np.asarray(true)
     pred = np.asarray(pred)
     if true.shape != pred.shape:
         raise ValueError(f"label images differ in shape: true {true.shape}, pred {pred.shape}")
-    for name, labels in (("true", true), ("pred", pred)):
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{name} labels must be an integer label image, got dtype {labels.dtype}")
-        if labels.size and labels.min() < 0:
-            raise ValueError(f"{name} labels must be >= 0 (0 = background), found {labels.min()}")
+    true, pred = _label_image(true, "true"), _label_image(pred, "pred")
     true_seq, _, true_map = relabel_sequential(true)
     pred_seq, _, pred_map = relabel_sequential(pred)
     n_true, n_pred = int(true_seq.max(initial=0)), int(pred_seq.max(initial=0))
@@ -262,24 +281,36 @@ class InstanceMatch:
 
 
 def _match(overlaps: InstanceOverlaps, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Matched pairs (true index, pred index, IoU) with IoU > threshold.
+    """Matched pairs (true index, pred index, IoU) with IoU > threshold, as HoVer-Net's `get_fast_pq` pairs them.
 
-    Above 0.5 a true instance can overlap at most one prediction by more than half of their union, so the
-    pairs are unique as they stand. Below 0.5 pairs may compete: the Hungarian algorithm picks the
-    assignment of largest total IoU among the candidates (as HoVer-Net does).
+    At 0.5 and above a true instance can overlap at most one prediction by more than half of their union, so
+    the pairs above the threshold are unique as they stand. Below 0.5 pairs compete: the Hungarian algorithm
+    picks the assignment of largest total IoU over all overlapping pairs, and pairs at or below the
+    threshold are dropped afterwards. The assignment is solved separately on each connected group of
+    overlapping instances (the total is a sum over groups), so large images stay fast.
     """
     iou = overlaps.iou
-    candidate = iou > iou_threshold
-    t, p, iou = overlaps.true_index[candidate], overlaps.pred_index[candidate], iou[candidate]
     if iou_threshold >= 0.5 or iou.size == 0:
-        return t, p, iou
-    rows, row_of = np.unique(t, return_inverse=True)
-    cols, col_of = np.unique(p, return_inverse=True)
-    cost = np.zeros((rows.size, cols.size))
-    cost[row_of, col_of] = -iou
-    r, c = linear_sum_assignment(cost)
-    chosen = cost[r, c] < 0
-    return rows[r[chosen]], cols[c[chosen]], -cost[r[chosen], c[chosen]]
+        keep = iou > iou_threshold
+        return overlaps.true_index[keep], overlaps.pred_index[keep], iou[keep]
+    n_true = overlaps.true_areas.size
+    graph = coo_matrix(
+        (np.ones(iou.size), (overlaps.true_index, n_true + overlaps.pred_index)),
+        shape=(n_true + overlaps.pred_areas.size,) * 2,
+    )
+    _, group_of = connected_components(graph, directed=False)
+    pair_group = group_of[overlaps.true_index]
+    matched = []
+    for pairs in np.split(np.argsort(pair_group, kind="stable"), np.flatnonzero(np.diff(np.sort(pair_group))) + 1):
+        rows, row_of = np.unique(overlaps.true_index[pairs], return_inverse=True)
+        cols, col_of = np.unique(overlaps.pred_index[pairs], return_inverse=True)
+        group_iou = np.zeros((rows.size, cols.size))
+        group_iou[row_of, col_of] = iou[pairs]
+        r, c = linear_sum_assignment(-group_iou)
+        keep = group_iou[r, c] > iou_threshold
+        matched.append((rows[r[keep]], cols[c[keep]], group_iou[r[keep], c[keep]]))
+    t, p, matched_iou = (np.concatenate(parts) for parts in zip(*matched, strict=True))
+    return t, p, matched_iou
 
 
 def match_instances(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> InstanceMatch:
@@ -298,16 +329,21 @@ def match_instances(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0
     )
 
 
-def panoptic_quality(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
+def panoptic_quality(
+    true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5, absent_is_nan: bool = True
+) -> dict:
     """Panoptic quality of one label image as HoVer-Net's `get_fast_pq` (used by PanNuke-metrics) computes it.
 
     DQ = TP / (TP + FP/2 + FN/2), SQ = sum of matched IoU / (TP + 1e-6), PQ = DQ * SQ, matches at IoU > 0.5.
-    All three are NaN when the ground truth has no instance (PanNuke's rule for an absent class).
+    When the ground truth has no instance, all three are NaN (PanNuke's rule for an absent class, so that
+    nan-means skip it); with absent_is_nan=False they are 0 if anything was predicted, as `get_fast_pq` gives.
+    Nothing in either image is NaN either way.
     """
     match = match_instances(true, pred, iou_threshold)
     counts = {"tp": match.tp, "fp": match.fp, "fn": match.fn}
     if match.tp + match.fn == 0:
-        return {"dq": float("nan"), "sq": float("nan"), "pq": float("nan"), **counts}
+        value = float("nan") if absent_is_nan or match.fp == 0 else 0.0
+        return {"dq": value, "sq": value, "pq": value, **counts}
     dq = match.tp / (match.tp + 0.5 * match.fp + 0.5 * match.fn)
     sq = float(match.matched_iou.sum()) / (match.tp + 1.0e-6)
     return {"dq": dq, "sq": sq, "pq": dq * sq, **counts}
@@ -386,9 +422,13 @@ def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, typ
     for i in range(n):
         true_i = np.asarray(true_masks[i, ..., :5]).astype(np.int64)
         pred_i = np.asarray(pred_masks[i, ..., :5]).astype(np.int64)
-        binary_pq[i] = panoptic_quality(pannuke_binarize(true_i), pannuke_binarize(pred_i))["pq"]
+        true_binary = pannuke_binarize(true_i)
+        # run.py skips a ground truth with a single value (empty, or one instance filling the tile): NaN
+        if true_binary.min() != true_binary.max():
+            binary_pq[i] = panoptic_quality(true_binary, pannuke_binarize(pred_i))["pq"]
         for c in range(5):
-            class_pq[i, c] = panoptic_quality(true_i[..., c], pred_i[..., c])["pq"]
+            if true_i[..., c].min() != true_i[..., c].max():
+                class_pq[i, c] = panoptic_quality(true_i[..., c], pred_i[..., c])["pq"]
     mpq_per_tile = np.array([_nanmean(row) for row in class_pq])
     tissues = {}
     for tissue in dict.fromkeys(types):  # first-seen order
@@ -413,7 +453,9 @@ def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, typ
 def adapted_rand(true: np.ndarray, pred: np.ndarray) -> dict:
     """Adapted Rand error (SNEMI3D): 1 - F-score of the Rand split and merge scores, counted over pairs of
     voxels (sum n_ij^2 - n), with precision and recall as scikit-image's `adapted_rand_error` (used here)
-    defines them. Voxels whose ground truth is 0 are ignored."""
+    returns them. Voxels whose ground truth is 0 are ignored. Note: scikit-image's precision falls with split
+    errors and its recall with merge errors (the reverse of its docstring, scikit-image issue 6485); read
+    the VOI split / merge for which kind of error dominates."""
     error, precision, recall = _skimage_adapted_rand_error(np.asarray(true), np.asarray(pred), ignore_labels=(0,))
     return {"adapted_rand_error": float(error), "precision": float(precision), "recall": float(recall)}
 

@@ -38,8 +38,8 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid_size: tuple[int,
     """Contrast-limited adaptive histogram equalisation (OpenCV), same dtype and shape out as in.
 
     - Grey (H, W) or RGB (H, W, 3); RGB is equalised on the L channel of CIE Lab, so hues are kept.
-    - uint8 as is; uint16 is first stretched over its own min..max (never truncated to the low byte);
-      float images are taken as [0, 1] and come back as float32 in [0, 1].
+    - uint8 as is; uint16 (grey or RGB) is first stretched over its own min..max (never truncated to the low
+      byte); float images are taken as [0, 1] and come back as float32 in [0, 1].
     The equalisation itself works on 256 levels for every dtype, so a clip limit means the same thing for
     8-bit, 16-bit and float input (OpenCV's native 16-bit CLAHE uses 65,536 bins, which turns the same
     clip limit into almost global equalisation and amplifies noise several times more). For 16-bit
@@ -52,10 +52,14 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid_size: tuple[int,
         raise ValueError(f"CLAHE expects a grey (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
     equaliser = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=tuple(int(t) for t in tile_grid_size))
     dtype = image.dtype
+    if dtype == np.uint16:
+        # stretched over its own min..max (all channels together, so colours keep their ratios)
+        low, high = float(image.min()), float(image.max())
+        unit = (image.astype(np.float32) - low) / max(high - low, 1.0)
+    else:
+        unit = None
     if image.ndim == 2:
-        if dtype == np.uint16:
-            low, high = float(image.min()), float(image.max())
-            unit = (image.astype(np.float32) - low) / max(high - low, 1.0)
+        if unit is not None:
             levels = np.rint(unit * 255.0).astype(np.uint8)
             return _from_unit_float(equaliser.apply(levels).astype(np.float32) / 255.0, dtype)
         levels = image if dtype == np.uint8 else _from_unit_float(_to_unit_float(image), np.uint8)
@@ -66,7 +70,7 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid_size: tuple[int,
         lab[..., 0] = equaliser.apply(lab[..., 0])
         return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     # uint16 / float colour: float Lab (L in 0..100) keeps the colour precision; L goes through 256 levels.
-    lab = cv2.cvtColor(_to_unit_float(image), cv2.COLOR_RGB2LAB)
+    lab = cv2.cvtColor(_to_unit_float(image) if unit is None else unit, cv2.COLOR_RGB2LAB)
     lightness = np.rint(np.clip(lab[..., 0], 0, 100) * 2.55).astype(np.uint8)
     lab[..., 0] = equaliser.apply(lightness).astype(np.float32) / 2.55
     return _from_unit_float(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), dtype)
@@ -128,8 +132,13 @@ def zscore_normalize(
         channel_axis %= image.ndim
         axes = tuple(a for a in range(image.ndim) if a != channel_axis)
         shape[channel_axis] = image.shape[channel_axis]
-    mean = image.mean(axis=axes, keepdims=True) if mean is None else np.asarray(mean, np.float32).reshape(shape)
-    std = image.std(axis=axes, keepdims=True) if std is None else np.asarray(std, np.float32).reshape(shape)
+    channels = 1 if channel_axis is None else image.shape[channel_axis]
+
+    def given(value):  # one number, or one per channel
+        return np.broadcast_to(np.asarray(value, np.float32).reshape(-1), (channels,)).reshape(shape)
+
+    mean = image.mean(axis=axes, keepdims=True) if mean is None else given(mean)
+    std = image.std(axis=axes, keepdims=True) if std is None else given(std)
     return ((image - mean) / np.maximum(std, eps)).astype(np.float32)
 
 
@@ -138,16 +147,20 @@ def zscore_normalize(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+def _grey_255(image: np.ndarray) -> np.ndarray:
+    """Grey values on the 0-255 scale whatever the dtype, so one tolerance fits 8-bit, 16-bit and float photos."""
+    unit = _to_unit_float(image)
+    if unit.ndim == 3:
+        unit = cv2.cvtColor(unit, cv2.COLOR_RGB2GRAY)
+    return unit * 255.0
 
 
 def crop_black_border(image: np.ndarray, tolerance: float = 7) -> np.ndarray:
     """Crop the dark frame around a fundus photo: keep the bounding box of pixels whose grey value exceeds
-    `tolerance` (7 on the 0-255 scale is the usual APTOS choice). An all-dark image is returned unchanged;
-    callers that must reject it check `image.max() <= tolerance`."""
+    `tolerance` on the 0-255 scale (7 is the usual APTOS choice; 16-bit and float photos are compared on the
+    same scale). An all-dark image is returned unchanged; callers that must reject it check for that."""
     image = np.asarray(image)
-    inside = _grey(image) > tolerance
+    inside = _grey_255(image) > tolerance
     if not inside.any():
         return image
     rows = np.flatnonzero(inside.any(axis=1))
@@ -173,11 +186,11 @@ def circle_crop(image: np.ndarray, tolerance: float = 7) -> np.ndarray:
 def ben_graham(image: np.ndarray, sigma: float = 10.0, weight: float = 4.0) -> np.ndarray:
     """Ben Graham's local-average subtraction (Kaggle DR 2015 winner): weight * (image - GaussianBlur(image, sigma))
     plus mid-grey, i.e. 4 * img - 4 * blur + 128 for uint8. Removes lighting differences between cameras
-    and brings out small lesions. Same dtype out (uint8: 0..255 saturated; float: [0, 1], mid-grey 0.5)."""
+    and brings out small lesions. Same dtype out (uint8: 0..255 saturated; uint16 and float on the same scale)."""
     image = np.asarray(image)
     if image.dtype == np.uint8:
         blurred = cv2.GaussianBlur(image, (0, 0), sigma)
         return cv2.addWeighted(image, weight, blurred, -weight, 128)
     unit = _to_unit_float(image)
     blurred = cv2.GaussianBlur(unit, (0, 0), sigma)
-    return _from_unit_float(weight * (unit - blurred) + 0.5, image.dtype)
+    return _from_unit_float(weight * (unit - blurred) + 128.0 / 255.0, image.dtype)

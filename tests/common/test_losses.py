@@ -171,6 +171,21 @@ def test_binary_focal_matches_monai(dims):
     assert ours.item() == pytest.approx(monai.item(), rel=1e-5)
 
 
+def test_binary_focal_accepts_numpy_alpha():
+    logits, target = random_case(1, SHAPES["2d"])
+    assert FocalLoss(alpha=np.float32(0.25))(logits, target).item() == pytest.approx(
+        FocalLoss(alpha=0.25)(logits, target).item()
+    )
+
+
+def test_loss_weights_follow_the_logits_device():
+    """Buffers made on the CPU are moved to the logits' device (meta stands in for a GPU here)."""
+    logits = torch.zeros(2, 1, 4, 4, device="meta")
+    target = torch.zeros(2, 1, 4, 4, device="meta")
+    assert WeightedBCELoss(pos_weight=10)(logits, target).device.type == "meta"
+    assert DiceLoss(class_weights=[1.0])(logits, target).device.type == "meta"
+
+
 def test_focal_rejects_wrong_alpha():
     logits, target = random_case(3, SHAPES["2d"])
     with pytest.raises(ValueError, match="3 alpha values"):

@@ -125,6 +125,9 @@ def test_confusion_matrix_ignore_index_and_range_check():
         cm.update(torch.tensor([2]), torch.tensor([0]))
     with pytest.raises(ValueError, match="does not match"):
         cm.update(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="class indices"):
+        cm.update(torch.tensor([0.9999]), torch.tensor([0]))  # probabilities passed by mistake
+    cm.update(torch.tensor([1.0]), torch.tensor([1]))  # whole numbers in a float tensor are fine
 
 
 def _ddp_worker(rank, world_size, init_file, queue):
@@ -242,7 +245,39 @@ def test_bad_label_images_are_rejected():
     with pytest.raises(ValueError, match="differ in shape"):
         match_instances(np.zeros((4, 4), int), np.zeros((4, 5), int))
     with pytest.raises(ValueError, match="integer label image"):
-        match_instances(np.zeros((4, 4), float), np.zeros((4, 4), int))
+        match_instances(np.full((4, 4), 0.5), np.zeros((4, 4), int))
+    # float images of whole numbers (PanNuke ships its masks as float64) are label images
+    true, pred = hand_pair()
+    assert match_instances(true.astype(np.float64), pred.astype(np.float32)).tp == 2
+
+
+def test_pq_below_half_assigns_over_all_pairs_like_hovernet():
+    # HoVer-Net solves the assignment on every overlapping pair, then drops pairs at or below the threshold
+    true = np.array([[1, 0, 1, 1, 0, 2]])
+    pred = np.array([[2, 0, 1, 1, 2, 1]])
+    ours = panoptic_quality(true, pred, iou_threshold=0.3)
+    assert [ours["dq"], ours["sq"], ours["pq"]] == pytest.approx(list(naive_pq(true, pred, 0.3)), abs=1e-12)
+    assert ours["sq"] == pytest.approx(1 / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_low_threshold_matching_on_crowded_images(seed):
+    rng = np.random.default_rng(100 + seed)
+    true = blobs((32, 32), 12, rng, radius=(2, 5))
+    pred = blobs((32, 32), 12, rng, radius=(2, 5))  # unrelated: many competing weak overlaps
+    for threshold in (0.0, 0.2):
+        m = match_instances(true, pred, threshold)
+        tp, fp, fn, matched = naive_match(true, pred, threshold)
+        assert (m.tp, m.fp, m.fn) == (tp, fp, fn)
+        assert m.matched_iou.sum() == pytest.approx(matched.sum())
+
+
+def test_pq_on_empty_ground_truth_can_follow_get_fast_pq():
+    empty = np.zeros((6, 6), int)
+    some = np.zeros((6, 6), int)
+    some[1:3, 1:3] = 4
+    assert panoptic_quality(empty, some, absent_is_nan=False)["pq"] == 0.0
+    assert math.isnan(panoptic_quality(empty, empty, absent_is_nan=False)["pq"])
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])

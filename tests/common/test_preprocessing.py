@@ -74,6 +74,16 @@ def test_clahe_16bit_with_small_dynamic_range_is_stretched_not_truncated():
     assert out[spots].mean() > np.percentile(out, 90)
 
 
+def test_clahe_16bit_rgb_is_stretched_like_grey():
+    image, _ = fundus()
+    dim = (image.astype(np.uint16) * 8).astype(np.uint16)  # a dim 16-bit photo, max 2000 of 65535
+    out = clahe(dim)
+    assert out.dtype == np.uint16 and out.max() > 40000
+    stretched = np.rint(image.astype(float) * 255 / image.max()).astype(np.uint8)
+    difference = np.abs(out / 65535 - clahe(stretched) / 255)  # float Lab vs 8-bit Lab rounding
+    assert difference.mean() < 1 / 255 and difference.max() < 8 / 255
+
+
 def test_clahe_raises_local_contrast():
     image = (fluorescence() * 255).astype(np.uint8)
     local_std = lambda a: (a.astype(float) - cv2.blur(a.astype(float), (9, 9))).std()  # noqa: E731
@@ -164,6 +174,8 @@ def test_zscore_normalize():
     per_channel = zscore_normalize(np.ones((2, 2, 3)), mean=[0, 1, 2], std=[1, 1, 1], channel_axis=-1)
     np.testing.assert_allclose(per_channel[0, 0], [1, 0, -1])
     assert not zscore_normalize(np.full((4, 4), 3.0)).any()
+    scalar = zscore_normalize(np.ones((2, 2, 3)), mean=1.0, std=2.0, channel_axis=-1)
+    assert not scalar.any()
 
 
 # ---------------------------------------------------------------------------------------------------- fundus
@@ -177,6 +189,13 @@ def test_crop_black_border_keeps_the_disc():
     # every pixel brighter than the tolerance survived the crop
     grey = lambda a: cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)  # noqa: E731
     assert (grey(cropped) > 7).sum() == (grey(image) > 7).sum()
+
+
+@pytest.mark.parametrize("convert", [lambda a: a.astype(np.uint16) * 257, lambda a: a.astype(np.float64) / 255])
+def test_crop_black_border_same_for_16_bit_and_float(convert):
+    image, _ = fundus()
+    assert crop_black_border(convert(image)).shape == crop_black_border(image).shape
+    assert circle_crop(convert(image)).shape == circle_crop(image).shape
 
 
 def test_crop_black_border_all_black_is_unchanged():
@@ -203,4 +222,7 @@ def test_ben_graham_formula():
     flat = np.full((40, 40, 3), 90, np.uint8)
     assert (ben_graham(flat) == 128).all()  # no local structure: mid-grey
     flat_float = ben_graham(flat.astype(np.float32) / 255)
-    np.testing.assert_allclose(flat_float, 0.5, atol=1e-5)
+    np.testing.assert_allclose(flat_float, 128 / 255, atol=1e-5)
+    # same on the 16-bit scale; the uint8 path blurs in whole numbers (OpenCV), which 4x amplifies to <= 4 levels
+    difference = np.abs(ben_graham(image.astype(np.uint16) * 257) / 257 - out)
+    assert difference.mean() < 0.5 and difference.max() <= 4.5
