@@ -300,8 +300,9 @@ def _match(overlaps: InstanceOverlaps, iou_threshold: float) -> tuple[np.ndarray
     )
     _, group_of = connected_components(graph, directed=False)
     pair_group = group_of[overlaps.true_index]
+    order = np.argsort(pair_group, kind="stable")
     matched = []
-    for pairs in np.split(np.argsort(pair_group, kind="stable"), np.flatnonzero(np.diff(np.sort(pair_group))) + 1):
+    for pairs in np.split(order, np.flatnonzero(np.diff(pair_group[order])) + 1):
         rows, row_of = np.unique(overlaps.true_index[pairs], return_inverse=True)
         cols, col_of = np.unique(overlaps.pred_index[pairs], return_inverse=True)
         group_iou = np.zeros((rows.size, cols.size))

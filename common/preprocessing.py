@@ -52,25 +52,23 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid_size: tuple[int,
         raise ValueError(f"CLAHE expects a grey (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
     equaliser = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=tuple(int(t) for t in tile_grid_size))
     dtype = image.dtype
+    if dtype == np.uint8:
+        if image.ndim == 2:
+            return equaliser.apply(np.ascontiguousarray(image))
+        lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2LAB)
+        lab[..., 0] = equaliser.apply(lab[..., 0])
+        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     if dtype == np.uint16:
         # stretched over its own min..max (all channels together, so colours keep their ratios)
         low, high = float(image.min()), float(image.max())
         unit = (image.astype(np.float32) - low) / max(high - low, 1.0)
     else:
-        unit = None
+        unit = _to_unit_float(image)
     if image.ndim == 2:
-        if unit is not None:
-            levels = np.rint(unit * 255.0).astype(np.uint8)
-            return _from_unit_float(equaliser.apply(levels).astype(np.float32) / 255.0, dtype)
-        levels = image if dtype == np.uint8 else _from_unit_float(_to_unit_float(image), np.uint8)
-        out = equaliser.apply(np.ascontiguousarray(levels))
-        return out if dtype == np.uint8 else _from_unit_float(out.astype(np.float32) / 255.0, dtype)
-    if dtype == np.uint8:
-        lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2LAB)
-        lab[..., 0] = equaliser.apply(lab[..., 0])
-        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        levels = np.rint(unit * 255.0).astype(np.uint8)
+        return _from_unit_float(equaliser.apply(levels).astype(np.float32) / 255.0, dtype)
     # uint16 / float colour: float Lab (L in 0..100) keeps the colour precision; L goes through 256 levels.
-    lab = cv2.cvtColor(_to_unit_float(image) if unit is None else unit, cv2.COLOR_RGB2LAB)
+    lab = cv2.cvtColor(unit, cv2.COLOR_RGB2LAB)
     lightness = np.rint(np.clip(lab[..., 0], 0, 100) * 2.55).astype(np.uint8)
     lab[..., 0] = equaliser.apply(lightness).astype(np.float32) / 2.55
     return _from_unit_float(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), dtype)

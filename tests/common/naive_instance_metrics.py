@@ -2,6 +2,8 @@
 PanNuke-metrics' `run.py`: one boolean mask per instance, every pair compared. Slow on purpose (an independent
 reference for tests and for the speed comparison in benchmarks), never used by the scripts."""
 
+import warnings
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -94,16 +96,13 @@ def naive_pannuke(true, pred, types):
     for i in range(true.shape[0]):
         bpq_all.append(naive_pq(naive_binarize(true[i, ..., :5]), naive_binarize(pred[i, ..., :5]))[2])
         mpq_all.append([naive_pq(true[i, ..., c], pred[i, ..., c])[2] for c in range(5)])
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mpq_each = [np.nanmean(row) for row in mpq_all]
-            per_class = [np.nanmean([row[c] for row in mpq_all]) for c in range(5)]
-            tissue_mpq, tissue_bpq = [], []
-            for tissue in sorted(set(types)):
-                rows = [i for i, t in enumerate(types) if t == tissue]
-                tissue_mpq.append(np.nanmean([mpq_each[i] for i in rows]))
-                tissue_bpq.append(np.nanmean([bpq_all[i] for i in rows]))
-            return np.nanmean(tissue_mpq), np.nanmean(tissue_bpq), per_class
+    with warnings.catch_warnings():  # nanmean of all-NaN rows warns, as in run.py
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mpq_each = [np.nanmean(row) for row in mpq_all]
+        per_class = [np.nanmean([row[c] for row in mpq_all]) for c in range(5)]
+        tissue_mpq, tissue_bpq = [], []
+        for tissue in sorted(set(types)):
+            rows = [i for i, t in enumerate(types) if t == tissue]
+            tissue_mpq.append(np.nanmean([mpq_each[i] for i in rows]))
+            tissue_bpq.append(np.nanmean([bpq_all[i] for i in rows]))
+        return np.nanmean(tissue_mpq), np.nanmean(tissue_bpq), per_class
