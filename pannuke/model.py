@@ -1,0 +1,290 @@
+"""Attention U-Net with a ResNet encoder for PanNuke, and the steps from its outputs to nucleus instances.
+
+Outputs of `AttentionUNet` (a dict):
+- "seg":  (N, 6, H, W) logits: background + Neoplastic, Inflammatory, Connective, Dead, Epithelial.
+- "dist": (N, 1, H, W) logits of the distance-to-boundary map: inside each nucleus, the distance to the nearest
+  pixel outside that nucleus, divided by the nucleus' own maximum (1 at its centre, falling to 0 at its edge),
+  0 on background.
+
+Why a distance map and not a boundary class: PanNuke nuclei are 5-30 px wide and touch in clusters
+(inflammatory, epithelial). A boundary class 1-2 px thick is a few percent of the pixels, so it is learned
+late and breaks easily, and a single missed boundary pixel merges two nuclei. The normalised distance map is
+a smooth regression target present on every nucleus pixel; its peaks give one watershed seed per nucleus even
+where nuclei touch, and it is the landscape the watershed floods (as in HoVer-Net's and the connectomics
+distance-transform decoders). Normalising per nucleus keeps small (inflammatory) and large (neoplastic) nuclei
+on one 0..1 scale, so one seed threshold fits all classes.
+
+Instances (`instances_from_outputs`): foreground = argmax class != background; seeds = connected components of
+distance > seed_threshold inside the foreground; a marker-controlled watershed (scikit-image) on the negated
+distance splits the foreground into nuclei; each nucleus takes the majority class of its pixels (as HoVer-Net
+assigns types), which is the per-class connected components split by the watershed, with a nucleus that
+straddles two predicted classes kept whole.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from scipy import ndimage
+from skimage.segmentation import watershed
+from torch import Tensor, nn
+
+NUM_CLASSES = 6  # background + the five PanNuke nucleus types
+ARCHITECTURE = "attention_unet"
+ENCODERS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+}
+# ImageNet statistics of the encoder are not used: tiles are CLAHE + z-scored per tile (pannuke/data.py).
+
+
+def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
+    """`weights`: "imagenet" (torchvision's weights API: the torch hub cache, else a download), "none", or the
+    path of a state dict of the torchvision ResNet (its `fc` layer may be missing)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        spec = ENCODERS[name][1]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        try:
+            state = spec.get_state_dict(progress=False, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            raise SystemExit(
+                f"could not get the ImageNet weights of {name} ({error}).\n"
+                f"  Offline? Download {spec.url}\n"
+                f"  on a machine with internet access and copy it to {cached}, or pass --encoder_weights PATH to the\n"
+                f"  file, or --encoder_weights none to train from scratch."
+            ) from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise SystemExit(f"--encoder_weights {weights}: no such file (expected imagenet, none, or a .pth path)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise SystemExit(f"--encoder_weights {path}: not a loadable state dict ({error})") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise SystemExit(
+            f"--encoder_weights {weights}: not a torchvision {name} state dict "
+            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+        )
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def conv1x1_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate of Oktay et al. 2018: alpha = sigmoid(psi(relu(W_x x + W_g g))), output x * alpha.
+
+    g is the coarser decoder feature (the gating signal), x the encoder skip; alpha is one weight per skip pixel.
+    """
+
+    def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int):
+        super().__init__()
+        self.w_x = conv1x1_bn(skip_channels, inter_channels)
+        self.w_g = conv1x1_bn(gate_channels, inter_channels)
+        self.psi = nn.Sequential(nn.Conv2d(inter_channels, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        g = F.interpolate(self.w_g(g), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * self.psi(F.relu(self.w_x(x) + g))
+
+
+class DecoderBlock(nn.Module):
+    """Upsample x2, gate the skip with the upsampled feature, concatenate, two 3x3 convs, dropout."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.gate = AttentionGate(skip_channels, in_channels, max(skip_channels // 2, 8)) if skip_channels else None
+        self.convs = nn.Sequential(
+            conv_bn_relu(in_channels + skip_channels, out_channels), conv_bn_relu(out_channels, out_channels)
+        )
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        size = skip.shape[-2:] if skip is not None else tuple(2 * s for s in x.shape[-2:])
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if skip is not None:
+            x = torch.cat([x, self.gate(skip, x)], dim=1)
+        return self.dropout(self.convs(x))
+
+
+class AttentionUNet(nn.Module):
+    """U-Net decoder with attention-gated skips on a torchvision ResNet encoder (strides 2, 4, 8, 16, 32).
+
+    The constructor arguments are stored in checkpoints (`model_args`), so evaluate.py and visualize.py rebuild
+    the same network. Input height and width must be multiples of 32.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "resnet34",
+        encoder_weights: str = "none",
+        num_classes: int = NUM_CLASSES,
+        dropout: float = 0.1,
+        decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
+    ):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
+        resnet = ENCODERS[encoder][0](weights=None)
+        load_encoder_weights(resnet, encoder, encoder_weights)
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu)  # stride 2
+        self.pool = resnet.maxpool
+        self.layers = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])  # 4, 8, 16, 32
+        widths = [64] + [self._out_channels(layer) for layer in self.layers]
+        skips = widths[-2::-1] + [0]  # stride 16, 8, 4, 2 skips, then full resolution without a skip
+        blocks, channels = [], widths[-1]
+        for skip, out in zip(skips, decoder_channels, strict=True):
+            blocks.append(DecoderBlock(channels, skip, out, dropout))
+            channels = out
+        self.decoder = nn.ModuleList(blocks)
+        self.seg_head = nn.Conv2d(channels, num_classes, 1)
+        self.dist_head = nn.Conv2d(channels, 1, 1)
+
+    @staticmethod
+    def _out_channels(layer: nn.Sequential) -> int:
+        last = layer[-1]
+        return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = [self.stem(x)]
+        y = self.pool(features[0])
+        for layer in self.layers:
+            y = layer(y)
+            features.append(y)
+        skips = features[-2::-1] + [None]
+        for block, skip in zip(self.decoder, skips, strict=True):
+            y = block(y, skip)
+        return {"seg": self.seg_head(y), "dist": self.dist_head(y)}
+
+
+def build_model(model_args: dict) -> AttentionUNet:
+    return AttentionUNet(**model_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference: flip TTA, tiled prediction, instances
+# ----------------------------------------------------------------------------------------------------------------
+
+TTA_FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, tta: bool = False) -> tuple[Tensor, Tensor]:
+    """Class probabilities (N, 6, H, W) and distance map (N, 1, H, W) in 0..1; with tta, averaged over flips."""
+    flips = TTA_FLIPS if tta else ((),)
+    probs = dist = 0
+    for dims in flips:
+        out = model(images.flip(dims) if dims else images)
+        seg, d = out["seg"].float().softmax(1), out["dist"].float().sigmoid()
+        probs = probs + (seg.flip(dims) if dims else seg)
+        dist = dist + (d.flip(dims) if dims else d)
+    return probs / len(flips), dist / len(flips)
+
+
+def _window_weights(size: int) -> np.ndarray:
+    """Raised-cosine blending weights of a tile (never exactly 0, so image borders keep their weight)."""
+    ramp = np.sin(np.linspace(0.0, math.pi, size + 2)[1:-1]) ** 2
+    return np.outer(ramp, ramp).astype(np.float32) + 1e-3
+
+
+@torch.no_grad()
+def predict_tiled(
+    model: nn.Module, image: Tensor, tile: int = 256, overlap: int = 64, tta: bool = False, batch_size: int = 8
+) -> tuple[Tensor, Tensor]:
+    """predict() on an image of any size (1, 3, H, W) by overlapping tiles blended with cosine weights.
+    Returns (1, 6, H, W) probabilities and (1, 1, H, W) distance map."""
+    _, _, h, w = image.shape
+    pad_h, pad_w = max(tile - h, 0), max(tile - w, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > 1 else "replicate")
+    ph, pw = image.shape[-2:]
+    step = tile - overlap
+    ys = sorted({*range(0, ph - tile, step), ph - tile})
+    xs = sorted({*range(0, pw - tile, step), pw - tile})
+    corners = [(y, x) for y in ys for x in xs]
+    weight = torch.from_numpy(_window_weights(tile)).to(image.device)
+    probs = image.new_zeros((1, NUM_CLASSES, ph, pw))
+    dist = image.new_zeros((1, 1, ph, pw))
+    norm = image.new_zeros((1, 1, ph, pw))
+    for start in range(0, len(corners), batch_size):
+        batch = corners[start : start + batch_size]
+        crops = torch.cat([image[..., y : y + tile, x : x + tile] for y, x in batch])
+        p, d = predict(model, crops, tta)
+        for i, (y, x) in enumerate(batch):
+            probs[..., y : y + tile, x : x + tile] += p[i] * weight
+            dist[..., y : y + tile, x : x + tile] += d[i] * weight
+            norm[..., y : y + tile, x : x + tile] += weight
+    return (probs / norm)[..., :h, :w], (dist / norm)[..., :h, :w]
+
+
+def instances_from_outputs(
+    probs: np.ndarray, dist: np.ndarray, seed_threshold: float = 0.5, min_size: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus instances of one image from its class probabilities (6, H, W) and distance map (H, W).
+
+    Returns (instances, classes): an int32 label image (0 = background, 1..K) and the class (1..5) of each
+    instance (classes[k-1] for label k).
+    """
+    semantic = probs.argmax(0)
+    foreground = semantic > 0
+    foreground = ndimage.binary_fill_holes(foreground)
+    seeds, _ = ndimage.label((dist > seed_threshold) & foreground)
+    # Foreground components with no seed (small or faint nuclei) become their own seed.
+    components, n_components = ndimage.label(foreground)
+    if n_components:
+        seeded = np.zeros(n_components + 1, dtype=bool)
+        seeded[np.unique(components[seeds > 0])] = True
+        unseeded = ~seeded[components] & foreground
+        extra, _ = ndimage.label(unseeded)
+        seeds[unseeded] = extra[unseeded] + seeds.max()
+    instances = watershed(-dist, seeds, mask=foreground).astype(np.int32)
+    # Drop specks, renumber 1..K, then majority class per instance (background votes excluded).
+    if instances.max():
+        areas = np.bincount(instances.ravel())
+        small = areas < min_size
+        small[0] = True
+        instances[small[instances]] = 0
+        _, instances = np.unique(instances, return_inverse=True)
+        instances = instances.reshape(semantic.shape).astype(np.int32)
+    n = int(instances.max())
+    if n == 0:
+        return instances, np.zeros(0, dtype=np.int64)
+    votes = np.zeros((n + 1, NUM_CLASSES), dtype=np.int64)
+    np.add.at(votes, (instances.ravel(), semantic.ravel()), 1)
+    votes[:, 0] = 0
+    return instances, votes[1:].argmax(1)
+
+
+def pannuke_masks(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(H, W, 6) PanNuke-layout mask: channel c-1 holds the instances of class c with their ids, channel 5
+    is the background (1 where no nucleus), as in the official masks.npy."""
+    out = np.zeros((*instances.shape, 6), dtype=np.int32)
+    class_of = np.concatenate([[0], classes])[instances]
+    for c in range(1, NUM_CLASSES):
+        inside = class_of == c
+        out[..., c - 1][inside] = instances[inside]
+    out[..., 5] = instances == 0
+    return out

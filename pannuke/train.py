@@ -1,0 +1,692 @@
+"""Train an Attention U-Net (ResNet34 encoder) for 6-class nucleus segmentation on PanNuke.
+
+    python pannuke/train.py --demo                                   # synthetic folds, about 2 minutes on a CPU
+    python pannuke/train.py --data_dir DATA --epochs 60 --batch_size 16 --use_mixed_precision
+    python pannuke/train.py --data_dir DATA --recipe backup          # Adam, warm-up + cosine, weighted Dice, fp32
+    python pannuke/train.py --resume runs/pannuke/<run>              # continue a run exactly where it stopped
+    torchrun --nproc_per_node=4 pannuke/train.py --data_dir DATA --epochs 60 --use_mixed_precision
+
+DATA holds PanNuke's "Fold 1", "Fold 2", "Fold 3" folders (or fold1/ fold2/ fold3/ with images.npy, masks.npy and
+types.npy); train on --train_fold, validate on --val_fold (early stopping and best.pth), and test on --test_fold
+with evaluate.py. Each run writes runs/pannuke/<timestamp>_<recipe>/: config.json, last.pth (resume), best.pth
+(by validation mean foreground Dice), swa.pth (--use_swa), training_history.json, train.log, curves.png.
+
+Recipes (a flag given on the command line wins over the recipe):
+    sota    AdamW; OneCycleLR; EMA of the weights (validated and saved as best); Dice + focal + boundary loss
+            (boundary weight ramped up, Kervadec et al.); MixUp; progressive augmentation and crop size
+            128 -> --image_size; AMP on CUDA; flip TTA in validation; optional SWA (--use_swa).
+    backup  Adam; linear warm-up + cosine to lr * min_lr_factor; inverse-frequency weighted Dice; fp32; no
+            MixUp, EMA or SWA.
+Both also regress the distance-to-boundary map that splits touching nuclei (see model.py).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from common.losses import BoundaryLoss, CombinedLoss, DiceLoss, FocalLoss, FrequencyWeightedDiceLoss
+from common.metrics import ConfusionMatrix
+from pannuke.data import (
+    AUG_STAGES,
+    CLASS_NAMES,
+    NUM_CLASSES,
+    PanNukeDataset,
+    load_fold,
+    worker_init,
+    write_demo_dataset,
+)
+from pannuke.model import ARCHITECTURE, build_model, predict
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+DOMAIN = "pannuke"
+RECIPES = {
+    "sota": {
+        "optimizer": "adamw",
+        "scheduler": "onecycle",
+        "use_ema": True,
+        "use_mixed_precision": True,
+        "mixup_alpha": 0.2,
+        "progressive_aug": True,
+        "progressive_resize": True,
+        "tta": True,
+        "loss": "hybrid",
+    },
+    "backup": {
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "use_ema": False,
+        "use_mixed_precision": False,
+        "mixup_alpha": 0.0,
+        "progressive_aug": False,
+        "progressive_resize": False,
+        "tta": False,
+        "loss": "weighted_dice",
+    },
+}
+# --demo: a small synthetic fold set and settings that finish in about two minutes on two CPU cores
+DEMO = {"epochs": 6, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One epoch of training, one pass of validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compute_loss(criterion, dist_weight, outputs, batch, soft_target=None):
+    """Segmentation terms of `criterion` on the class logits, plus MSE of the distance map (weight dist_weight)."""
+    target = batch["semantic"] if soft_target is None else soft_target
+    extra = {"dist_map": batch["sdf"]} if "sdf" in batch else {}
+    total, terms = criterion(outputs["seg"], target, **extra)
+    dist_loss = F.mse_loss(outputs["dist"].float().sigmoid(), batch["dist"])
+    terms["dist"] = dist_loss.detach()
+    return total + dist_weight * dist_loss, terms
+
+
+def mixup(batch: dict, alpha: float, rng: np.random.Generator) -> tuple[dict, torch.Tensor]:
+    """MixUp (Zhang et al. 2018) of a batch with a shuffled copy of itself: images, one-hot targets, distance and
+    boundary maps are all mixed with the same lambda ~ Beta(alpha, alpha)."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(batch["image"].shape[0])).to(batch["image"].device)
+    onehot = F.one_hot(batch["semantic"], NUM_CLASSES).permute(0, 3, 1, 2).float()
+    mixed = dict(batch)
+    for key in ("image", "dist", "sdf"):
+        if key in batch:
+            mixed[key] = lam * batch[key] + (1 - lam) * batch[key][perm]
+    return mixed, lam * onehot + (1 - lam) * onehot[perm]
+
+
+def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader, device, epoch, args, state):
+    """One pass over the training fold; the scheduler steps per batch. Returns the mean loss and its terms."""
+    model.train()
+    autocast = amp_context(device, args)
+    rng = np.random.default_rng(args.seed * 1000 + epoch)  # MixUp draws, reproducible per epoch
+    sums, count = {}, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        soft_target = None
+        if args.mixup_alpha > 0 and rng.random() < args.mixup_prob:
+            batch, soft_target = mixup(batch, args.mixup_alpha, rng)
+        with autocast:
+            outputs = model(batch["image"])
+        loss, terms = compute_loss(criterion, args.dist_weight, outputs, batch, soft_target)
+
+        # A NaN/inf loss skips the step on every rank; too many in a row stop the run (last.pth stays intact).
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        optimizer.zero_grad(set_to_none=True)
+        if not finite.item():
+            state["nan_steps"] += 1
+            if state["nan_steps"] >= args.max_nan_steps:
+                raise SystemExit(
+                    f"the training loss was NaN or infinite for {state['nan_steps']} steps in a row (epoch "
+                    f"{epoch + 1}); stopping. Try a lower --lr, --grad_clip_val, or check the data. The last good "
+                    f"epoch is in last.pth (--resume)."
+                )
+            logging.warning("non-finite loss at epoch %d: step skipped", epoch + 1)
+            scheduler.step()
+            continue
+        state["nan_steps"] = 0
+        scaler.scale(loss).backward()
+        if args.grad_clip_val > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_val)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
+
+        count += 1
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    if dist.is_initialized():
+        values = torch.tensor([means.get(k, 0.0) for k in sorted(means)], dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        means = dict(zip(sorted(means), (values / dist.get_world_size()).tolist(), strict=True))
+    return means
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, device, args):
+    """Validation loss and per-class Dice (confusion matrix reduced over ranks). With tta, on flip-averaged
+    probabilities; the loss takes their log as logits."""
+    model.eval()
+    matrix = ConfusionMatrix(NUM_CLASSES, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    with amp_context(device, args):
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            probs, distance = predict(model, batch["image"], tta=args.tta)
+            outputs = {"seg": probs.clamp_min(1e-8).log(), "dist": torch.logit(distance, eps=1e-6)}
+            loss, _ = compute_loss(criterion, args.dist_weight, outputs, batch)
+            loss_sum += torch.stack([loss.double() * len(probs), torch.tensor(len(probs), device=device)])
+            matrix.update(probs.argmax(1), batch["semantic"])
+    matrix.all_reduce()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    scores = matrix.compute()
+    return {
+        "loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
+        "dice": dict(zip(CLASS_NAMES, scores["dice"], strict=True)),
+        "mean_dice": scores["mean_dice"],
+        "fg_mean_dice": scores["fg_mean_dice"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: devices, DDP, data, loss, optimizer, schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setup_device() -> torch.device:
+    """CUDA, Apple MPS or CPU; under torchrun one process per GPU (NCCL) or per CPU process (gloo)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def amp_context(device, args):
+    """bf16 autocast where the device supports it, fp16 (with the GradScaler) on older GPUs; off unless asked."""
+    if not args.use_mixed_precision:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
+def amp_dtype(device) -> torch.dtype:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def build_loss(args, class_pixels: np.ndarray, validation: bool = False):
+    """The training loss, or (validation=True) the same without the boundary term, whose signed distance maps
+    would cost more than the validation forward pass itself."""
+    if args.loss == "hybrid":
+        terms = {"dice": (DiceLoss(), 1.0), "focal": (FocalLoss(gamma=2.0), 1.0)}
+        if not validation:
+            terms["boundary"] = (BoundaryLoss(), 0.0)  # ramped up per epoch, see boundary_weight()
+        return CombinedLoss(terms)
+    return CombinedLoss({"dice": (FrequencyWeightedDiceLoss(class_counts=class_pixels), 1.0)})
+
+
+def boundary_weight(epoch: int, args) -> float:
+    """Kervadec et al.'s schedule: the boundary term starts at 0.01 and gains 0.01 per epoch while the region
+    (Dice) term leads, here capped at --boundary_weight (its distances are in pixels, so it is large)."""
+    return min(args.boundary_weight, 0.01 * (epoch + 1))
+
+
+def build_scheduler(optimizer, args, steps_per_epoch: int):
+    """Both step once per batch."""
+    total = args.epochs * steps_per_epoch
+    if args.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=args.lr,
+            total_steps=total,
+            pct_start=min(0.3, max(args.warmup_epochs, 1) / args.epochs),
+            final_div_factor=1 / args.min_lr_factor / 25,
+        )
+    warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(total - warmup, 1), eta_min=args.lr * args.min_lr_factor
+    )
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def ema_average(decay: float):
+    """EMA for AveragedModel's multi_avg_fn, with timm's warm-up decay min(decay, (1 + n) / (10 + n)) so early
+    averages are not dominated by the random initial weights."""
+
+    def update(ema_params, current_params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        if ema_params[0].is_floating_point():
+            torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
+        else:  # BatchNorm's num_batches_tracked: copied
+            torch._foreach_copy_(ema_params, current_params)
+
+    return update
+
+
+def crop_size_for(epoch: int, args) -> int:
+    """Progressive resizing: random crops of 128 px in the first half, --image_size after. Crops (not
+    downscaling) keep nuclei at the scanner's magnification, so the model sees one scale throughout."""
+    if args.progressive_resize and epoch < args.epochs // 2:
+        return min(128, args.image_size)
+    return args.image_size
+
+
+def aug_stage_for(epoch: int, args) -> int:
+    """Progressive augmentation: geometric from the start, then colour, noise and distortions, each switched on
+    at an equal share of the epochs. Without it, all of them from the first epoch."""
+    if not args.progressive_aug:
+        return len(AUG_STAGES) - 1
+    return min(len(AUG_STAGES) - 1, epoch * len(AUG_STAGES) // max(args.epochs, 1))
+
+
+def make_loaders(args, train_fold, val_fold, device):
+    train_set = PanNukeDataset(train_fold, train=True, boundary_maps=args.loss == "hybrid")
+    val_set = PanNukeDataset(val_fold)
+    generator = torch.Generator()
+    sampler = None
+    if dist.is_initialized():
+        sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+        val_set = Subset(val_set, range(dist.get_rank(), len(val_set), dist.get_world_size()))  # no padding
+    common = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": worker_init}
+    # drop_last keeps BatchNorm away from a batch of one; a fold smaller than one batch is still one batch.
+    drop_last = len(train_set) // (dist.get_world_size() if dist.is_initialized() else 1) > args.batch_size
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last if sampler is None else False,
+        **common,
+    )
+    val_loader = DataLoader(val_set, args.batch_size, shuffle=False, **common)
+    return train_set, train_loader, val_loader, generator
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folder, checkpoints, history
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def new_run_dir(output_dir: Path, recipe: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        run = output_dir / (f"{stamp}_{recipe}" + (f"_{attempt + 1}" if attempt else ""))
+        try:
+            run.mkdir(parents=True)
+            return run
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new run folder in {output_dir}")
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Atomic: write a temp file, then rename over the old one, so a kill never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list, path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [h["train"]["loss"] for h in history], label="train")
+    axes[0].plot(epochs, [h["val"]["loss"] for h in history], label="validation")
+    axes[0].set_title("loss")
+    for name in CLASS_NAMES[1:]:
+        axes[1].plot(epochs, [h["val"]["dice"][name] for h in history], label=name, alpha=0.6)
+    axes[1].plot(epochs, [h["val"]["fg_mean_dice"] for h in history], "k-", lw=2, label="mean (foreground)")
+    axes[1].set_title("validation Dice")
+    axes[2].plot(epochs, [h["lr"] for h in history])
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+
+
+def resolve_args(args, device: torch.device) -> argparse.Namespace:
+    """Fill the options left unset (None) from --demo and the recipe, and check them."""
+    if args.demo:
+        for key, value in DEMO.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    defaults = {"epochs": 20, "batch_size": 16, "image_size": 256, "encoder_weights": "imagenet", "lr": 1e-3}
+    if args.use_mixed_precision is None:  # the recipe's AMP is for CUDA; CPU and MPS train in fp32 unless asked
+        args.use_mixed_precision = RECIPES[args.recipe]["use_mixed_precision"] and device.type == "cuda"
+    for key, value in {**defaults, **RECIPES[args.recipe]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.swa_start_epoch is None:
+        args.swa_start_epoch = max(1, int(0.75 * args.epochs))
+    if args.use_swa and not 1 <= args.swa_start_epoch <= args.epochs:
+        raise SystemExit(f"--swa_start_epoch {args.swa_start_epoch} is outside 1..--epochs ({args.epochs})")
+    if args.image_size % 32:
+        raise SystemExit(f"--image_size {args.image_size} must be a multiple of 32")
+    if args.scheduler not in ("onecycle", "cosine"):
+        raise SystemExit(f"--scheduler {args.scheduler}: choose onecycle or cosine")
+    if args.data_dir is None and not args.demo and args.resume is None:
+        raise SystemExit("give --data_dir (a folder with PanNuke's Fold 1/2/3) or --demo")
+    if len({args.train_fold, args.val_fold}) < 2:
+        raise SystemExit(f"--train_fold and --val_fold must differ (both {args.train_fold})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    device = setup_device()
+    setup_logging(None)
+    resume = None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.pth" if path.is_dir() else path
+        if not path.is_file():
+            raise SystemExit(f"--resume {args.resume}: no last.pth there")
+        resume = torch.load(path, map_location="cpu", weights_only=True)
+        if resume.get("domain") != DOMAIN or "optimizer" not in resume:
+            raise SystemExit(f"--resume {path}: not a pannuke training checkpoint (last.pth of a pannuke run)")
+        # The run continues with its own settings; only where to read/write and the worker count come from now.
+        stored = argparse.Namespace(**resume["args"])
+        stored.resume, stored.num_workers = str(path), args.num_workers
+        args = stored
+    else:
+        args = resolve_args(args, device)
+    torch.manual_seed(args.seed)
+
+    # Data first: a bad fold stops the run before any folder is created.
+    if args.demo and args.data_dir is None:
+        args.data_dir = str(Path(args.output_dir) / "demo_data")
+        if is_main():
+            write_demo_dataset(args.data_dir, (args.demo_tiles, *(2 * [max(2, args.demo_tiles * 3 // 8)])))
+        if dist.is_initialized():
+            dist.barrier()
+    cache_dir = args.cache_dir or str(Path(args.output_dir) / "cache")
+    if is_main():  # rank 0 builds the cache, the others read it
+        train_fold = load_fold(args.data_dir, args.train_fold, cache_dir, log=logging.info)
+        val_fold = load_fold(args.data_dir, args.val_fold, cache_dir, log=logging.info)
+    if dist.is_initialized():
+        dist.barrier()
+        if not is_main():
+            train_fold = load_fold(args.data_dir, args.train_fold, cache_dir)
+            val_fold = load_fold(args.data_dir, args.val_fold, cache_dir)
+
+    run_dir = None
+    if resume is not None:
+        run_dir = Path(args.resume).parent
+    elif is_main():
+        run_dir = new_run_dir(Path(args.output_dir), args.recipe)
+    setup_logging(run_dir if is_main() else None)
+    if is_main():
+        logging.info(
+            "run folder %s on %s (%d process(es))",
+            run_dir,
+            device,
+            dist.get_world_size() if dist.is_initialized() else 1,
+        )
+        if resume is None:
+            write_json(run_dir / "config.json", vars(args))
+
+    model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
+    model = build_model(model_args).to(device)
+    model_args["encoder_weights"] = "none"  # evaluate.py rebuilds the network and loads the trained weights
+    ema = AveragedModel(model, multi_avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.use_ema else None
+    swa = AveragedModel(model) if args.use_swa else None
+    if dist.is_initialized():
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    criterion = build_loss(args, train_fold.class_pixels).to(device)
+    val_criterion = build_loss(args, train_fold.class_pixels, validation=True).to(device)
+    train_set, train_loader, val_loader, generator = make_loaders(args, train_fold, val_fold, device)
+    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, args, len(train_loader))
+    use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+
+    start_epoch, best, patience, history = 0, -math.inf, 0, []
+    state = {"nan_steps": 0}
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        if swa is not None:
+            swa.load_state_dict(resume["swa"])
+        start_epoch, best, patience, history = resume["epoch"], resume["best"], resume["patience"], resume["history"]
+        logging.info("resumed from %s at epoch %d", args.resume, start_epoch + 1)
+
+    def checkpoint(weights: dict, **extra) -> dict:
+        return {
+            "domain": DOMAIN,
+            "arch": ARCHITECTURE,
+            "model_args": model_args,
+            "model": weights,
+            "args": vars(args),
+            **extra,
+        }
+
+    for epoch in range(start_epoch, args.epochs):
+        started = time.time()
+        # Everything random in an epoch derives from (seed, epoch), so a resumed run repeats it exactly.
+        torch.manual_seed(args.seed * 1000 + epoch)
+        generator.manual_seed(args.seed * 1000 + epoch)
+        train_set.reseed(args.seed * 1000 + epoch)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args))
+        if "boundary" in criterion.weights:
+            criterion.weights["boundary"] = boundary_weight(epoch, args)
+
+        train_stats = train_one_epoch(
+            model, ema, criterion, optimizer, scheduler, scaler, train_loader, device, epoch, args, state
+        )
+        evaluated = ema.module if ema is not None else unwrap(model)
+        val_stats = evaluate(evaluated, val_criterion, val_loader, device, args)
+        if swa is not None and epoch + 1 >= args.swa_start_epoch:
+            swa.update_parameters(unwrap(model))
+
+        score = val_stats["fg_mean_dice"]
+        improved = score > best + args.min_delta
+        best, patience = (score, 0) if improved else (best, patience + 1)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "crop_size": train_set.crop_size,
+                "aug_stage": AUG_STAGES[train_set.stage],
+                "train": train_stats,
+                "val": val_stats,
+                "seconds": time.time() - started,
+            }
+        )
+        if is_main():
+            logging.info(
+                "epoch %d/%d  train loss %.4f  val loss %.4f  val Dice (fg mean) %.4f%s  lr %.2e  %.0fs",
+                epoch + 1,
+                args.epochs,
+                train_stats.get("loss", float("nan")),
+                val_stats["loss"],
+                score,
+                "  (best)" if improved else "",
+                history[-1]["lr"],
+                history[-1]["seconds"],
+            )
+            if improved:
+                save_checkpoint(
+                    run_dir / "best.pth",
+                    checkpoint(evaluated.state_dict(), epoch=epoch + 1, metric={"fg_mean_dice": score}, val=val_stats),
+                )
+            save_checkpoint(
+                run_dir / "last.pth",
+                checkpoint(
+                    unwrap(model).state_dict(),
+                    epoch=epoch + 1,
+                    best=best,
+                    patience=patience,
+                    history=history,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    ema=ema.state_dict() if ema is not None else None,
+                    swa=swa.state_dict() if swa is not None else None,
+                ),
+            )
+            write_json(run_dir / "training_history.json", history)
+            plot_curves(history, run_dir / "curves.png")
+        if patience >= args.early_stopping_patience:
+            logging.info("early stopping: no improvement for %d epochs", patience)
+            break
+
+    report = {"best_fg_mean_dice": best, "epochs_run": len(history), "run_dir": str(run_dir)}
+    if swa is not None and swa.n_averaged.item() > 0:
+        # SWA weights need BatchNorm statistics of their own: one pass over the training data.
+        update_bn((batch["image"] for batch in train_loader), swa, device=device)
+        swa_stats = evaluate(swa.module, val_criterion, val_loader, device, args)
+        report["swa_fg_mean_dice"] = swa_stats["fg_mean_dice"]
+        if is_main():
+            logging.info(
+                "SWA (%d epochs averaged): val Dice (fg mean) %.4f", swa.n_averaged.item(), swa_stats["fg_mean_dice"]
+            )
+            save_checkpoint(
+                run_dir / "swa.pth",
+                checkpoint(
+                    swa.module.state_dict(),
+                    epoch=len(history),
+                    metric={"fg_mean_dice": swa_stats["fg_mean_dice"]},
+                    val=swa_stats,
+                ),
+            )
+    if is_main():
+        write_json(run_dir / "final_report.json", report)
+        logging.info("best validation Dice (fg mean) %.4f; run folder %s", best, run_dir)
+        logging.info("next: python pannuke/evaluate.py %s", run_dir)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return run_dir
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Options left at None are filled from --demo and --recipe (see resolve_args)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    flag = argparse.BooleanOptionalAction
+    add = p.add_argument
+    add("--data_dir", "--data-dir", help="folder with PanNuke's Fold 1/2/3 (or fold1/2/3) folders")
+    add("--demo", action="store_true", help="write synthetic PanNuke folds into OUTPUT_DIR/demo_data and train on them")
+    add(
+        "--demo_tiles",
+        "--demo-tiles",
+        type=int,
+        default=128,
+        help="--demo: synthetic tiles in fold 1 (128); folds 2 and 3 get 3/8 of that",
+    )
+    add("--output_dir", "--output-dir", default="runs/pannuke", help="each run gets a new folder in here")
+    add("--cache_dir", "--cache-dir", default=None, help="preprocessed fold cache (default OUTPUT_DIR/cache)")
+    add("--resume", help="a run folder or its last.pth: continue that run where it stopped")
+    add("--train_fold", "--train-fold", type=int, default=1, help="fold to train on (1)")
+    add("--val_fold", "--val-fold", type=int, default=2, help="fold to validate on (2)")
+    add("--test_fold", "--test-fold", type=int, default=3, help="fold evaluate.py scores by default (3)")
+    add("--recipe", choices=sorted(RECIPES), default="sota", help="sota (default) or backup, see above")
+    add("--encoder", choices=["resnet18", "resnet34", "resnet50"], default="resnet34", help="ResNet encoder")
+    add("--encoder_weights", "--encoder-weights", help="imagenet (default; --demo: none), none, or a .pth path")
+    add("--dropout", type=float, default=0.1, help="dropout in the decoder (0.1)")
+    add("--epochs", type=int, help="epochs (20; --demo: 6)")
+    add("--batch_size", "--batch-size", type=int, help="tiles per batch and process (16; --demo: 8)")
+    add("--image_size", "--image-size", type=int, help="training crop size in px, multiple of 32 (256)")
+    add("--lr", type=float, help="peak learning rate (1e-3)")
+    add("--weight_decay", "--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
+    add("--optimizer", choices=["adamw", "adam"], help="optimizer (sota: adamw, backup: adam)")
+    add("--scheduler", help="onecycle (sota) or cosine: linear warm-up + cosine (backup); steps per batch")
+    add("--warmup_epochs", "--warmup-epochs", type=int, default=5, help="warm-up epochs (5)")
+    add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="final lr = lr * this (0.01)")
+    add(
+        "--early_stopping_patience",
+        "--early-stopping-patience",
+        type=int,
+        default=10,
+        help="stop after this many epochs without a better validation Dice (10)",
+    )
+    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest Dice gain that counts (0)")
+    add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off (1.0)")
+    add(
+        "--use_mixed_precision",
+        "--use-mixed-precision",
+        action=flag,
+        help="autocast (bf16, or fp16 + GradScaler); sota: on for CUDA; on the CPU only when given",
+    )
+    add("--use_ema", "--use-ema", action=flag, help="EMA of the weights, validated and saved (sota: on)")
+    add("--ema_decay", "--ema-decay", type=float, default=0.999, help="EMA decay (0.999)")
+    add("--use_swa", "--use-swa", action="store_true", help="stochastic weight averaging, saved as swa.pth")
+    add("--swa_start_epoch", "--swa-start-epoch", type=int, help="first epoch averaged by SWA (75%% of --epochs)")
+    add(
+        "--loss", choices=["hybrid", "weighted_dice"], help="hybrid: Dice+focal+boundary (sota); weighted_dice (backup)"
+    )
+    add("--boundary_weight", "--boundary-weight", type=float, default=0.1, help="largest boundary-loss weight (0.1)")
+    add("--dist_weight", "--dist-weight", type=float, default=1.0, help="weight of the distance-map loss (1.0)")
+    add("--mixup_alpha", "--mixup-alpha", type=float, help="MixUp Beta(alpha, alpha); 0 = off (sota: 0.2)")
+    add("--mixup_prob", "--mixup-prob", type=float, default=0.5, help="share of batches mixed (0.5)")
+    add("--progressive_aug", "--progressive-aug", action=flag, help="augmentations switched on by epoch (sota: on)")
+    add("--progressive_resize", "--progressive-resize", action=flag, help="crops 128 -> --image_size (sota: on)")
+    add("--tta", action=flag, help="flip test-time augmentation in validation (sota: on; --demo: off)")
+    add("--seed", type=int, default=42, help="random seed (42)")
+    add("--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader workers")
+    add("--max_nan_steps", "--max-nan-steps", type=int, default=5, help="stop after this many NaN losses in a row")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
