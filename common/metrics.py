@@ -197,6 +197,8 @@ def _label_image(labels: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} labels must be an integer label image, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise ValueError(f"{name} labels must be >= 0 (0 = background), found {labels.min()}")
+    if not labels.flags.writeable:  # scikit-image's relabel_sequential rejects read-only buffers (memory maps)
+        labels = labels.copy()
     return labels
 
 

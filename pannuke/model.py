@@ -288,3 +288,46 @@ def pannuke_masks(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
         out[..., c - 1][inside] = instances[inside]
     out[..., 5] = instances == 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and checkpoints (shared by train.py, evaluate.py, visualize.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def find_checkpoint(path: str | Path, name: str = "best.pth") -> Path:
+    """A checkpoint file, or `name` inside a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such checkpoint (give a run folder holding {name}, or a .pth file)")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the network from the arguments stored in a pannuke checkpoint and load its weights (weights_only)."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != "pannuke":
+        found = checkpoint.get("domain", "no domain recorded") if isinstance(checkpoint, dict) else type(checkpoint)
+        raise SystemExit(f"{path} is not a pannuke checkpoint (domain: {found})")
+    if checkpoint.get("arch") != ARCHITECTURE:
+        raise SystemExit(f"{path} holds a {checkpoint.get('arch')!r} network; this script builds {ARCHITECTURE!r}")
+    model = build_model(checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise SystemExit(f"{path}: weights do not fit the network stored with them ({error})") from None
+    return model.to(device).eval(), checkpoint

@@ -54,7 +54,7 @@ from pannuke.data import (
     worker_init,
     write_demo_dataset,
 )
-from pannuke.model import ARCHITECTURE, build_model, predict
+from pannuke.model import ARCHITECTURE, build_model, pick_device, predict
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -211,11 +211,7 @@ def setup_device() -> torch.device:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return pick_device()
 
 
 def is_main() -> bool:
@@ -451,7 +447,10 @@ def main(args):
             write_demo_dataset(args.data_dir, (args.demo_tiles, *(2 * [max(2, args.demo_tiles * 3 // 8)])))
         if dist.is_initialized():
             dist.barrier()
-    cache_dir = args.cache_dir or str(Path(args.output_dir) / "cache")
+    # Absolute paths in config.json, so evaluate.py and visualize.py find the data from any folder.
+    args.data_dir, args.output_dir = str(Path(args.data_dir).resolve()), str(Path(args.output_dir).resolve())
+    args.cache_dir = str(Path(args.cache_dir or Path(args.output_dir) / "cache").resolve())
+    cache_dir = args.cache_dir
     if is_main():  # rank 0 builds the cache, the others read it
         train_fold = load_fold(args.data_dir, args.train_fold, cache_dir, log=logging.info)
         val_fold = load_fold(args.data_dir, args.val_fold, cache_dir, log=logging.info)

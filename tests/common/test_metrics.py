@@ -437,3 +437,13 @@ def test_roc_auc_one_vs_rest():
     assert s["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     s = roc_auc_one_vs_rest(np.array([0, 1, 0, 1]), rng.dirichlet(np.ones(3), 4))
     assert math.isnan(s["auc_per_class"][2]) and not math.isnan(s["macro_auc"])
+
+
+def test_instance_metrics_accept_read_only_memory_maps(tmp_path):
+    true = np.zeros((16, 16), np.int32)
+    true[2:6, 2:6], true[8:12, 8:12] = 1, 2
+    np.save(tmp_path / "true.npy", true)
+    mapped = np.load(tmp_path / "true.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    assert panoptic_quality(mapped, mapped)["pq"] == pytest.approx(1.0, abs=1e-5)
+    assert aggregated_jaccard_index(mapped, true) == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,266 @@
+"""Score a trained PanNuke model on a fold with the PanNuke protocol, or segment H&E images of any size.
+
+    python pannuke/evaluate.py runs/pannuke/<run>                      # best.pth on the run's --test_fold
+    python pannuke/evaluate.py runs/pannuke/<run> --fold 1 --tta --save_predictions
+    python pannuke/evaluate.py runs/pannuke/<run>/swa.pth --data_dir DATA --fold 3
+    python pannuke/evaluate.py runs/pannuke/<run> --images slides/     # PNG/TIF images of any size, tiled
+
+Fold mode writes <run>/evaluation/<timestamp>_fold<k>/evaluation_report.json with
+- Dice per class (background and the five nucleus types), their means, and binary (nucleus vs background) Dice;
+- mPQ and bPQ as PanNuke-metrics computes them (PQ per tile and class at IoU > 0.5, NaN where a class is absent;
+  mPQ = nan-mean over classes, then per tissue, then over tissues; bPQ on the merged instance map), PQ per class,
+  and AJI (mean over tiles);
+plus per_tissue.csv, and with --save_predictions masks.npy: the predicted instances in PanNuke's layout
+(N, 256, 256, 6), which the official PanNuke-metrics `run.py` scores against the fold's masks.npy.
+
+Image mode writes, per image, <name>_instances.tif (int32 nucleus ids), <name>_classes.png (0 = background,
+1-5 = Neoplastic, Inflammatory, Connective, Dead, Epithelial), <name>_overlay.png, and nuclei.csv (counts).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import tifffile
+import torch
+
+from common.metrics import PANNUKE_CLASSES, ConfusionMatrix, aggregated_jaccard_index, pannuke_panoptic_quality
+from pannuke.data import (
+    CLASS_NAMES,
+    NUM_CLASSES,
+    DataError,
+    PanNukeDataset,
+    load_fold,
+    normalize_image,
+    overlay,
+    preprocess_image,
+)
+from pannuke.model import (
+    find_checkpoint,
+    instances_from_outputs,
+    load_checkpoint,
+    pannuke_masks,
+    pick_device,
+    predict,
+    predict_tiled,
+)
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
+@torch.no_grad()
+def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
+    """Predict every tile of a cached fold, score it, and return the report."""
+    loader = torch.utils.data.DataLoader(PanNukeDataset(fold), args.batch_size, num_workers=args.num_workers)
+    n, h, w = fold.semantic.shape
+    if args.save_predictions:
+        masks_path = out_dir / "masks.npy"
+    else:  # the scores need the whole stack; a temporary memory-mapped file keeps it out of RAM
+        handle, name = tempfile.mkstemp(suffix=".npy", dir=out_dir)
+        os.close(handle)
+        masks_path = Path(name)
+    pred_masks = np.lib.format.open_memmap(masks_path, mode="w+", dtype=np.int32, shape=(n, h, w, 6))
+    matrix = ConfusionMatrix(NUM_CLASSES, device=device)
+    aji = np.full(n, np.nan)
+    for batch in loader:
+        probs, distance = predict(model, batch["image"].to(device), tta=args.tta)
+        matrix.update(probs.argmax(1), batch["semantic"].to(device))
+        probs, distance = probs.cpu().numpy(), distance[:, 0].cpu().numpy()
+        for i, index in enumerate(batch["index"].tolist()):
+            instances, classes = instances_from_outputs(probs[i], distance[i], args.seed_threshold, args.min_size)
+            pred_masks[index] = pannuke_masks(instances, classes)
+            aji[index] = aggregated_jaccard_index(np.asarray(fold.instances[index]), instances)
+    pred_masks.flush()
+    true_masks = np.load(fold.files.masks, mmap_mode="r")
+    pq = pannuke_panoptic_quality(true_masks, pred_masks, fold.types)
+    del pred_masks
+    if not args.save_predictions:
+        masks_path.unlink()
+
+    scores = matrix.compute()
+    m = matrix.matrix.double().cpu().numpy()
+    tp, fp, fn = m[1:, 1:].sum(), m[0, 1:].sum(), m[1:, 0].sum()
+    class_pq = np.asarray(pq["pq_per_tile_and_class"], dtype=np.float64)
+    per_tissue = {}
+    for tissue, stats in pq["per_tissue"].items():
+        rows = fold.types == tissue
+        per_tissue[tissue] = {
+            **stats,
+            "aji": _nanmean(aji[rows]),
+            **{f"pq_{name}": _nanmean(class_pq[rows, c]) for c, name in enumerate(PANNUKE_CLASSES)},
+        }
+    return {
+        "tiles": int(n),
+        "dice": dict(zip(CLASS_NAMES, scores["dice"], strict=True)),
+        "mean_dice": scores["mean_dice"],
+        "fg_mean_dice": scores["fg_mean_dice"],
+        "binary_dice": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan"),
+        "mpq": pq["mpq"],
+        "bpq": pq["bpq"],
+        "pq_per_class": pq["pq_per_class"],
+        "aji": _nanmean(aji),
+        "per_tissue": per_tissue,
+        "predictions": str(masks_path) if args.save_predictions else None,
+    }
+
+
+def write_tissue_csv(path: Path, per_tissue: dict) -> None:
+    columns = ["tissue", "tiles", "mpq", "bpq", "aji", *(f"pq_{name}" for name in PANNUKE_CLASSES)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for tissue, stats in sorted(per_tissue.items()):
+            writer.writerow([tissue] + [stats[c] for c in columns[1:]])
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An H&E image as uint8 RGB (H, W, 3): grey is repeated, alpha dropped, 16-bit scaled by 1/257."""
+    try:
+        image = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        if image is None:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is not None and image.ndim == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    except Exception as error:
+        raise DataError(f"{path}: cannot read the image ({error})") from None
+    if image is None:
+        raise DataError(f"{path}: cannot read the image (corrupt or not an image)")
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
+        image = np.moveaxis(image, 0, -1)  # channel-first TIFF
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise DataError(f"{path}: expected an RGB image, found shape {image.shape}")
+    image = image[..., :3]
+    if image.dtype == np.uint16:
+        image = (image / 257.0).round()
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    rows = []
+    for path in paths:
+        image = read_image(path)
+        tensor = torch.from_numpy(normalize_image(preprocess_image(image)))[None].to(device)
+        probs, distance = predict_tiled(model, tensor, tile=args.tile_size, overlap=args.overlap, tta=args.tta)
+        instances, classes = instances_from_outputs(
+            probs[0].cpu().numpy(), distance[0, 0].cpu().numpy(), args.seed_threshold, args.min_size
+        )
+        class_map = np.concatenate([[0], classes])[instances].astype(np.uint8)
+        tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", instances, compression="zlib")
+        cv2.imwrite(str(out_dir / f"{path.stem}_classes.png"), class_map)
+        cv2.imwrite(str(out_dir / f"{path.stem}_overlay.png"), overlay(image, class_map, instances)[..., ::-1])
+        counts = np.bincount(classes, minlength=NUM_CLASSES)
+        rows.append(
+            {
+                "image": path.name,
+                "nuclei": int(len(classes)),
+                **{name: int(counts[c + 1]) for c, name in enumerate(PANNUKE_CLASSES)},
+            }
+        )
+        print(f"{path.name}: {len(classes)} nuclei")
+    with open(out_dir / "nuclei.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"images": len(rows), "nuclei_per_image": rows}
+
+
+def main(args):
+    device = pick_device()
+    checkpoint_path = find_checkpoint(args.checkpoint)
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    train_args = checkpoint.get("args", {})
+    run_dir = checkpoint_path.parent
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    started = time.time()
+    report = {
+        "checkpoint": str(checkpoint_path.resolve()),
+        "checkpoint_epoch": checkpoint.get("epoch"),
+        "tta": args.tta,
+        "postprocessing": {"seed_threshold": args.seed_threshold, "min_size": args.min_size},
+    }
+    if args.images:
+        image_dir = Path(args.images)
+        if not image_dir.is_dir():
+            raise DataError(f"--images {image_dir}: no such folder")
+        out_dir = Path(args.output_dir) if args.output_dir else run_dir / "predictions" / f"{stamp}_{image_dir.name}"
+        out_dir.mkdir(parents=True, exist_ok=False)
+        report.update(images=str(image_dir.resolve()), tile_size=args.tile_size, overlap=args.overlap)
+        report.update(predict_folder(model, image_dir, args, out_dir, device))
+    else:
+        data_dir = args.data_dir or train_args.get("data_dir")
+        fold_number = args.fold or train_args.get("test_fold", 3)
+        if data_dir is None:
+            raise SystemExit(f"{checkpoint_path} does not record its data folder: give --data_dir")
+        cache_dir = args.cache_dir or train_args.get("cache_dir") or "runs/pannuke/cache"
+        fold = load_fold(data_dir, fold_number, cache_dir)  # checks the fold before any output is written
+        out_dir = Path(args.output_dir) if args.output_dir else run_dir / "evaluation" / f"{stamp}_fold{fold_number}"
+        out_dir.mkdir(parents=True, exist_ok=False)
+        report.update(data_dir=str(Path(data_dir).resolve()), fold=fold_number)
+        report.update(evaluate_fold(model, fold, args, out_dir, device))
+        write_tissue_csv(out_dir / "per_tissue.csv", report["per_tissue"])
+        print(
+            f"fold {fold_number}: mPQ {report['mpq']:.4f}  bPQ {report['bpq']:.4f}  AJI {report['aji']:.4f}  "
+            f"Dice (fg mean) {report['fg_mean_dice']:.4f}  binary Dice {report['binary_dice']:.4f}"
+        )
+        if report["predictions"]:
+            print(f"predicted instances in PanNuke layout: {report['predictions']}")
+    report["seconds"] = time.time() - started
+    (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {out_dir / 'evaluation_report.json'}")
+    return out_dir
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = p.add_argument
+    add("checkpoint", help="a run folder (uses its best.pth) or a .pth file")
+    add("--data_dir", "--data-dir", help="PanNuke folder (default: the one the run trained on)")
+    add("--fold", type=int, help="fold to score (default: the run's --test_fold)")
+    add("--cache_dir", "--cache-dir", help="preprocessed fold cache (default: the run's)")
+    add("--images", help="instead of a fold: a folder of H&E images (PNG/TIF/JPG) of any size, tiled")
+    add("--output_dir", "--output-dir", help="where to write (default: a new folder inside the run folder)")
+    add("--tta", action="store_true", help="average predictions over flips")
+    add(
+        "--save_predictions",
+        "--save-predictions",
+        action="store_true",
+        help="write the predicted instances as masks.npy in PanNuke's (N, 256, 256, 6) layout",
+    )
+    add(
+        "--seed_threshold",
+        "--seed-threshold",
+        type=float,
+        default=0.5,
+        help="distance-map level above which a nucleus seed starts (0.5)",
+    )
+    add("--min_size", "--min-size", type=int, default=10, help="smallest nucleus kept, in pixels (10)")
+    add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size, multiple of 32 (256)")
+    add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px (64)")
+    add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass (8)")
+    add("--num_workers", "--num-workers", type=int, default=0, help="loader workers (0)")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
