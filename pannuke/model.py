@@ -219,7 +219,9 @@ def predict_tiled(
     _, _, h, w = image.shape
     pad_h, pad_w = max(tile - h, 0), max(tile - w, 0)
     if pad_h or pad_w:
-        image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > 1 else "replicate")
+        # reflect where the image is large enough; otherwise 0, which is the tile mean after z-scoring
+        mode = "reflect" if pad_h < h and pad_w < w else "constant"
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
     ph, pw = image.shape[-2:]
     step = tile - overlap
     ys = sorted({*range(0, ph - tile, step), ph - tile})

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 
 import matplotlib
@@ -146,7 +147,9 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader,
                     f"epoch is in last.pth (--resume)."
                 )
             logging.warning("non-finite loss at epoch %d: step skipped", epoch + 1)
-            scheduler.step()
+            with warnings.catch_warnings():  # the schedule advances over the skipped step on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             continue
         state["nan_steps"] = 0
         scaler.scale(loss).backward()
@@ -460,6 +463,11 @@ def main(args):
             train_fold = load_fold(args.data_dir, args.train_fold, cache_dir)
             val_fold = load_fold(args.data_dir, args.val_fold, cache_dir)
 
+    # The network next (ImageNet weights may need a download that can fail), then the run folder.
+    model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
+    model = build_model(model_args).to(device)
+    model_args["encoder_weights"] = "none"  # evaluate.py rebuilds the network and loads the trained weights
+
     run_dir = None
     if resume is not None:
         run_dir = Path(args.resume).parent
@@ -476,9 +484,6 @@ def main(args):
         if resume is None:
             write_json(run_dir / "config.json", vars(args))
 
-    model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
-    model = build_model(model_args).to(device)
-    model_args["encoder_weights"] = "none"  # evaluate.py rebuilds the network and loads the trained weights
     ema = AveragedModel(model, multi_avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.use_ema else None
     swa = AveragedModel(model) if args.use_swa else None
     if dist.is_initialized():
