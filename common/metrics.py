@@ -137,7 +137,7 @@ class ConfusionMatrix:
         `overall_accuracy` is the fraction of correctly classified pixels. A per-class score with an empty
         denominator (class absent from target and prediction) is NaN.
         """
-        m = self.matrix.double().cpu().numpy()
+        m = self.matrix.cpu().double().numpy()  # MPS has no float64
         tp = np.diag(m)
         fp = m.sum(0) - tp
         fn = m.sum(1) - tp
@@ -397,41 +397,31 @@ def pannuke_binarize(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, types: Sequence[str]) -> dict:
-    """PanNuke's official scores (PanNuke-metrics `run.py`) for a stack of tiles.
+def pannuke_tile_pq(true_masks: np.ndarray, pred_masks: np.ndarray) -> tuple[np.ndarray, float]:
+    """PQ of one PanNuke tile (H, W, 5 or 6): per class (5 values) and binary, as PanNuke-metrics' `run.py`:
+    NaN where the ground truth holds a single value (class absent, or one instance filling the tile)."""
+    true_i = np.asarray(true_masks)[..., :5].astype(np.int64)
+    pred_i = np.asarray(pred_masks)[..., :5].astype(np.int64)
+    class_pq = np.full(5, np.nan)
+    binary_pq = float("nan")
+    true_binary = pannuke_binarize(true_i)
+    if true_binary.min() != true_binary.max():
+        binary_pq = panoptic_quality(true_binary, pannuke_binarize(pred_i))["pq"]
+    for c in range(5):
+        if true_i[..., c].min() != true_i[..., c].max():
+            class_pq[c] = panoptic_quality(true_i[..., c], pred_i[..., c])["pq"]
+    return class_pq, binary_pq
 
-    true_masks, pred_masks: (N, H, W, 6) or (N, H, W, 5) PanNuke masks (channels 0-4: instance ids of
-    Neoplastic, Inflammatory, Connective, Dead, Epithelial; a 6th background channel is ignored).
-    types: the tissue name of each tile.
 
-    Per tile: PQ of each class (NaN where the class is absent from the ground truth) and binary PQ on the
-    merged channels. mPQ of a tile = nan-mean over classes; per tissue = nan-mean over its tiles; the reported
-    mPQ and bPQ = nan-mean over tissues. Per-class PQ = nan-mean over all tiles.
-    """
-    true_masks = np.asarray(true_masks)
-    pred_masks = np.asarray(pred_masks)
-    if true_masks.shape[:3] != pred_masks.shape[:3] or true_masks.ndim != 4 or pred_masks.ndim != 4:
-        raise ValueError(
-            f"expected (N, H, W, 6) masks of equal size, got true {true_masks.shape}, pred {pred_masks.shape}"
-        )
-    if min(true_masks.shape[3], pred_masks.shape[3]) < 5:
-        raise ValueError(f"PanNuke masks need 5 class channels, got true {true_masks.shape}, pred {pred_masks.shape}")
+def pannuke_aggregate(class_pq: np.ndarray, binary_pq: np.ndarray, types: Sequence[str]) -> dict:
+    """PanNuke's aggregation of per-tile scores (from `pannuke_tile_pq`): mPQ of a tile = nan-mean over its
+    classes; per tissue = nan-mean over its tiles; reported mPQ and bPQ = nan-mean over tissues; per-class PQ =
+    nan-mean over all tiles."""
+    class_pq = np.asarray(class_pq, dtype=np.float64).reshape(-1, 5)
+    binary_pq = np.asarray(binary_pq, dtype=np.float64).reshape(-1)
     types = [str(t) for t in types]
-    if len(types) != true_masks.shape[0]:
-        raise ValueError(f"{len(types)} tissue types given for {true_masks.shape[0]} tiles")
-    n = true_masks.shape[0]
-    class_pq = np.full((n, 5), np.nan)
-    binary_pq = np.full(n, np.nan)
-    for i in range(n):
-        true_i = np.asarray(true_masks[i, ..., :5]).astype(np.int64)
-        pred_i = np.asarray(pred_masks[i, ..., :5]).astype(np.int64)
-        true_binary = pannuke_binarize(true_i)
-        # run.py skips a ground truth with a single value (empty, or one instance filling the tile): NaN
-        if true_binary.min() != true_binary.max():
-            binary_pq[i] = panoptic_quality(true_binary, pannuke_binarize(pred_i))["pq"]
-        for c in range(5):
-            if true_i[..., c].min() != true_i[..., c].max():
-                class_pq[i, c] = panoptic_quality(true_i[..., c], pred_i[..., c])["pq"]
+    if not len(types) == len(class_pq) == len(binary_pq):
+        raise ValueError(f"{len(types)} tissue types given for {len(class_pq)} tiles")
     mpq_per_tile = np.array([_nanmean(row) for row in class_pq])
     tissues = {}
     for tissue in dict.fromkeys(types):  # first-seen order
@@ -446,6 +436,29 @@ def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, typ
         "bpq_per_tile": binary_pq.tolist(),
         "pq_per_tile_and_class": class_pq.tolist(),
     }
+
+
+def pannuke_panoptic_quality(true_masks: np.ndarray, pred_masks: np.ndarray, types: Sequence[str]) -> dict:
+    """PanNuke's official scores (PanNuke-metrics `run.py`) for a stack of tiles.
+
+    true_masks, pred_masks: (N, H, W, 6) or (N, H, W, 5) PanNuke masks (channels 0-4: instance ids of
+    Neoplastic, Inflammatory, Connective, Dead, Epithelial; a 6th background channel is ignored).
+    types: the tissue name of each tile. See `pannuke_tile_pq` and `pannuke_aggregate`; to score tiles as they
+    are predicted without holding the stack, call those two directly.
+    """
+    true_masks = np.asarray(true_masks)
+    pred_masks = np.asarray(pred_masks)
+    if true_masks.shape[:3] != pred_masks.shape[:3] or true_masks.ndim != 4 or pred_masks.ndim != 4:
+        raise ValueError(
+            f"expected (N, H, W, 6) masks of equal size, got true {true_masks.shape}, pred {pred_masks.shape}"
+        )
+    if min(true_masks.shape[3], pred_masks.shape[3]) < 5:
+        raise ValueError(f"PanNuke masks need 5 class channels, got true {true_masks.shape}, pred {pred_masks.shape}")
+    if len(types) != true_masks.shape[0]:
+        raise ValueError(f"{len(types)} tissue types given for {true_masks.shape[0]} tiles")
+    scores = [pannuke_tile_pq(true_masks[i], pred_masks[i]) for i in range(true_masks.shape[0])]
+    class_pq = np.array([s[0] for s in scores]).reshape(-1, 5)
+    return pannuke_aggregate(class_pq, np.array([s[1] for s in scores]), types)
 
 
 # ----------------------------------------------------------------------------------------------------------------

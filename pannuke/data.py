@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,12 +142,16 @@ def semantic_and_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return semantic, instances.reshape(keys.shape)
 
 
+CLAHE_CELL = 32  # px: an 8 x 8 grid on a 256 px PanNuke tile; larger images get more cells of the same size
+
+
 def preprocess_image(image: np.ndarray) -> np.ndarray:
-    """An RGB tile (uint8, or float holding 0..255) to uint8 after CLAHE on the Lab lightness."""
+    """An RGB image (uint8, or float holding 0..255) to uint8 after CLAHE on the Lab lightness."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         image = np.clip(np.nan_to_num(image.astype(np.float32)), 0, 255).round().astype(np.uint8)
-    return clahe(image, clip_limit=2.0, tile_grid_size=(8, 8))
+    grid = (max(1, round(image.shape[1] / CLAHE_CELL)), max(1, round(image.shape[0] / CLAHE_CELL)))
+    return clahe(image, clip_limit=2.0, tile_grid_size=grid)
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
@@ -160,19 +165,33 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class Fold:
-    """A fold after preprocessing: memory-mapped cache arrays and the original files."""
+    """A fold after preprocessing: the cached arrays, memory-mapped on first use in each process.
 
-    files: FoldFiles
-    images: np.ndarray  # (N, H, W, 3) uint8 after CLAHE
-    semantic: np.ndarray  # (N, H, W) uint8 0..5
-    instances: np.ndarray  # (N, H, W) int32, 0 = background
-    types: np.ndarray  # (N,) str
-    class_pixels: np.ndarray  # (6,) pixel count per class
+    images (N, H, W, 3) uint8 after CLAHE; semantic (N, H, W) uint8 0..5; instances (N, H, W) int32 (0 =
+    background); types (N,) tissue names; class_pixels (6,) pixel count per class; files: the original arrays.
+    Pickling (loader workers started by spawn, as on Windows and macOS) sends the paths, not the data.
+    """
+
+    ARRAYS = ("images", "semantic", "instances")
+
+    def __init__(self, files: FoldFiles, folder: Path, types: np.ndarray, class_pixels: np.ndarray):
+        self.files, self.folder, self.types, self.class_pixels = files, folder, types, class_pixels
+        self._arrays: dict = {}
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name not in Fold.ARRAYS:
+            raise AttributeError(name)
+        arrays = self.__dict__.setdefault("_arrays", {})
+        if name not in arrays:
+            arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return arrays[name]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": {}}
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.types)
 
 
 def _cache_key(files: FoldFiles) -> str:
@@ -198,8 +217,9 @@ def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int
             "semantic": ((n, h, w), np.uint8),
             "instances": ((n, h, w), np.int32),
         }
+        tmp = f"tmp{os.getpid()}"  # two runs caching the same fold at once each write their own files
         arrays = {
-            name: np.lib.format.open_memmap(folder / f"{name}.tmp.npy", mode="w+", dtype=dtype, shape=shape)
+            name: np.lib.format.open_memmap(folder / f"{name}.{tmp}.npy", mode="w+", dtype=dtype, shape=shape)
             for name, (shape, dtype) in outputs.items()
         }
         class_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
@@ -218,21 +238,14 @@ def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int
         for name, array in arrays.items():
             array.flush()
             del array
-            os.replace(folder / f"{name}.tmp.npy", folder / f"{name}.npy")
+            os.replace(folder / f"{name}.{tmp}.npy", folder / f"{name}.npy")
         arrays.clear()
         meta = {"fold": fold, "tiles": n, "class_pixels": class_pixels.tolist(), "source": str(files.images)}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)  # written last: a cache without meta.json is rebuilt
+        meta_tmp = meta_path.with_suffix(f".{tmp}")
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(meta_tmp, meta_path)  # written last: a cache without meta.json is rebuilt
     meta = json.loads(meta_path.read_text())
-    return Fold(
-        files=files,
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        semantic=np.load(folder / "semantic.npy", mmap_mode="r"),
-        instances=np.load(folder / "instances.npy", mmap_mode="r"),
-        types=types,
-        class_pixels=np.asarray(meta["class_pixels"], dtype=np.int64),
-    )
+    return Fold(files, folder, types, np.asarray(meta["class_pixels"], dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,6 +323,7 @@ class PanNukeDataset(Dataset):
             self.configure(fold.images.shape[1], len(AUG_STAGES) - 1)
 
     def configure(self, crop_size: int, stage: int) -> None:
+        """Rebuild the augmentation (a new, unseeded pipeline: reseed afterwards)."""
         self.crop_size, self.stage = crop_size, stage
         self.transform = build_augmentation(crop_size, stage)
 
@@ -344,7 +358,8 @@ def worker_init(worker_id: int) -> None:
     """Each loader worker reseeds its copy of the augmentation from the seed torch gives it, which derives from
     the loader's generator: reproducible for a fixed seed and epoch, different in every worker."""
     info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(info.seed % 2**32)
+    if hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed % 2**32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,6 +459,19 @@ def write_demo_dataset(root: str | Path, tiles: tuple[int, int, int] = (128, 48,
         np.save(image_dir / "types.npy", rng.choice(np.array(PANNUKE_TISSUES), count))
     marker.write_text(json.dumps(settings))
     return root
+
+
+def new_folder(parent: Path, name: str) -> Path:
+    """A new folder parent/<timestamp>_<name> (with _2, _3, ... if that exists): outputs never overwrite others."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        folder = parent / (f"{stamp}_{name}" + (f"_{attempt}" if attempt > 1 else ""))
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new folder in {parent}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 import argparse
 import csv
 import json
-import os
-import tempfile
 import time
 
 import cv2
@@ -34,14 +32,20 @@ import numpy as np
 import tifffile
 import torch
 
-from common.metrics import PANNUKE_CLASSES, ConfusionMatrix, aggregated_jaccard_index, pannuke_panoptic_quality
+from common.metrics import (
+    PANNUKE_CLASSES,
+    ConfusionMatrix,
+    aggregated_jaccard_index,
+    pannuke_aggregate,
+    pannuke_tile_pq,
+)
 from pannuke.data import (
     CLASS_NAMES,
     NUM_CLASSES,
     DataError,
     PanNukeDataset,
     load_fold,
-    normalize_image,
+    new_folder,
     overlay,
     preprocess_image,
 )
@@ -65,37 +69,33 @@ def _nanmean(values) -> float:
 
 @torch.no_grad()
 def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
-    """Predict every tile of a cached fold, score it, and return the report."""
+    """Predict every tile of a cached fold and score it tile by tile (nothing of fold size is held in memory)."""
     loader = torch.utils.data.DataLoader(PanNukeDataset(fold), args.batch_size, num_workers=args.num_workers)
     n, h, w = fold.semantic.shape
+    true_masks = np.load(fold.files.masks, mmap_mode="r")
+    pred_masks = None
     if args.save_predictions:
-        masks_path = out_dir / "masks.npy"
-    else:  # the scores need the whole stack; a temporary memory-mapped file keeps it out of RAM
-        handle, name = tempfile.mkstemp(suffix=".npy", dir=out_dir)
-        os.close(handle)
-        masks_path = Path(name)
-    pred_masks = np.lib.format.open_memmap(masks_path, mode="w+", dtype=np.int32, shape=(n, h, w, 6))
+        pred_masks = np.lib.format.open_memmap(out_dir / "masks.npy", mode="w+", dtype=np.int32, shape=(n, h, w, 6))
     matrix = ConfusionMatrix(NUM_CLASSES, device=device)
-    aji = np.full(n, np.nan)
+    class_pq, binary_pq, aji = np.full((n, 5), np.nan), np.full(n, np.nan), np.full(n, np.nan)
     for batch in loader:
         probs, distance = predict(model, batch["image"].to(device), tta=args.tta)
         matrix.update(probs.argmax(1), batch["semantic"].to(device))
         probs, distance = probs.cpu().numpy(), distance[:, 0].cpu().numpy()
         for i, index in enumerate(batch["index"].tolist()):
             instances, classes = instances_from_outputs(probs[i], distance[i], args.seed_threshold, args.min_size)
-            pred_masks[index] = pannuke_masks(instances, classes)
+            predicted = pannuke_masks(instances, classes)
+            class_pq[index], binary_pq[index] = pannuke_tile_pq(true_masks[index], predicted)
             aji[index] = aggregated_jaccard_index(np.asarray(fold.instances[index]), instances)
-    pred_masks.flush()
-    true_masks = np.load(fold.files.masks, mmap_mode="r")
-    pq = pannuke_panoptic_quality(true_masks, pred_masks, fold.types)
-    del pred_masks
-    if not args.save_predictions:
-        masks_path.unlink()
+            if pred_masks is not None:
+                pred_masks[index] = predicted
+    if pred_masks is not None:
+        pred_masks.flush()
+    pq = pannuke_aggregate(class_pq, binary_pq, fold.types)
 
     scores = matrix.compute()
-    m = matrix.matrix.double().cpu().numpy()
+    m = matrix.matrix.cpu().double().numpy()
     tp, fp, fn = m[1:, 1:].sum(), m[0, 1:].sum(), m[1:, 0].sum()
-    class_pq = np.asarray(pq["pq_per_tile_and_class"], dtype=np.float64)
     per_tissue = {}
     for tissue, stats in pq["per_tissue"].items():
         rows = fold.types == tissue
@@ -115,7 +115,7 @@ def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
         "pq_per_class": pq["pq_per_class"],
         "aji": _nanmean(aji),
         "per_tissue": per_tissue,
-        "predictions": str(masks_path) if args.save_predictions else None,
+        "predictions": str(out_dir / "masks.npy") if args.save_predictions else None,
     }
 
 
@@ -160,8 +160,8 @@ def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
     rows = []
     for path in paths:
         image = read_image(path)
-        tensor = torch.from_numpy(normalize_image(preprocess_image(image)))[None].to(device)
-        probs, distance = predict_tiled(model, tensor, tile=args.tile_size, overlap=args.overlap, tta=args.tta)
+        clahe_image = torch.from_numpy(preprocess_image(image)).permute(2, 0, 1)[None]
+        probs, distance = predict_tiled(model, clahe_image, args.tile_size, args.overlap, tta=args.tta)
         instances, classes = instances_from_outputs(
             probs[0].cpu().numpy(), distance[0, 0].cpu().numpy(), args.seed_threshold, args.min_size
         )
@@ -191,7 +191,6 @@ def main(args):
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     train_args = checkpoint.get("args", {})
     run_dir = checkpoint_path.parent
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
     report = {
         "checkpoint": str(checkpoint_path.resolve()),
@@ -203,8 +202,7 @@ def main(args):
         image_dir = Path(args.images)
         if not image_dir.is_dir():
             raise DataError(f"--images {image_dir}: no such folder")
-        out_dir = Path(args.output_dir) if args.output_dir else run_dir / "predictions" / f"{stamp}_{image_dir.name}"
-        out_dir.mkdir(parents=True, exist_ok=False)
+        out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "predictions", image_dir.name)
         report.update(images=str(image_dir.resolve()), tile_size=args.tile_size, overlap=args.overlap)
         report.update(predict_folder(model, image_dir, args, out_dir, device))
     else:
@@ -214,8 +212,7 @@ def main(args):
             raise SystemExit(f"{checkpoint_path} does not record its data folder: give --data_dir")
         cache_dir = args.cache_dir or train_args.get("cache_dir") or "runs/pannuke/cache"
         fold = load_fold(data_dir, fold_number, cache_dir)  # checks the fold before any output is written
-        out_dir = Path(args.output_dir) if args.output_dir else run_dir / "evaluation" / f"{stamp}_fold{fold_number}"
-        out_dir.mkdir(parents=True, exist_ok=False)
+        out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "evaluation", f"fold{fold_number}")
         report.update(data_dir=str(Path(data_dir).resolve()), fold=fold_number)
         report.update(evaluate_fold(model, fold, args, out_dir, device))
         write_tissue_csv(out_dir / "per_tissue.csv", report["per_tissue"])
@@ -239,7 +236,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--fold", type=int, help="fold to score (default: the run's --test_fold)")
     add("--cache_dir", "--cache-dir", help="preprocessed fold cache (default: the run's)")
     add("--images", help="instead of a fold: a folder of H&E images (PNG/TIF/JPG) of any size, tiled")
-    add("--output_dir", "--output-dir", help="where to write (default: a new folder inside the run folder)")
+    add(
+        "--output_dir", "--output-dir", help="a new timestamped folder is made in here (default: inside the run folder)"
+    )
     add("--tta", action="store_true", help="average predictions over flips")
     add(
         "--save_predictions",

@@ -14,11 +14,13 @@ where nuclei touch, and it is the landscape the watershed floods (as in HoVer-Ne
 distance-transform decoders). Normalising per nucleus keeps small (inflammatory) and large (neoplastic) nuclei
 on one 0..1 scale, so one seed threshold fits all classes.
 
-Instances (`instances_from_outputs`): foreground = argmax class != background; seeds = connected components of
-distance > seed_threshold inside the foreground; a marker-controlled watershed (scikit-image) on the negated
-distance splits the foreground into nuclei; each nucleus takes the majority class of its pixels (as HoVer-Net
-assigns types), which is the per-class connected components split by the watershed, with a nucleus that
-straddles two predicted classes kept whole.
+Instances (`instances_from_outputs`): foreground = argmax class != background (small holes filled); seeds =
+connected components of distance > seed_threshold inside the foreground; a marker-controlled watershed
+(scikit-image) on the negated distance splits the foreground into nuclei; each nucleus then takes the majority
+class of its pixels, as HoVer-Net assigns types. This differs from per-class connected components split by the
+watershed in one way, on purpose: a nucleus whose pixels are predicted as two classes stays one nucleus of
+its majority class instead of becoming two fragments that both fail IoU > 0.5; two touching nuclei of
+different classes are still separated when the distance map gives each its own seed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from scipy import ndimage
-from skimage.segmentation import watershed
+from skimage.segmentation import relabel_sequential, watershed
 from torch import Tensor, nn
 
 NUM_CLASSES = 6  # background + the five PanNuke nucleus types
@@ -212,34 +214,64 @@ def _window_weights(size: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_tiled(
-    model: nn.Module, image: Tensor, tile: int = 256, overlap: int = 64, tta: bool = False, batch_size: int = 8
+    model: nn.Module,
+    image: Tensor,
+    tile: int = 256,
+    overlap: int = 64,
+    tta: bool = False,
+    batch_size: int = 8,
+    zscore_tiles: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """predict() on an image of any size (1, 3, H, W) by overlapping tiles blended with cosine weights.
-    Returns (1, 6, H, W) probabilities and (1, 1, H, W) distance map."""
+
+    With zscore_tiles, each tile is z-scored per channel on its own, as training tiles are (pannuke/data.py),
+    so `image` is the CLAHE'd image as float 0..255. Tiles run on the model's device; the blended
+    (1, 6, H, W) probabilities and (1, 1, H, W) distance map are accumulated on the CPU, so whole slides fit.
+    """
+    device = next(model.parameters()).device
+    image = image.float().cpu()
     _, _, h, w = image.shape
     pad_h, pad_w = max(tile - h, 0), max(tile - w, 0)
     if pad_h or pad_w:
-        # reflect where the image is large enough; otherwise 0, which is the tile mean after z-scoring
-        mode = "reflect" if pad_h < h and pad_w < w else "constant"
-        image = F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
+        # reflect where the image is large enough; otherwise the image mean
+        if pad_h < h and pad_w < w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
+        else:
+            mean = image.mean((-2, -1), keepdim=True)
+            image = F.pad(image - mean, (0, pad_w, 0, pad_h)) + mean
     ph, pw = image.shape[-2:]
     step = tile - overlap
     ys = sorted({*range(0, ph - tile, step), ph - tile})
     xs = sorted({*range(0, pw - tile, step), pw - tile})
     corners = [(y, x) for y in ys for x in xs]
-    weight = torch.from_numpy(_window_weights(tile)).to(image.device)
-    probs = image.new_zeros((1, NUM_CLASSES, ph, pw))
-    dist = image.new_zeros((1, 1, ph, pw))
-    norm = image.new_zeros((1, 1, ph, pw))
+    weight = torch.from_numpy(_window_weights(tile))
+    probs = torch.zeros((1, NUM_CLASSES, ph, pw))
+    dist = torch.zeros((1, 1, ph, pw))
+    norm = torch.zeros((1, 1, ph, pw))
     for start in range(0, len(corners), batch_size):
         batch = corners[start : start + batch_size]
         crops = torch.cat([image[..., y : y + tile, x : x + tile] for y, x in batch])
-        p, d = predict(model, crops, tta)
+        if zscore_tiles:
+            mean = crops.mean((-2, -1), keepdim=True)
+            crops = (crops - mean) / crops.std((-2, -1), keepdim=True, unbiased=False).clamp_min(1e-6)
+        p, d = predict(model, crops.to(device), tta)
+        p, d = p.cpu(), d.cpu()
         for i, (y, x) in enumerate(batch):
             probs[..., y : y + tile, x : x + tile] += p[i] * weight
             dist[..., y : y + tile, x : x + tile] += d[i] * weight
             norm[..., y : y + tile, x : x + tile] += weight
     return (probs / norm)[..., :h, :w], (dist / norm)[..., :h, :w]
+
+
+def fill_small_holes(mask: np.ndarray, max_size: int = 30) -> np.ndarray:
+    """Fill holes of at most max_size pixels (pale chromatin inside a nucleus), not larger enclosed regions
+    such as gland lumens or stroma ringed by touching nuclei."""
+    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if n == 0:
+        return mask
+    small = np.bincount(holes.ravel()) <= max_size
+    small[0] = False
+    return mask | small[holes]
 
 
 def instances_from_outputs(
@@ -251,8 +283,7 @@ def instances_from_outputs(
     instance (classes[k-1] for label k).
     """
     semantic = probs.argmax(0)
-    foreground = semantic > 0
-    foreground = ndimage.binary_fill_holes(foreground)
+    foreground = fill_small_holes(semantic > 0)
     seeds, _ = ndimage.label((dist > seed_threshold) & foreground)
     # Foreground components with no seed (small or faint nuclei) become their own seed.
     components, n_components = ndimage.label(foreground)
@@ -263,21 +294,19 @@ def instances_from_outputs(
         extra, _ = ndimage.label(unseeded)
         seeds[unseeded] = extra[unseeded] + seeds.max()
     instances = watershed(-dist, seeds, mask=foreground).astype(np.int32)
-    # Drop specks, renumber 1..K, then majority class per instance (background votes excluded).
-    if instances.max():
-        areas = np.bincount(instances.ravel())
-        small = areas < min_size
-        small[0] = True
-        instances[small[instances]] = 0
-        _, instances = np.unique(instances, return_inverse=True)
-        instances = instances.reshape(semantic.shape).astype(np.int32)
+    # Drop specks, renumber 1..K (0 stays background even on a tile without background).
+    areas = np.bincount(instances.ravel())
+    small = areas < min_size
+    small[0] = True
+    instances[small[instances]] = 0
+    instances = relabel_sequential(instances)[0].astype(np.int32)
     n = int(instances.max())
     if n == 0:
         return instances, np.zeros(0, dtype=np.int64)
+    # Majority class over each nucleus' pixels; background votes (filled holes) do not count.
     votes = np.zeros((n + 1, NUM_CLASSES), dtype=np.int64)
     np.add.at(votes, (instances.ravel(), semantic.ravel()), 1)
-    votes[:, 0] = 0
-    return instances, votes[1:].argmax(1)
+    return instances, votes[1:, 1:].argmax(1) + 1
 
 
 def pannuke_masks(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:

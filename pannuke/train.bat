@@ -4,5 +4,5 @@ cd /d "%~dp0.."
 set DATA=data\pannuke
 set PY=python
 if exist .venv\Scripts\python.exe set PY=.venv\Scripts\python.exe
-%PY% pannuke\train.py --data_dir %DATA% --epochs 60 --batch_size 16 --use_mixed_precision %*
+%PY% pannuke\train.py --data_dir "%DATA%" --epochs 60 --batch_size 16 --use_mixed_precision %*
 pause

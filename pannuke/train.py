@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, update_bn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from common.losses import BoundaryLoss, CombinedLoss, DiceLoss, FocalLoss, FrequencyWeightedDiceLoss
@@ -52,6 +52,7 @@ from pannuke.data import (
     NUM_CLASSES,
     PanNukeDataset,
     load_fold,
+    new_folder,
     worker_init,
     write_demo_dataset,
 )
@@ -86,7 +87,7 @@ RECIPES = {
     },
 }
 # --demo: a small synthetic fold set and settings that finish in about two minutes on two CPU cores
-DEMO = {"epochs": 6, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3}
+DEMO = {"epochs": 5, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,22 +176,23 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader,
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, device, args):
+def validate(model, criterion, loader, device, args):
     """Validation loss and per-class Dice (confusion matrix reduced over ranks). With tta, on flip-averaged
     probabilities; the loss takes their log as logits."""
     model.eval()
     matrix = ConfusionMatrix(NUM_CLASSES, device=device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) on the CPU: MPS has no float64
     with amp_context(device, args):
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             probs, distance = predict(model, batch["image"], tta=args.tta)
             outputs = {"seg": probs.clamp_min(1e-8).log(), "dist": torch.logit(distance, eps=1e-6)}
             loss, _ = compute_loss(criterion, args.dist_weight, outputs, batch)
-            loss_sum += torch.stack([loss.double() * len(probs), torch.tensor(len(probs), device=device)])
+            loss_sum += torch.tensor([loss.item() * len(probs), len(probs)], dtype=torch.float64)
             matrix.update(probs.argmax(1), batch["semantic"])
     matrix.all_reduce()
     if dist.is_initialized():
+        loss_sum = loss_sum.to(device)
         dist.all_reduce(loss_sum)
     scores = matrix.compute()
     return {
@@ -314,7 +316,8 @@ def make_loaders(args, train_fold, val_fold, device):
     sampler = None
     if dist.is_initialized():
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
-        val_set = Subset(val_set, range(dist.get_rank(), len(val_set), dist.get_world_size()))  # no padding
+        # each rank validates every world_size-th tile: no padding, so no tile counts twice
+        val_set = PanNukeDataset(val_fold, indices=range(dist.get_rank(), len(val_fold), dist.get_world_size()))
     common = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": worker_init}
     # drop_last keeps BatchNorm away from a batch of one; a fold smaller than one batch is still one batch.
     drop_last = len(train_set) // (dist.get_world_size() if dist.is_initialized() else 1) > args.batch_size
@@ -334,18 +337,6 @@ def make_loaders(args, train_fold, val_fold, device):
 # ----------------------------------------------------------------------------------------------------------------
 # Run folder, checkpoints, history
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def new_run_dir(output_dir: Path, recipe: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        run = output_dir / (f"{stamp}_{recipe}" + (f"_{attempt + 1}" if attempt else ""))
-        try:
-            run.mkdir(parents=True)
-            return run
-        except FileExistsError:
-            continue
-    raise SystemExit(f"could not create a new run folder in {output_dir}")
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -425,6 +416,7 @@ def resolve_args(args, device: torch.device) -> argparse.Namespace:
 
 def main(args):
     device = setup_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     setup_logging(None)
     resume = None
     if args.resume:
@@ -435,19 +427,30 @@ def main(args):
         resume = torch.load(path, map_location="cpu", weights_only=True)
         if resume.get("domain") != DOMAIN or "optimizer" not in resume:
             raise SystemExit(f"--resume {path}: not a pannuke training checkpoint (last.pth of a pannuke run)")
-        # The run continues with its own settings; only where to read/write and the worker count come from now.
+        # The run continues with its own settings; only the worker count comes from this command line.
+        defaults = vars(get_args_parser().parse_args([]))
+        ignored = [k for k, v in vars(args).items() if k not in ("resume", "num_workers") and v != defaults.get(k)]
+        if ignored and is_main():
+            logging.warning("--resume continues with the run's stored settings; ignoring --%s", ", --".join(ignored))
         stored = argparse.Namespace(**resume["args"])
         stored.resume, stored.num_workers = str(path), args.num_workers
         args = stored
+        if resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience:
+            logging.info(
+                "%s finished already (epoch %d of %d); nothing to resume", path.parent, resume["epoch"], args.epochs
+            )
+            return path.parent
     else:
         args = resolve_args(args, device)
     torch.manual_seed(args.seed)
 
     # Data first: a bad fold stops the run before any folder is created.
     if args.demo and args.data_dir is None:
-        args.data_dir = str(Path(args.output_dir) / "demo_data")
+        tiles = (args.demo_tiles, *(2 * [max(2, args.demo_tiles // 4)]))
+        # one folder per demo size, so a later demo never rewrites the data an earlier run was trained on
+        args.data_dir = str(Path(args.output_dir) / "demo_data" / "tiles_{}_{}_{}".format(*tiles))
         if is_main():
-            write_demo_dataset(args.data_dir, (args.demo_tiles, *(2 * [max(2, args.demo_tiles * 3 // 8)])))
+            write_demo_dataset(args.data_dir, tiles)
         if dist.is_initialized():
             dist.barrier()
     # Absolute paths in config.json, so evaluate.py and visualize.py find the data from any folder.
@@ -462,6 +465,11 @@ def main(args):
         if not is_main():
             train_fold = load_fold(args.data_dir, args.train_fold, cache_dir)
             val_fold = load_fold(args.data_dir, args.val_fold, cache_dir)
+    tile_size = min(train_fold.images.shape[1:3])
+    if args.image_size > tile_size:
+        raise SystemExit(
+            f"--image_size {args.image_size} is larger than the tiles of {train_fold.files.images} ({tile_size} px)"
+        )
 
     # The network next (ImageNet weights may need a download that can fail), then the run folder.
     model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
@@ -472,7 +480,7 @@ def main(args):
     if resume is not None:
         run_dir = Path(args.resume).parent
     elif is_main():
-        run_dir = new_run_dir(Path(args.output_dir), args.recipe)
+        run_dir = new_folder(Path(args.output_dir), args.recipe)
     setup_logging(run_dir if is_main() else None)
     if is_main():
         logging.info(
@@ -497,8 +505,8 @@ def main(args):
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args, len(train_loader))
-    use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)  # fp16 needs loss scaling, bf16 does not
 
     start_epoch, best, patience, history = 0, -math.inf, 0, []
     state = {"nan_steps": 0}
@@ -526,13 +534,14 @@ def main(args):
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
-        # Everything random in an epoch derives from (seed, epoch), so a resumed run repeats it exactly.
-        torch.manual_seed(args.seed * 1000 + epoch)
-        generator.manual_seed(args.seed * 1000 + epoch)
-        train_set.reseed(args.seed * 1000 + epoch)
+        # Everything random in an epoch derives from (seed, epoch, rank), so a resumed run repeats it exactly.
+        epoch_seed = args.seed * 1000 + epoch + 100_003 * rank
+        torch.manual_seed(epoch_seed)
+        generator.manual_seed(epoch_seed)  # shuffling, and the seeds of the loader workers' augmentations
+        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args))
+        train_set.reseed(epoch_seed)  # the augmentation when it runs in this process (--num_workers 0)
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
-        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args))
         if "boundary" in criterion.weights:
             criterion.weights["boundary"] = boundary_weight(epoch, args)
 
@@ -540,7 +549,7 @@ def main(args):
             model, ema, criterion, optimizer, scheduler, scaler, train_loader, device, epoch, args, state
         )
         evaluated = ema.module if ema is not None else unwrap(model)
-        val_stats = evaluate(evaluated, val_criterion, val_loader, device, args)
+        val_stats = validate(evaluated, val_criterion, val_loader, device, args)
         if swa is not None and epoch + 1 >= args.swa_start_epoch:
             swa.update_parameters(unwrap(model))
 
@@ -600,7 +609,7 @@ def main(args):
     if swa is not None and swa.n_averaged.item() > 0:
         # SWA weights need BatchNorm statistics of their own: one pass over the training data.
         update_bn((batch["image"] for batch in train_loader), swa, device=device)
-        swa_stats = evaluate(swa.module, val_criterion, val_loader, device, args)
+        swa_stats = validate(swa.module, val_criterion, val_loader, device, args)
         report["swa_fg_mean_dice"] = swa_stats["fg_mean_dice"]
         if is_main():
             logging.info(
@@ -648,7 +657,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--encoder", choices=["resnet18", "resnet34", "resnet50"], default="resnet34", help="ResNet encoder")
     add("--encoder_weights", "--encoder-weights", help="imagenet (default; --demo: none), none, or a .pth path")
     add("--dropout", type=float, default=0.1, help="dropout in the decoder (0.1)")
-    add("--epochs", type=int, help="epochs (20; --demo: 6)")
+    add("--epochs", type=int, help="epochs (20; --demo: 5)")
     add("--batch_size", "--batch-size", type=int, help="tiles per batch and process (16; --demo: 8)")
     add("--image_size", "--image-size", type=int, help="training crop size in px, multiple of 32 (256)")
     add("--lr", type=float, help="peak learning rate (1e-3)")
