@@ -123,39 +123,32 @@ def plot_dataset(args) -> Path:
     tissues = sorted({t for fold in folds.values() for t in fold.types})
     colors = CLASS_COLORS[1:] / 255
 
-    fig, axes = plt.subplots(2, 2, figsize=(16, 10), gridspec_kw={"width_ratios": [1, 3]})
+    # Left: per class and fold. Right: one panel per fold, nuclei per class in each tissue (tiles in brackets).
+    rows = max(2, len(folds))
+    fig, axes = plt.subplots(rows, 2, figsize=(17, 3.6 * rows), gridspec_kw={"width_ratios": [1, 3]}, squeeze=False)
     width = 0.8 / len(folds)
     for j, (k, c) in enumerate(counts.items()):
         axes[0, 0].bar(np.arange(5) + j * width, c.sum(0), width, label=f"fold {k} ({len(folds[k])} tiles)")
-    axes[0, 0].set_xticks(np.arange(5) + width * (len(folds) - 1) / 2, PANNUKE_CLASSES, rotation=30)
-    axes[0, 0].set_title("nuclei per class and fold")
-    axes[0, 0].legend()
-    per_tissue = np.zeros((len(tissues), 5))
-    tiles = np.zeros((len(folds), len(tissues)))
+        axes[1, 0].bar(np.arange(5) + j * width, (c > 0).mean(0), width, label=f"fold {k}")
+    titles = ("nuclei per class and fold", "share of tiles where the class is present")
+    for ax, title in zip(axes[:2, 0], titles, strict=True):
+        ax.set_xticks(np.arange(5) + width * (len(folds) - 1) / 2, PANNUKE_CLASSES, rotation=30)
+        ax.set_title(title)
+    axes[0, 0].legend(fontsize=8)
+    for ax in axes[2:, 0]:
+        ax.axis("off")
     for j, (k, fold) in enumerate(folds.items()):
-        for t, tissue in enumerate(tissues):
-            rows = fold.types == tissue
-            per_tissue[t] += counts[k][rows].sum(0)
-            tiles[j, t] = rows.sum()
-    bottom = np.zeros(len(tissues))
-    for c in range(5):
-        axes[0, 1].bar(tissues, per_tissue[:, c], bottom=bottom, color=colors[c], label=PANNUKE_CLASSES[c])
-        bottom += per_tissue[:, c]
-    axes[0, 1].set_title("nuclei per class and tissue (all folds shown)")
-    axes[0, 1].tick_params(axis="x", rotation=60)
+        per_tissue = np.array([counts[k][fold.types == tissue].sum(0) for tissue in tissues]).reshape(-1, 5)
+        labels = [f"{tissue} ({int((fold.types == tissue).sum())})" for tissue in tissues]
+        bottom = np.zeros(len(tissues))
+        for c in range(5):
+            axes[j, 1].bar(labels, per_tissue[:, c], bottom=bottom, color=colors[c], label=PANNUKE_CLASSES[c])
+            bottom += per_tissue[:, c]
+        axes[j, 1].set_title(f"fold {k}: nuclei per class and tissue (tiles)", fontsize=10)
+        axes[j, 1].tick_params(axis="x", rotation=60, labelsize=7)
     axes[0, 1].legend(fontsize=8)
-    fractions = np.array([(c > 0).mean(0) for c in counts.values()])
-    for j, k in enumerate(folds):
-        axes[1, 0].bar(np.arange(5) + j * width, fractions[j], width, label=f"fold {k}")
-    axes[1, 0].set_xticks(np.arange(5) + width * (len(folds) - 1) / 2, PANNUKE_CLASSES, rotation=30)
-    axes[1, 0].set_title("share of tiles where the class is present")
-    bottom = np.zeros(len(tissues))
-    for j, k in enumerate(folds):
-        axes[1, 1].bar(tissues, tiles[j], bottom=bottom, label=f"fold {k}")
-        bottom += tiles[j]
-    axes[1, 1].set_title("tiles per tissue")
-    axes[1, 1].tick_params(axis="x", rotation=60)
-    axes[1, 1].legend(fontsize=8)
+    for ax in axes[len(folds) :, 1]:
+        ax.axis("off")
     fig.tight_layout()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     written = save(fig, out_dir / f"dataset_{stamp}.png")
