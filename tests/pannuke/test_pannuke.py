@@ -490,3 +490,12 @@ def test_nan_loss_skips_steps_then_stops_with_a_message(tmp_path, data, monkeypa
     monkeypatch.setattr(pannuke_train, "compute_loss", nan_loss)
     with pytest.raises(SystemExit, match="NaN or infinite for 2 steps in a row"):
         train(tmp_path, data, "--max_nan_steps", "2")
+
+
+def test_cpu_mixed_precision_and_cosine_schedule_on_request(tmp_path, data):
+    run = train(tmp_path, data, "--use_mixed_precision", "--scheduler", "cosine", "--warmup_epochs", "1")
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["args"]["use_mixed_precision"] is True  # bf16 autocast on the CPU, because it was asked for
+    assert last["args"]["scheduler"] == "cosine" and "_milestones" in last["scheduler"]  # warm-up, then cosine
+    history = json.loads((run / "training_history.json").read_text())
+    assert np.isfinite(history[0]["train"]["loss"]) and np.isfinite(history[0]["val"]["loss"])
