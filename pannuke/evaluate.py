@@ -199,6 +199,10 @@ def main(args):
         "postprocessing": {"seed_threshold": args.seed_threshold, "min_size": args.min_size},
     }
     if args.images:
+        if args.tile_size % 32 or not 0 <= args.overlap < args.tile_size:
+            raise SystemExit(
+                f"--tile_size {args.tile_size} must be a multiple of 32 and --overlap {args.overlap} smaller than it"
+            )
         image_dir = Path(args.images)
         if not image_dir.is_dir():
             raise DataError(f"--images {image_dir}: no such folder")

@@ -226,8 +226,11 @@ def predict_tiled(
 
     With zscore_tiles, each tile is z-scored per channel on its own, as training tiles are (pannuke/data.py),
     so `image` is the CLAHE'd image as float 0..255. Tiles run on the model's device; the blended
-    (1, 6, H, W) probabilities and (1, 1, H, W) distance map are accumulated on the CPU, so whole slides fit.
+    (1, 6, H, W) probabilities and (1, 1, H, W) distance map are accumulated on the CPU, so GPU memory does not
+    limit the image size (CPU memory does: about 40 bytes per pixel, 16 GB for a 20,000 px square).
     """
+    if tile % 32 or not 0 <= overlap < tile:
+        raise ValueError(f"tile {tile} must be a multiple of 32 and overlap {overlap} in 0..tile-1")
     device = next(model.parameters()).device
     image = image.float().cpu()
     _, _, h, w = image.shape

@@ -33,6 +33,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 
 import matplotlib
 import numpy as np
@@ -49,11 +50,11 @@ from common.metrics import ConfusionMatrix
 from pannuke.data import (
     AUG_STAGES,
     CLASS_NAMES,
+    DEMO_VERSION,
     NUM_CLASSES,
     PanNukeDataset,
     load_fold,
     new_folder,
-    worker_init,
     write_demo_dataset,
 )
 from pannuke.model import ARCHITECTURE, build_model, pick_device, predict
@@ -200,6 +201,7 @@ def validate(model, criterion, loader, device, args):
         "dice": dict(zip(CLASS_NAMES, scores["dice"], strict=True)),
         "mean_dice": scores["mean_dice"],
         "fg_mean_dice": scores["fg_mean_dice"],
+        "pixels": scores["num_pixels"],
     }
 
 
@@ -214,7 +216,8 @@ def setup_device() -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 caches a fold on first use
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return pick_device()
 
@@ -318,7 +321,7 @@ def make_loaders(args, train_fold, val_fold, device):
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
         # each rank validates every world_size-th tile: no padding, so no tile counts twice
         val_set = PanNukeDataset(val_fold, indices=range(dist.get_rank(), len(val_fold), dist.get_world_size()))
-    common = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": worker_init}
+    common = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
     # drop_last keeps BatchNorm away from a batch of one; a fold smaller than one batch is still one batch.
     drop_last = len(train_set) // (dist.get_world_size() if dist.is_initialized() else 1) > args.batch_size
     train_loader = DataLoader(
@@ -398,6 +401,8 @@ def resolve_args(args, device: torch.device) -> argparse.Namespace:
         args.swa_start_epoch = max(1, int(0.75 * args.epochs))
     if args.use_swa and not 1 <= args.swa_start_epoch <= args.epochs:
         raise SystemExit(f"--swa_start_epoch {args.swa_start_epoch} is outside 1..--epochs ({args.epochs})")
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
     if args.image_size % 32:
         raise SystemExit(f"--image_size {args.image_size} must be a multiple of 32")
     if args.scheduler not in ("onecycle", "cosine"):
@@ -448,7 +453,7 @@ def main(args):
     if args.demo and args.data_dir is None:
         tiles = (args.demo_tiles, *(2 * [max(2, args.demo_tiles // 4)]))
         # one folder per demo size, so a later demo never rewrites the data an earlier run was trained on
-        args.data_dir = str(Path(args.output_dir) / "demo_data" / "tiles_{}_{}_{}".format(*tiles))
+        args.data_dir = str(Path(args.output_dir) / "demo_data" / "v{}_tiles_{}_{}_{}".format(DEMO_VERSION, *tiles))
         if is_main():
             write_demo_dataset(args.data_dir, tiles)
         if dist.is_initialized():
@@ -537,9 +542,8 @@ def main(args):
         # Everything random in an epoch derives from (seed, epoch, rank), so a resumed run repeats it exactly.
         epoch_seed = args.seed * 1000 + epoch + 100_003 * rank
         torch.manual_seed(epoch_seed)
-        generator.manual_seed(epoch_seed)  # shuffling, and the seeds of the loader workers' augmentations
-        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args))
-        train_set.reseed(epoch_seed)  # the augmentation when it runs in this process (--num_workers 0)
+        generator.manual_seed(epoch_seed)  # shuffling
+        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args), seed=epoch_seed)
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         if "boundary" in criterion.weights:
@@ -609,6 +613,11 @@ def main(args):
     if swa is not None and swa.n_averaged.item() > 0:
         # SWA weights need BatchNorm statistics of their own: one pass over the training data.
         update_bn((batch["image"] for batch in train_loader), swa, device=device)
+        if dist.is_initialized():  # each rank saw its own shard: average the statistics so all ranks agree
+            for name, buffer in swa.module.named_buffers():
+                if name.endswith(("running_mean", "running_var")):
+                    dist.all_reduce(buffer)
+                    buffer /= dist.get_world_size()
         swa_stats = validate(swa.module, val_criterion, val_loader, device, args)
         report["swa_fg_mean_dice"] = swa_stats["fg_mean_dice"]
         if is_main():
@@ -645,7 +654,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--demo-tiles",
         type=int,
         default=128,
-        help="--demo: synthetic tiles in fold 1 (128); folds 2 and 3 get 3/8 of that",
+        help="--demo: synthetic tiles in fold 1 (128); folds 2 and 3 get a quarter of that",
     )
     add("--output_dir", "--output-dir", default="runs/pannuke", help="each run gets a new folder in here")
     add("--cache_dir", "--cache-dir", default=None, help="preprocessed fold cache (default OUTPUT_DIR/cache)")

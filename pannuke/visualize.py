@@ -9,7 +9,7 @@ predictions: a grid per tile of image / ground truth / prediction / predicted nu
 dataset:     nuclei per class in each fold, nuclei per class and tissue, tiles per tissue, and sample tiles.
 compare:     training curves of several runs in one figure, and a table (CSV and Markdown) of their best scores
              (with mPQ / bPQ where a run has been evaluated).
-Figures go to <run>/figures/ (compare: runs/pannuke/comparisons/<timestamp>/), with a timestamp in the name.
+Figures go to <run>/figures/ (compare: runs/pannuke/comparisons/<timestamp>_compare/), timestamped.
 """
 
 import sys
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common.metrics import PANNUKE_CLASSES
-from pannuke.data import CLASS_COLORS, CLASS_NAMES, PanNukeDataset, load_fold, overlay, to_display
+from pannuke.data import CLASS_COLORS, CLASS_NAMES, PanNukeDataset, load_fold, new_folder, overlay, to_display
 from pannuke.model import find_checkpoint, instances_from_outputs, load_checkpoint, pick_device, predict
 
 matplotlib.use("Agg")
@@ -43,8 +43,14 @@ def newest_run(runs_dir: Path) -> Path:
     return runs[-1]
 
 
-def save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save(fig, folder: Path, name: str) -> Path:
+    """Save as folder/<name>_<timestamp>.png, never over an existing figure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    path, attempt = folder / f"{stem}.png", 1
+    while path.exists():
+        attempt += 1
+        path = folder / f"{stem}_{attempt}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
@@ -91,8 +97,7 @@ def plot_predictions(args) -> Path:
             ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=CLASS_COLORS[c] / 255) for c in range(1, 6)]
     fig.legend(handles, PANNUKE_CLASSES, loc="lower center", ncol=5, frameon=False)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return save(fig, checkpoint_path.parent / "figures" / f"predictions_fold{fold_number}_{stamp}.png")
+    return save(fig, checkpoint_path.parent / "figures", f"predictions_fold{fold_number}")
 
 
 def nuclei_per_class(fold) -> np.ndarray:
@@ -150,8 +155,7 @@ def plot_dataset(args) -> Path:
     for ax in axes[len(folds) :, 1]:
         ax.axis("off")
     fig.tight_layout()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    written = save(fig, out_dir / f"dataset_{stamp}.png")
+    written = save(fig, out_dir, "dataset")
 
     fold = next(iter(folds.values()))
     rng = np.random.default_rng(0)
@@ -169,7 +173,7 @@ def plot_dataset(args) -> Path:
         )
         for ax in axes[:, col]:
             ax.axis("off")
-    save(fig, out_dir / f"dataset_samples_{stamp}.png")
+    save(fig, out_dir, "dataset_samples")
     return written
 
 
@@ -211,10 +215,8 @@ def plot_compare(args) -> Path:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    out_dir = (
-        Path(args.output_dir) if args.output_dir else runs[0].parent / "comparisons" / time.strftime("%Y%m%d-%H%M%S")
-    )
-    written = save(fig, out_dir / "compare_curves.png")
+    out_dir = new_folder(Path(args.output_dir) if args.output_dir else runs[0].parent / "comparisons", "compare")
+    written = save(fig, out_dir, "compare_curves")
     with open(out_dir / "compare_table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -250,7 +252,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--output_dir", "--output-dir", help="where figures go without a run folder")
     comp = sub.add_parser("compare", help="curves and best scores of several runs")
     comp.add_argument("runs", nargs="+", help="run folders")
-    comp.add_argument("--output_dir", "--output-dir", help="default: runs/pannuke/comparisons/<timestamp>")
+    comp.add_argument(
+        "--output_dir",
+        "--output-dir",
+        help="a new timestamped folder is made in here (default: runs/pannuke/comparisons)",
+    )
     for parser in (pred, data):
         parser.add_argument("--data_dir", "--data-dir", help="PanNuke folder (default: the run's)")
         parser.add_argument("--cache_dir", "--cache-dir", help="fold cache (default: the run's)")
