@@ -301,7 +301,7 @@ def test_demo_learns_then_evaluate_and_visualize_need_only_the_run_folder(tmp_pa
     frequency = fold.class_pixels / fold.class_pixels.sum()
     chance = float(frequency[1:].mean())  # Dice of guessing each pixel's class from the class frequencies
     best = max(h["val"]["fg_mean_dice"] for h in history)
-    assert best > max(0.25, 10 * chance), (best, chance)  # measured: 0.44 against a chance level of 0.01
+    assert best > max(0.25, 10 * chance), (best, chance)  # measured: 0.35 against a chance level of 0.01
 
     script(str(REPO / "pannuke" / "evaluate.py"), str(run))
     (report,) = run.glob("evaluation/*_fold3/evaluation_report.json")
