@@ -1,0 +1,149 @@
+"""Figures for stress-granule runs: training history, predictions, granule sizes.
+
+    python stress_granules/visualize.py history metrics/<run>
+    python stress_granules/visualize.py predictions metrics/<run>                  # 4 random validation images
+    python stress_granules/visualize.py predictions metrics/<run> --images DIR --masks DIR --names cell_003 cell_010
+    python stress_granules/visualize.py sizes metrics/<run>/predictions_<timestamp>/granules.csv
+
+history:     training loss (and its terms), validation Dice and granule F1, learning rate per epoch.
+predictions: image / ground truth / prediction / probability map / overlay, one row per image.
+sizes:       histogram of granule areas (um^2 when the CSV has them), overall and per image.
+Figures are written beside their input with a timestamp in the name, never over an earlier one.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import time
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+from stress_granules.data import compute_features, list_images, plot_history, plot_predictions, read_image, read_mask
+from stress_granules.evaluate import image_list
+from stress_granules.model import (
+    find_checkpoint,
+    granules_from_probability,
+    load_checkpoint,
+    pick_device,
+    predict_probability,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def figure_path(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    path, attempt = folder / f"{stem}.png", 1
+    while path.exists():
+        attempt += 1
+        path = folder / f"{stem}_{attempt}.png"
+    return path
+
+
+def show_history(args) -> Path:
+    history_path = Path(args.run) / "training_history.json"
+    if not history_path.is_file():
+        raise SystemExit(f"{args.run}: no training_history.json (not a stress_granules run folder?)")
+    path = figure_path(Path(args.run) / "figures", "history")
+    plot_history(json.loads(history_path.read_text()), path)
+    print(f"wrote {path}")
+    return path
+
+
+def show_predictions(args) -> Path:
+    checkpoint_path = find_checkpoint(args.run)
+    device = pick_device()
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    if args.images:
+        images = list_images(Path(args.images))
+        masks = list_images(Path(args.masks)) if args.masks else {}
+        pairs = [(images[s], masks.get(s)) for s in images]
+    else:
+        pairs = image_list(argparse.Namespace(images=None, masks=None), checkpoint)
+    if args.names:
+        wanted = set(args.names)
+        pairs = [p for p in pairs if p[0].stem in wanted]
+        if not pairs:
+            raise SystemExit(f"none of {sorted(wanted)} among the images")
+    else:
+        rng = np.random.default_rng(args.seed)
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), min(args.n, len(pairs)), replace=False))]
+    tile = checkpoint["args"]["image_size"]
+    rows = []
+    for image_path, mask_path in pairs:
+        image = read_image(image_path)
+        features = compute_features(image, checkpoint["args"]["preset"])
+        probability = predict_probability(model, features, tile, tile // 4)
+        rows.append(
+            {
+                "name": image_path.stem,
+                "image": features[0],
+                "probability": probability,
+                "labels": granules_from_probability(probability, args.threshold, args.min_size),
+                "mask": read_mask(mask_path, image.shape, image_path) if mask_path else None,
+            }
+        )
+    path = plot_predictions(rows, figure_path(checkpoint_path.parent / "figures", "predictions"))
+    print(f"wrote {path}")
+    return path
+
+
+def show_sizes(args) -> Path:
+    csv_path = Path(args.csv)
+    if csv_path.is_dir():
+        csv_path = csv_path / "granules.csv"
+    if not csv_path.is_file():
+        raise SystemExit(f"{csv_path}: no granules.csv (written by stress_granules/evaluate.py)")
+    table = pd.read_csv(csv_path)
+    column, unit = ("area_um2", "um^2") if "area_um2" in table else ("area_px", "px")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    if len(table):
+        axes[0].hist(table[column], bins=min(50, max(5, len(table) // 5)), color="tab:orange")
+        table.boxplot(column=column, by="image", ax=axes[1], rot=90, fontsize=7)
+    axes[0].set_xlabel(f"granule area ({unit})")
+    axes[0].set_ylabel("granules")
+    axes[0].set_title(f"{len(table)} granules in {table['image'].nunique()} images")
+    axes[1].set_title("per image")
+    axes[1].set_ylabel(f"area ({unit})")
+    fig.suptitle("")
+    fig.tight_layout()
+    path = figure_path(csv_path.parent, "granule_sizes")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def main(args):
+    return {"history": show_history, "predictions": show_predictions, "sizes": show_sizes}[args.command](args)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    history = sub.add_parser("history", help="training curves of a run")
+    history.add_argument("run", help="run folder")
+    pred = sub.add_parser("predictions", help="image / truth / prediction / probability / overlay grid")
+    pred.add_argument("run", help="run folder or checkpoint")
+    pred.add_argument("--images", help="folder of images (default: the run's validation images)")
+    pred.add_argument("--masks", help="their masks (optional)")
+    pred.add_argument("--names", nargs="+", help="basenames to show (default: --n random ones)")
+    pred.add_argument("--n", type=int, default=4, help="random images to show (4)")
+    pred.add_argument("--seed", type=int, default=0, help="which random images (0)")
+    pred.add_argument("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
+    pred.add_argument("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")
+    sizes = sub.add_parser("sizes", help="granule size histogram from granules.csv")
+    sizes.add_argument("csv", help="granules.csv or the predictions folder holding it")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
