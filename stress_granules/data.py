@@ -62,6 +62,8 @@ def read_image(path: Path) -> np.ndarray:
     except Exception as error:
         raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
     image = np.squeeze(np.asarray(image))
+    if image.size == 0:
+        raise DataError(f"{path}: cannot read the image (empty or corrupt file)")
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] not in (3, 4):
         image = np.moveaxis(image, 0, -1)  # channel-first TIFF
     if image.ndim == 3 and image.shape[-1] in (3, 4):

@@ -337,6 +337,7 @@ def main(args):
     if not any(s.mask.any() for s in train_samples):
         raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
 
+    run_dir = None
     if resume is not None:
         run_dir = Path(args.resume).parent
     elif is_main():
@@ -453,7 +454,11 @@ def main(args):
             log(f"early stopping: no better validation {args.selection_metric} for {patience} epochs")
             break
 
-    if is_main():
+    # The final report is rank 0's alone: leave the process group first, so validate() scores every image itself.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if run_dir is not None:
         best_model, best_checkpoint = load_checkpoint(run_dir / "best_model.pth", device)
         report = {
             "selection_metric": args.selection_metric,
@@ -485,8 +490,6 @@ def main(args):
             f"{report['otsu_baseline']['pixel']['dice']:.4f}); best model copied to {model_path}"
         )
         log(f"next: python stress_granules/evaluate.py {run_dir} --images NEW_IMAGES")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return run_dir
 
 

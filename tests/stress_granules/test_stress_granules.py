@@ -1,0 +1,480 @@
+"""stress_granules/: reading and pairing, cached features, crop strategies, the sampler, training (both presets,
+resume, torchrun), evaluation on images of any size, figures, Windows wrappers and bad inputs."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from scipy import ndimage
+
+import stress_granules.data as granule_data
+from stress_granules import evaluate as granule_evaluate
+from stress_granules import train as granule_train
+from stress_granules import visualize as granule_visualize
+from stress_granules.data import (
+    CROP_STRATEGIES,
+    compute_features,
+    crop,
+    crop_centre,
+    draw_strategy,
+    granule_balance_weights,
+    make_sample,
+    pair_files,
+    read_image,
+    synthetic_cell_image,
+    weighted_indices,
+    write_demo_dataset,
+)
+from stress_granules.model import UNet, granules_from_probability, predict_probability
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "--image_size",
+    "64",
+    "--base_channels",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--crops_per_image",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("granules") / "data", n_images=6, size=(96, 112))
+
+
+def train(tmp_path: Path, data: Path, *extra: str) -> Path:
+    argv = [
+        "--images",
+        str(data / "images"),
+        "--masks",
+        str(data / "masks"),
+        "--output_dir",
+        str(tmp_path / "metrics"),
+        *TINY,
+        *extra,
+    ]
+    return granule_train.main(granule_train.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def robust_run(tmp_path_factory, data) -> Path:
+    return train(tmp_path_factory.mktemp("robust"), data, "--epochs", "2", "--save_every", "1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_crop_strategy_shares_and_centres():
+    rng = np.random.default_rng(0)
+    draws = [draw_strategy(rng) for _ in range(20_000)]
+    for name, share in CROP_STRATEGIES.items():
+        assert draws.count(name) / len(draws) == pytest.approx(share, abs=0.015), name
+
+    mask = np.zeros((200, 200), np.uint8)
+    mask[50:60, 50:60] = 1
+    sample = make_sample("a", np.zeros((2, 200, 200), np.float32), mask, crop_size=64)
+    distance = ndimage.distance_transform_edt(mask == 0)
+    for _ in range(50):
+        y, x = crop_centre(sample, "granule", rng)
+        assert mask[y, x]
+        y, x = crop_centre(sample, "edge", rng)
+        assert mask[y, x] and not mask[y - 1 : y + 2, x - 1 : x + 2].all()
+        y, x = crop_centre(sample, "background", rng)
+        assert distance[y, x] >= 16
+        y, x = crop_centre(sample, "mixed", rng)
+        assert 12 <= distance[y, x] <= 20
+    empty = make_sample("b", np.zeros((1, 50, 50), np.float32), np.zeros((50, 50), np.uint8), 64)
+    assert all(0 <= v < 50 for v in crop_centre(empty, "granule", rng))  # no granule: a random centre
+
+
+def test_crops_of_small_images_are_reflect_padded():
+    image = np.arange(20 * 30, dtype=np.float32).reshape(1, 20, 30)
+    out = crop(image, (10, 15), 64)
+    assert out.shape == (1, 64, 64)
+    assert out[0, 32, 32] == image[0, 10, 15]  # the centre stays the centre
+    assert set(np.unique(out)) <= set(np.unique(image))  # padding repeats the image, no zeros invented
+
+
+def test_sixteen_bit_images_are_normalised_not_truncated():
+    rng = np.random.default_rng(0)
+    image, mask = synthetic_cell_image(rng, (128, 128))
+    assert image.dtype == np.uint16 and image.max() > 255  # truncation to 8 bits would saturate
+    features = compute_features(image, "robust")
+    assert features.shape == (4, 128, 128) and features.dtype == np.float32
+    assert 0 <= features.min() and features.max() <= 1 and features[0].std() > 0.05
+    granules = features[0][mask > 0].mean()
+    assert granules > features[0][mask == 0].mean() + 0.2  # granules are the bright structures
+    assert compute_features(image, "improved").shape == (2, 128, 128)
+
+
+def test_balanced_sampler_weights_and_ddp_shards():
+    samples = [
+        make_sample(str(i), np.zeros((1, 20, 20)), m, 16)
+        for i, m in enumerate(
+            [np.zeros((20, 20), np.uint8)] + [np.pad(np.ones((k, k), np.uint8), (0, 20 - k)) for k in (2, 3, 4, 8, 9)]
+        )
+    ]
+    weights = granule_balance_weights(samples, crops_per_image=2)
+    per_image = weights[::2]
+    assert per_image.sum() == pytest.approx(1.0) and (weights[1::2] == per_image).all()
+    # bins: no granules (1 image), at most the median area (3 images), above it (2): each bin gets a third
+    assert per_image[0] == pytest.approx(1 / 3) and per_image[1] == pytest.approx(1 / 9)
+    assert per_image[5] == pytest.approx(1 / 6)
+    a, b = weighted_indices(weights, 5, 0, 2), weighted_indices(weights, 5, 1, 2)
+    assert len(a) == len(b) == 6 and weighted_indices(weights, 5, 0, 2) == a  # same draw for the same seed
+    assert sorted(a + b) == sorted(weighted_indices(weights, 5))  # the two ranks split one draw
+
+
+def test_reading_pairs_and_channels(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    grey = np.random.default_rng(0).integers(0, 4000, (20, 30)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.stack([grey] * 3, -1))  # three identical channels
+    cv2.imwrite(str(tmp_path / "masks" / "a.png"), (grey > 2000).astype(np.uint8) * 255)
+    np.testing.assert_array_equal(read_image(tmp_path / "images" / "a.tif"), grey)
+    assert pair_files(tmp_path / "images", tmp_path / "masks") == [
+        (tmp_path / "images" / "a.tif", tmp_path / "masks" / "a.png")
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tiled_probability_on_images_larger_and_smaller_than_a_tile():
+    model = UNet(in_channels=2, base_channels=4).eval()
+    for shape in ((2, 150, 200), (2, 40, 23)):
+        features = np.random.default_rng(0).random(shape).astype(np.float32)
+        probability = predict_probability(model, features, tile=64, overlap=16)
+        assert probability.shape == shape[1:] and (0 <= probability).all() and (probability <= 1).all()
+    labels = granules_from_probability(np.pad(np.ones((4, 4)), 3) * 0.9 + np.pad(np.ones((3, 3)), (0, 7)) * 0.9)
+    assert labels.max() == 1  # the 9 px speck is below min_size 15, the 16 px granule stays
+
+
+def test_robust_run_writes_its_outputs(robust_run):
+    assert robust_run.name.startswith("robust_cpu_") and robust_run.parent.name == "metrics"
+    for name in (
+        "config.json",
+        "best_model.pth",
+        "last.pth",
+        "checkpoint_epoch_1.pth",
+        "checkpoint_epoch_2.pth",
+        "training_history.json",
+        "evaluation_report.json",
+        "training_curves.png",
+        "validation_predictions.png",
+        "robust_stress_granule_model.pth",
+        "train.log",
+    ):
+        assert (robust_run / name).is_file(), name
+    history = json.loads((robust_run / "training_history.json").read_text())
+    assert len(history) == 2 and set(history[0]["train"]) == {"loss", "bce", "focal_tversky", "dice"}
+    report = json.loads((robust_run / "evaluation_report.json").read_text())
+    assert report["selection_metric"] == "f1" and {"model", "otsu_baseline"} <= set(report)
+    assert 0 <= report["otsu_baseline"]["pixel"]["dice"] <= 1
+    best = torch.load(robust_run / "best_model.pth", weights_only=True)
+    assert best["model_args"]["in_channels"] == 4  # 3 CLAHE scales + edge
+    assert torch.load(robust_run / "robust_stress_granule_model.pth", weights_only=True)["epoch"] == best["epoch"]
+
+
+def test_improved_preset(tmp_path, data):
+    run = train(tmp_path, data, "--preset", "improved")
+    best = torch.load(run / "best_model.pth", weights_only=True)
+    assert run.name.startswith("improved_cpu_") and best["model_args"]["in_channels"] == 2
+    assert best["args"]["selection_metric"] == "dice" and best["args"]["early_stopping_patience"] == 15
+
+
+def test_features_are_cached_not_recomputed(tmp_path, data, monkeypatch):
+    calls = []
+    original = granule_data.multiscale_clahe
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(granule_data, "multiscale_clahe", counting)
+    train(tmp_path, data, "--epochs", "2")
+    assert len(calls) == 6  # once per image, not per crop or per epoch
+    train(tmp_path, data, "--epochs", "1")
+    assert len(calls) == 6  # a second run reads the cache
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data, monkeypatch, workers):
+    extra = ["--epochs", "2", "--num_workers", str(workers)]
+    full = train(tmp_path / "full", data, *extra)
+    expected = json.loads((full / "training_history.json").read_text())
+    original, calls = granule_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(granule_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", data, *extra)
+    monkeypatch.setattr(granule_train, "train_one_epoch", original)
+    (cut,) = (tmp_path / "cut" / "metrics").glob("robust_*")
+    granule_train.main(
+        granule_train.get_args_parser().parse_args(["--resume", str(cut), "--num_workers", str(workers)])
+    )
+    resumed = json.loads((cut / "training_history.json").read_text())
+    assert len(resumed) == 2
+    assert resumed[1]["train"]["loss"] == pytest.approx(expected[1]["train"]["loss"], rel=1e-6)
+    assert resumed[1]["val"]["pixel"]["dice"] == pytest.approx(expected[1]["val"]["pixel"]["dice"], rel=1e-6, abs=1e-9)
+
+
+def test_torchrun_two_cpu_processes(tmp_path, data):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "stress_granules" / "train.py"),
+        "--images",
+        str(data / "images"),
+        "--masks",
+        str(data / "masks"),
+        "--output_dir",
+        str(tmp_path / "metrics"),
+        *TINY,
+        "--num_workers",
+        "1",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "metrics").glob("robust_*")  # only rank 0 writes
+    history = json.loads((run / "training_history.json").read_text())
+    assert history[0]["val"]["images"] == 1  # the one validation image, scored once over both ranks
+
+
+def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
+    def script(*argv):
+        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    script(str(REPO / "stress_granules" / "train.py"), "--demo")
+    (run,) = (tmp_path / "metrics").glob("robust_*")
+    report = json.loads((run / "evaluation_report.json").read_text())
+    model, otsu = report["model"], report["otsu_baseline"]
+    assert model["object"]["f1"] > otsu["object"]["f1"] + 0.3, (model, otsu)  # measured: 0.92 against 0.37
+    assert model["pixel"]["dice"] > otsu["pixel"]["dice"] + 0.2
+    script(str(REPO / "stress_granules" / "evaluate.py"), str(run))  # the run's validation images
+    (predictions,) = run.glob("predictions_*")
+    assert json.loads((predictions / "evaluation_report.json").read_text())["object"]["f1"] > 0.5
+    script(str(REPO / "stress_granules" / "visualize.py"), "history", str(run))
+    assert list((run / "figures").glob("history_*.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and figures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path):
+    rng = np.random.default_rng(3)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    big, big_mask = synthetic_cell_image(rng, (200, 150))
+    tifffile.imwrite(images / "big.tif", big)
+    cv2.imwrite(str(masks / "big.png"), big_mask)
+    tifffile.imwrite(images / "small.tif", big[:40, :50])
+    cv2.imwrite(str(masks / "small.png"), big_mask[:40, :50])
+    out = granule_evaluate.main(
+        granule_evaluate.get_args_parser().parse_args(
+            [
+                str(robust_run),
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--pixel_size",
+                "0.1",
+                "--tile_size",
+                "64",
+                "--overlap",
+                "16",
+                "--threshold",
+                "0.3",
+                "--min_size",
+                "1",
+            ]
+        )
+    )
+    import pandas as pd
+
+    granules = pd.read_csv(out / "granules.csv")
+    summary = pd.read_csv(out / "image_summary.csv")
+    for name, shape in (("big", (200, 150)), ("small", (40, 50))):
+        saved = tifffile.imread(out / "masks" / f"{name}.tif")
+        assert saved.shape == shape and set(np.unique(saved)) <= {0, 255}
+        _, components = ndimage.label(saved > 0, structure=np.ones((3, 3)))
+        assert (granules["image"] == f"{name}.tif").sum() == components
+        row = summary[summary["image"] == f"{name}.tif"].iloc[0]
+        assert row["granules"] == components and row["area_fraction"] == pytest.approx((saved > 0).mean())
+    assert np.allclose(granules["area_um2"], granules["area_px"] * 0.01)
+    report = json.loads((out / "evaluation_report.json").read_text())
+    assert report["images"] == 2 and {"pixel", "object"} <= set(report)
+
+
+def test_visualize_predictions_and_sizes(robust_run):
+    parse = granule_visualize.get_args_parser().parse_args
+    figure = granule_visualize.main(parse(["predictions", str(robust_run), "--n", "1"]))
+    assert figure.parent == robust_run / "figures" and figure.stat().st_size > 5_000
+    out = granule_evaluate.main(
+        granule_evaluate.get_args_parser().parse_args([str(robust_run), "--min_size", "1", "--threshold", "0.1"])
+    )
+    assert granule_visualize.main(parse(["sizes", str(out)])).is_file()
+
+
+@pytest.mark.parametrize("script,name", [("train", "train.bat"), ("evaluate", "evaluate.bat")])
+def test_windows_wrappers_use_flags_that_exist(script, name):
+    text = (REPO / "stress_granules" / name).read_text()
+    (line,) = [line for line in text.splitlines() if f"stress_granules\\{script}.py" in line]
+    words = [w for w in shlex.split(line.split(f"stress_granules\\{script}.py", 1)[1]) if w != "%*"]
+    words = [
+        w.replace("%IMAGES%", "i").replace("%MASKS%", "m").replace("%MODEL%", "m.pth").replace("%PIXEL_SIZE%", "0.1")
+        for w in words
+    ]
+    module = granule_train if script == "train" else granule_evaluate
+    module.get_args_parser().parse_args(words)  # exits on an unknown flag
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, robust_run):
+    def listing():  # run folders and their files; the shared feature cache may grow
+        return sorted(
+            (str(p.relative_to(robust_run.parent)), p.stat().st_mtime_ns)
+            for p in robust_run.parent.rglob("*")
+            if "cache" not in p.relative_to(robust_run.parent).parts
+        )
+
+    before = listing()
+
+    def copy(name: str) -> Path:
+        root = tmp_path / name
+        for sub in ("images", "masks"):
+            (root / sub).mkdir(parents=True)
+            for path in (data / sub).iterdir():
+                (root / sub / path.name).write_bytes(path.read_bytes())
+        return root
+
+    def run(root: Path, *extra):
+        return granule_train.main(
+            granule_train.get_args_parser().parse_args(
+                [
+                    "--images",
+                    str(root / "images"),
+                    "--masks",
+                    str(root / "masks"),
+                    "--output_dir",
+                    str(robust_run.parent),
+                    *TINY,
+                    *extra,
+                ]
+            )
+        )
+
+    unpaired = copy("unpaired")
+    (unpaired / "masks" / "cell_003.png").unlink()
+    with pytest.raises(SystemExit, match="cell_003.tif"):
+        run(unpaired)
+
+    mismatch = copy("mismatch")
+    cv2.imwrite(str(mismatch / "masks" / "cell_002.png"), np.zeros((50, 60), np.uint8))
+    with pytest.raises(SystemExit, match=r"cell_002.png has shape \(50, 60\), but its image .*cell_002.tif has"):
+        run(mismatch)
+
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        run(empty)
+
+    background = copy("background")
+    for path in (background / "masks").iterdir():
+        cv2.imwrite(str(path), np.zeros(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape, np.uint8))
+    with pytest.raises(SystemExit, match="all background"):
+        run(background)
+
+    corrupt = copy("corrupt")
+    (corrupt / "images" / "cell_004.tif").write_bytes(b"II*\x00 not really a tiff")
+    with pytest.raises(SystemExit, match="cell_004.tif: cannot read"):
+        run(corrupt)
+
+    rgb = copy("rgb")
+    image = tifffile.imread(rgb / "images" / "cell_001.tif")
+    tifffile.imwrite(rgb / "images" / "cell_001.tif", np.stack([image, image // 2, image], -1))
+    with pytest.raises(SystemExit, match="cell_001.tif: an RGB image whose channels differ"):
+        run(rgb)
+
+    torch.save({"domain": "pannuke", "arch": "attention_unet", "model": {}}, tmp_path / "pannuke.pth")
+    with pytest.raises(SystemExit, match="not a stress_granules checkpoint"):
+        granule_evaluate.main(
+            granule_evaluate.get_args_parser().parse_args(
+                [str(tmp_path / "pannuke.pth"), "--images", str(data / "images")]
+            )
+        )
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        granule_evaluate.main(
+            granule_evaluate.get_args_parser().parse_args([str(REPO / "README.md"), "--images", str(data / "images")])
+        )
+
+    assert listing() == before
+
+
+def test_unpaired_files_can_be_skipped(tmp_path, data):
+    root = tmp_path / "skip"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+        for path in (data / sub).iterdir():
+            (root / sub / path.name).write_bytes(path.read_bytes())
+    (root / "masks" / "cell_003.png").unlink()
+    assert len(pair_files(root / "images", root / "masks", skip_unpaired=True, log=lambda *a: None)) == 5
+
+
+def test_nan_loss_skips_steps_then_stops_with_a_message(tmp_path, data, monkeypatch):
+    original = granule_train.build_loss
+
+    def nan_loss(args):
+        criterion = original(args)
+        forward = criterion.forward
+
+        def nan_forward(*a, **k):
+            total, terms = forward(*a, **k)
+            return total * float("nan"), terms
+
+        criterion.forward = nan_forward
+        return criterion
+
+    monkeypatch.setattr(granule_train, "build_loss", nan_loss)
+    with pytest.raises(SystemExit, match="NaN or infinite for 2 steps in a row"):
+        train(tmp_path, data, "--max_nan_steps", "2")
