@@ -6,9 +6,10 @@ On disk (see ../shared/DATA_FORMATS.md):
     DATA/masks/cell_001.tif    same basename (.tif/.tiff/.png), same height and width, 0 = background, >0 = granule
 
 Features (computed once per image and cached as float16 .npy, see `load_features`): the image is percentile
-normalised (1st..99.8th percentile to 0..1, so 16-bit data is never truncated), then
-- preset robust:   CLAHE at clip limits 2, 4, 8 (common.preprocessing.multiscale_clahe) + an edge channel
-- preset improved: CLAHE at clip limit 2 + the edge channel
+normalised (1st..99.8th percentile to 0..1, so 16-bit data is never truncated), then (--features)
+- multiscale (preset robust): CLAHE at clip limits 2, 4, 8 (common.preprocessing.multiscale_clahe) + edge channel
+- clahe (preset improved):    CLAHE at clip limit 2 + the edge channel
+- raw:                        the normalised image alone (1 channel)
 The edge channel is the gradient magnitude of the Gaussian-smoothed image (sigma 1 px), scaled by its 99.5th
 percentile: granule borders are its ridges, which helps the network place boundaries of small, dim granules.
 """
@@ -27,14 +28,17 @@ import cv2
 import numpy as np
 import tifffile
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+# Input channels (--features): CLAHE settings of each set; all but "raw" add the edge channel.
 FEATURE_SETTINGS = {
-    "robust": MULTISCALE_CLAHE_SETTINGS,  # clip limits 2, 4, 8 with their grids
-    "improved": MULTISCALE_CLAHE_SETTINGS[:1],  # clip limit 2
+    "multiscale": MULTISCALE_CLAHE_SETTINGS,  # clip limits 2, 4, 8 with their grids (preset robust)
+    "clahe": MULTISCALE_CLAHE_SETTINGS[:1],  # clip limit 2 (preset improved)
+    "raw": (),  # the percentile-normalised image alone: a 1-channel U-Net
 }
 CACHE_VERSION = 1
 # Crop strategies and their shares (--crops_per_image crops per image per epoch)
@@ -50,25 +54,33 @@ class DataError(SystemExit):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A 2D grey image (H, W) in its own dtype; 3 identical channels are reduced to one."""
+def read_array(path: Path) -> np.ndarray:
+    """The pixel array of a TIFF (tifffile) or PNG (Pillow: palette PNGs give their indices, 16-bit stays
+    16-bit), channels last, singleton axes removed."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            image = tifffile.imread(path)
+            array = tifffile.imread(path)
         else:
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if image is None:
-                raise ValueError("not a readable image")
+            with Image.open(path) as png:
+                array = np.asarray(png)
     except Exception as error:
         raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
-    image = np.squeeze(np.asarray(image))
-    if image.size == 0:
+    array = np.squeeze(np.asarray(array))
+    if array.size == 0:
         raise DataError(f"{path}: cannot read the image (empty or corrupt file)")
-    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] not in (3, 4):
-        image = np.moveaxis(image, 0, -1)  # channel-first TIFF
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
+    if array.ndim not in (2, 3):
+        raise DataError(f"{path}: expected a 2D image, found shape {array.shape}")
+    return array
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2D grey image (H, W) in its own dtype; 3 identical channels are reduced to one."""
+    image = read_array(path)
+    if image.ndim == 3:
         channels = image[..., :3]
-        if not (
+        if channels.shape[-1] != 3 or not (
             np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])
         ):
             raise DataError(
@@ -76,8 +88,6 @@ def read_image(path: Path) -> np.ndarray:
                 f"channels). Save the granule channel as a grey image."
             )
         image = channels[..., 0]
-    if image.ndim != 2:
-        raise DataError(f"{path}: expected a 2D grey image, found shape {image.shape}")
     if image.dtype == bool:
         image = image.astype(np.uint8)
     return image
@@ -118,7 +128,10 @@ def pair_files(image_dir: Path, mask_dir: Path, skip_unpaired: bool = False, log
 
 
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:
-    mask = read_image(path)
+    """Binary uint8 mask: any value > 0 in any channel is granule (0/1, 0/255, label images, palette PNGs)."""
+    mask = read_array(path)
+    if mask.ndim == 3:
+        mask = (mask[..., :3] > 0).any(-1)
     if mask.shape != image_shape:
         raise DataError(f"{path} has shape {mask.shape}, but its image {image_path} has {image_shape}")
     return (mask > 0).astype(np.uint8)
@@ -136,32 +149,32 @@ def edge_channel(normalized: np.ndarray) -> np.ndarray:
     return np.clip(magnitude / scale, 0, 1).astype(np.float32) if scale > 0 else np.zeros_like(normalized)
 
 
-def compute_features(image: np.ndarray, preset: str) -> np.ndarray:
-    """(C, H, W) float32 in 0..1: CLAHE channel(s) of the percentile-normalised image, then the edge channel."""
+def compute_features(image: np.ndarray, features: str) -> np.ndarray:
+    """(C, H, W) float32 in 0..1: the CLAHE channel(s) of the percentile-normalised image and the edge channel,
+    or (features="raw") the normalised image alone."""
     normalized = percentile_normalize(image, 1.0, 99.8)
-    return np.concatenate([multiscale_clahe(normalized, FEATURE_SETTINGS[preset]), edge_channel(normalized)[None]])
+    if features == "raw":
+        return normalized[None]
+    return np.concatenate([multiscale_clahe(normalized, FEATURE_SETTINGS[features]), edge_channel(normalized)[None]])
 
 
-def feature_channels(preset: str) -> int:
-    return len(FEATURE_SETTINGS[preset]) + 1
+def feature_channels(features: str) -> int:
+    return 1 if features == "raw" else len(FEATURE_SETTINGS[features]) + 1
 
 
-def load_features(image_path: Path, preset: str, cache_dir: Path | None) -> np.ndarray:
-    """compute_features of an image file, from the cache when it holds them (keyed by path, size, modification
-    time and preset), else computed and stored there (float16, written atomically)."""
-    if cache_dir is None:
-        return compute_features(read_image(image_path), preset)
+def load_features(image_path: Path, features: str, cache_dir: Path) -> Path:
+    """The cache file of compute_features(image, features), computed and stored (float16, atomically) unless the
+    cache holds it already; keyed by path, size, modification time and feature set."""
     stat = image_path.stat()
-    key = f"v{CACHE_VERSION}|{image_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{preset}"
+    key = f"v{CACHE_VERSION}|{image_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{features}"
     path = Path(cache_dir) / f"{image_path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    features = compute_features(read_image(image_path), preset).astype(np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, features)
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
+    if not path.is_file():
+        stack = compute_features(read_image(image_path), features).astype(np.float16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, stack)
+        os.replace(tmp, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,15 +184,21 @@ def load_features(image_path: Path, preset: str, cache_dir: Path | None) -> np.n
 
 @dataclass
 class Sample:
-    """One image: cached features (C, H, W), its mask (H, W), and pixel lists for the crop strategies."""
+    """One image: its cached features (C, H, W) by path, its mask (H, W), and pixel lists for the crop
+    strategies. `features` opens the cache file on each use, so a sample holds no open file and pickles
+    small (loader workers started by spawn, as on Windows and macOS, receive paths, not arrays)."""
 
     name: str
-    features: np.ndarray
+    feature_path: Path
     mask: np.ndarray
     granule: np.ndarray  # (n, 2) coordinates inside granules
     edge: np.ndarray  # on granule borders
-    background: np.ndarray  # at least crop/4 away from any granule
+    background: np.ndarray  # far enough from granules that a centred crop holds none
     mixed: np.ndarray  # about crop/4 away from a granule: the crop holds granules and background
+
+    @property
+    def features(self) -> np.ndarray:
+        return np.load(self.feature_path, mmap_mode="r")
 
     @property
     def granule_fraction(self) -> float:
@@ -194,18 +213,23 @@ def coordinates(where: np.ndarray, limit: int = 20_000, seed: int = 0) -> np.nda
     return points.astype(np.int32)
 
 
-def make_sample(name: str, features: np.ndarray, mask: np.ndarray, crop_size: int) -> Sample:
+def make_sample(name: str, feature_path: Path, mask: np.ndarray, crop_size: int) -> Sample:
     inside = mask > 0
     border = inside & ~ndimage.binary_erosion(inside)
     distance = ndimage.distance_transform_edt(~inside) if inside.any() else np.full(mask.shape, np.inf)
+    # background: a crop centred here holds no granule (its corners are crop/sqrt(2) away); in crowded images,
+    # the 5 % of pixels farthest from any granule
+    far = distance >= crop_size / np.sqrt(2)
+    if not far.any() and inside.any():
+        far = distance >= np.percentile(distance, 95)
     quarter = crop_size / 4
     return Sample(
         name=name,
-        features=features,
+        feature_path=Path(feature_path),
         mask=mask,
         granule=coordinates(inside),
         edge=coordinates(border),
-        background=coordinates(distance >= quarter),
+        background=coordinates(far),
         mixed=coordinates((distance >= quarter * 0.75) & (distance <= quarter * 1.25)),
     )
 
@@ -291,7 +315,10 @@ def build_augmentation(preset: str) -> A.Compose:
                 [A.MotionBlur(blur_limit=(3, 5)), A.MedianBlur(blur_limit=(3, 5)), A.GaussianBlur(blur_limit=(3, 5))],
                 p=0.2,
             ),
-            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(8, 24), hole_width_range=(8, 24), p=0.2),
+            # dropped squares become background in the mask too: no granules to find in a blank patch
+            A.CoarseDropout(
+                num_holes_range=(1, 4), hole_height_range=(8, 24), hole_width_range=(8, 24), fill_mask=0, p=0.2
+            ),
         ]
     )
 
@@ -302,25 +329,23 @@ def build_augmentation(preset: str) -> A.Compose:
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """crops_per_image random crops of every image per epoch: item i is crop i % crops_per_image of image
-    i // crops_per_image. Strategy, centre and augmentation are seeded from (epoch seed, i), so an epoch is the
-    same whichever worker draws an item, and a resumed run repeats it exactly. Items: image (C, S, S) float32,
-    mask (1, S, S) float32, strategy."""
+    """crops_per_image random crops of every image per epoch. A key is (i, epoch seed): crop i % crops_per_image
+    of image i // crops_per_image, with strategy, centre and augmentation seeded from (epoch seed, i), so an
+    epoch is the same whichever worker draws an item, and a resumed run repeats it exactly (the seed travels
+    with the index, so persistent workers need no message). Items: image (C, S, S) float32, mask (1, S, S)
+    float32, strategy."""
 
     def __init__(self, samples: list[Sample], crop_size: int, crops_per_image: int, preset: str, augment: bool):
         self.samples, self.crop_size, self.crops_per_image = samples, crop_size, crops_per_image
         self.transform = build_augmentation(preset) if augment else None
-        self.seed = 0
-
-    def set_epoch_seed(self, seed: int) -> None:
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples) * self.crops_per_image
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        i, seed = key
         sample = self.samples[i // self.crops_per_image]
-        rng = np.random.default_rng([self.seed, i])
+        rng = np.random.default_rng([seed, i])
         strategy = draw_strategy(rng)
         centre = crop_centre(sample, strategy, rng)
         image = crop(sample.features, centre, self.crop_size).astype(np.float32).transpose(1, 2, 0)
@@ -334,6 +359,27 @@ class CropDataset(torch.utils.data.Dataset):
             "mask": torch.from_numpy(mask[None].astype(np.float32)),
             "strategy": strategy,
         }
+
+
+class BalancedEpochSampler(torch.utils.data.Sampler):
+    """Per epoch, items drawn with replacement by `weights` (the same draw on every rank, from seed and epoch),
+    this rank's share of them, each paired with the epoch seed for CropDataset."""
+
+    def __init__(self, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1):
+        if len(weights) < world_size:
+            raise SystemExit(f"{len(weights)} crops per epoch cannot be shared by {world_size} processes")
+        self.weights, self.seed, self.rank, self.world_size, self.epoch = weights, seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights) // self.world_size
+
+    def __iter__(self):
+        epoch_seed = self.seed * 1000 + self.epoch
+        indices = weighted_indices(self.weights, epoch_seed, self.rank, self.world_size)
+        return iter([(i, epoch_seed) for i in indices])
 
 
 def granule_balance_weights(samples: list[Sample], crops_per_image: int) -> np.ndarray:

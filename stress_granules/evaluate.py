@@ -93,17 +93,22 @@ def main(args):
     device = pick_device()
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
-    preset = checkpoint["args"]["preset"]
+    features = checkpoint["args"]["features"]
     pairs = image_list(args, checkpoint)
     out_dir = new_folder(Path(args.output_dir) if args.output_dir else checkpoint_path.parent, "predictions")
     (out_dir / "masks").mkdir()
     started = time.time()
     granule_rows, summary_rows = [], []
-    scores = GranuleScores()
+    scores, skipped = GranuleScores(min_size=args.min_size), []
     for image_path, mask_path in pairs:
-        image = read_image(image_path)
-        mask = read_mask(mask_path, image.shape, image_path) if mask_path else None
-        probability = predict_probability(model, compute_features(image, preset), args.tile_size, args.overlap)
+        try:
+            image = read_image(image_path)
+            mask = read_mask(mask_path, image.shape, image_path) if mask_path else None
+        except DataError as error:  # the other images are still measured; the run ends with an error
+            print(f"skipped: {error}")
+            skipped.append(str(error))
+            continue
+        probability = predict_probability(model, compute_features(image, features), args.tile_size, args.overlap)
         labels = granules_from_probability(probability, args.threshold, args.min_size)
         tifffile.imwrite(
             out_dir / "masks" / f"{image_path.stem}.tif", ((labels > 0) * 255).astype(np.uint8), compression="zlib"
@@ -119,7 +124,7 @@ def main(args):
         if args.pixel_size:
             summary["mean_area_um2"] = summary["mean_area_px"] * args.pixel_size**2
         if mask is not None:
-            single = GranuleScores()
+            single = GranuleScores(min_size=args.min_size)
             single.update(labels, mask)
             scores.update(labels, mask)
             result = single.compute()
@@ -146,7 +151,7 @@ def main(args):
         "tile_size": args.tile_size,
         "overlap": args.overlap,
         "granules": len(granule_rows),
-        "granules_per_image": len(granule_rows) / len(pairs),
+        "granules_per_image": len(granule_rows) / max(len(summary_rows), 1),
         "masks_folder": str(out_dir / "masks"),
         "granules_csv": str(out_dir / "granules.csv"),
     }
@@ -156,9 +161,15 @@ def main(args):
             f"pixel Dice {report['pixel']['dice']:.4f}  granule F1 {report['object']['f1']:.4f} "
             f"(precision {report['object']['precision']:.4f}, recall {report['object']['recall']:.4f})"
         )
+    report["skipped"] = skipped
     report["seconds"] = time.time() - started
     (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out_dir}")
+    if skipped:
+        raise SystemExit(
+            f"{len(skipped)} image(s) could not be read and were skipped (listed in "
+            f"{out_dir / 'evaluation_report.json'}), e.g. {skipped[0]}"
+        )
     return out_dir
 
 

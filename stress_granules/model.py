@@ -149,13 +149,15 @@ class GranuleScores:
     """Pixel scores (granule class of a 2-class confusion matrix) and granule-level scores (connected components
     matched one to one at IoU > 0.5), summed over images; `all_reduce` sums them over DDP ranks."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", min_size: int = 0):
+        self.min_size = min_size  # true granules smaller than this are left out of the granule-level scores,
+        # as predictions are, so specks below the size a granule must have do not count as misses
         self.matrix = ConfusionMatrix(2, device=device)
         self.objects = torch.zeros(4, dtype=torch.int64, device=device)  # tp, fp, fn, images
 
     def update(self, pred_labels: np.ndarray, true_mask: np.ndarray) -> None:
         self.matrix.update(torch.from_numpy(pred_labels > 0), torch.from_numpy(np.asarray(true_mask) > 0))
-        true_labels, _ = ndimage.label(np.asarray(true_mask) > 0, structure=np.ones((3, 3)))
+        true_labels = granules_from_probability((np.asarray(true_mask) > 0).astype(np.float32), 0.5, self.min_size)
         match = match_instances(true_labels, pred_labels, 0.5)
         self.objects += torch.tensor([match.tp, match.fp, match.fn, 1], device=self.objects.device)
 

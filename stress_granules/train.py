@@ -50,6 +50,7 @@ from tqdm import tqdm
 from common.losses import CombinedLoss, DiceLoss, FocalTverskyLoss, WeightedBCELoss
 from common.preprocessing import percentile_normalize
 from stress_granules.data import (
+    BalancedEpochSampler,
     CropDataset,
     feature_channels,
     granule_balance_weights,
@@ -61,7 +62,6 @@ from stress_granules.data import (
     plot_predictions,
     read_image,
     read_mask,
-    weighted_indices,
     write_demo_dataset,
 )
 from stress_granules.model import (
@@ -77,20 +77,21 @@ from stress_granules.model import (
 DOMAIN = "stress_granules"
 PRESETS = {
     "robust": {
+        "features": "multiscale",
         "epochs": 200,
         "early_stopping_patience": 30,
         "crops_per_image": 5,
         "selection_metric": "f1",
-        "augment": True,
     },
     "improved": {
+        "features": "clahe",
         "epochs": 75,
         "early_stopping_patience": 15,
         "crops_per_image": 3,
         "selection_metric": "dice",
-        "augment": True,
     },
 }
+SCHEDULERS = ("CosineAnnealingWarmRestarts", "CosineAnnealingLR")  # from torch.optim.lr_scheduler, by name
 # --demo: small synthetic set and a small network, about two minutes on two CPU cores
 DEMO = {"epochs": 24, "image_size": 128, "base_channels": 16, "batch_size": 8, "lr": 2e-3, "restart_epochs": 24}
 
@@ -155,7 +156,7 @@ def validate(model, samples, device, args) -> dict:
     """Whole validation images by tiled inference: pixel scores and granule-level scores (IoU 0.5), summed over
     images (and over ranks: each rank takes every world_size-th image)."""
     model.eval()
-    scores = GranuleScores(device)
+    scores = GranuleScores(device, args.min_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with amp_context(device, args):
         for sample in samples[rank::world]:
@@ -168,7 +169,7 @@ def validate(model, samples, device, args) -> dict:
 def otsu_baseline(image_paths: list[Path], samples, args) -> dict:
     """The classical baseline on the same validation images: Otsu's threshold on the percentile-normalised
     image, objects of at least --min_size pixels."""
-    scores = GranuleScores("cpu")
+    scores = GranuleScores("cpu", args.min_size)
     for path, sample in zip(image_paths, samples, strict=True):
         normalized = percentile_normalize(read_image(path), 1.0, 99.8)
         binary = (normalized > threshold_otsu(normalized)).astype(np.float32)
@@ -226,9 +227,9 @@ def build_loss(args) -> CombinedLoss:
 def load_samples(pairs, args, cache_dir: Path, log) -> list:
     samples = []
     for image_path, mask_path in pairs:
-        features = load_features(image_path, args.preset, cache_dir)
-        mask = read_mask(mask_path, features.shape[1:], image_path)
-        samples.append(make_sample(image_path.stem, features, mask, args.image_size))
+        feature_path = load_features(image_path, args.features, cache_dir)
+        mask = read_mask(mask_path, np.load(feature_path, mmap_mode="r").shape[1:], image_path)
+        samples.append(make_sample(image_path.stem, feature_path, mask, args.image_size))
     log(f"{len(samples)} images, {sum(int(s.mask.any()) for s in samples)} with granules")
     return samples
 
@@ -258,6 +259,11 @@ def resolve_args(args, device) -> argparse.Namespace:
         args.use_mixed_precision = device.type == "cuda"
     if args.image_size % 16:
         raise SystemExit(f"--image_size {args.image_size} must be a multiple of 16")
+    for key in ("save_every", "crops_per_image", "batch_size", "restart_epochs"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key} {getattr(args, key)} must be at least 1")
+    if args.scheduler not in SCHEDULERS:
+        raise SystemExit(f"--scheduler {args.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     if args.epochs < 1:
         raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
     if not args.demo and not (args.images and args.masks):
@@ -299,10 +305,26 @@ def main(args):
         path = path / "last.pth" if path.is_dir() else path
         if not path.is_file():
             raise SystemExit(f"--resume {args.resume}: no last.pth there")
+        if path.name != "last.pth":
+            raise SystemExit(
+                f"--resume {path}: resume from a run's last.pth (continuing from an older checkpoint "
+                f"would overwrite the later files of that run)"
+            )
         resume = torch.load(path, map_location="cpu", weights_only=True)
         if resume.get("domain") != DOMAIN or "optimizer" not in resume:
             raise SystemExit(f"--resume {path}: not a stress_granules training checkpoint (last.pth of a run)")
+        # The run continues with its own settings; --epochs and --early_stopping_patience may extend it.
+        defaults = vars(get_args_parser().parse_args([]))
+        extendable = ("epochs", "early_stopping_patience")
+        ignored = [
+            k for k, v in vars(args).items() if k not in ("resume", "num_workers", *extendable) and v != defaults.get(k)
+        ]
+        if ignored:
+            log(f"--resume continues with the run's stored settings; ignoring --{', --'.join(ignored)}")
         stored = argparse.Namespace(**resume["args"])
+        for key in extendable:
+            if getattr(args, key) is not None:
+                setattr(stored, key, getattr(args, key))
         stored.resume, stored.num_workers = str(path), args.num_workers
         args = stored
         if resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience:
@@ -336,6 +358,11 @@ def main(args):
             val_samples = load_samples(val_pairs, args, Path(args.cache_dir), log)
     if not any(s.mask.any() for s in train_samples):
         raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
+    if not any(s.mask.any() for s in val_samples):
+        raise SystemExit(
+            "no validation mask contains a granule, so no model can be selected: give --val_images "
+            "and --val_masks, or another --seed for the random split"
+        )
 
     run_dir = None
     if resume is not None:
@@ -353,7 +380,7 @@ def main(args):
         )
 
     model_args = {
-        "in_channels": feature_channels(args.preset),
+        "in_channels": feature_channels(args.features),
         "base_channels": args.base_channels,
         "dropout": args.dropout,
     }
@@ -365,12 +392,31 @@ def main(args):
     criterion = build_loss(args).to(device)
     train_set = CropDataset(train_samples, args.image_size, args.crops_per_image, args.preset, args.augment)
     weights = granule_balance_weights(train_samples, args.crops_per_image)
-    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # SGDR (Loshchilov & Hutter 2017): cosine from lr to lr * min_lr_factor over restart_epochs, then restart with
-    # a period restart_mult times longer. Stepped per batch with fractional epochs.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=args.restart_epochs, T_mult=args.restart_mult, eta_min=args.lr * args.min_lr_factor
+    sampler = BalancedEpochSampler(weights, args.seed, rank, world)
+    per_rank = len(sampler)
+    # persistent workers: the dataset goes to each worker once per run, not once per epoch
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator(),  # its own: creating the iterator must not consume the global RNG (dropout)
+        pin_memory=device.type == "cuda",
+        drop_last=per_rank > args.batch_size,  # keeps BatchNorm away from a last batch of one
     )
+    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # Stepped per batch with fractional epochs. CosineAnnealingWarmRestarts (SGDR, Loshchilov & Hutter 2017):
+    # cosine from lr to lr * min_lr_factor over restart_epochs, then again over a period restart_mult times
+    # longer. CosineAnnealingLR: one cosine over all epochs.
+    if args.scheduler == "CosineAnnealingWarmRestarts":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=args.restart_epochs, T_mult=args.restart_mult, eta_min=args.lr * args.min_lr_factor
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=args.epochs, eta_min=args.lr * args.min_lr_factor
+        )
     use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
 
@@ -397,24 +443,18 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         # Everything random in an epoch derives from (seed, epoch), so a resumed run repeats it exactly.
-        epoch_seed = args.seed * 1000 + epoch
-        torch.manual_seed(epoch_seed + 100_003 * rank)
-        train_set.set_epoch_seed(epoch_seed)
-        loader = DataLoader(
-            train_set,
-            args.batch_size,
-            sampler=weighted_indices(weights, epoch_seed, rank, world),
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=len(weights) > args.batch_size,
-        )
+        torch.manual_seed(args.seed * 1000 + epoch + 100_003 * rank)  # dropout; the crops follow the sampler
+        sampler.set_epoch(epoch)
         train_stats = train_one_epoch(
             model, criterion, optimizer, scheduler, scaler, loader, device, epoch, args, state
         )
+        if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
+            for buffer in unwrap(model).buffers():
+                dist.broadcast(buffer, 0)
         val_stats = validate(unwrap(model), val_samples, device, args)
         score = val_stats["object"]["f1"] if args.selection_metric == "f1" else val_stats["pixel"]["dice"]
         score = -math.inf if math.isnan(score) else score
-        improved = score > best + args.min_delta
+        improved = score > best + args.min_delta or best == -math.inf  # the first epoch always gives a best
         best, patience = (score, 0) if improved else (best, patience + 1)
         history.append(
             {
@@ -458,7 +498,7 @@ def main(args):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if run_dir is not None:
+    if run_dir is not None and rank == 0:
         best_model, best_checkpoint = load_checkpoint(run_dir / "best_model.pth", device)
         report = {
             "selection_metric": args.selection_metric,
@@ -482,6 +522,7 @@ def main(args):
             )
         plot_predictions(rows, run_dir / "validation_predictions.png")
         model_path = Path(args.model_path) if args.model_path else run_dir / f"{args.preset}_stress_granule_model.pth"
+        model_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / "best_model.pth", model_path.with_suffix(".tmp"))
         os.replace(model_path.with_suffix(".tmp"), model_path)
         log(
@@ -526,7 +567,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="best model by granule F1 (robust) or pixel Dice (improved)",
     )
     add("--crops_per_image", "--crops-per-image", type=int, help="crops per image and epoch (robust 5, improved 3)")
-    add("--augment", action=argparse.BooleanOptionalAction, help="augmentations of the preset (on)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=True, help="augmentations of the preset (on)")
+    add(
+        "--features",
+        choices=["multiscale", "clahe", "raw"],
+        help="input channels: CLAHE x3 + edge (robust), CLAHE + edge (improved), or the normalised image alone",
+    )
+    add("--scheduler", default="CosineAnnealingWarmRestarts", help=f"{' or '.join(SCHEDULERS)}; steps per batch")
     add("--image_size", "--image-size", type=int, help="crop size, multiple of 16 (256; --demo 128)")
     add("--batch_size", "--batch-size", type=int, help="crops per batch and process (4)")
     add("--lr", type=float, help="learning rate (1e-4)")
@@ -550,7 +597,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
     add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")
     add("--output_dir", "--output-dir", default="metrics", help="each run gets a new folder in here (metrics)")
-    add("--model_path", "--model-path", help="also copy the best model here (default: inside the run folder)")
+    add("--model_path", "--model-path", help="where the copy of the best model goes (default: inside the run folder)")
     add("--cache_dir", "--cache-dir", help="feature cache (default OUTPUT_DIR/cache)")
     add("--save_every", "--save-every", type=int, default=10, help="keep checkpoint_epoch_N.pth every N epochs (10)")
     add("--resume", help="a run folder or its last.pth: continue that run")

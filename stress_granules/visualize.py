@@ -80,7 +80,7 @@ def show_predictions(args) -> Path:
     rows = []
     for image_path, mask_path in pairs:
         image = read_image(image_path)
-        features = compute_features(image, checkpoint["args"]["preset"])
+        features = compute_features(image, checkpoint["args"]["features"])
         probability = predict_probability(model, features, tile, tile // 4)
         rows.append(
             {

@@ -89,7 +89,7 @@ def test_crop_strategy_shares_and_centres():
 
     mask = np.zeros((200, 200), np.uint8)
     mask[50:60, 50:60] = 1
-    sample = make_sample("a", np.zeros((2, 200, 200), np.float32), mask, crop_size=64)
+    sample = make_sample("a", "unused.npy", mask, crop_size=64)
     distance = ndimage.distance_transform_edt(mask == 0)
     for _ in range(50):
         y, x = crop_centre(sample, "granule", rng)
@@ -97,11 +97,66 @@ def test_crop_strategy_shares_and_centres():
         y, x = crop_centre(sample, "edge", rng)
         assert mask[y, x] and not mask[y - 1 : y + 2, x - 1 : x + 2].all()
         y, x = crop_centre(sample, "background", rng)
-        assert distance[y, x] >= 16
+        assert distance[y, x] >= 64 / np.sqrt(2)  # a 64 px crop centred here holds no granule
         y, x = crop_centre(sample, "mixed", rng)
         assert 12 <= distance[y, x] <= 20
-    empty = make_sample("b", np.zeros((1, 50, 50), np.float32), np.zeros((50, 50), np.uint8), 64)
+    empty = make_sample("b", "unused.npy", np.zeros((50, 50), np.uint8), 64)
     assert all(0 <= v < 50 for v in crop_centre(empty, "granule", rng))  # no granule: a random centre
+
+
+def test_crop_dataset_draws_the_strategies_in_their_shares(tmp_path):
+    rng = np.random.default_rng(1)
+    image, mask = synthetic_cell_image(rng, (160, 160))
+    np.save(tmp_path / "f.npy", compute_features(image, "raw").astype(np.float16))
+    dataset = granule_data.CropDataset(
+        [make_sample("a", tmp_path / "f.npy", (mask > 0).astype(np.uint8), 32)],
+        32,
+        crops_per_image=4000,
+        preset="robust",
+        augment=False,
+    )
+    strategies = [dataset[(i, 7)]["strategy"] for i in range(len(dataset))]
+    for name, share in CROP_STRATEGIES.items():
+        assert strategies.count(name) / len(strategies) == pytest.approx(share, abs=0.025), name
+    item = dataset[(0, 7)]
+    assert item["image"].shape == (1, 32, 32) and item["mask"].shape == (1, 32, 32)
+    assert torch.equal(dataset[(5, 7)]["image"], dataset[(5, 7)]["image"])  # (index, seed) fixes the crop
+
+
+def test_masks_in_every_common_png_form_and_16_bit_png_images(tmp_path):
+    from PIL import Image
+
+    labels = np.zeros((12, 16), np.uint8)
+    labels[2:5, 3:7] = 1
+    palette = Image.fromarray(labels, mode="P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(labels).save(tmp_path / "zero_one.png")
+    Image.fromarray(labels * 255).convert("RGB").save(tmp_path / "rgb.png")
+    for name in ("palette.png", "zero_one.png", "rgb.png"):
+        np.testing.assert_array_equal(granule_data.read_mask(tmp_path / name, (12, 16), tmp_path / "x.tif"), labels)
+    cv2.imwrite(str(tmp_path / "deep.png"), (labels.astype(np.uint16) * 4000 + 100))
+    deep = read_image(tmp_path / "deep.png")
+    assert deep.dtype == np.uint16 and deep.max() == 4100
+
+
+def test_presets_fill_what_the_command_line_leaves_open():
+    parse = granule_train.get_args_parser().parse_args
+    cpu = torch.device("cpu")
+    improved = granule_train.resolve_args(parse(["--images", "i", "--masks", "m", "--preset", "improved"]), cpu)
+    assert (improved.epochs, improved.early_stopping_patience, improved.crops_per_image) == (75, 15, 3)
+    assert (improved.features, improved.selection_metric, improved.image_size, improved.lr) == (
+        "clahe",
+        "dice",
+        256,
+        1e-4,
+    )
+    robust = granule_train.resolve_args(parse(["--images", "i", "--masks", "m", "--epochs", "7"]), cpu)
+    assert (robust.epochs, robust.early_stopping_patience, robust.crops_per_image) == (7, 30, 5)
+    assert (robust.features, robust.selection_metric, robust.use_mixed_precision) == ("multiscale", "f1", False)
+    assert len(granule_data.build_augmentation("robust")) > len(granule_data.build_augmentation("improved"))
+    with pytest.raises(SystemExit, match="--save_every 0"):
+        granule_train.resolve_args(parse(["--images", "i", "--masks", "m", "--save_every", "0"]), cpu)
 
 
 def test_crops_of_small_images_are_reflect_padded():
@@ -116,17 +171,17 @@ def test_sixteen_bit_images_are_normalised_not_truncated():
     rng = np.random.default_rng(0)
     image, mask = synthetic_cell_image(rng, (128, 128))
     assert image.dtype == np.uint16 and image.max() > 255  # truncation to 8 bits would saturate
-    features = compute_features(image, "robust")
+    features = compute_features(image, "multiscale")
     assert features.shape == (4, 128, 128) and features.dtype == np.float32
     assert 0 <= features.min() and features.max() <= 1 and features[0].std() > 0.05
     granules = features[0][mask > 0].mean()
     assert granules > features[0][mask == 0].mean() + 0.2  # granules are the bright structures
-    assert compute_features(image, "improved").shape == (2, 128, 128)
+    assert compute_features(image, "clahe").shape == (2, 128, 128)
 
 
 def test_balanced_sampler_weights_and_ddp_shards():
     samples = [
-        make_sample(str(i), np.zeros((1, 20, 20)), m, 16)
+        make_sample(str(i), "unused.npy", m, 16)
         for i, m in enumerate(
             [np.zeros((20, 20), np.uint8)] + [np.pad(np.ones((k, k), np.uint8), (0, 20 - k)) for k in (2, 3, 4, 8, 9)]
         )
@@ -165,6 +220,20 @@ def test_tiled_probability_on_images_larger_and_smaller_than_a_tile():
         features = np.random.default_rng(0).random(shape).astype(np.float32)
         probability = predict_probability(model, features, tile=64, overlap=16)
         assert probability.shape == shape[1:] and (0 <= probability).all() and (probability <= 1).all()
+    pointwise = torch.nn.Conv2d(2, 1, 1)
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = pointwise
+
+        def forward(self, x):
+            return self.conv(x)
+
+    features = np.random.default_rng(1).random((2, 150, 200)).astype(np.float32)
+    with torch.no_grad():
+        direct = pointwise(torch.from_numpy(features)[None]).sigmoid()[0, 0].numpy()
+    np.testing.assert_allclose(predict_probability(Pointwise(), features, tile=64, overlap=16), direct, atol=1e-5)
     labels = granules_from_probability(np.pad(np.ones((4, 4)), 3) * 0.9 + np.pad(np.ones((3, 3)), (0, 7)) * 0.9)
     assert labels.max() == 1  # the 9 px speck is below min_size 15, the 16 px granule stays
 
@@ -242,6 +311,13 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
     assert len(resumed) == 2
     assert resumed[1]["train"]["loss"] == pytest.approx(expected[1]["train"]["loss"], rel=1e-6)
     assert resumed[1]["val"]["pixel"]["dice"] == pytest.approx(expected[1]["val"]["pixel"]["dice"], rel=1e-6, abs=1e-9)
+    if workers == 0:  # a finished run can be extended with a larger --epochs
+        granule_train.main(
+            granule_train.get_args_parser().parse_args(["--resume", str(cut), "--epochs", "3", "--num_workers", "0"])
+        )
+        assert len(json.loads((cut / "training_history.json").read_text())) == 3
+        with pytest.raises(SystemExit, match="resume from a run's last.pth"):
+            granule_train.main(granule_train.get_args_parser().parse_args(["--resume", str(cut / "best_model.pth")]))
 
 
 def test_torchrun_two_cpu_processes(tmp_path, data):
@@ -269,6 +345,7 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     (run,) = (tmp_path / "metrics").glob("robust_*")  # only rank 0 writes
     history = json.loads((run / "training_history.json").read_text())
     assert history[0]["val"]["images"] == 1  # the one validation image, scored once over both ranks
+    assert np.isfinite(history[0]["train"]["loss"])  # each rank trained on its share of the crops
 
 
 def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
@@ -294,7 +371,7 @@ def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path):
+def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
@@ -304,27 +381,29 @@ def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path):
     cv2.imwrite(str(masks / "big.png"), big_mask)
     tifffile.imwrite(images / "small.tif", big[:40, :50])
     cv2.imwrite(str(masks / "small.png"), big_mask[:40, :50])
-    out = granule_evaluate.main(
-        granule_evaluate.get_args_parser().parse_args(
-            [
-                str(robust_run),
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
-                "--pixel_size",
-                "0.1",
-                "--tile_size",
-                "64",
-                "--overlap",
-                "16",
-                "--threshold",
-                "0.3",
-                "--min_size",
-                "1",
-            ]
-        )
-    )
+    truth = {name: (cv2.imread(str(masks / f"{name}.png"), cv2.IMREAD_UNCHANGED) > 0) for name in ("big", "small")}
+
+    def oracle(model, features, tile, overlap):  # predicts the true mask, so there is something to count
+        (name,) = [n for n, m in truth.items() if m.shape == features.shape[1:]]
+        return truth[name].astype(np.float32)
+
+    monkeypatch.setattr(granule_evaluate, "predict_probability", oracle)
+    argv = [
+        str(robust_run),
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--pixel_size",
+        "0.1",
+        "--tile_size",
+        "64",
+        "--overlap",
+        "16",
+        "--min_size",
+        "1",
+    ]
+    out = granule_evaluate.main(granule_evaluate.get_args_parser().parse_args(argv))
     import pandas as pd
 
     granules = pd.read_csv(out / "granules.csv")
@@ -333,12 +412,13 @@ def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path):
         saved = tifffile.imread(out / "masks" / f"{name}.tif")
         assert saved.shape == shape and set(np.unique(saved)) <= {0, 255}
         _, components = ndimage.label(saved > 0, structure=np.ones((3, 3)))
-        assert (granules["image"] == f"{name}.tif").sum() == components
+        assert components > 0 and (granules["image"] == f"{name}.tif").sum() == components
         row = summary[summary["image"] == f"{name}.tif"].iloc[0]
         assert row["granules"] == components and row["area_fraction"] == pytest.approx((saved > 0).mean())
     assert np.allclose(granules["area_um2"], granules["area_px"] * 0.01)
     report = json.loads((out / "evaluation_report.json").read_text())
     assert report["images"] == 2 and {"pixel", "object"} <= set(report)
+    assert report["pixel"]["dice"] == pytest.approx(1.0) and report["object"]["f1"] == pytest.approx(1.0)
 
 
 def test_visualize_predictions_and_sizes(robust_run):
