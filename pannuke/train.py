@@ -553,6 +553,9 @@ def main(args):
             model, ema, criterion, optimizer, scheduler, scaler, train_loader, device, epoch, args, state
         )
         evaluated = ema.module if ema is not None else unwrap(model)
+        if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
+            for buffer in evaluated.buffers():
+                dist.broadcast(buffer, 0)
         val_stats = validate(evaluated, val_criterion, val_loader, device, args)
         if swa is not None and epoch + 1 >= args.swa_start_epoch:
             swa.update_parameters(unwrap(model))
