@@ -1,0 +1,360 @@
+"""APTOS-style fundus data: the labels CSV and image folder, the preprocessing cache, the dataset and its
+augmentations, the stratified split, and synthetic fundus photographs for --demo.
+
+On disk (see ../shared/DATA_FORMATS.md):
+    DATA/train.csv                    id_code,diagnosis   (0 No DR, 1 Mild, 2 Moderate, 3 Severe, 4 Proliferative)
+    DATA/train_images/<id_code>.png   (or .jpg/.jpeg), large photos with a black border
+
+Decoding a 2000-3000 px JPEG/PNG takes longer than a training step, so every image is preprocessed and resized
+once into a cache of small PNGs (`--cache-dir`, keyed by the preprocessing settings and the source file's size
+and modification time); later epochs and later runs read only those.
+
+Preprocessing (`preprocess`): pad to a square and resize; with `--medical-preprocess`, first crop the black
+border (grey level <= 7) and cut to the fundus circle, and after resizing apply CLAHE on the L channel; with
+`--ben-graham`, Ben Graham's 4 * image - 4 * GaussianBlur(image) + 128 (sigma = size / 30, his choice for
+radius-normalised photos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+
+from common.preprocessing import ben_graham, circle_crop, clahe, crop_black_border
+
+GRADES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 1
+APTOS_COUNTS = (1805, 370, 999, 193, 295)  # APTOS 2019 training set, grades 0-4
+
+
+class DataError(SystemExit):
+    """A problem with the user's data; the message names the row or file. Exits non-zero when not caught."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels and images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    id_code: str
+    path: Path
+    diagnosis: int | None
+
+
+def find_image(img_dir: Path, id_code: str) -> Path | None:
+    for suffix in (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):
+        path = img_dir / f"{id_code}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_labels(
+    labels_csv: str | Path, img_dir: str | Path, num_classes: int = 5, skip_bad_rows: bool = False, log=print
+) -> list[Record]:
+    """Rows of an APTOS CSV with their image files. A missing column is an error; a label outside
+    0..num_classes-1 or an id without an image is an error naming the row, or with skip_bad_rows a skipped row
+    (the count is reported)."""
+    labels_csv, img_dir = Path(labels_csv), Path(img_dir)
+    if not labels_csv.is_file():
+        raise DataError(f"--labels-csv {labels_csv}: no such file")
+    if not img_dir.is_dir():
+        raise DataError(f"--img-dir {img_dir}: no such folder")
+    try:
+        table = pd.read_csv(labels_csv, dtype={"id_code": str})
+    except Exception as error:
+        raise DataError(f"{labels_csv}: not a readable CSV ({error})") from None
+    missing = [c for c in ("id_code", "diagnosis") if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{labels_csv} lacks the column(s) {missing}; found {list(table.columns)} (expected id_code,diagnosis)"
+        )
+    if table.empty:
+        raise DataError(f"{labels_csv} has no rows")
+    records, problems = [], []
+    for row_number, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        where = f"{labels_csv} line {row_number} (id_code {row.id_code})"
+        try:
+            grade = int(row.diagnosis)
+            if grade != row.diagnosis or not 0 <= grade < num_classes:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"{where}: diagnosis {row.diagnosis!r} is not a grade in 0..{num_classes - 1}")
+            continue
+        path = find_image(img_dir, str(row.id_code))
+        if path is None:
+            problems.append(f"{where}: no image {row.id_code}.png/.jpg/.jpeg in {img_dir}")
+            continue
+        records.append(Record(str(row.id_code), path, grade))
+    if problems and not skip_bad_rows:
+        raise DataError(f"{len(problems)} bad row(s), e.g. {problems[0]}; fix them or pass --skip-bad-rows")
+    if problems:
+        log(f"skipped {len(problems)} bad row(s), e.g. {problems[0]}")
+    if not records:
+        raise DataError(f"{labels_csv}: no usable row")
+    return records
+
+
+def read_folder(img_dir: str | Path) -> list[Record]:
+    """Every image of a folder, unlabelled (for predictions in the Kaggle submission format)."""
+    img_dir = Path(img_dir)
+    if not img_dir.is_dir():
+        raise DataError(f"--img-dir {img_dir}: no such folder")
+    records = [Record(p.stem, p, None) for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not records:
+        raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return records
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{path}: cannot read the image (corrupt or not an image)")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.max() <= 7:
+        raise DataError(f"{path}: the image is all black (no fundus to grade)")
+    return image
+
+
+def stratified_split(records: list[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Train/validation split that keeps the grade proportions (scikit-learn), reproducible from seed."""
+    labels = [r.diagnosis for r in records]
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None  # a grade with one image cannot be split
+    train, val = train_test_split(records, test_size=val_split, random_state=seed, stratify=stratify)
+    return list(train), list(val)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing and its cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def square_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square with black (centred), then resize: the disc keeps its shape."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(padded, (size, size), interpolation=interpolation)
+
+
+def preprocess(image: np.ndarray, size: int, medical: bool = False, ben: bool = False) -> np.ndarray:
+    """uint8 RGB (size, size, 3), see the module docstring."""
+    if medical:
+        image = circle_crop(crop_black_border(image))
+    image = square_resize(image, size)
+    if medical:
+        image = clahe(image, clip_limit=2.0, tile_grid_size=(8, 8))
+    if ben:
+        image = ben_graham(image, sigma=max(size / 30, 1.0))
+    return image
+
+
+def cache_settings(args) -> dict:
+    return {
+        "size": args.image_size,
+        "medical": bool(args.medical_preprocess),
+        "ben": bool(args.ben_graham),
+        "version": CACHE_VERSION,
+    }
+
+
+def cached_image(record: Record, settings: dict, cache_dir: Path) -> np.ndarray:
+    """The preprocessed image of a record: from the cache, or computed and stored there (atomically)."""
+    stat = record.path.stat()
+    key = json.dumps(
+        {**settings, "file": str(record.path.resolve()), "bytes": stat.st_size, "mtime": stat.st_mtime_ns},
+        sort_keys=True,
+    )
+    path = Path(cache_dir) / f"{record.id_code}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.png"
+    if path.is_file():
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is not None:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = preprocess(read_rgb(record.path), settings["size"], settings["medical"], settings["ben"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    os.replace(tmp, path)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset and augmentations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_augmentation(advanced: bool) -> A.Compose:
+    """--advanced-aug: rotation, flips, transpose, optical/grid distortion, CLAHE, colour jitter, brightness,
+    Gaussian noise/blur, coarse dropout. Otherwise flips only (a fundus has no preferred orientation)."""
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if not advanced:
+        return A.Compose(flips)
+    return A.Compose(
+        [
+            A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, p=0.7),
+            *flips,
+            A.Transpose(p=0.5),
+            A.OneOf([A.OpticalDistortion(distort_limit=0.1), A.GridDistortion(distort_limit=0.1)], p=0.3),
+            A.CLAHE(clip_limit=(1, 3), p=0.2),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+            A.RandomBrightnessContrast(0.1, 0.1, p=0.3),
+            A.OneOf([A.GaussNoise(std_range=(0.01, 0.04)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
+            A.CoarseDropout(
+                num_holes_range=(1, 6), hole_height_range=(0.03, 0.08), hole_width_range=(0.03, 0.08), p=0.3
+            ),
+        ]
+    )
+
+
+class FundusDataset(torch.utils.data.Dataset):
+    """(image (3, S, S) float32 ImageNet-normalised, label or -1, index) from the preprocessing cache.
+
+    Augmentation is seeded per item from (epoch seed, index) when `set_epoch_seed` was called, so an epoch is
+    the same whichever loader worker draws an item (exact --resume)."""
+
+    def __init__(self, records: list[Record], settings: dict, cache_dir: Path, augment: str | None = None):
+        self.records, self.settings, self.cache_dir = records, settings, Path(cache_dir)
+        self.transform = None if augment is None else build_augmentation(augment == "advanced")
+        self.seed = None
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        image = cached_image(record, self.settings, self.cache_dir)
+        if self.transform is not None:
+            if self.seed is not None:
+                self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0]))
+            image = self.transform(image=image)["image"]
+        tensor = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return {
+            "image": torch.from_numpy(tensor.transpose(2, 0, 1).astype(np.float32)),
+            "label": -1 if record.diagnosis is None else record.diagnosis,
+            "index": i,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic fundus photographs for --demo and tests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _vessels(
+    image: np.ndarray,
+    centre: tuple[int, int],
+    radius: int,
+    rng: np.random.Generator,
+    count: int,
+    width: int,
+    colour,
+    tortuous: bool = False,
+) -> None:
+    for _ in range(count):
+        angle = rng.uniform(0, 2 * np.pi)
+        point = np.array(centre, float)
+        points = [point.copy()]
+        for _ in range(14):
+            angle += rng.normal(0, 0.6 if tortuous else 0.15)
+            point += (radius / (6 if tortuous else 12)) * np.array([np.cos(angle), np.sin(angle)])
+            points.append(point.copy())
+        cv2.polylines(image, [np.array(points, np.int32)], False, colour, width, cv2.LINE_AA)
+
+
+def synthetic_fundus(grade: int, rng: np.random.Generator, size: tuple[int, int] = (400, 480)) -> np.ndarray:
+    """An RGB fundus-like photo whose grade follows its lesions: 0 none; 1 a few microaneurysms (tiny dark red
+    dots); 2 more microaneurysms, blot haemorrhages and hard exudates (yellow); 3 many haemorrhages and exudates;
+    4 as 3 plus new vessels (fine, tortuous) at the optic disc. Orange-red disc on black with a bright optic
+    disc, vessels and uneven illumination; width/height vary like real photos, with a black border."""
+    h, w = size
+    image = np.zeros((h, w, 3), np.uint8)
+    radius = int(min(h, w) * rng.uniform(0.42, 0.48))
+    centre = (w // 2 + int(rng.integers(-10, 11)), h // 2 + int(rng.integers(-10, 11)))
+    base = np.array([200, 90, 40]) + rng.normal(0, 12, 3)
+    cv2.circle(image, centre, radius, tuple(int(v) for v in np.clip(base, 0, 255)), -1, cv2.LINE_AA)
+    disc = (centre[0] + int(radius * rng.choice([-0.45, 0.45])), centre[1] + int(rng.integers(-20, 21)))
+    _vessels(image, disc, radius, rng, 6, max(2, radius // 60), (140, 40, 25))
+    cv2.circle(image, disc, max(radius // 7, 4), (250, 220, 150), -1, cv2.LINE_AA)
+    small = max(radius // 120, 1)
+    counts = {  # microaneurysms, haemorrhages, exudates, new-vessel tufts
+        0: (0, 0, 0, 0),
+        1: (int(rng.integers(3, 7)), 0, 0, 0),
+        2: (int(rng.integers(8, 15)), 3, 4, 0),
+        3: (int(rng.integers(12, 20)), 12, 10, 0),
+        4: (int(rng.integers(12, 20)), 10, 8, 3),
+    }[grade]
+
+    def inside():
+        r, a = radius * 0.85 * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+        return int(centre[0] + r * np.cos(a)), int(centre[1] + r * np.sin(a))
+
+    for _ in range(counts[0]):
+        cv2.circle(image, inside(), small + 1, (110, 20, 15), -1, cv2.LINE_AA)
+    for _ in range(counts[1]):
+        cv2.ellipse(
+            image,
+            inside(),
+            (int(rng.integers(3, 8)) * small, int(rng.integers(3, 8)) * small),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            (120, 25, 15),
+            -1,
+            cv2.LINE_AA,
+        )
+    for _ in range(counts[2]):
+        cv2.circle(image, inside(), int(rng.integers(1, 4)) * small + 1, (235, 215, 90), -1, cv2.LINE_AA)
+    if counts[3]:
+        _vessels(image, disc, radius // 2, rng, 6 * counts[3], 1, (170, 30, 30), tortuous=True)
+    yy, xx = np.mgrid[:h, :w]
+    light = 1.1 - 0.35 * np.hypot(xx - centre[0], yy - centre[1]) / radius
+    image = image.astype(np.float32) * light[..., None] + rng.normal(0, 3, image.shape)
+    fundus = np.hypot(xx - centre[0], yy - centre[1]) <= radius
+    image[~fundus] = rng.uniform(0, 4)  # the black border
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_demo_dataset(root: str | Path, n_images: int = 240, seed: int = 0) -> Path:
+    """n_images synthetic photos with the APTOS grade proportions, at a few sizes, as train_images/<id>.png and
+    train.csv. Skips writing when the same set exists already."""
+    root = Path(root)
+    marker = root / "demo.json"
+    settings = {"n_images": n_images, "seed": seed, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return root
+    rng = np.random.default_rng(seed)
+    shares = np.array(APTOS_COUNTS) / sum(APTOS_COUNTS)
+    grades = np.repeat(np.arange(5), np.maximum(2, np.round(shares * n_images).astype(int)))
+    rng.shuffle(grades)
+    (root / "train_images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, grade in enumerate(grades):
+        size = [(300, 360), (360, 480), (420, 420)][i % 3]
+        id_code = f"demo{i:04d}"
+        image = synthetic_fundus(int(grade), rng, size)
+        cv2.imwrite(str(root / "train_images" / f"{id_code}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        rows.append({"id_code": id_code, "diagnosis": int(grade)})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    marker.write_text(json.dumps(settings))
+    return root

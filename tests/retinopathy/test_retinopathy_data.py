@@ -1,0 +1,118 @@
+"""retinopathy/data.py: the labels CSV, preprocessing and its cache, the split, the dataset, synthetic fundi."""
+
+import argparse
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import retinopathy.data as fundus_data
+from retinopathy.data import (
+    APTOS_COUNTS,
+    FundusDataset,
+    cache_settings,
+    cached_image,
+    preprocess,
+    read_labels,
+    read_rgb,
+    stratified_split,
+    synthetic_fundus,
+    write_demo_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("fundus") / "data", n_images=60)
+
+
+def test_demo_set_has_the_aptos_imbalance_and_reads_back(demo):
+    records = read_labels(demo / "train.csv", demo / "train_images")
+    counts = np.bincount([r.diagnosis for r in records], minlength=5)
+    assert len(records) == counts.sum() and counts.argmax() == 0 and counts[2] > counts[1]
+    expected = np.array(APTOS_COUNTS) / sum(APTOS_COUNTS)
+    assert np.abs(counts / counts.sum() - expected).max() < 0.06
+    sizes = {read_rgb(r.path).shape[:2] for r in records[:6]}
+    assert len(sizes) > 1  # photos of several sizes
+
+
+def test_synthetic_grades_follow_their_lesions():
+    rng = np.random.default_rng(0)
+
+    def exudate_pixels(grade):
+        image = synthetic_fundus(grade, rng, (300, 300)).astype(int)
+        # hard exudates are yellow: much less blue than green (the pale optic disc has more)
+        yellow = (image[..., 0] > 150) & (image[..., 1] > 130) & (image[..., 2] < 0.55 * image[..., 1])
+        return int(yellow.sum())
+
+    median = {grade: np.median([exudate_pixels(grade) for _ in range(6)]) for grade in range(5)}
+    assert median[0] < 20 and median[1] < 20  # no exudates below moderate (a few disc-edge pixels at most)
+    assert min(median[2], median[3], median[4]) > 100 and median[3] > median[2]
+
+
+def test_medical_preprocessing_keeps_the_disc_and_drops_the_border():
+    rng = np.random.default_rng(1)
+    photo = synthetic_fundus(2, rng, (300, 400))
+    wide = cv2.copyMakeBorder(photo, 40, 40, 200, 200, cv2.BORDER_CONSTANT, value=0)  # a real-looking black frame
+    out = preprocess(wide, 128, medical=True)
+    assert out.shape == (128, 128, 3) and out.dtype == np.uint8
+    grey = out.mean(-1)
+    yy, xx = np.mgrid[:128, :128]
+    radius = np.hypot(yy - 63.5, xx - 63.5)
+    assert grey[radius < 55].min() > 20  # the disc fills the frame: no black inside it
+    assert grey[radius > 66].max() < 20  # only the corners outside the circle are black
+    plain = preprocess(wide, 128)
+    assert (plain.mean(-1) > 20).mean() < 0.5  # without the crop, the frame would waste most of the pixels
+    assert preprocess(wide, 64, medical=True, ben=True).shape == (64, 64, 3)
+
+
+def test_the_cache_is_hit_on_the_second_read(demo, tmp_path, monkeypatch):
+    records = read_labels(demo / "train.csv", demo / "train_images")[:4]
+    settings = cache_settings(argparse.Namespace(image_size=64, medical_preprocess=True, ben_graham=False))
+    calls = []
+    original = fundus_data.read_rgb
+    monkeypatch.setattr(fundus_data, "read_rgb", lambda path: calls.append(path) or original(path))
+    dataset = FundusDataset(records, settings, tmp_path / "cache", augment="advanced")
+    first = [dataset[i]["image"] for i in range(4)]
+    assert len(calls) == 4
+    dataset.set_epoch_seed(3)
+    second = [dataset[i]["image"] for i in range(4)]  # a second epoch: cache hits, no decoding
+    assert len(calls) == 4 and all(a.shape == b.shape == (3, 64, 64) for a, b in zip(first, second, strict=True))
+    assert torch.equal(dataset[2]["image"], dataset[2]["image"])  # (epoch seed, index) fixes the augmentation
+    other = cache_settings(argparse.Namespace(image_size=64, medical_preprocess=False, ben_graham=False))
+    cached_image(records[0], other, tmp_path / "cache")
+    assert len(calls) == 5  # other settings, another cache entry
+
+
+def test_stratified_split_keeps_the_grade_shares(demo):
+    records = read_labels(demo / "train.csv", demo / "train_images")
+    train, val = stratified_split(records, 0.2, 42)
+    assert len(val) == pytest.approx(0.2 * len(records), abs=1)
+    assert {r.id_code for r in train}.isdisjoint(r.id_code for r in val)
+    assert set(r.diagnosis for r in val) == set(range(5))
+    assert [r.id_code for r in stratified_split(records, 0.2, 42)[1]] == [r.id_code for r in val]
+
+
+def test_bad_rows_and_images_are_named(demo, tmp_path):
+    table = pd.read_csv(demo / "train.csv", dtype={"id_code": str})
+    table.drop(columns="diagnosis").to_csv(tmp_path / "no_column.csv", index=False)
+    with pytest.raises(SystemExit, match=r"lacks the column\(s\) \['diagnosis'\]"):
+        read_labels(tmp_path / "no_column.csv", demo / "train_images")
+    bad = table.copy()
+    bad.loc[3, "diagnosis"] = 7
+    bad.loc[5, "id_code"] = "missing_photo"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(SystemExit, match=r"2 bad row\(s\), e.g. .*bad.csv line 5 .*diagnosis 7 is not a grade"):
+        read_labels(tmp_path / "bad.csv", demo / "train_images")
+    said = []
+    records = read_labels(tmp_path / "bad.csv", demo / "train_images", skip_bad_rows=True, log=said.append)
+    assert len(records) == len(table) - 2 and "skipped 2 bad row(s)" in said[0]
+
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((50, 50, 3), np.uint8))
+    with pytest.raises(SystemExit, match="black.png: the image is all black"):
+        read_rgb(tmp_path / "black.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(SystemExit, match="broken.jpg: cannot read"):
+        read_rgb(tmp_path / "broken.jpg")
