@@ -26,8 +26,9 @@ from torchvision.ops import sigmoid_focal_loss
 
 def target_like(logits: Tensor, target: Tensor) -> Tensor:
     """The target in the logits' shape (N, C, *S) and float32: one-hot from class indices, a channel added to
-    binary masks. Class indices may also come as (N, 1, *S), as MONAI and some loaders give them."""
-    if logits.ndim < 3:
+    binary masks. Class indices may also come as (N, 1, *S), as MONAI and some loaders give them. S may be
+    empty: (N, C) logits of image classification with (N,) labels."""
+    if logits.ndim < 2:
         raise ValueError(f"logits must be (N, C, *spatial), got shape {tuple(logits.shape)}")
     num_classes = logits.shape[1]
     if num_classes > 1 and target.ndim == logits.ndim and target.shape[1] == 1:

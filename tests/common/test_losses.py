@@ -401,3 +401,14 @@ def test_target_forms_give_the_same_loss():
     for form in (target.unsqueeze(1), target.float(), F.one_hot(target, 3).movedim(-1, 1)):
         assert FocalLoss()(logits, form).item() == pytest.approx(expected)
         assert DiceLoss()(logits, form).item() == pytest.approx(DiceLoss()(logits, target).item())
+
+
+def test_focal_loss_on_image_classification_logits():
+    """(N, C) logits with (N,) labels: gamma 0 is cross entropy; with gamma and alpha, the formula by hand."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    assert FocalLoss(gamma=0.0)(logits, labels) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
+    alpha = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    p = logits.softmax(1)[torch.arange(16), labels]
+    by_hand = (-alpha[labels] * (1 - p) ** 2 * p.log()).mean()
+    assert FocalLoss(gamma=2.0, alpha=alpha.tolist())(logits, labels) == pytest.approx(float(by_hand), rel=1e-5)

@@ -1,0 +1,515 @@
+"""Train a 5-grade diabetic-retinopathy classifier on APTOS-style fundus photographs.
+
+    python retinopathy/train.py --demo                                       # synthetic fundi, about 2 min on a CPU
+    python retinopathy/train.py --labels-csv DATA/train.csv --img-dir DATA/train_images \\
+        --model-name efficientnet_b3 --loss focal --medical-preprocess --advanced-aug --mixed-precision
+    python retinopathy/train.py --resume ml/models/<run>
+    torchrun --nproc_per_node=2 retinopathy/train.py --labels-csv DATA/train.csv --img-dir DATA/train_images
+
+Two stages (--two-stage, on by default): stage 1 trains only the new head for --epochs-stage1 epochs at
+--lr-stage1 with the pretrained backbone frozen; stage 2 trains everything for --epochs-stage2 epochs at
+--lr-stage2. Each stage: AdamW and cosine annealing (stepped per batch). The loss is cross entropy, class-weighted
+cross entropy or focal loss (per-class weights from the training split as alpha). The best model is chosen by
+validation quadratic weighted kappa (the APTOS metric); accuracy is reported too.
+
+Each run writes --save-dir/<model-name>_<YYYYmmdd_HHMMSS>/: config.json, best_model.pth, best_stage1.pth,
+last.pth (resume), checkpoint_epoch_N.pth (every --save-freq epochs), training_history.json, train.log.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common.losses import FocalLoss
+from common.metrics import quadratic_weighted_kappa
+from retinopathy.data import (
+    GRADES,
+    FundusDataset,
+    cache_settings,
+    read_labels,
+    stratified_split,
+    write_demo_dataset,
+)
+from retinopathy.model import MODELS, build_classifier, pick_device, set_backbone_trainable
+
+DOMAIN = "retinopathy"
+# --demo: a small synthetic set and a small network from scratch, about two minutes on two CPU cores
+DEMO = {
+    "model_name": "resnet18",
+    "pretrained": False,
+    "image_size": 128,
+    "epochs_stage1": 0,
+    "epochs_stage2": 12,
+    "lr_stage2": 1e-3,
+    "batch_size": 16,
+    "two_stage": False,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One epoch of training, one pass of validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, device, label, args):
+    """One pass over the training split; the scheduler steps per batch. Returns loss and accuracy."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
+    bar = tqdm(loader, desc=label, disable=not is_main(), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        with amp_context(device, args):
+            logits = model(images)
+        loss = criterion(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise SystemExit(
+                f"{label}: the training loss is {loss.item()}; lower the learning rate or check the images"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = len(labels)
+        totals += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+        bar.set_postfix(
+            loss=f"{totals[0] / totals[2]:.4f}",
+            acc=f"{totals[1] / totals[2]:.3f}",
+            lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+        )
+    if dist.is_initialized():
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+
+@torch.no_grad()
+def validate(model, criterion, loader, device, args) -> dict:
+    """Loss, accuracy and quadratic weighted kappa over the validation split (gathered from every rank)."""
+    model.eval()
+    labels, predictions, loss_sum = [], [], 0.0
+    with amp_context(device, args):
+        for batch in loader:
+            logits = model(batch["image"].to(device)).float()
+            target = batch["label"].to(device)
+            loss_sum += criterion(logits, target).item() * len(target)
+            labels += target.tolist()
+            predictions += logits.argmax(1).tolist()
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (labels, predictions, loss_sum))
+        labels = [v for part in gathered for v in part[0]]
+        predictions = [v for part in gathered for v in part[1]]
+        loss_sum = sum(part[2] for part in gathered)
+    labels, predictions = np.array(labels), np.array(predictions)
+    return {
+        "loss": loss_sum / len(labels),
+        "accuracy": float((labels == predictions).mean()),
+        "qwk": quadratic_weighted_kappa(labels, predictions, num_classes=args.num_classes),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setup_device() -> torch.device:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return pick_device()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def amp_dtype(device) -> torch.dtype:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def amp_context(device, args):
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if args.mixed_precision else nullcontext()
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """n / (num_classes * count_c) (scikit-learn's "balanced"); a grade absent from the split gets the largest
+    weight of the others."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    weights[counts == 0] = weights.max()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_loss(args, weights: torch.Tensor) -> nn.Module:
+    if args.loss == "ce":
+        return nn.CrossEntropyLoss()
+    if args.loss == "weighted_ce":
+        return nn.CrossEntropyLoss(weight=weights)
+    return FocalLoss(gamma=args.focal_gamma, alpha=weights.tolist())
+
+
+def stage_plan(args) -> list[dict]:
+    """The stages to run: (name, epochs, lr, backbone trainable)."""
+    plan = []
+    if args.two_stage and args.epochs_stage1 > 0:
+        plan.append({"name": "stage1", "epochs": args.epochs_stage1, "lr": args.lr_stage1, "backbone": False})
+    plan.append({"name": "stage2", "epochs": args.epochs_stage2, "lr": args.lr_stage2, "backbone": True})
+    return plan
+
+
+def make_optimizer(model, stage, args, steps_per_epoch):
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=stage["lr"], weight_decay=args.weight_decay)
+    # cosine from lr to lr / 100 over the stage, stepped per batch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(stage["epochs"] * steps_per_epoch, 1), eta_min=stage["lr"] / 100
+    )
+    return optimizer, scheduler
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def new_run_dir(save_dir: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for attempt in range(1, 1000):
+        run = save_dir / (f"{name}_{stamp}" + (f"_{attempt}" if attempt > 1 else ""))
+        try:
+            run.mkdir(parents=True)
+            return run
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new run folder in {save_dir}")
+
+
+def resolve_args(args) -> argparse.Namespace:
+    if args.demo:
+        for key, value in DEMO.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    defaults = {
+        "model_name": "resnet50",
+        "pretrained": True,
+        "image_size": 224,
+        "epochs_stage1": 5,
+        "epochs_stage2": 25,
+        "lr_stage2": 1e-4,
+        "batch_size": 32,
+        "two_stage": True,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.demo and not (args.labels_csv and args.img_dir):
+        raise SystemExit("give --labels-csv and --img-dir (APTOS train.csv and its image folder), or --demo")
+    for key in ("epochs_stage2", "batch_size", "save_freq", "image_size"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least 1")
+    if not 0 < args.val_split < 1:
+        raise SystemExit(f"--val-split {args.val_split} must lie between 0 and 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    device = setup_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler(sys.stdout)], force=True
+    )
+    log = logging.info if is_main() else (lambda *a: None)
+    resume = None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.pth" if path.is_dir() else path
+        if path.name != "last.pth" or not path.is_file():
+            raise SystemExit(f"--resume {args.resume}: give a run folder or its last.pth")
+        resume = torch.load(path, map_location="cpu", weights_only=True)
+        if resume.get("domain") != DOMAIN or "optimizer" not in resume:
+            raise SystemExit(f"--resume {path}: not a retinopathy training checkpoint (last.pth of a run)")
+        stored = argparse.Namespace(**resume["args"])
+        stored.resume, stored.num_workers = str(path), args.num_workers
+        args = stored
+    else:
+        args = resolve_args(args)
+
+    if args.demo and args.labels_csv is None:
+        root = Path(args.save_dir) / "demo_data" / "v1_240"
+        if is_main():
+            write_demo_dataset(root)
+        if dist.is_initialized():
+            dist.barrier()
+        args.labels_csv, args.img_dir = str(root / "train.csv"), str(root / "train_images")
+    args.labels_csv, args.img_dir = str(Path(args.labels_csv).resolve()), str(Path(args.img_dir).resolve())
+    args.save_dir = str(Path(args.save_dir).resolve())
+    args.cache_dir = str(Path(args.cache_dir or Path(args.save_dir) / "cache").resolve())
+    records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, log)
+    train_records, val_records = stratified_split(records, args.val_split, args.random_seed)
+    train_labels = [r.diagnosis for r in train_records]
+    weights = class_weights(train_labels, args.num_classes)
+    torch.manual_seed(args.random_seed)  # the new head (and, without --pretrained, the backbone) starts the same
+    model = build_classifier(args.model_name, args.num_classes, args.pretrained)  # may need a download: before
+    model_args = {"name": args.model_name, "num_classes": args.num_classes, "pretrained": False}  # any folder
+
+    run_dir = Path(args.resume).parent if resume is not None else None
+    if resume is None and is_main():
+        run_dir = new_run_dir(Path(args.save_dir), args.model_name)
+        args.run_dir = str(run_dir)
+        write_json(run_dir / "config.json", vars(args))
+    if is_main():
+        logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
+        gpu = (
+            f"{torch.cuda.get_device_name(device)}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f}"
+            f" GiB"
+            if device.type == "cuda"
+            else device.type
+        )
+        log("=" * 72)
+        log(f"retinopathy training  run folder {run_dir}")
+        log(
+            f"model {args.model_name} (pretrained: {args.pretrained})  image {args.image_size}px  batch "
+            f"{args.batch_size} x {world} process(es)  loss {args.loss}  device {gpu}"
+        )
+        log(
+            f"preprocessing: medical {args.medical_preprocess}, Ben Graham {args.ben_graham}, advanced aug "
+            f"{args.advanced_aug}, mixed precision {args.mixed_precision}"
+        )
+        log("=" * 72)
+        train_counts = np.bincount(train_labels, minlength=args.num_classes)
+        val_counts = np.bincount([r.diagnosis for r in val_records], minlength=args.num_classes)
+        for grade, name in enumerate(GRADES[: args.num_classes]):
+            log(
+                f"  grade {grade} {name:<17} train {train_counts[grade]:>5}  val {val_counts[grade]:>5}  class "
+                f"weight {weights[grade]:.3f}"
+            )
+
+    settings = cache_settings(args)
+    augment = "advanced" if args.advanced_aug else "flips"
+    train_set = FundusDataset(train_records, settings, Path(args.cache_dir), augment=augment)
+    val_set = FundusDataset(val_records[rank::world], settings, Path(args.cache_dir))
+    generator = torch.Generator()
+    sampler = DistributedSampler(train_set, seed=args.random_seed, drop_last=True) if dist.is_initialized() else None
+    loader_args = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(train_set) // world > args.batch_size,
+        **loader_args,
+    )
+    val_loader = DataLoader(val_set, args.batch_size, **loader_args)
+
+    model = model.to(device)
+    if dist.is_initialized():
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = build_loss(args, weights).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision and amp_dtype(device) == torch.float16)
+
+    plan = stage_plan(args)
+    total_epochs = sum(stage["epochs"] for stage in plan)
+    state = {"stage": 0, "epoch": 0, "best": -math.inf, "best_stage": -math.inf, "patience": 0, "history": []}
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        scaler.load_state_dict(resume["scaler"])
+        state = {k: resume[k] for k in state}
+        log(f"resumed from {args.resume}: {plan[state['stage']]['name']}, epoch {state['epoch'] + 1}")
+
+    def checkpoint(**extra) -> dict:
+        return {
+            "domain": DOMAIN,
+            "model_args": model_args,
+            "args": vars(args),
+            "model": unwrap(model).state_dict(),
+            **extra,
+        }
+
+    global_epoch = sum(stage["epochs"] for stage in plan[: state["stage"]]) + state["epoch"]
+    for stage_index in range(state["stage"], len(plan)):
+        stage = plan[stage_index]
+        set_backbone_trainable(unwrap(model), stage["backbone"])
+        optimizer, scheduler = make_optimizer(unwrap(model), stage, args, len(train_loader))
+        first_epoch = 0
+        if resume is not None and stage_index == resume["stage"]:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            first_epoch = resume["epoch"]
+        else:
+            state["patience"], state["best_stage"] = 0, -math.inf
+        log(
+            f"{stage['name']}: {stage['epochs']} epochs at lr {stage['lr']:.1e}, backbone "
+            f"{'trainable' if stage['backbone'] else 'frozen'}"
+        )
+        stopped = False
+        for epoch in range(first_epoch, stage["epochs"]):
+            started = time.time()
+            # Everything random in an epoch derives from (seed, global epoch), so a resumed run repeats it exactly.
+            epoch_seed = args.random_seed * 1000 + global_epoch
+            torch.manual_seed(epoch_seed + 100_003 * rank)
+            generator.manual_seed(epoch_seed)
+            train_set.set_epoch_seed(epoch_seed + 100_003 * rank)
+            if sampler is not None:
+                sampler.set_epoch(global_epoch)
+            label = f"{stage['name']} epoch {epoch + 1}/{stage['epochs']}"
+            train_stats = train_one_epoch(
+                model, criterion, optimizer, scheduler, scaler, train_loader, device, label, args
+            )
+            val_stats = validate(unwrap(model), criterion, val_loader, device, args)
+            global_epoch += 1
+            score = -math.inf if math.isnan(val_stats["qwk"]) else val_stats["qwk"]
+            improved = score > state["best"] or state["best"] == -math.inf
+            improved_stage = score > state["best_stage"] or state["best_stage"] == -math.inf
+            state["patience"] = 0 if improved_stage else state["patience"] + 1
+            state["history"].append(
+                {
+                    "epoch": global_epoch,
+                    "stage": stage["name"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "train": train_stats,
+                    "val": val_stats,
+                    "seconds": time.time() - started,
+                }
+            )
+            if is_main():
+                log(
+                    f"{label}  train loss {train_stats['loss']:.4f} acc {train_stats['accuracy']:.3f}  val loss "
+                    f"{val_stats['loss']:.4f} acc {val_stats['accuracy']:.3f} QWK {val_stats['qwk']:.4f}  "
+                    f"{time.time() - started:.0f}s"
+                )
+                if improved:
+                    save_checkpoint(run_dir / "best_model.pth", checkpoint(epoch=global_epoch, val=val_stats))
+                    log(f"  saved best model (QWK {score:.4f})")
+                if improved_stage and stage["name"] == "stage1":
+                    save_checkpoint(run_dir / "best_stage1.pth", checkpoint(epoch=global_epoch, val=val_stats))
+            state["best"] = max(state["best"], score)
+            state["best_stage"] = max(state["best_stage"], score)
+            state["epoch"] = epoch + 1
+            if is_main():
+                last = checkpoint(
+                    **state,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                )
+                save_checkpoint(run_dir / "last.pth", last)
+                if global_epoch % args.save_freq == 0:
+                    save_checkpoint(run_dir / f"checkpoint_epoch_{global_epoch}.pth", last)
+                write_json(run_dir / "training_history.json", state["history"])
+            if stage["backbone"] and state["patience"] >= args.patience:
+                log(f"early stopping: no better validation QWK for {args.patience} epochs")
+                stopped = True
+                break
+        state["stage"], state["epoch"] = stage_index + 1, 0
+        if stopped:
+            break
+    if is_main():
+        log(f"best validation QWK {state['best']:.4f} over {global_epoch} of {total_epochs} epochs; {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return run_dir
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Options left at None are filled from --demo and the defaults in brackets."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = p.add_argument
+    flag = argparse.BooleanOptionalAction
+    add("--labels-csv", "--labels_csv", dest="labels_csv", help="CSV with id_code,diagnosis")
+    add("--img-dir", "--img_dir", dest="img_dir", help="folder of <id_code>.png/.jpg/.jpeg")
+    add("--save-dir", "--save_dir", dest="save_dir", default="ml/models", help="each run gets a folder in here")
+    add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed image cache (default SAVE_DIR/cache)")
+    add("--demo", action="store_true", help="write synthetic fundus photos into SAVE_DIR/demo_data and train")
+    add("--model-name", "--model_name", dest="model_name", choices=MODELS, help="torchvision backbone [resnet50]")
+    add("--num-classes", "--num_classes", dest="num_classes", type=int, default=5, help="grades [5]")
+    add("--pretrained", action=flag, help="ImageNet weights [on; --demo: off]")
+    add("--two-stage", "--two_stage", dest="two_stage", action=flag, help="frozen-backbone stage first [on]")
+    add("--epochs-stage1", "--epochs_stage1", dest="epochs_stage1", type=int, help="head-only epochs [5]")
+    add("--epochs-stage2", "--epochs_stage2", dest="epochs_stage2", type=int, help="full-network epochs [25]")
+    add("--lr-stage1", "--lr_stage1", dest="lr_stage1", type=float, default=1e-3, help="stage 1 lr [1e-3]")
+    add("--lr-stage2", "--lr_stage2", dest="lr_stage2", type=float, help="stage 2 lr [1e-4]")
+    add("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-4, help="AdamW [1e-4]")
+    add("--loss", choices=["ce", "weighted_ce", "focal"], default="focal", help="loss [focal]")
+    add("--focal-gamma", "--focal_gamma", dest="focal_gamma", type=float, default=2.0, help="focal gamma [2.0]")
+    add("--advanced-aug", "--advanced_aug", dest="advanced_aug", action="store_true", help="full augmentation")
+    add(
+        "--medical-preprocess",
+        "--medical_preprocess",
+        dest="medical_preprocess",
+        action="store_true",
+        help="black-border and circle crop, then CLAHE",
+    )
+    add("--ben-graham", "--ben_graham", dest="ben_graham", action="store_true", help="Ben Graham's local average")
+    add("--image-size", "--image_size", dest="image_size", type=int, help="input size [224]")
+    add(
+        "--mixed-precision",
+        "--mixed_precision",
+        dest="mixed_precision",
+        action="store_true",
+        help="autocast (bf16, or fp16 with a GradScaler)",
+    )
+    add("--batch-size", "--batch_size", dest="batch_size", type=int, help="images per batch and process [32]")
+    add("--num-workers", "--num_workers", dest="num_workers", type=int, default=4, help="loader workers [4]")
+    add("--patience", type=int, default=10, help="stage-2 epochs without a better QWK before stopping [10]")
+    add("--save-freq", "--save_freq", dest="save_freq", type=int, default=5, help="checkpoint every N epochs [5]")
+    add("--val-split", "--val_split", dest="val_split", type=float, default=0.2, help="validation share [0.2]")
+    add("--random-seed", "--random_seed", dest="random_seed", type=int, default=42, help="seed [42]")
+    add(
+        "--skip-bad-rows",
+        "--skip_bad_rows",
+        dest="skip_bad_rows",
+        action="store_true",
+        help="skip CSV rows with a bad grade or no image (the count is reported)",
+    )
+    add("--resume", help="a run folder or its last.pth")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,105 @@
+"""retinopathy/train.py: two-stage freezing, each loss, resume equivalence, the outputs of a run."""
+
+import json
+
+import pytest
+import torch
+
+from retinopathy import train as fundus_train
+from retinopathy.data import write_demo_dataset
+from retinopathy.model import build_classifier, set_backbone_trainable
+
+TINY = [
+    "--model-name",
+    "resnet18",
+    "--no-pretrained",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--epochs-stage1",
+    "1",
+    "--epochs-stage2",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("fundus_train") / "data", n_images=40)
+
+
+def train(tmp_path, data, *extra):
+    argv = [
+        "--labels-csv",
+        str(data / "train.csv"),
+        "--img-dir",
+        str(data / "train_images"),
+        "--save-dir",
+        str(tmp_path / "models"),
+        *TINY,
+        *extra,
+    ]
+    return fundus_train.main(fundus_train.get_args_parser().parse_args(argv))
+
+
+def test_stage_one_trains_only_the_head():
+    model = build_classifier("resnet18", 5)
+    set_backbone_trainable(model, False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.conv1.weight.grad is None and model.layer4[0].conv1.weight.grad is None
+    assert model.fc.weight.grad is not None
+    set_backbone_trainable(model, True)
+    assert all(p.requires_grad for p in model.parameters())
+    effnet = build_classifier("efficientnet_b0", 5)
+    set_backbone_trainable(effnet, False)
+    assert [n for n, p in effnet.named_parameters() if p.requires_grad] == ["classifier.1.weight", "classifier.1.bias"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "weighted_ce", "focal"])
+def test_two_stage_run_with_each_loss(tmp_path, data, loss):
+    run = train(tmp_path, data, "--loss", loss, "--save-freq", "1")
+    for name in (
+        "config.json",
+        "best_model.pth",
+        "best_stage1.pth",
+        "last.pth",
+        "checkpoint_epoch_1.pth",
+        "checkpoint_epoch_2.pth",
+        "training_history.json",
+        "train.log",
+    ):
+        assert (run / name).is_file(), name
+    history = json.loads((run / "training_history.json").read_text())
+    assert [h["stage"] for h in history] == ["stage1", "stage2"]
+    assert all(-1 <= h["val"]["qwk"] <= 1 and 0 <= h["val"]["accuracy"] <= 1 for h in history)
+    stage1 = torch.load(run / "best_stage1.pth", weights_only=True)
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert stage1["domain"] == "retinopathy" and last["args"]["loss"] == loss
+    # stage 1 left the backbone as it was built; stage 2 changed it
+    assert not torch.equal(stage1["model"]["conv1.weight"], last["model"]["conv1.weight"])
+
+
+def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data, monkeypatch):
+    full = train(tmp_path / "full", data, "--epochs-stage2", "2")
+    expected = json.loads((full / "training_history.json").read_text())
+    original, calls = fundus_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the second epoch of stage 2
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fundus_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", data, "--epochs-stage2", "2")
+    monkeypatch.setattr(fundus_train, "train_one_epoch", original)
+    (cut,) = (tmp_path / "cut" / "models").glob("resnet18_*")
+    fundus_train.main(fundus_train.get_args_parser().parse_args(["--resume", str(cut), "--num-workers", "0"]))
+    resumed = json.loads((cut / "training_history.json").read_text())
+    assert [h["stage"] for h in resumed] == ["stage1", "stage2", "stage2"]
+    assert resumed[2]["train"]["loss"] == pytest.approx(expected[2]["train"]["loss"], rel=1e-6)
+    assert resumed[2]["val"]["qwk"] == pytest.approx(expected[2]["val"]["qwk"], abs=1e-9)
