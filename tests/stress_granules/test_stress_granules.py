@@ -4,6 +4,7 @@ resume, torchrun), evaluation on images of any size, figures, Windows wrappers a
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,13 @@ TINY = [
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("granules") / "data", n_images=6, size=(96, 112))
+
+
+def copy_dataset(data: Path, root: Path) -> Path:
+    """A private copy of the demo images and masks, to break one file of it."""
+    for sub in ("images", "masks"):
+        shutil.copytree(data / sub, root / sub)
+    return root
 
 
 def train(tmp_path: Path, data: Path, *extra: str) -> Path:
@@ -460,12 +468,7 @@ def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, r
     before = listing()
 
     def copy(name: str) -> Path:
-        root = tmp_path / name
-        for sub in ("images", "masks"):
-            (root / sub).mkdir(parents=True)
-            for path in (data / sub).iterdir():
-                (root / sub / path.name).write_bytes(path.read_bytes())
-        return root
+        return copy_dataset(data, tmp_path / name)
 
     def run(root: Path, *extra):
         return granule_train.main(
@@ -532,11 +535,7 @@ def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, r
 
 
 def test_unpaired_files_can_be_skipped(tmp_path, data):
-    root = tmp_path / "skip"
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-        for path in (data / sub).iterdir():
-            (root / sub / path.name).write_bytes(path.read_bytes())
+    root = copy_dataset(data, tmp_path / "skip")
     (root / "masks" / "cell_003.png").unlink()
     assert len(pair_files(root / "images", root / "masks", skip_unpaired=True, log=lambda *a: None)) == 5
 
