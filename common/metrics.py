@@ -53,7 +53,7 @@ PANNUKE_TISSUES = (
 PANNUKE_CLASSES = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
 
 
-def _nanmean(values) -> float:
+def nanmean(values) -> float:
     """Mean over the finite values; NaN (without a warning) when there are none."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
@@ -156,8 +156,8 @@ class ConfusionMatrix:
         for name in self.METRICS:
             values = per_class[name]
             scores[name] = [float(v) for v in values]
-            scores[f"mean_{name}"] = _nanmean(values)
-            scores[f"fg_mean_{name}"] = _nanmean(values[1:])
+            scores[f"mean_{name}"] = nanmean(values)
+            scores[f"fg_mean_{name}"] = nanmean(values[1:])
         return scores
 
 
@@ -422,15 +422,15 @@ def pannuke_aggregate(class_pq: np.ndarray, binary_pq: np.ndarray, types: Sequen
     types = [str(t) for t in types]
     if not len(types) == len(class_pq) == len(binary_pq):
         raise ValueError(f"{len(types)} tissue types given for {len(class_pq)} tiles")
-    mpq_per_tile = np.array([_nanmean(row) for row in class_pq])
+    mpq_per_tile = np.array([nanmean(row) for row in class_pq])
     tissues = {}
     for tissue in dict.fromkeys(types):  # first-seen order
         rows = [i for i, t in enumerate(types) if t == tissue]
-        tissues[tissue] = {"mpq": _nanmean(mpq_per_tile[rows]), "bpq": _nanmean(binary_pq[rows]), "tiles": len(rows)}
+        tissues[tissue] = {"mpq": nanmean(mpq_per_tile[rows]), "bpq": nanmean(binary_pq[rows]), "tiles": len(rows)}
     return {
-        "mpq": _nanmean([s["mpq"] for s in tissues.values()]),
-        "bpq": _nanmean([s["bpq"] for s in tissues.values()]),
-        "pq_per_class": {name: _nanmean(class_pq[:, c]) for c, name in enumerate(PANNUKE_CLASSES)},
+        "mpq": nanmean([s["mpq"] for s in tissues.values()]),
+        "bpq": nanmean([s["bpq"] for s in tissues.values()]),
+        "pq_per_class": {name: nanmean(class_pq[:, c]) for c, name in enumerate(PANNUKE_CLASSES)},
         "per_tissue": tissues,
         "mpq_per_tile": mpq_per_tile.tolist(),
         "bpq_per_tile": binary_pq.tolist(),
@@ -512,4 +512,4 @@ def roc_auc_one_vs_rest(y_true: Sequence[int], probs: np.ndarray) -> dict:
             per_class.append(float("nan"))
         else:
             per_class.append(float(roc_auc_score(positives, probs[:, c])))
-    return {"auc_per_class": per_class, "macro_auc": _nanmean(per_class)}
+    return {"auc_per_class": per_class, "macro_auc": nanmean(per_class)}

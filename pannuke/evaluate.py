@@ -36,6 +36,7 @@ from common.metrics import (
     PANNUKE_CLASSES,
     ConfusionMatrix,
     aggregated_jaccard_index,
+    nanmean,
     pannuke_aggregate,
     pannuke_tile_pq,
 )
@@ -60,11 +61,6 @@ from pannuke.model import (
 )
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
 
 
 @torch.no_grad()
@@ -101,8 +97,8 @@ def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
         rows = fold.types == tissue
         per_tissue[tissue] = {
             **stats,
-            "aji": _nanmean(aji[rows]),
-            **{f"pq_{name}": _nanmean(class_pq[rows, c]) for c, name in enumerate(PANNUKE_CLASSES)},
+            "aji": nanmean(aji[rows]),
+            **{f"pq_{name}": nanmean(class_pq[rows, c]) for c, name in enumerate(PANNUKE_CLASSES)},
         }
     return {
         "tiles": int(n),
@@ -113,7 +109,7 @@ def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
         "mpq": pq["mpq"],
         "bpq": pq["bpq"],
         "pq_per_class": pq["pq_per_class"],
-        "aji": _nanmean(aji),
+        "aji": nanmean(aji),
         "per_tissue": per_tissue,
         "predictions": str(out_dir / "masks.npy") if args.save_predictions else None,
     }
