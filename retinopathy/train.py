@@ -33,6 +33,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -162,11 +163,12 @@ def amp_context(device, args):
 
 
 def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
-    """n / (num_classes * count_c) (scikit-learn's "balanced"); a grade absent from the split gets the largest
-    weight of the others."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-    weights[counts == 0] = weights.max()
+    """scikit-learn's "balanced" weights n / (num_classes_present * count_c); a grade absent from the split gets
+    the largest weight of the others."""
+    present = np.unique(labels)
+    weights = np.zeros(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    weights[weights == 0] = weights.max()
     return torch.tensor(weights, dtype=torch.float32)
 
 

@@ -103,3 +103,9 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
     assert [h["stage"] for h in resumed] == ["stage1", "stage2", "stage2"]
     assert resumed[2]["train"]["loss"] == pytest.approx(expected[2]["train"]["loss"], rel=1e-6)
     assert resumed[2]["val"]["qwk"] == pytest.approx(expected[2]["val"]["qwk"], abs=1e-9)
+
+
+def test_class_weights_are_balanced_and_cover_absent_grades():
+    weights = fundus_train.class_weights([0, 0, 0, 0, 1, 1, 2, 2], 5)
+    assert weights.tolist()[:3] == pytest.approx([8 / 12, 8 / 6, 8 / 6])
+    assert weights[3] == weights[4] == pytest.approx(8 / 6)  # absent grades: the largest weight
