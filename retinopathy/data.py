@@ -20,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 from common.preprocessing import ben_graham, circle_crop, clahe, crop_black_border
 
@@ -62,6 +66,12 @@ def find_image(img_dir: Path, id_code: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def listing(problems: list[str], limit: int = 10) -> str:
+    """One problem a line, the first `limit` of them."""
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "".join(f"\n  {problem}" for problem in problems[:limit]) + more
 
 
 def read_labels(
@@ -102,9 +112,9 @@ def read_labels(
             continue
         records.append(Record(str(row.id_code), path, grade))
     if problems and not skip_bad_rows:
-        raise DataError(f"{len(problems)} bad row(s), e.g. {problems[0]}; fix them or pass --skip-bad-rows")
+        raise DataError(f"{len(problems)} bad row(s):{listing(problems)}\nfix them or pass --skip-bad-rows")
     if problems:
-        log(f"skipped {len(problems)} bad row(s), e.g. {problems[0]}")
+        log(f"skipped {len(problems)} bad row(s):{listing(problems)}")
     if not records:
         raise DataError(f"{labels_csv}: no usable row")
     return records
@@ -138,6 +148,26 @@ def stratified_split(records: list[Record], val_split: float, seed: int) -> tupl
     stratify = labels if counts[counts > 0].min() >= 2 else None  # a grade with one image cannot be split
     train, val = train_test_split(records, test_size=val_split, random_state=seed, stratify=stratify)
     return list(train), list(val)
+
+
+def new_folder(parent: Path, name: str) -> Path:
+    """A new folder parent/<name>_<YYYYmmdd_HHMMSS> (with _2, _3, ... if taken): outputs never overwrite others."""
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for attempt in range(1, 1000):
+        folder = Path(parent) / (f"{name}_{stamp}" + (f"_{attempt}" if attempt > 1 else ""))
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new folder in {parent}")
+
+
+def write_json(path: Path, data) -> None:
+    """Written to a temporary file, then renamed: a killed run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,24 +206,61 @@ def cache_settings(args) -> dict:
     }
 
 
-def cached_image(record: Record, settings: dict, cache_dir: Path) -> np.ndarray:
-    """The preprocessed image of a record: from the cache, or computed and stored there (atomically)."""
+def cache_path(record: Record, settings: dict, cache_dir: Path) -> Path:
+    """Where the preprocessed image of a record lives: keyed by the settings and the source file's path, size
+    and modification time, so an edited photo or other settings never reuse a stale file."""
     stat = record.path.stat()
     key = json.dumps(
         {**settings, "file": str(record.path.resolve()), "bytes": stat.st_size, "mtime": stat.st_mtime_ns},
         sort_keys=True,
     )
-    path = Path(cache_dir) / f"{record.id_code}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.png"
+    return Path(cache_dir) / f"{record.id_code}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.png"
+
+
+def cached_image(record: Record, settings: dict, cache_dir: Path) -> np.ndarray:
+    """The preprocessed image of a record: from the cache, or computed and stored there (atomically)."""
+    path = cache_path(record, settings, cache_dir)
     if path.is_file():
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is not None:
             return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     image = preprocess(read_rgb(record.path), settings["size"], settings["medical"], settings["ben"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.png")
     cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     os.replace(tmp, path)
     return image
+
+
+def prepare_images(
+    records: list[Record], settings: dict, cache_dir: Path, skip_bad: bool = False, log=print, show: bool = True
+) -> list[Record]:
+    """Decode, check and preprocess every image once, before training or inference starts, so that a bad file is
+    reported here (not from inside a loader worker) and no epoch decodes a large photo. OpenCV releases the GIL,
+    so a thread pool uses every core. An unreadable or all-black image is an error naming the file; with skip_bad
+    its record is dropped and the count reported. Images already in the cache are not opened."""
+
+    def check(record: Record) -> str | None:
+        if cache_path(record, settings, cache_dir).is_file():
+            return None
+        try:
+            cached_image(record, settings, cache_dir)
+        except DataError as error:
+            return str(error)
+        return None
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        work = pool.map(check, records)
+        problems = list(tqdm(work, total=len(records), desc="preprocessing", disable=not show, leave=False))
+    bad = [problem for problem in problems if problem]
+    if bad and not skip_bad:
+        raise DataError(f"{len(bad)} unusable image(s):{listing(bad)}\nfix them or pass --skip-bad-rows")
+    if bad:
+        log(f"skipped {len(bad)} unusable image(s):{listing(bad)}")
+    good = [record for record, problem in zip(records, problems, strict=True) if not problem]
+    if not good:
+        raise DataError(f"no usable image among {len(records)}")
+    return good
 
 
 # ----------------------------------------------------------------------------------------------------------------

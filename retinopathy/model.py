@@ -3,6 +3,7 @@ backbone for stage 1, and loading checkpoints in evaluate.py and visualize.py.""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -76,3 +77,43 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     except RuntimeError as error:
         raise SystemExit(f"{path}: weights do not fit the network stored with them ({error})") from None
     return model.to(device).eval(), checkpoint
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (N, C) in fp32. tta: the mean over the image and its horizontal, vertical and double
+    flip (a fundus photo has no preferred orientation, so the model saw all four in training)."""
+    views = [images]
+    if tta:
+        views += [images.flip(-1), images.flip(-2), images.flip(-1, -2)]
+    autocast = torch.autocast("cuda") if images.is_cuda else nullcontext()  # fp16 inference on a GPU
+    with autocast:
+        return torch.stack([model(view).float().softmax(1) for view in views]).mean(0)
+
+
+def last_conv_block(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM looks at: the last convolutional block before global pooling."""
+    return model.layer4 if hasattr(model, "layer4") else model.features[-1]
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean of d score_c / d A_k,
+    for the predicted class (or `classes`), upsampled to the image and scaled to 0..1 per image. (N, H, W)."""
+    store = {}
+    layer = last_conv_block(model)
+    hook = layer.register_forward_hook(lambda module, inputs, output: store.update(activations=output))
+    try:
+        model.eval()
+        with torch.enable_grad():
+            images = images.detach().requires_grad_(True)  # gradients flow to the layer even with frozen weights
+            logits = model(images)
+            classes = logits.argmax(1) if classes is None else classes
+            score = logits.gather(1, classes.view(-1, 1)).sum()
+            (gradients,) = torch.autograd.grad(score, store["activations"])
+    finally:
+        hook.remove()
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * store["activations"]).sum(1, keepdim=True)).detach()
+    cam = torch.nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(1).values.clamp_min(1e-12)
+    return cam / peak.view(-1, 1, 1)

@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -45,9 +44,12 @@ from retinopathy.data import (
     GRADES,
     FundusDataset,
     cache_settings,
+    new_folder,
+    prepare_images,
     read_labels,
     stratified_split,
     write_demo_dataset,
+    write_json,
 )
 from retinopathy.model import MODELS, build_classifier, pick_device, set_backbone_trainable
 
@@ -123,6 +125,7 @@ def validate(model, criterion, loader, device, args) -> dict:
         loss_sum = sum(part[2] for part in gathered)
     labels, predictions = np.array(labels), np.array(predictions)
     return {
+        "images": len(labels),
         "loss": loss_sum / len(labels),
         "accuracy": float((labels == predictions).mean()),
         "qwk": quadratic_weighted_kappa(labels, predictions, num_classes=args.num_classes),
@@ -146,10 +149,6 @@ def setup_device() -> torch.device:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def amp_dtype(device) -> torch.dtype:
@@ -203,24 +202,6 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def new_run_dir(save_dir: Path, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    for attempt in range(1, 1000):
-        run = save_dir / (f"{name}_{stamp}" + (f"_{attempt}" if attempt > 1 else ""))
-        try:
-            run.mkdir(parents=True)
-            return run
-        except FileExistsError:
-            continue
-    raise SystemExit(f"could not create a new run folder in {save_dir}")
 
 
 def resolve_args(args) -> argparse.Namespace:
@@ -289,7 +270,16 @@ def main(args):
     args.labels_csv, args.img_dir = str(Path(args.labels_csv).resolve()), str(Path(args.img_dir).resolve())
     args.save_dir = str(Path(args.save_dir).resolve())
     args.cache_dir = str(Path(args.cache_dir or Path(args.save_dir) / "cache").resolve())
-    records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, log)
+    skipped = []  # what --skip-bad-rows left out, said in the banner (and so in train.log)
+    records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, skipped.append)
+    # Every photo decoded, checked and cached once, rank 0 first (the others then find the cache filled).
+    settings = cache_settings(args)
+    if is_main():
+        records = prepare_images(records, settings, Path(args.cache_dir), args.skip_bad_rows, skipped.append)
+    if dist.is_initialized():
+        dist.barrier()
+        if not is_main():
+            records = prepare_images(records, settings, Path(args.cache_dir), args.skip_bad_rows, print, show=False)
     train_records, val_records = stratified_split(records, args.val_split, args.random_seed)
     train_labels = [r.diagnosis for r in train_records]
     weights = class_weights(train_labels, args.num_classes)
@@ -299,7 +289,7 @@ def main(args):
 
     run_dir = Path(args.resume).parent if resume is not None else None
     if resume is None and is_main():
-        run_dir = new_run_dir(Path(args.save_dir), args.model_name)
+        run_dir = new_folder(Path(args.save_dir), args.model_name)
         args.run_dir = str(run_dir)
         write_json(run_dir / "config.json", vars(args))
     if is_main():
@@ -320,6 +310,9 @@ def main(args):
             f"preprocessing: medical {args.medical_preprocess}, Ben Graham {args.ben_graham}, advanced aug "
             f"{args.advanced_aug}, mixed precision {args.mixed_precision}"
         )
+        log(f"data: {len(records)} photos from {args.labels_csv}")
+        for message in skipped:
+            log(f"  {message}")
         log("=" * 72)
         train_counts = np.bincount(train_labels, minlength=args.num_classes)
         val_counts = np.bincount([r.diagnosis for r in val_records], minlength=args.num_classes)
@@ -329,13 +322,14 @@ def main(args):
                 f"weight {weights[grade]:.3f}"
             )
 
-    settings = cache_settings(args)
     augment = "advanced" if args.advanced_aug else "flips"
     train_set = FundusDataset(train_records, settings, Path(args.cache_dir), augment=augment)
     val_set = FundusDataset(val_records[rank::world], settings, Path(args.cache_dir))
     generator = torch.Generator()
     sampler = DistributedSampler(train_set, seed=args.random_seed, drop_last=True) if dist.is_initialized() else None
-    loader_args = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
+    # more workers than cores only adds start-up time; each worker reads small cached PNGs
+    workers = min(args.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
+    loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(
         train_set,
         args.batch_size,
@@ -348,10 +342,8 @@ def main(args):
     val_loader = DataLoader(val_set, args.batch_size, **loader_args)
 
     model = model.to(device)
-    if dist.is_initialized():
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.is_initialized() and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = build_loss(args, weights).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision and amp_dtype(device) == torch.float16)
 
@@ -359,7 +351,7 @@ def main(args):
     total_epochs = sum(stage["epochs"] for stage in plan)
     state = {"stage": 0, "epoch": 0, "best": -math.inf, "best_stage": -math.inf, "patience": 0, "history": []}
     if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"])
         scaler.load_state_dict(resume["scaler"])
         state = {k: resume[k] for k in state}
         log(f"resumed from {args.resume}: {plan[state['stage']]['name']}, epoch {state['epoch'] + 1}")
@@ -369,15 +361,19 @@ def main(args):
             "domain": DOMAIN,
             "model_args": model_args,
             "args": vars(args),
-            "model": unwrap(model).state_dict(),
+            "model": model.state_dict(),
             **extra,
         }
 
     global_epoch = sum(stage["epochs"] for stage in plan[: state["stage"]]) + state["epoch"]
     for stage_index in range(state["stage"], len(plan)):
         stage = plan[stage_index]
-        set_backbone_trainable(unwrap(model), stage["backbone"])
-        optimizer, scheduler = make_optimizer(unwrap(model), stage, args, len(train_loader))
+        set_backbone_trainable(model, stage["backbone"])
+        optimizer, scheduler = make_optimizer(model, stage, args, len(train_loader))
+        # DDP registers the parameters that need gradients when it wraps the model: wrap once per stage
+        ddp_model = model
+        if dist.is_initialized():
+            ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         first_epoch = 0
         if resume is not None and stage_index == resume["stage"]:
             optimizer.load_state_dict(resume["optimizer"])
@@ -401,9 +397,9 @@ def main(args):
                 sampler.set_epoch(global_epoch)
             label = f"{stage['name']} epoch {epoch + 1}/{stage['epochs']}"
             train_stats = train_one_epoch(
-                model, criterion, optimizer, scheduler, scaler, train_loader, device, label, args
+                ddp_model, criterion, optimizer, scheduler, scaler, train_loader, device, label, args
             )
-            val_stats = validate(unwrap(model), criterion, val_loader, device, args)
+            val_stats = validate(model, criterion, val_loader, device, args)
             global_epoch += 1
             score = -math.inf if math.isnan(val_stats["qwk"]) else val_stats["qwk"]
             improved = score > state["best"] or state["best"] == -math.inf

@@ -104,7 +104,10 @@ def test_bad_rows_and_images_are_named(demo, tmp_path):
     bad.loc[3, "diagnosis"] = 7
     bad.loc[5, "id_code"] = "missing_photo"
     bad.to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(SystemExit, match=r"2 bad row\(s\), e.g. .*bad.csv line 5 .*diagnosis 7 is not a grade"):
+    with pytest.raises(
+        SystemExit,
+        match=r"(?s)2 bad row\(s\):\n.*bad.csv line 5 .*diagnosis 7 is not a grade.*line 7 .*no image missing_photo",
+    ):
         read_labels(tmp_path / "bad.csv", demo / "train_images")
     said = []
     records = read_labels(tmp_path / "bad.csv", demo / "train_images", skip_bad_rows=True, log=said.append)

@@ -1,0 +1,281 @@
+"""retinopathy: the demo learns; evaluate.py (with and without labels, re-scored by scikit-learn), visualize.py,
+torchrun, the Windows wrappers, and bad inputs."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from retinopathy import evaluate as fundus_evaluate
+from retinopathy import train as fundus_train
+from retinopathy import visualize as fundus_visualize
+from retinopathy.data import FundusDataset, cache_settings, read_labels, stratified_split, write_demo_dataset
+from retinopathy.model import grad_cam, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--model-name", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "8", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`python retinopathy/train.py --demo`, exactly as a user types it, in an empty folder."""
+    cwd = tmp_path_factory.mktemp("fundus_demo")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "retinopathy" / "train.py"), "--demo"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run,) = (cwd / "ml" / "models").glob("resnet18_*")
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("fundus_eval") / "data", n_images=40)
+
+
+def evaluate(*argv):
+    return fundus_evaluate.main(fundus_evaluate.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def visualize(*argv):
+    return fundus_visualize.main(fundus_visualize.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_demo_learns_well_above_chance(demo_run):
+    history = json.loads((demo_run / "training_history.json").read_text())
+    best = max(h["val"]["qwk"] for h in history)
+    # chance (a constant or random grade) scores a QWK of 0; the synthetic grades follow visible lesions
+    assert best > 0.6, [round(h["val"]["qwk"], 3) for h in history]
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+    assert "saved best model" in (demo_run / "train.log").read_text()
+
+
+def test_evaluate_on_the_run_matches_training_and_scikit_learn(demo_run):
+    out = evaluate("--model-path", demo_run, "--num-workers", 0)
+    assert out.parent == demo_run / "evaluation"
+    for name in ("metrics.json", "classification_report.txt", "confusion_matrix.png", "roc_curves.png"):
+        assert (out / name).is_file(), name
+    assert (
+        cv2.imread(str(out / "confusion_matrix.png")) is not None
+        and cv2.imread(str(out / "roc_curves.png")) is not None
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the same model on the same validation split as training: the QWK training saved the model for
+    best = torch.load(demo_run / "best_model.pth", weights_only=True)
+    assert metrics["images"] == best["val"]["images"]
+    assert metrics["qwk"] == pytest.approx(best["val"]["qwk"], abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(best["val"]["accuracy"], abs=1e-9)
+
+    # predictions.csv, joined to the labels and re-scored with scikit-learn, gives every number of metrics.json
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"id_code": str})
+    assert list(predictions.columns) == ["id_code", "diagnosis"] + [f"prob_{c}" for c in range(5)]
+    config = json.loads((demo_run / "config.json").read_text())
+    labels = pd.read_csv(config["labels_csv"], dtype={"id_code": str})
+    joined = predictions.merge(labels, on="id_code", suffixes=("_pred", ""))
+    assert len(joined) == len(predictions) == metrics["images"]
+    y, pred = joined["diagnosis"].to_numpy(), joined["diagnosis_pred"].to_numpy()
+    probs = joined[[f"prob_{c}" for c in range(5)]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and (probs.argmax(1) == pred).all()
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert metrics["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(5))))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=list(range(5)), zero_division=0)
+    per_class = list(metrics["per_class"].values())
+    assert [c["support"] for c in per_class] == support.tolist()
+    assert [c["precision"] for c in per_class] == pytest.approx(precision.tolist(), abs=1e-6)
+    assert [c["recall"] for c in per_class] == pytest.approx(recall.tolist(), abs=1e-6)
+    assert [c["f1"] for c in per_class] == pytest.approx(f1.tolist(), abs=1e-6)
+    aucs = [roc_auc_score(y == c, probs[:, c]) for c in range(5)]  # every grade is in the stratified split
+    assert [c["roc_auc"] for c in per_class] == pytest.approx(aucs, abs=1e-5)
+    assert metrics["macro_roc_auc"] == pytest.approx(np.mean(aucs), abs=1e-5)
+    assert metrics["confusion_matrix"] == confusion_matrix(y, pred, labels=list(range(5))).tolist()
+    report = (out / "classification_report.txt").read_text()
+    assert f"quadratic weighted kappa {metrics['qwk']:.4f}" in report and "Proliferative DR" in report
+
+    # a second evaluation never overwrites the first; TTA averages four views, still probabilities
+    again = evaluate("--model-path", demo_run / "best_model.pth", "--num-workers", 0, "--tta")
+    assert again != out and (out / "metrics.json").read_text() == json.dumps(metrics, indent=2)
+    tta = pd.read_csv(again / "predictions.csv")
+    assert np.allclose(tta[[f"prob_{c}" for c in range(5)]].sum(axis=1), 1, atol=1e-5)
+    assert json.loads((again / "metrics.json").read_text())["tta"] is True
+
+
+def test_evaluate_without_labels_writes_a_kaggle_submission(demo_run, tmp_path):
+    config = json.loads((demo_run / "config.json").read_text())
+    out = evaluate(
+        "--model-path", demo_run, "--img-dir", config["img_dir"], "--output-dir", tmp_path, "--num-workers", 0
+    )
+    assert out.parent == tmp_path and not (out / "metrics.json").exists()
+    submission = pd.read_csv(out / "predictions.csv", dtype={"id_code": str})
+    assert list(submission.columns) == ["id_code", "diagnosis"]
+    assert sorted(submission["id_code"]) == sorted(p.stem for p in Path(config["img_dir"]).glob("*.png"))
+    assert submission["diagnosis"].isin(range(5)).all()
+    probabilities = pd.read_csv(out / "probabilities.csv", dtype={"id_code": str})
+    assert (probabilities[[f"prob_{c}" for c in range(5)]].to_numpy().argmax(1) == submission["diagnosis"]).all()
+    # the same photos graded with labels get the same grades
+    labelled = sorted((demo_run / "evaluation").glob("evaluation_*"))[0]
+    graded = pd.read_csv(labelled / "predictions.csv", dtype={"id_code": str}).set_index("id_code")["diagnosis"]
+    assert (submission.set_index("id_code").loc[graded.index, "diagnosis"] == graded).all()
+
+
+def test_figures_and_grad_cam_of_the_trained_model(demo_run, tmp_path):
+    paths = [
+        visualize("curves", demo_run),
+        visualize("grid", demo_run, "--per-grade", 2),
+        visualize("gradcam", demo_run, "--n", 2),
+        visualize("gradcam", demo_run / "best_model.pth", "--images", "demo0001", "--output-dir", tmp_path),
+    ]
+    config = json.loads((demo_run / "config.json").read_text())
+    photo = Path(config["img_dir"]) / "demo0002.png"
+    paths.append(visualize("preprocessing", photo, "--image-size", 96, "--output-dir", tmp_path))
+    assert len(set(paths)) == 5 and all(cv2.imread(str(p)) is not None for p in paths)
+    assert paths[0].parent == demo_run / "figures" and paths[3].parent == tmp_path
+
+    # Grad-CAM of the trained model: one 0..1 map per photo, peaking at 1, and not flat (at 128 px ResNet18's
+    # layer4 is 4 x 4 cells, too coarse to ask where on the disc it points; the hand-built case below checks that)
+    model, checkpoint = load_checkpoint(demo_run)
+    records = read_labels(config["labels_csv"], config["img_dir"])
+    val = [r for r in stratified_split(records, 0.2, 42)[1] if r.diagnosis >= 3]
+    settings = cache_settings(type("Args", (), checkpoint["args"]))
+    dataset = FundusDataset(val, settings, Path(config["cache_dir"]))
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    cams = grad_cam(model, images).numpy()
+    assert cams.shape == (len(val), 128, 128) and cams.min() >= 0 and np.allclose(cams.max((1, 2)), 1)
+    assert (cams.std((1, 2)) > 0.05).all()
+
+
+def test_grad_cam_follows_the_class_evidence():
+    """A hand-built network: grade 1's logit is mean(A0) - mean(A1) of the layer4 activations A. Its gradient
+    weights are +1/HW and -1/HW, so Grad-CAM = ReLU(A0 - A1) / max: 1 where only channel 0 is on (top half),
+    0 where channel 1 outweighs it (bottom half)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer4 = torch.nn.Identity()
+
+        def forward(self, x):
+            a = self.layer4(x)
+            score = a[:, 0].mean((1, 2)) - a[:, 1].mean((1, 2))
+            return torch.stack([torch.zeros_like(score), score], 1)
+
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, 0, :4] = 2.0  # channel 0: strong in the top half
+    image[0, 0, 4:] = 1.0
+    image[0, 1, 4:] = 3.0  # channel 1: bottom half, outweighs channel 0 there
+    cam = grad_cam(Net(), image, torch.tensor([1]))[0]
+    assert torch.allclose(cam[:4], torch.ones(4, 8)) and torch.allclose(cam[4:], torch.zeros(4, 8))
+
+
+def test_advanced_augmentation_and_medical_preprocessing_run(tmp_path, data):
+    argv = ["--labels-csv", data / "train.csv", "--img-dir", data / "train_images", "--save-dir", tmp_path, *TINY]
+    argv += ["--advanced-aug", "--medical-preprocess", "--ben-graham", "--epochs-stage1", "0", "--epochs-stage2", "1"]
+    run = fundus_train.main(fundus_train.get_args_parser().parse_args([str(a) for a in argv]))
+    history = json.loads((run / "training_history.json").read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["train"]["loss"]) and history[0]["val"]["images"] == 8
+    config = json.loads((run / "config.json").read_text())
+    assert config["advanced_aug"] and config["medical_preprocess"] and config["ben_graham"]
+    assert len(list((tmp_path / "cache").glob("*.png"))) == 40  # every photo preprocessed once, before training
+
+
+def test_torchrun_two_cpu_processes(tmp_path, data):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "retinopathy" / "train.py"), "--labels-csv", str(data / "train.csv")]
+    command += ["--img-dir", str(data / "train_images"), "--save-dir", str(tmp_path / "models"), *TINY]
+    command += ["--epochs-stage1", "1", "--epochs-stage2", "1", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "models").glob("resnet18_*")  # only rank 0 writes
+    history = json.loads((run / "training_history.json").read_text())
+    assert [h["stage"] for h in history] == ["stage1", "stage2"]
+    assert all(np.isfinite(h["train"]["loss"]) for h in history)
+    assert history[0]["val"]["images"] == 8  # both ranks' halves of the validation split, gathered
+    assert "4 x 2 process(es)" in (run / "train.log").read_text()
+    assert (run / "best_model.pth").is_file() and (run / "best_stage1.pth").is_file()
+
+
+@pytest.mark.parametrize("name", ["train.bat", "evaluate.bat"])
+def test_windows_wrappers_use_flags_that_exist(name):
+    text = (REPO / "retinopathy" / name).read_text()
+    script = name.replace(".bat", ".py")
+    lines = [line for line in text.splitlines() if f"retinopathy\\{script}" in line]
+    assert lines
+    parser = {"train.bat": fundus_train, "evaluate.bat": fundus_evaluate}[name].get_args_parser()
+    for line in lines:
+        words = shlex.split(line.split(f"retinopathy\\{script}", 1)[1].replace("\\", "/"))
+        words = [w.replace("%DATA%", "data").replace("%MODEL%", "run").replace("%LABELS%", "l.csv") for w in words]
+        args = parser.parse_args([w for w in words if w != "%*"])  # exits on an unknown flag
+        if name == "train.bat":
+            assert args.model_name == "efficientnet_b3" and args.loss == "focal" and args.mixed_precision
+        else:
+            assert args.model_path == "run" and args.tta
+
+
+def test_bad_inputs_give_clear_errors_and_lose_nothing(tmp_path, data):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((data / "train_images").glob("*.png"))[:6]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    (photos / "corrupt.png").write_bytes(b"\x89PNG not really")
+    cv2.imwrite(str(photos / "black.png"), np.zeros((60, 60, 3), np.uint8))
+    table = pd.DataFrame({"id_code": [p.stem for p in sorted(photos.iterdir())]})
+    table["diagnosis"] = [0, 1, 2, 0, 1, 2, 0, 1]
+    table.to_csv(tmp_path / "labels.csv", index=False)
+
+    def train(*extra):
+        argv = ["--labels-csv", tmp_path / "labels.csv", "--img-dir", photos, "--save-dir", tmp_path / "models"]
+        argv += [*TINY, "--epochs-stage1", "0", "--epochs-stage2", "1", *extra]
+        return fundus_train.main(fundus_train.get_args_parser().parse_args([str(a) for a in argv]))
+
+    with pytest.raises(
+        SystemExit, match=r"(?s)2 unusable image\(s\):\n.*black.png: the image is all black.*corrupt.png: cannot read"
+    ):
+        train()
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("resnet18_*"))
+    run = train("--skip-bad-rows", "--val-split", "0.34")
+    assert "skipped 2 unusable image(s)" in (run / "train.log").read_text()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+
+    with pytest.raises(SystemExit, match=r"corrupt\.png: cannot read the image"):
+        evaluate("--model-path", run, "--img-dir", photos, "--output-dir", tmp_path / "out")
+    out = evaluate("--model-path", run, "--img-dir", photos, "--output-dir", tmp_path / "out", "--skip-bad-rows")
+    assert len(pd.read_csv(out / "predictions.csv")) == 6
+    with pytest.raises(SystemExit, match="--labels-csv needs --img-dir"):
+        evaluate("--model-path", run, "--labels-csv", tmp_path / "labels.csv")
+    (tmp_path / "fake.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"fake\.pth: not a readable checkpoint"):
+        evaluate("--model-path", tmp_path / "fake.pth", "--img-dir", photos)
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        evaluate("--model-path", tmp_path / "nothing", "--img-dir", photos)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="empty: no images"):
+        evaluate("--model-path", run, "--img-dir", empty)
+    with pytest.raises(SystemExit, match="--resume .*give a run folder or its last.pth"):
+        fundus_train.main(fundus_train.get_args_parser().parse_args(["--resume", str(tmp_path / "nothing")]))
+    with pytest.raises(SystemExit, match="training_history.json: no training history"):
+        visualize("curves", tmp_path)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir() if p.name != "evaluation") == [
+        entry for entry in before if entry[0] != "evaluation"
+    ]
