@@ -1,0 +1,415 @@
+"""HDF5 EM volumes for hydra_lv: the YAML configuration, lazy patch reading, targets, EM augmentations, and
+synthetic volumes for --demo.
+
+On disk (pytorch_connectomics convention, see ../shared/DATA_FORMATS.md):
+    DATA/vol1_im.h5            uint8 (z, y, x), anisotropic voxels 30 x 8 x 8 nm
+    DATA/vol1_vesicle_ins.h5   uint16/uint32 instance ids, 0 = background
+    DATA/vol1_mask.h5          uint8 valid region (train and score only inside it); optional
+Each file holds one dataset, usually `main`; a file with exactly one dataset is read whatever its name.
+
+Volumes are never loaded whole: a patch reads only its slab of each file (h5py slicing), so a volume larger than
+RAM trains. Files are opened lazily in each loader worker (h5py handles do not pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from scipy import ndimage
+
+DEFAULT_CONFIG = Path(__file__).with_name("hydra-lv.yaml")
+
+
+class DataError(SystemExit):
+    """A problem with the user's data or configuration; the message names the file or key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: YAML defaults, dotted.key=value overrides
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dotted_keys(config: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, dict):
+            keys += dotted_keys(value, name + ".")
+    return keys
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> dict:
+    """The YAML file with `dotted.key=value` overrides applied (see apply_overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--config {path}: no such file")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise DataError(f"--config {path}: not valid YAML ({error})") from None
+    return apply_overrides(config, overrides, path.name)
+
+
+def apply_overrides(config: dict, overrides: list[str], source: str = "the config") -> dict:
+    """`dotted.key=value` items, values parsed as YAML (`[24,96,96]`, `1e-4`, `null`). An unknown key is an error
+    that lists the closest known keys. Returns a new dict."""
+    config = copy.deepcopy(config)
+    known = dotted_keys(config)
+    for item in overrides:
+        if "=" not in item:
+            raise DataError(f"override {item!r}: expected dotted.key=value, e.g. system.training.batch_size=8")
+        key, text = item.split("=", 1)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=4, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise DataError(f"override {item!r}: unknown key {key!r} in {source}{hint}")
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        try:
+            node[last] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise DataError(f"override {item!r}: the value is not valid YAML ({error})") from None
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HDF5 volumes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dataset_name(path: Path) -> str:
+    """`main`, or the only dataset of the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "main" in f and isinstance(f["main"], h5py.Dataset):
+                return "main"
+            names = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    except OSError as error:
+        raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise DataError(f"{path}: holds no dataset")
+    raise DataError(f"{path}: holds {len(names)} datasets ({', '.join(names[:6])}) and none named 'main'")
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    with h5py.File(path, "r") as f:
+        return tuple(f[dataset_name(path)].shape)
+
+
+def expand(pattern: str | None, key: str) -> list[Path]:
+    """The files a glob names, sorted; a glob that matches nothing is an error."""
+    if not pattern:
+        return []
+    paths = sorted(Path(p) for p in glob.glob(str(pattern)))
+    if not paths:
+        raise DataError(f"{key}={pattern}: the pattern matches no file")
+    return paths
+
+
+@dataclass
+class VolumeFiles:
+    image: Path
+    label: Path | None
+    mask: Path | None
+    shape: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return self.image.name.removesuffix(".h5").removesuffix("_im")
+
+
+def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[VolumeFiles]:
+    """The image / label / mask files of a split (`train`, `val`, `test`), paired in sorted order and checked:
+    same count, 3D, same shape."""
+    images = expand(data.get(f"{split}_image"), f"data.{split}_image")
+    labels = expand(data.get(f"{split}_label"), f"data.{split}_label")
+    masks = expand(data.get(f"{split}_mask"), f"data.{split}_mask")
+    if need_labels and images and not labels:
+        raise DataError(f"data.{split}_label is not set: training needs instance labels for data.{split}_image")
+    for name, files in (("label", labels), ("mask", masks)):
+        if files and len(files) != len(images):
+            raise DataError(
+                f"data.{split}_image matches {len(images)} file(s) but data.{split}_{name} {len(files)}: "
+                f"{[p.name for p in images]} vs {[p.name for p in files]}"
+            )
+    volumes = []
+    for i, image in enumerate(images):
+        shape = volume_shape(image)
+        if len(shape) != 3:
+            raise DataError(f"{image}: expected a 3D (z, y, x) volume, found shape {shape}")
+        label = labels[i] if labels else None
+        mask = masks[i] if masks else None
+        for other in (label, mask):
+            if other is not None and volume_shape(other) != shape:
+                raise DataError(f"{other} has shape {volume_shape(other)}, its image {image.name} has {shape}")
+        volumes.append(VolumeFiles(image, label, mask, shape))
+    return volumes
+
+
+_OPEN: dict = {}
+
+
+def open_dataset(path: Path) -> h5py.Dataset:
+    """The volume's dataset, opened once per process (a loader worker opens its own handle: they do not pickle
+    and must not cross a fork)."""
+    key = (os.getpid(), str(path))
+    if key not in _OPEN:
+        _OPEN[key] = h5py.File(path, "r")[dataset_name(path)]
+    return _OPEN[key]
+
+
+def read_block(path: Path, start, stop, reflect: bool = False) -> np.ndarray:
+    """volume[start:stop] in every axis, read from disk alone. Parts outside the volume are mirrored (images,
+    reflect=True) or zero (labels, masks), so a patch larger than a small volume still works."""
+    dataset = open_dataset(path)
+    lo = [max(0, s) for s in start]
+    hi = [min(n, e) for n, e in zip(dataset.shape, stop, strict=True)]
+    block = dataset[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    pad = [(a - s, e - b) for s, e, a, b in zip(start, stop, lo, hi, strict=True)]
+    if any(p for pair in pad for p in pair):
+        block = np.pad(block, pad, mode="reflect") if reflect else np.pad(block, pad)
+    return block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets: binary, boundary, distance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
+    """(3, z, y, x) float32 targets from an instance volume, as in the connectomics tutorial:
+    0 binary foreground; 1 instance boundary, 1 voxel thick, drawn per 2D section (z sections are 30 nm apart,
+    too far for a 3D contour): a foreground voxel with a 4-neighbour in its section of another id (background or
+    a touching vesicle); 2 per-instance Euclidean distance to the instance's outside, in physical units
+    (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on background."""
+    labels = np.asarray(labels)
+    binary = labels > 0
+    boundary = np.zeros_like(binary)
+    for axis in (1, 2):  # in-plane neighbours only
+        for shift in (1, -1):
+            neighbour = np.roll(labels, shift, axis=axis)
+            edge = [slice(None)] * 3
+            edge[axis] = 0 if shift == 1 else -1
+            neighbour[tuple(edge)] = labels[tuple(edge)]  # the patch edge is no boundary
+            boundary |= binary & (neighbour != labels)
+    distance = np.full(labels.shape, -1.0, dtype=np.float32)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # one voxel of outside around it
+        inside = labels[box] == index
+        edt = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=resolution)[1:-1, 1:-1, 1:-1]
+        peak = edt[inside].max()
+        distance[box][inside] = edt[inside] / peak
+    return np.stack([binary, boundary, distance]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EM augmentations, on a patch (z, y, x) with its labels and mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def augment_em(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """Flips and 90-degree rotations in-plane, z flip, intensity, misalignment, missing sections, motion blur of
+    a few sections, elastic. image is float in 0..1; labels and mask follow every geometric change."""
+    # geometry: the dihedral group in-plane, z flip (anisotropy forbids rotations out of plane)
+    k = int(rng.integers(4)) if image.shape[1] == image.shape[2] else 2 * int(rng.integers(2))  # keep the shape
+    flips = [axis for axis in (0, 1, 2) if rng.random() < 0.5]
+    volumes = []
+    for v in (image, labels, mask):
+        v = np.rot90(v, k, axes=(1, 2))
+        volumes.append(np.ascontiguousarray(np.flip(v, flips) if flips else v))
+    image, labels, mask = volumes
+    z = image.shape[0]
+    if rng.random() < 0.5:  # elastic: one smooth in-plane displacement field for all sections
+        alpha, sigma = rng.uniform(4, 8), 8.0
+        dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape[1:]), sigma) * alpha * 8 for _ in range(2))
+        yy, xx = np.meshgrid(np.arange(image.shape[1]), np.arange(image.shape[2]), indexing="ij")
+        coords = [yy + dy, xx + dx]
+        image = np.stack([ndimage.map_coordinates(s, coords, order=1, mode="reflect") for s in image])
+        labels = np.stack([ndimage.map_coordinates(s, coords, order=0, mode="reflect") for s in labels])
+        mask = np.stack([ndimage.map_coordinates(s, coords, order=0, mode="reflect") for s in mask])
+    if rng.random() < 0.3 and z > 2:  # misalignment: the sections from one z on shift by 8-16 px
+        start = int(rng.integers(1, z))
+        shift = rng.integers(8, 17, 2) * rng.choice([-1, 1], 2)
+        for v, order in ((image, 1), (labels, 0), (mask, 0)):
+            v[start:] = ndimage.shift(v[start:], (0, *shift), order=order, mode="nearest")
+    if rng.random() < 0.8:  # intensity: contrast, brightness, gamma
+        image = image * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+        image = np.clip(image, 0, 1) ** rng.uniform(0.7, 1.4)
+    if rng.random() < 0.3:  # motion blur of one or two sections, along a random in-plane direction
+        for section in rng.choice(z, min(z, int(rng.integers(1, 3))), replace=False):
+            length = int(rng.integers(5, 11))
+            kernel = np.zeros((length, length), np.float32)
+            kernel[length // 2] = 1 / length
+            kernel = ndimage.rotate(kernel, rng.uniform(0, 180), reshape=False, order=1)
+            image[section] = ndimage.convolve(image[section], kernel / max(kernel.sum(), 1e-6), mode="reflect")
+    if rng.random() < 0.3:  # missing sections: one or two sections carry no image (the labels stay)
+        for section in rng.choice(z, min(z, int(rng.integers(1, 3))), replace=False):
+            image[section] = image.mean()
+    return np.clip(image, 0, 1).astype(np.float32), labels, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
+    """Candidate patch centres on a coarse grid, where the valid-region mask is set (all grid points without a
+    mask). The mask is read section by section: memory stays small for any volume."""
+    grid = [np.arange(min(p // 2, n // 2), max(n - p // 2, n // 2 + 1), s) for n, p, s in
+            zip(volume.shape, patch, step, strict=True)]  # fmt: skip
+    if volume.mask is None:
+        return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3)
+    dataset = open_dataset(volume.mask)
+    centres = []
+    for z in grid[0]:
+        section = dataset[int(z)][np.ix_(grid[1], grid[2])] > 0
+        ys, xs = np.nonzero(section)
+        centres.append(np.stack([np.full(len(ys), z), grid[1][ys], grid[2][xs]], -1))
+    centres = np.concatenate(centres) if centres else np.zeros((0, 3), int)
+    if not len(centres):
+        raise DataError(f"{volume.mask}: the valid-region mask is empty (no voxel > 0)")
+    return centres
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Patches of `patch` voxels with their targets and loss weights (the valid mask):
+    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (1, z, y, x), "labels": (z, y, x) int64}.
+
+    Training (fixed=False): `length` random patches per epoch, centred where the mask is set, augmented; each
+    item's randomness comes from (epoch seed, index), so an epoch is the same whichever worker draws it.
+    Validation (fixed=True): the same `length` patches every epoch, not augmented."""
+
+    def __init__(self, volumes, patch, pad, resolution, length, augment=False, fixed=False, seed=0):
+        self.volumes, self.patch, self.pad = volumes, tuple(patch), tuple(pad)
+        self.resolution, self.length, self.augment, self.fixed = tuple(resolution), length, augment, fixed
+        self.seed, self.epoch_seed = seed, 0
+        self.centres = [valid_centres(v, self.patch) for v in volumes]
+        sizes = np.array([len(c) for c in self.centres], float)
+        self.volume_share = sizes / sizes.sum()
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i, self.epoch_seed)
+
+    def item(self, i: int, epoch_seed: int) -> dict:
+        rng = np.random.default_rng([self.seed, 0 if self.fixed else epoch_seed, i])
+        v = int(rng.choice(len(self.volumes), p=self.volume_share))
+        volume, centres = self.volumes[v], self.centres[v]
+        centre = centres[rng.integers(len(centres))] + rng.integers(-4, 5, 3) * (0, 2, 2)
+        start = [int(c) - p // 2 - q for c, p, q in zip(centre, self.patch, self.pad, strict=True)]
+        stop = [s + p + 2 * q for s, p, q in zip(start, self.patch, self.pad, strict=True)]
+        image = read_block(volume.image, start, stop, reflect=True).astype(np.float32) / 255.0
+        labels = read_block(volume.label, start, stop).astype(np.int64)
+        mask = (read_block(volume.mask, start, stop) > 0) if volume.mask is not None else np.ones(labels.shape, bool)
+        if self.augment:
+            image, labels, mask = augment_em(image, labels, mask.astype(np.uint8), rng)
+        target = make_targets(labels, self.resolution)
+        crop = tuple(slice(q, q + p) for p, q in zip(self.patch, self.pad, strict=True))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image[crop]))[None],
+            "target": torch.from_numpy(np.ascontiguousarray(target[(slice(None), *crop)])),
+            "weight": torch.from_numpy(np.ascontiguousarray(mask[crop] > 0)).float()[None],
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic EM volumes for --demo and tests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_em_volume(shape=(24, 160, 160), n_vesicles: int = 30, rng: np.random.Generator | None = None):
+    """(image uint8, instance labels uint16, valid mask uint8) that look like anisotropic EM (30 x 8 x 8 nm):
+    grainy grey cytoplasm, dark membrane sheets, and large vesicles as ellipsoids 120-220 nm across (2-4 sections
+    thick, 7-14 px in-plane radius) with a dark membrane and a lighter lumen; about a third touch a neighbour.
+    The mask leaves out one corner block (not annotated there: its vesicles carry no labels)."""
+    rng = rng or np.random.default_rng(0)
+    z, h, w = shape
+    image = 150 + 10 * ndimage.gaussian_filter(rng.normal(0, 1, shape), (0.5, 3, 3)) * 3
+    field = ndimage.gaussian_filter(rng.normal(0, 1, shape), (3, 14, 14))
+    field /= field.std() + 1e-9
+    for level in (-0.8, 0.9):  # membranes: thin dark sheets along level sets of a smooth field
+        image -= 70 * np.exp(-(((field - level) / 0.06) ** 2))
+    labels = np.zeros(shape, np.uint16)
+    zz, yy, xx = np.ogrid[:z, :h, :w]
+    centres, count = [], 0
+    for _ in range(n_vesicles * 20):
+        if count == n_vesicles:
+            break
+        r_nm = rng.uniform(60, 110)
+        radii = np.array([max(r_nm / 30, 1.6), r_nm / 8, r_nm / 8 * rng.uniform(0.85, 1.15)])
+        if centres and rng.random() < 0.35:  # touch the previous vesicle in-plane
+            previous, previous_radii = centres[-1]
+            angle = rng.uniform(0, 2 * np.pi)
+            gap = previous_radii[1] + radii[1]
+            centre = previous + np.array([rng.uniform(-0.5, 0.5), gap * np.sin(angle), gap * np.cos(angle)])
+        else:
+            centre = rng.uniform([1, 10, 10], [z - 1, h - 10, w - 10])
+        rho = np.sqrt(((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+                      + ((xx - centre[2]) / radii[2]) ** 2)  # fmt: skip
+        inside = rho <= 1
+        if not inside.any() or (labels[inside] > 0).mean() > 0.02:
+            continue
+        count += 1
+        inside &= labels == 0
+        labels[inside] = count
+        image[inside & (rho > 0.72)] = 60 + rng.normal(0, 8)  # the membrane
+        image[inside & (rho <= 0.72)] = 195 + rng.normal(0, 8)  # the lumen
+        centres.append((centre, radii))
+    image = ndimage.gaussian_filter(image, (0.3, 0.8, 0.8)) + rng.normal(0, 12, shape)
+    mask = np.ones(shape, np.uint8)
+    mask[:, : h // 4, : w // 4] = 0  # a corner nobody annotated
+    labels[mask == 0] = 0
+    return np.clip(image, 0, 255).astype(np.uint8), labels, mask
+
+
+def write_volume(path: Path, volume: np.ndarray) -> None:
+    """One dataset `main`, chunked so that a patch reads only its own chunks."""
+    chunks = tuple(min(n, c) for n, c in zip(volume.shape, (8, 64, 64), strict=True))
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("main", data=volume, chunks=chunks, compression="gzip", compression_opts=1)
+    os.replace(tmp, path)
+
+
+def write_demo_volumes(root: str | Path, n_volumes: int = 3, shape=(24, 160, 160), seed: int = 0) -> Path:
+    """vol1..volN as <name>_im.h5, <name>_vesicle_ins.h5, <name>_mask.h5 in root. Skips writing when the same set
+    exists already."""
+    root = Path(root)
+    marker = root / "demo.json"
+    settings = {"n_volumes": n_volumes, "shape": list(shape), "seed": seed, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_vesicles = max(4, int(np.prod(shape) / 24 / 160 / 160 * 30))
+    for i in range(1, n_volumes + 1):
+        image, labels, mask = synthetic_em_volume(shape, n_vesicles, rng)
+        write_volume(root / f"vol{i}_im.h5", image)
+        write_volume(root / f"vol{i}_vesicle_ins.h5", labels)
+        write_volume(root / f"vol{i}_mask.h5", mask)
+    marker.write_text(json.dumps(settings))
+    return root

@@ -1,0 +1,196 @@
+"""Test mode for hydra_lv: sliding-window inference over whole volumes, watershed decoding, and scores.
+
+    python hydra_lv/evaluate.py --checkpoint outputs/hydra_lv_rsunet/checkpoints/best.ckpt
+    python hydra_lv/train.py --mode test --checkpoint outputs/hydra_lv_rsunet/checkpoints/best.ckpt   # the same
+    python hydra_lv/evaluate.py --checkpoint best.ckpt data.test_image=DATA/vol5_im.h5 data.test_label=null
+    python hydra_lv/evaluate.py --checkpoint best.ckpt inference.tta=true decoding.seed_binary=0.8
+
+Volumes: data.test_* of the run's config (overridable as above), else its validation volumes. Inference: windows
+of data.patch_size with inference.overlap (0.25), Gaussian blending, flip TTA with inference.tta; the volume is
+processed system.inference.chunk_windows window rows at a time and each finished chunk is written to disk, so
+memory does not grow with the volume's depth. Decoding (decoding.*): seeds where binary > 0.9, boundary < 0.8
+and distance > 0.5 (seeds under 16 voxels dropped), watershed of the negated distance inside binary > 0.85,
+objects under 64 voxels removed.
+
+Writes <run>/results/ (results_2, ... when that exists): predictions.h5 (dataset `main`, uint8 (3, z, y, x):
+binary and boundary probability x 255, distance (d + 1) / 2 x 255), segmentation.h5 (`main`, uint32 instance ids);
+with several volumes, <volume>_predictions.h5 and <volume>_segmentation.h5. With labels: test_results.json
+(adapted Rand error, VOI split / merge, instance precision / recall / F1 at IoU 0.5, inside the valid mask;
+the same for a threshold + connected-components baseline on the same predictions) and a line per volume in
+<run>/test_results.log.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import os
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from common.metrics import adapted_rand, match_instances, variation_of_information
+from hydra_lv.data import DataError, apply_overrides, find_volumes, open_dataset
+from hydra_lv.model import build_model, connected_components_baseline, decode_instances, sliding_window_inference
+
+
+def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
+    """The network of a hydra_lv checkpoint, rebuilt from the config stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"--checkpoint {path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != "hydra_lv":
+        raise SystemExit(f"--checkpoint {path}: not a hydra_lv checkpoint")
+    m = checkpoint["config"]["model"]
+    model = build_model(m["architecture"], m["in_channels"], m["out_channels"], m["filters"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def write_h5(path: Path, shape, dtype) -> tuple[h5py.File, h5py.Dataset]:
+    f = h5py.File(path, "w")
+    chunks = tuple(min(n, c) for n, c in zip(shape, (1, 8, 64, 64)[-len(shape) :], strict=True))
+    return f, f.create_dataset("main", shape=shape, dtype=dtype, chunks=chunks, compression="gzip", compression_opts=1)
+
+
+def score(true: np.ndarray, pred: np.ndarray) -> dict:
+    """Adapted Rand error, VOI and instance matching at IoU 0.5 (true label 0 ignored by the first two)."""
+    match = match_instances(true, pred, 0.5)
+    return {
+        **adapted_rand(true, pred),
+        **variation_of_information(true, pred),
+        "instance_precision": match.precision,
+        "instance_recall": match.recall,
+        "instance_f1": match.f1,
+        "true_instances": match.tp + match.fn,
+        "predicted_instances": match.tp + match.fp,
+    }
+
+
+def output_folder(parent: Path) -> Path:
+    for attempt in range(1, 1000):
+        folder = parent / ("results" if attempt == 1 else f"results_{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a results folder in {parent}")
+
+
+def main(args) -> Path:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model, checkpoint = load_model(args.checkpoint, device)
+    cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
+    volumes = find_volumes(cfg["data"], "test", need_labels=False) or find_volumes(
+        cfg["data"], "val", need_labels=False
+    )
+    if not volumes:
+        raise DataError("no test volume: set data.test_image (and data.test_label to score it)")
+    run_dir = Path(args.checkpoint).resolve().parent.parent
+    out = output_folder(Path(args.output_dir) if args.output_dir else run_dir)
+    window = cfg["data"]["patch_size"]
+    inference, decoding = cfg["inference"], cfg["decoding"]
+    results = {}
+    for volume in volumes:
+        started = time.time()
+        prefix = "" if len(volumes) == 1 else f"{volume.name}_"
+        image = open_dataset(volume.image)
+        if args.fast_dev_run:  # one window of the first volume
+            image = np.asarray(image[: window[0], : window[1], : window[2]])
+        shape = tuple(image.shape)
+        print(
+            f"{volume.name}: {shape} voxels, windows {window}, overlap {inference['overlap']}, TTA {inference['tta']}"
+        )
+        f, predictions = write_h5(out / f"{prefix}predictions.h5", (3, *shape), np.uint8)
+
+        def write(z0, z1, output, predictions=predictions):
+            output = output.copy()
+            output[2] = (output[2] + 1) / 2  # distance -1..1 stored as 0..1
+            predictions[:, z0:z1] = np.clip(np.round(output * 255), 0, 255).astype(np.uint8)
+
+        with f:
+            sliding_window_inference(
+                model, image, window, inference["overlap"], cfg["system"]["inference"]["batch_size"],
+                inference["tta"], inference["blending"], cfg["system"]["inference"]["chunk_windows"], device, write,
+            )  # fmt: skip
+        with h5py.File(out / f"{prefix}predictions.h5", "r") as f:
+            binary, boundary, distance = (f["main"][c].astype(np.float32) / 255 for c in range(3))
+        distance = distance * 2 - 1
+        segmentation = decode_instances(binary, boundary, distance, **decoding)
+        f, dataset = write_h5(out / f"{prefix}segmentation.h5", shape, np.uint32)
+        with f:
+            dataset[...] = segmentation
+        seconds = time.time() - started
+        print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {out / f'{prefix}segmentation.h5'}")
+        if volume.label is None:
+            continue
+        labels = np.asarray(open_dataset(volume.label)[tuple(slice(0, n) for n in shape)]).astype(np.int64)
+        valid = (
+            np.ones(shape, bool)
+            if volume.mask is None
+            else np.asarray(open_dataset(volume.mask)[tuple(slice(0, n) for n in shape)]) > 0
+        )
+        baseline = connected_components_baseline(binary, 0.5, decoding["min_object_size"])
+        # scored inside the valid region only: outside it, nothing was annotated
+        results[volume.name] = {
+            "image": str(volume.image),
+            "shape": list(shape),
+            "seconds": round(seconds, 2),
+            **score(labels * valid, segmentation * valid),
+            "baseline_threshold_connected_components": score(labels * valid, baseline * valid),
+        }
+        r = results[volume.name]
+        print(
+            f"  adapted Rand error {r['adapted_rand_error']:.4f} (baseline "
+            f"{r['baseline_threshold_connected_components']['adapted_rand_error']:.4f}), "
+            f"VOI split {r['voi_split']:.3f} merge {r['voi_merge']:.3f}, instance F1 {r['instance_f1']:.3f}"
+        )
+    if results:
+        report = {
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "decoding": decoding,
+            "inference": inference,
+            "volumes": results,
+        }
+        if len(results) > 1:
+            keys = [k for k, v in next(iter(results.values())).items() if isinstance(v, float)]
+            report["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
+        tmp = out / "test_results.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "test_results.json")
+        with open(run_dir / "test_results.log", "a") as log:
+            for name, r in results.items():
+                log.write(
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {Path(args.checkpoint).name}  {name}  "
+                    f"adapted_rand_error {r['adapted_rand_error']:.4f}  voi_split {r['voi_split']:.4f}  "
+                    f"voi_merge {r['voi_merge']:.4f}  instance_f1 {r['instance_f1']:.4f}  "
+                    f"baseline_adapted_rand_error "
+                    f"{r['baseline_threshold_connected_components']['adapted_rand_error']:.4f}  {out}\n"
+                )
+    print(f"wrote {out}")
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "overrides", nargs="*", help="dotted.key=value over the checkpoint's config, e.g. inference.tta=true"
+    )
+    p.add_argument("--checkpoint", required=True, help="outputs/<experiment_name>/checkpoints/best.ckpt")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="results/ goes in here [the run folder]")
+    p.add_argument("--fast-dev-run", "--fast_dev_run", dest="fast_dev_run", action="store_true", help="one window only")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,292 @@
+"""Networks, loss, sliding-window inference and watershed decoding for hydra_lv.
+
+rsunet: the residual symmetric U-Net of the connectomics tutorial (Lee et al. 2017, "Superhuman accuracy on the
+SNEMI3D connectomics challenge"): pre-activation residual blocks, pooling (1, 2, 2) so z (30 nm sections) is
+never downsampled, transposed-convolution upsampling and additive skips. `filters` sets depth and width.
+unet3d: a plain 3D U-Net (two conv-BN-ReLU per level, concatenated skips), the same in-plane-only pooling.
+Both output 3 channels: binary, boundary (logits) and distance (tanh gives -1..1).
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential, watershed
+from torch import nn
+from torch.nn import functional as F
+
+from common.losses import DiceLoss
+
+ARCHITECTURES = ("rsunet", "unet3d", "monai_unet")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def conv(cin: int, cout: int, kernel=(3, 3, 3)) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel, padding=tuple(k // 2 for k in kernel), bias=False)
+
+
+class PreActResidual(nn.Module):
+    """x + conv(relu(bn(conv(relu(bn(x)))))) (He et al. 2016, identity mappings)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm3d(channels), nn.ReLU(inplace=True), conv(channels, channels),
+            nn.BatchNorm3d(channels), nn.ReLU(inplace=True), conv(channels, channels),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def upsamplers(filters) -> nn.ModuleList:
+    """Deepest first: transposed convolutions (1, 2, 2) from each level to the one above."""
+    levels = range(len(filters) - 1, 0, -1)
+    return nn.ModuleList(nn.ConvTranspose3d(filters[i], filters[i - 1], (1, 2, 2), stride=(1, 2, 2)) for i in levels)
+
+
+class RSUNet(nn.Module):
+    def __init__(self, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512)):
+        super().__init__()
+        self.embed = conv(in_channels, filters[0], (1, 5, 5))  # in-plane context first, as in the tutorial
+        self.down = nn.ModuleList()
+        for i, width in enumerate(filters):
+            entry = nn.Identity() if i == 0 else nn.Sequential(nn.MaxPool3d((1, 2, 2)), conv(filters[i - 1], width))
+            self.down.append(nn.Sequential(entry, PreActResidual(width)))
+        self.up = upsamplers(filters)
+        self.up_blocks = nn.ModuleList(PreActResidual(filters[i - 1]) for i in range(len(filters) - 1, 0, -1))
+        self.head = nn.Sequential(
+            nn.BatchNorm3d(filters[0]), nn.ReLU(inplace=True), nn.Conv3d(filters[0], out_channels, 1)
+        )
+
+    def forward(self, x):
+        x = self.embed(x)
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1]), strict=True):
+            x = block(up(x) + skip)  # additive skip
+        return self.head(x)
+
+
+class UNet3D(nn.Module):
+    def __init__(self, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512)):
+        super().__init__()
+
+        def double(cin, cout):
+            return nn.Sequential(
+                conv(cin, cout), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+                conv(cout, cout), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+            )  # fmt: skip
+
+        self.down = nn.ModuleList(double(in_channels if i == 0 else filters[i - 1], f) for i, f in enumerate(filters))
+        self.pool = nn.MaxPool3d((1, 2, 2))
+        self.up = upsamplers(filters)
+        self.up_blocks = nn.ModuleList(
+            double(2 * filters[i - 1], filters[i - 1]) for i in range(len(filters) - 1, 0, -1)
+        )
+        self.head = nn.Conv3d(filters[0], out_channels, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1]), strict=True):
+            x = block(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+def build_model(architecture: str, in_channels: int = 1, out_channels: int = 3, filters=(32, 64, 128, 256, 512)):
+    """rsunet, unet3d, or monai_unet (MONAI's UNet with in-plane strides where MONAI is installed, else unet3d)."""
+    if architecture not in ARCHITECTURES:
+        raise SystemExit(f"model.architecture={architecture}: unknown; choose one of {', '.join(ARCHITECTURES)}")
+    filters = tuple(int(f) for f in filters)
+    if architecture == "monai_unet":
+        try:
+            from monai.networks.nets import UNet
+        except ImportError:
+            architecture = "unet3d"
+        else:
+            strides = [(1, 2, 2)] * (len(filters) - 1)
+            return UNet(3, in_channels, out_channels, filters, strides, num_res_units=2, norm="batch")
+    if architecture == "rsunet":
+        return RSUNet(in_channels, out_channels, filters)
+    return UNet3D(in_channels, out_channels, filters)
+
+
+def in_plane_multiple(filters) -> int:
+    """y and x of a window must be multiples of this (one halving per level)."""
+    return 2 ** (len(filters) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss: the tutorial's three terms, counted only inside the valid mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HydraLoss(nn.Module):
+    """weights[0] * (Dice + BCE)(binary) + weights[1] * (Dice + BCE)(boundary) + weights[2] * MSE(tanh(distance)).
+    Voxels outside the valid mask (weight 0) do not count: their logits are set to -1e4 (probability 0) for the
+    Dice term, and they carry zero weight in BCE and MSE. The MSE weights foreground voxels 3 : 1 over
+    background, so thin vesicles are not drowned by the background's -1."""
+
+    def __init__(self, weights=(1.0, 1.0, 3.0)):
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+        self.dice = DiceLoss(smooth=1.0)
+
+    def forward(self, output, target, valid):
+        output = output.float()
+        terms = {}
+        for channel, name in ((0, "binary"), (1, "boundary")):
+            logits, truth = output[:, channel : channel + 1], target[:, channel : channel + 1]
+            dice = self.dice(torch.where(valid > 0, logits, torch.full_like(logits, -1e4)), truth * valid)
+            bce = F.binary_cross_entropy_with_logits(logits, truth, weight=valid, reduction="sum")
+            terms[name] = dice + bce / valid.sum().clamp_min(1)
+        distance, truth = torch.tanh(output[:, 2:3]), target[:, 2:3]
+        weight = valid * (1 + 2 * (truth > 0).float())
+        terms["distance"] = (weight * (distance - truth) ** 2).sum() / weight.sum().clamp_min(1)
+        total = sum(w * term for w, term in zip(self.weights, terms.values(), strict=True))
+        return total, {name: float(term.detach()) for name, term in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sliding-window inference, chunk by chunk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def window_starts(size: int, window: int, step: int) -> list[int]:
+    """Start of every window along one axis: a regular grid, plus one flush with the end."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def blending_weights(window, mode: str = "gaussian") -> np.ndarray:
+    """Gaussian importance map (sigma = window / 8, as nnU-Net and MONAI), floored at a small positive value so
+    every voxel of a window counts a little; or constant."""
+    if mode == "constant":
+        return np.ones(window, np.float32)
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 8)) ** 2) for n in window]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights = weights / weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)
+
+
+@torch.no_grad()
+def predict_windows(model, windows: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Sigmoid of binary and boundary, tanh of distance; tta: mean over flips of y, x and z (and none)."""
+    flips = [()] + ([(-1,), (-2,), (-3,), (-1, -2)] if tta else [])
+    device_type = windows.device.type
+    autocast = (
+        torch.autocast(device_type, dtype=torch.bfloat16)
+        if device_type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    total = 0
+    for dims in flips:
+        view = windows.flip(dims) if dims else windows
+        with autocast:
+            out = model(view).float()
+        out = out.flip(dims) if dims else out
+        total = total + torch.cat([torch.sigmoid(out[:, :2]), torch.tanh(out[:, 2:3])], 1)
+    return total / len(flips)
+
+
+def sliding_window_inference(
+    model, volume, window, overlap=0.25, batch_size=4, tta=False, blending="gaussian", chunk_windows=4,
+    device="cpu", write=None,
+):  # fmt: skip
+    """Predict a whole (z, y, x) volume (a NumPy array or an h5py dataset, uint8 or float in 0..1) window by
+    window; overlapping windows are averaged with `blending` weights. The volume is processed in z chunks of
+    `chunk_windows` window rows: only the chunk's input and output are held in memory, and each finished chunk
+    goes to `write(z0, z1, output)` (output (3, z1 - z0, y, x) float32). Without `write`, the whole output is
+    returned. A volume smaller than the window is mirrored up to it."""
+    shape = tuple(volume.shape)
+    window = tuple(int(w) for w in window)
+    steps = [max(1, int(w * (1 - overlap))) for w in window]
+    starts = [window_starts(n, w, s) for n, w, s in zip(shape, window, steps, strict=True)]
+    weights = torch.from_numpy(blending_weights(window, blending)).to(device)
+    result = None if write is not None else np.zeros((3, *shape), np.float32)
+    z_starts = starts[0]
+    for c in range(0, len(z_starts), chunk_windows):
+        # the chunk owns output sections [z0, z1) and runs every window that reaches into them (some windows of
+        # the neighbouring chunks too), so each voxel gets exactly the windows it would get in one pass
+        z0 = 0 if c == 0 else z_starts[c]
+        z1 = z_starts[c + chunk_windows] if c + chunk_windows < len(z_starts) else shape[0]
+        touching = [s for s in z_starts if s < z1 and s + window[0] > z0]
+        lo, hi = touching[0], touching[-1] + window[0]
+        block = np.asarray(volume[lo : min(hi, shape[0])], dtype=np.float32)
+        if np.issubdtype(volume.dtype, np.integer):
+            block /= 255.0
+        short = [hi - lo - block.shape[0]] + [max(0, w - n) for n, w in zip(shape[1:], window[1:], strict=True)]
+        if any(short):  # a volume smaller than the window: mirrored up to it
+            block = np.pad(block, [(0, n) for n in short], mode="reflect" if min(block.shape) > 1 else "edge")
+        block = torch.from_numpy(block).to(device)
+        accumulated = torch.zeros((3, *block.shape), device=device)
+        norm = torch.zeros(block.shape, device=device)
+        positions = [(z - lo, y, x) for z, y, x in product(touching, starts[1], starts[2])]
+        for b in range(0, len(positions), batch_size):
+            batch = positions[b : b + batch_size]
+            windows = torch.stack([block[z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch])
+            out = predict_windows(model, windows[:, None], tta)
+            for (z, y, x), o in zip(batch, out, strict=True):
+                accumulated[:, z : z + window[0], y : y + window[1], x : x + window[2]] += o * weights
+                norm[z : z + window[0], y : y + window[1], x : x + window[2]] += weights
+        output = (accumulated / norm)[:, z0 - lo : z1 - lo, : shape[1], : shape[2]].cpu().numpy()
+        if write is None:
+            result[:, z0:z1] = output
+        else:
+            write(z0, z1, output)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: seeded watershed on the distance map
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_instances(
+    binary, boundary, distance, seed_binary=0.9, seed_contour=0.8, seed_distance=0.5, foreground=0.85,
+    min_seed_size=16, min_object_size=64,
+) -> np.ndarray:  # fmt: skip
+    """Instance ids (uint32) from the three probability maps (0..1; distance -1..1), as in the connectomics
+    tutorial: seeds are connected regions where binary > seed_binary, boundary < seed_contour and distance >
+    seed_distance, those under min_seed_size voxels dropped; the foreground is binary > foreground; a watershed
+    of the negated distance grows the seeds through it; objects under min_object_size voxels are removed."""
+    seeds_mask = (binary > seed_binary) & (boundary < seed_contour) & (distance > seed_distance)
+    seeds, n = ndimage.label(seeds_mask)
+    if n:
+        sizes = np.bincount(seeds.ravel())
+        small = sizes < min_seed_size
+        small[0] = False
+        seeds[small[seeds]] = 0
+    mask = binary > foreground
+    labels = watershed(-np.asarray(distance, np.float32), markers=seeds, mask=mask)
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_object_size
+    small[0] = False
+    labels[small[labels]] = 0
+    return relabel_sequential(labels)[0].astype(np.uint32)
+
+
+def connected_components_baseline(binary, threshold=0.5, min_object_size=64) -> np.ndarray:
+    """The baseline: threshold the binary map and label its 3D connected components (touching vesicles merge)."""
+    labels, _ = ndimage.label(binary > threshold)
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_object_size
+    small[0] = False
+    labels[small[labels]] = 0
+    return relabel_sequential(labels)[0].astype(np.uint32)
