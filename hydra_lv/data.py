@@ -18,6 +18,7 @@ import difflib
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import yaml
 from scipy import ndimage
 
 DEFAULT_CONFIG = Path(__file__).with_name("hydra-lv.yaml")
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class DataError(SystemExit):
@@ -79,9 +81,12 @@ def apply_overrides(config: dict, overrides: list[str], source: str = "the confi
         for part in parents:
             node = node[part]
         try:
-            node[last] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise DataError(f"override {item!r}: the value is not valid YAML ({error})") from None
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; everyone means the number
+        node[last] = value
     return config
 
 
@@ -312,8 +317,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict:
-        return self.item(i, self.epoch_seed)
+    def __getitem__(self, key) -> dict:
+        """key: an index, or (index, epoch seed) from train.py's EpochSampler."""
+        return self.item(*key) if isinstance(key, tuple) else self.item(key, self.epoch_seed)
 
     def item(self, i: int, epoch_seed: int) -> dict:
         rng = np.random.default_rng([self.seed, 0 if self.fixed else epoch_seed, i])

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from hydra_lv.data import DEFAULT_CONFIG, DataError, PatchDataset, find_volumes, load_config, write_demo_volumes
@@ -310,7 +310,7 @@ def main(args):
         cfg = load_config(args.config, [])
         overrides = list(args.overrides)
         if args.demo:
-            root = Path(args.output_root) / "demo_data"
+            root = (Path(args.output_root) / "demo_data").resolve()
             if is_main():
                 write_demo_volumes(root)
             if dist.is_initialized():
@@ -334,6 +334,10 @@ def main(args):
             cfg["data"]["iterations_per_epoch"] = cfg["data"]["val_patches"] = batch
             cfg["optimization"]["max_epochs"] = 1
         run_dir = None
+        # globs relative to this folder become absolute: test mode and resume may run from anywhere
+        for key, value in cfg["data"].items():
+            if key.split("_")[0] in ("train", "val", "test") and isinstance(value, str) and value:
+                cfg["data"][key] = os.path.abspath(value)
     check_config(cfg)
     if cfg["system"]["training"]["num_gpus"] > 1 and world == 1 and is_main():
         log(
@@ -381,13 +385,10 @@ def main(args):
 
     training = cfg["system"]["training"]
     workers = min(int(training["num_workers"]), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
-    sampler = DistributedSampler(train_set, shuffle=False) if dist.is_initialized() else None
+    sampler = EpochSampler(len(train_set), rank, world)
     loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
-    # items draw their own random patches from (epoch seed, index): no shuffling needed, and persistent workers
-    # see each epoch's seed because it travels with the index (see PatchDataset)
-    train_loader = DataLoader(
-        EpochSeeded(train_set), training["batch_size"], sampler=sampler, drop_last=False, **loader_args
-    )
+    # every item draws its own random patch from (epoch seed, index): nothing to shuffle (see EpochSampler)
+    train_loader = DataLoader(train_set, training["batch_size"], sampler=sampler, **loader_args)
     val_loader = DataLoader(val_set, training["batch_size"], **{**loader_args, "persistent_workers": False})
 
     if args.profile_dataloader:
@@ -443,7 +444,7 @@ def main(args):
         started = time.time()
         epoch_seed = seed * 1000 + epoch
         torch.manual_seed(epoch_seed + 100_003 * rank)
-        train_loader.dataset.epoch = epoch_seed
+        sampler.set_epoch_seed(epoch_seed)
         label = f"epoch {epoch + 1}/{optimization['max_epochs']}"
         train_stats = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, device, cfg, label)
         val_stats = validate(model, criterion, val_loader, device, cfg)
@@ -494,8 +495,8 @@ def main(args):
     if writer is not None:
         writer.close()
     if dist.is_initialized():
-        dist.destroy_process_group()
-    if is_main():
+        dist.destroy_process_group()  # test mode runs on rank 0 alone, after the others have left
+    if rank == 0:
         log(f"best validation loss {state['best']:.4f}; {run_dir}")
         if args.test_after or args.fast_dev_run:
             from hydra_lv import evaluate
@@ -508,18 +509,22 @@ def main(args):
     return run_dir
 
 
-class EpochSeeded(torch.utils.data.Dataset):
-    """Hands the epoch's seed to the dataset with every index, so persistent loader workers (which hold their own
-    copy of the dataset) draw the same patches as the main process would, and a resumed run repeats an epoch."""
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of an epoch as (index, epoch seed) keys. The seed travels with each index, so persistent
+    loader workers (which hold their own copy of the dataset) draw exactly the patches of this epoch, and a resumed
+    run repeats an interrupted epoch. Every rank gets the same number of patches (DDP steps in lockstep)."""
 
-    def __init__(self, dataset: PatchDataset):
-        self.dataset, self.epoch = dataset, 0
+    def __init__(self, length: int, rank: int = 0, world: int = 1):
+        self.per_rank, self.rank, self.world, self.seed = math.ceil(length / world), rank, world, 0
 
-    def __len__(self):
-        return len(self.dataset)
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed = seed
 
-    def __getitem__(self, i):
-        return self.dataset.item(i, self.epoch)
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        return iter([(self.rank + k * self.world, self.seed) for k in range(self.per_rank)])
 
 
 def get_args_parser() -> argparse.ArgumentParser:

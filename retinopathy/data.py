@@ -96,16 +96,18 @@ def read_labels(
         )
     if table.empty:
         raise DataError(f"{labels_csv} has no rows")
+    duplicates = table["id_code"][table["id_code"].duplicated()].unique()
+    if len(duplicates):
+        raise DataError(f"{labels_csv}: id_code {', '.join(map(str, duplicates[:5]))} appear(s) more than once")
+    # one non-number in the column would make pandas read every grade as text: compare numbers
+    numeric = pd.to_numeric(table["diagnosis"], errors="coerce")
     records, problems = [], []
-    for row_number, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"{labels_csv} line {row_number} (id_code {row.id_code})"
-        try:
-            grade = int(row.diagnosis)
-            if grade != row.diagnosis or not 0 <= grade < num_classes:
-                raise ValueError
-        except (TypeError, ValueError):
+    for row_number, (row, value) in enumerate(zip(table.itertuples(index=False), numeric, strict=True), start=2):
+        where = f"{labels_csv} line {row_number} (id_code {row.id_code})"  # line 1 is the header
+        if not (np.isfinite(value) and value == int(value) and 0 <= value < num_classes):
             problems.append(f"{where}: diagnosis {row.diagnosis!r} is not a grade in 0..{num_classes - 1}")
             continue
+        grade = int(value)
         path = find_image(img_dir, str(row.id_code))
         if path is None:
             problems.append(f"{where}: no image {row.id_code}.png/.jpg/.jpeg in {img_dir}")
@@ -145,7 +147,10 @@ def stratified_split(records: list[Record], val_split: float, seed: int) -> tupl
     """Train/validation split that keeps the grade proportions (scikit-learn), reproducible from seed."""
     labels = [r.diagnosis for r in records]
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None  # a grade with one image cannot be split
+    n_val = int(np.ceil(val_split * len(records)))
+    # a grade with one image cannot be split, and each side needs a place for every grade
+    can_stratify = counts[counts > 0].min() >= 2 and min(n_val, len(records) - n_val) >= (counts > 0).sum()
+    stratify = labels if can_stratify else None
     train, val = train_test_split(records, test_size=val_split, random_state=seed, stratify=stratify)
     return list(train), list(val)
 
@@ -168,6 +173,41 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, path)
+
+
+def validation_records(trained: dict, run_dir: Path, num_classes: int, settings: dict, cache_dir: Path) -> list[Record]:
+    """The validation photos of a training run (`trained`: its stored arguments): the ids its split.json lists,
+    so a CSV edited since training cannot shift the split; runs without a split.json draw it again."""
+    skip = trained["skip_bad_rows"]
+    records = read_labels(trained["labels_csv"], trained["img_dir"], num_classes, skip, log=lambda *a: None)
+    split = Path(run_dir) / "split.json"
+    if split.is_file():
+        by_id = {r.id_code: r for r in records}
+        wanted = json.loads(split.read_text())["val"]
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise DataError(f"{split}: {len(missing)} validation photo(s) are no longer in {trained['labels_csv']}, "
+                            f"e.g. {missing[0]}")  # fmt: skip
+        return prepare_images([by_id[i] for i in wanted], settings, cache_dir, skip, show=False)
+    records = prepare_images(records, settings, cache_dir, skip, show=False)
+    return stratified_split(records, trained["val_split"], trained["random_seed"])[1]
+
+
+def read_id_list(labels_csv: str | Path, img_dir: str | Path) -> list[Record]:
+    """An id_code column without grades (e.g. APTOS test.csv): unlabelled records, in the CSV's order."""
+    table = pd.read_csv(labels_csv, dtype={"id_code": str})
+    records, missing = [], []
+    for id_code in table["id_code"]:
+        path = find_image(Path(img_dir), id_code)
+        if path is None:
+            missing.append(id_code)
+        else:
+            records.append(Record(id_code, path, None))
+    if missing:
+        raise DataError(f"{labels_csv}: {len(missing)} id(s) have no image in {img_dir}, e.g. {missing[0]}")
+    if not records:
+        raise DataError(f"{labels_csv} has no rows")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------------

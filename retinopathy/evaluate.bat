@@ -4,7 +4,7 @@ rem With LABELS set to a CSV (id_code,diagnosis) it scores them; with LABELS emp
 cd /d "%~dp0.."
 set MODEL=ml\models\efficientnet_b3_run
 set DATA=data\aptos
-set LABELS=%DATA%\test.csv
+set LABELS=
 set PY=python
 if exist .venv\Scripts\python.exe set PY=.venv\Scripts\python.exe
 if "%LABELS%"=="" (

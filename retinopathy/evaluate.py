@@ -47,8 +47,9 @@ from retinopathy.data import (
     new_folder,
     prepare_images,
     read_folder,
+    read_id_list,
     read_labels,
-    stratified_split,
+    validation_records,
     write_json,
 )
 from retinopathy.model import load_checkpoint, pick_device, predict_probabilities
@@ -156,14 +157,14 @@ def main(args) -> Path:
 
     if args.labels_csv and not args.img_dir:
         raise SystemExit("--labels-csv needs --img-dir (the folder of its images)")
-    if args.img_dir is None:  # the run's own validation split, drawn as train.py drew it
-        skip = trained["skip_bad_rows"]
-        records = read_labels(trained["labels_csv"], trained["img_dir"], num_classes, skip)
-        records = prepare_images(records, settings, cache_dir, skip)
-        records = stratified_split(records, trained["val_split"], trained["random_seed"])[1]
+    if args.img_dir is None:  # the run's own validation photos
+        records = validation_records(trained, run_dir, num_classes, settings, cache_dir)
         source = f"validation split of {trained['labels_csv']}"
     else:
-        if args.labels_csv:
+        if args.labels_csv and "diagnosis" not in pd.read_csv(args.labels_csv, nrows=0).columns:
+            records = read_id_list(args.labels_csv, args.img_dir)  # ids without grades: grade them
+            source = str(Path(args.labels_csv).resolve())
+        elif args.labels_csv:
             records = read_labels(args.labels_csv, args.img_dir, num_classes, args.skip_bad_rows)
             source = str(Path(args.labels_csv).resolve())
         else:
@@ -216,7 +217,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--model-path", "--model_path", dest="model_path", required=True, help="best_model.pth or its run folder")
     add("--labels-csv", "--labels_csv", dest="labels_csv", help="CSV with id_code,diagnosis (leave out: no labels)")
-    add("--img-dir", "--img_dir", dest="img_dir", help="the photos (leave out with --labels-csv: the run's val split)")
+    add(
+        "--img-dir",
+        "--img_dir",
+        dest="img_dir",
+        help="the photos (leave out, with --labels-csv too: the run's val split)",
+    )
     add("--output-dir", "--output_dir", dest="output_dir", help="results go to a new folder in here [RUN/evaluation]")
     add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed image cache [the training run's]")
     add("--tta", action="store_true", help="average over the photo and its three flips")

@@ -3,7 +3,6 @@ backbone for stage 1, and loading checkpoints in evaluate.py and visualize.py.""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,8 +40,8 @@ def build_classifier(name: str, num_classes: int = 5, pretrained: bool = False) 
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    """Stage 1 (trainable=False): only the new head learns; BatchNorm statistics of the backbone stay as
-    pretrained too (train mode is kept, but frozen parameters get no gradient)."""
+    """Stage 1 (trainable=False): only the new head learns. (train.py also keeps the frozen BatchNorm layers in
+    eval mode, so their running statistics stay as pretrained.)"""
     head = set(head_of(model).parameters())
     for parameter in model.parameters():
         if parameter not in head:
@@ -86,9 +85,8 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = Fa
     views = [images]
     if tta:
         views += [images.flip(-1), images.flip(-2), images.flip(-1, -2)]
-    autocast = torch.autocast("cuda") if images.is_cuda else nullcontext()  # fp16 inference on a GPU
-    with autocast:
-        return torch.stack([model(view).float().softmax(1) for view in views]).mean(0)
+    # fp32, as validation in training without --mixed-precision: the scores match the ones training reported
+    return torch.stack([model(view).float().softmax(1) for view in views]).mean(0)
 
 
 def last_conv_block(model: nn.Module) -> nn.Module:

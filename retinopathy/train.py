@@ -75,6 +75,11 @@ DEMO = {
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, device, label, args):
     """One pass over the training split; the scheduler steps per batch. Returns loss and accuracy."""
     model.train()
+    for module in model.modules():  # stage 1: the frozen backbone's BatchNorm statistics stay as pretrained
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
     bar = tqdm(loader, desc=label, disable=not is_main(), leave=False, dynamic_ncols=True)
     for batch in bar:
@@ -292,6 +297,8 @@ def main(args):
         run_dir = new_folder(Path(args.save_dir), args.model_name)
         args.run_dir = str(run_dir)
         write_json(run_dir / "config.json", vars(args))
+        split = {"train": [r.id_code for r in train_records], "val": [r.id_code for r in val_records]}
+        write_json(run_dir / "split.json", split)  # evaluate.py and visualize.py score exactly these photos
     if is_main():
         logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
         gpu = (
@@ -313,6 +320,10 @@ def main(args):
         log(f"data: {len(records)} photos from {args.labels_csv}")
         for message in skipped:
             log(f"  {message}")
+        if args.two_stage and args.epochs_stage1 > 0 and not args.pretrained:
+            log(
+                "note: stage 1 trains the head on a frozen *random* backbone (--no-pretrained); --no-two-stage skips it"
+            )
         log("=" * 72)
         train_counts = np.bincount(train_labels, minlength=args.num_classes)
         val_counts = np.bincount([r.diagnosis for r in val_records], minlength=args.num_classes)
@@ -352,7 +363,8 @@ def main(args):
     state = {"stage": 0, "epoch": 0, "best": -math.inf, "best_stage": -math.inf, "patience": 0, "history": []}
     if resume is not None:
         model.load_state_dict(resume["model"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"]:  # empty when the scaler was off (fp32 or bf16) in the interrupted run
+            scaler.load_state_dict(resume["scaler"])
         state = {k: resume[k] for k in state}
         log(f"resumed from {args.resume}: {plan[state['stage']]['name']}, epoch {state['epoch'] + 1}")
 

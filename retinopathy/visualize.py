@@ -41,7 +41,7 @@ from retinopathy.data import (
     read_labels,
     read_rgb,
     square_resize,
-    stratified_split,
+    validation_records,
 )
 from retinopathy.model import grad_cam, load_checkpoint, pick_device, predict_probabilities
 
@@ -87,7 +87,7 @@ def plot_curves(args) -> Path:
         else:
             qwk = [h["val"]["qwk"] for h in history]
             ax.plot(epochs, qwk, "o-", color="tab:green", label="validation QWK")
-            best = int(np.nanargmax(qwk))
+            best = int(np.nanargmax(qwk)) if np.isfinite(qwk).any() else 0
             ax.plot(epochs[best], qwk[best], "*", ms=14, color="gold", mec="k", label=f"best {qwk[best]:.3f}")
         stage2 = [h["epoch"] for h in history if h["stage"] == "stage2"]
         if stage2 and stage2[0] > epochs[0]:
@@ -106,9 +106,7 @@ def labelled_records(args, trained: dict, num_classes: int, settings: dict, cach
             raise SystemExit("--labels-csv needs --img-dir")
         records = read_labels(args.labels_csv, args.img_dir, num_classes)
         return prepare_images(records, settings, cache_dir)
-    records = read_labels(trained["labels_csv"], trained["img_dir"], num_classes, trained["skip_bad_rows"])
-    records = prepare_images(records, settings, cache_dir, trained["skip_bad_rows"])
-    return stratified_split(records, trained["val_split"], trained["random_seed"])[1]
+    return validation_records(trained, run_folder(args.run), num_classes, settings, cache_dir)
 
 
 def to_display(tensor: torch.Tensor) -> np.ndarray:
@@ -200,7 +198,7 @@ def plot_gradcam(args) -> Path:
     items = [FundusDataset([r], settings, cache_dir)[0] for r in records]
     images = torch.stack([item["image"] for item in items]).to(device)
     probs = predict_probabilities(model, images, args.tta).cpu()
-    cams = grad_cam(model, images).cpu().numpy()
+    cams = grad_cam(model, images, probs.argmax(1).to(device)).cpu().numpy()  # the grade shown (with --tta)
     fig, axes = plt.subplots(len(records), 2, figsize=(6.5, 3.2 * len(records)), squeeze=False)
     for row, record, item, p, cam in zip(axes, records, items, probs, cams, strict=True):
         image = to_display(item["image"])

@@ -93,6 +93,8 @@ def test_stratified_split_keeps_the_grade_shares(demo):
     assert {r.id_code for r in train}.isdisjoint(r.id_code for r in val)
     assert set(r.diagnosis for r in val) == set(range(5))
     assert [r.id_code for r in stratified_split(records, 0.2, 42)[1]] == [r.id_code for r in val]
+    few = records[:12]  # too few photos to hold every grade on both sides: an unstratified split, no crash
+    assert len(stratified_split(few, 0.2, 42)[1]) == 3
 
 
 def test_bad_rows_and_images_are_named(demo, tmp_path):
@@ -104,6 +106,19 @@ def test_bad_rows_and_images_are_named(demo, tmp_path):
     bad.loc[3, "diagnosis"] = 7
     bad.loc[5, "id_code"] = "missing_photo"
     bad.to_csv(tmp_path / "bad.csv", index=False)
+    text = bad.copy()
+    text["diagnosis"] = text["diagnosis"].astype(object)
+    text.loc[8, "diagnosis"] = "x"  # one word in the column: only its row is bad, not every row read as text
+    text.to_csv(tmp_path / "text.csv", index=False)
+    said = []
+    assert (
+        len(read_labels(tmp_path / "text.csv", demo / "train_images", skip_bad_rows=True, log=said.append))
+        == len(table) - 3
+    )
+    assert "skipped 3 bad row(s)" in said[0] and "diagnosis 'x' is not a grade" in said[0]
+    pd.concat([table, table.iloc[:1]]).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(SystemExit, match=f"twice.csv: id_code {table.id_code[0]} appear"):
+        read_labels(tmp_path / "twice.csv", demo / "train_images")
     with pytest.raises(
         SystemExit,
         match=r"(?s)2 bad row\(s\):\n.*bad.csv line 5 .*diagnosis 7 is not a grade.*line 7 .*no image missing_photo",

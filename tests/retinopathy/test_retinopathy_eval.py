@@ -132,6 +132,12 @@ def test_evaluate_without_labels_writes_a_kaggle_submission(demo_run, tmp_path):
     assert submission["diagnosis"].isin(range(5)).all()
     probabilities = pd.read_csv(out / "probabilities.csv", dtype={"id_code": str})
     assert (probabilities[[f"prob_{c}" for c in range(5)]].to_numpy().argmax(1) == submission["diagnosis"]).all()
+    # an id list without grades (APTOS test.csv) grades those photos, in the CSV's order
+    ids = sorted(submission["id_code"])[:5][::-1]
+    pd.DataFrame({"id_code": ids}).to_csv(tmp_path / "test.csv", index=False)
+    listed = evaluate("--model-path", demo_run, "--labels-csv", tmp_path / "test.csv", "--img-dir", config["img_dir"],
+                      "--output-dir", tmp_path, "--num-workers", 0)  # fmt: skip
+    assert pd.read_csv(listed / "predictions.csv", dtype={"id_code": str})["id_code"].tolist() == ids
     # the same photos graded with labels get the same grades
     labelled = sorted((demo_run / "evaluation").glob("evaluation_*"))[0]
     graded = pd.read_csv(labelled / "predictions.csv", dtype={"id_code": str}).set_index("id_code")["diagnosis"]

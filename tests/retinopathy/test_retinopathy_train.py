@@ -78,8 +78,11 @@ def test_two_stage_run_with_each_loss(tmp_path, data, loss):
     stage1 = torch.load(run / "best_stage1.pth", weights_only=True)
     last = torch.load(run / "last.pth", weights_only=True)
     assert stage1["domain"] == "retinopathy" and last["args"]["loss"] == loss
-    # stage 1 left the backbone as it was built; stage 2 changed it
+    # stage 1 left the backbone as it was built, BatchNorm statistics included; stage 2 changed it
     assert not torch.equal(stage1["model"]["conv1.weight"], last["model"]["conv1.weight"])
+    fresh = build_classifier("resnet18", 5).state_dict()
+    assert torch.equal(stage1["model"]["layer1.0.bn1.running_mean"], fresh["layer1.0.bn1.running_mean"])
+    assert not torch.equal(last["model"]["layer1.0.bn1.running_mean"], fresh["layer1.0.bn1.running_mean"])
 
 
 def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data, monkeypatch):

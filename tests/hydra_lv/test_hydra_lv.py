@@ -1,0 +1,358 @@
+"""hydra_lv: configuration, targets, sliding-window inference, decoding, the training loop (demo, resume,
+torchrun, profiling), test mode re-scored with scikit-image, figures, Windows wrappers and bad inputs."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from skimage.metrics import adapted_rand_error, variation_of_information
+
+from hydra_lv import evaluate as hydra_evaluate
+from hydra_lv import train as hydra_train
+from hydra_lv import visualize as hydra_visualize
+from hydra_lv.data import (
+    PatchDataset,
+    apply_overrides,
+    find_volumes,
+    load_config,
+    make_targets,
+    write_demo_volumes,
+    write_volume,
+)
+from hydra_lv.model import (
+    connected_components_baseline,
+    decode_instances,
+    sliding_window_inference,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    """Three small synthetic volumes in the real layout."""
+    return write_demo_volumes(tmp_path_factory.mktemp("em") / "data", n_volumes=3, shape=(12, 96, 96))
+
+
+def tiny(root: Path, *extra) -> list[str]:
+    """Overrides for a seconds-long run on the small volumes: vol1-2 train, vol3 validation and test."""
+    items = {
+        "data.train_image": f"{root}/vol[12]_im.h5",
+        "data.train_label": f"{root}/vol[12]_vesicle_ins.h5",
+        "data.train_mask": f"{root}/vol[12]_mask.h5",
+        "data.val_image": f"{root}/vol3_im.h5",
+        "data.val_label": f"{root}/vol3_vesicle_ins.h5",
+        "data.val_mask": f"{root}/vol3_mask.h5",
+        "model.filters": "[4,8]",
+        "data.patch_size": "[8,32,32]",
+        "data.pad_size": "[1,4,4]",
+        "data.iterations_per_epoch": "4",
+        "data.val_patches": "4",
+        "system.training.batch_size": "2",
+        "system.training.num_workers": "0",
+        "optimization.max_epochs": "2",
+    }
+    return [f"{k}={v}" for k, v in items.items()] + list(extra)
+
+
+def train(tmp_path, root, *argv, overrides=()):
+    args = hydra_train.get_args_parser().parse_args(
+        ["--output-root", str(tmp_path / "outputs"), "--no-test-after", *argv, *tiny(root, *overrides)]
+    )
+    return hydra_train.main(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_overrides_are_parsed_as_yaml_and_unknown_keys_name_close_matches():
+    cfg = load_config(
+        REPO / "hydra_lv" / "hydra-lv.yaml",
+        ["system.training.batch_size=8", "data.patch_size=[24,96,96]", "optimization.optimizer.lr=1e-4",
+         "data.val_image=null", "model.architecture=unet3d", "experiment_name=lv run"],
+    )  # fmt: skip
+    assert cfg["system"]["training"]["batch_size"] == 8 and cfg["data"]["patch_size"] == [24, 96, 96]
+    assert cfg["optimization"]["optimizer"]["lr"] == pytest.approx(1e-4) and cfg["data"]["val_image"] is None
+    assert cfg["model"]["architecture"] == "unet3d" and cfg["experiment_name"] == "lv run"
+    defaults = yaml.safe_load((REPO / "hydra_lv" / "hydra-lv.yaml").read_text())
+    assert defaults["model"]["loss_weights"] == [1.0, 1.0, 3.0] and defaults["inference"]["overlap"] == 0.25
+    with pytest.raises(
+        SystemExit, match=r"unknown key 'system.training.batchsize'.*did you mean system.training.batch_size"
+    ):
+        apply_overrides(defaults, ["system.training.batchsize=8"])
+    with pytest.raises(SystemExit, match="expected dotted.key=value"):
+        apply_overrides(defaults, ["batch_size"])
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        apply_overrides(defaults, ["data.patch_size=[1,2"])
+    assert apply_overrides(defaults, [])["data"] == defaults["data"]  # a copy, the input untouched
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_targets_on_a_hand_made_volume():
+    labels = np.zeros((1, 5, 9), np.int64)
+    labels[0, 1:4, 1:4] = 1  # a 3 x 3 square
+    labels[0, 1:4, 4:7] = 2  # touching it on the right
+    binary, boundary, distance = make_targets(labels, resolution=(30, 8, 8))
+    assert binary.sum() == 18 and set(np.unique(binary)) == {0, 1}
+    # every voxel of both squares touches another id in-plane except the two centres
+    expected_boundary = (labels > 0).astype(np.float32)
+    expected_boundary[0, 2, 2] = expected_boundary[0, 2, 5] = 0
+    assert np.array_equal(boundary, expected_boundary)
+    # distance: the centre is 2 px (16 nm) from the outside, the rim 1 px (8 nm); each square scaled to its max
+    square = np.array([[0.5, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 0.5]], np.float32)
+    assert np.allclose(distance[0, 1:4, 1:4], square) and np.allclose(distance[0, 1:4, 4:7], square)
+    assert (distance[labels == 0] == -1).all()
+
+
+def test_distance_target_is_in_physical_units():
+    """A block of 3 sections x 7 x 7 px: its centre is 2 sections (60 nm) from the outside in z but 4 px (32 nm)
+    in-plane, so 32 nm is its distance; the top-section centre is 30 nm away in z: 30 / 32. Counting voxels
+    instead would give 1 / 2."""
+    labels = np.zeros((5, 9, 9), np.int64)
+    labels[1:4, 1:8, 1:8] = 1
+    distance = make_targets(labels, resolution=(30, 8, 8))[2]
+    assert distance[2, 4, 4] == pytest.approx(1.0)
+    assert distance[1, 4, 4] == pytest.approx(30 / 32)
+    assert distance[2, 4, 3] == pytest.approx(24 / 32)
+
+
+def test_patches_stay_inside_the_valid_mask_and_are_reproducible(volumes):
+    vols = find_volumes({"train_image": f"{volumes}/vol*_im.h5", "train_label": f"{volumes}/vol*_vesicle_ins.h5",
+                         "train_mask": f"{volumes}/vol*_mask.h5"}, "train")  # fmt: skip
+    assert [v.name for v in vols] == ["vol1", "vol2", "vol3"] and vols[0].shape == (12, 96, 96)
+    dataset = PatchDataset(vols, (8, 32, 32), (1, 4, 4), (30, 8, 8), 8, augment=True)
+    item = dataset[3]
+    assert item["image"].shape == (1, 8, 32, 32) and item["target"].shape == (3, 8, 32, 32)
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert torch.equal(dataset.item(3, 5)["image"], dataset.item(3, 5)["image"])  # (epoch seed, index) fixes it
+    assert not torch.equal(dataset.item(3, 5)["image"], dataset.item(3, 6)["image"])
+    # centres are drawn where the mask is set: the unannotated corner block is (mostly) out of every patch
+    assert np.mean([dataset[i]["weight"].mean().item() for i in range(8)]) > 0.6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sliding-window inference and decoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Identity(torch.nn.Module):
+    """Logits whose sigmoid is the input: inference must give the input back exactly."""
+
+    def forward(self, x):
+        logit = torch.logit(x.clamp(1e-4, 1 - 1e-4))
+        return torch.cat([logit, logit, torch.atanh(x.clamp(-0.999, 0.999))], 1)
+
+
+@pytest.mark.parametrize("shape", [(21, 70, 90), (5, 20, 30)])  # not a multiple of the window; smaller than it
+def test_sliding_window_of_an_identity_model_reproduces_the_input(shape):
+    rng = np.random.default_rng(0)
+    volume = rng.integers(1, 255, shape).astype(np.uint8)
+    whole = sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3, chunk_windows=100)
+    expected = np.clip(volume / 255.0, 1e-4, 1 - 1e-4)
+    assert whole.shape == (3, *shape)
+    assert np.allclose(whole[0], expected, atol=1e-5) and np.allclose(
+        whole[2], np.clip(volume / 255, -0.999, 0.999), atol=1e-4
+    )
+    # chunk by chunk (one window row at a time, written out as it finishes) gives the same volume
+    out = np.full((3, *shape), np.nan, np.float32)
+
+    def write(z0, z1, block):
+        assert np.isnan(out[:, z0:z1]).all()  # each section written once
+        out[:, z0:z1] = block
+
+    sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3, chunk_windows=1, write=write)
+    assert np.allclose(out, whole, atol=1e-6)
+
+
+def test_blending_weights_sum_correctly_at_the_borders():
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3, *x.shape[2:]), 2.0)
+
+    out = sliding_window_inference(Constant(), np.zeros((13, 50, 41), np.float32), (8, 32, 32), overlap=0.25)
+    assert np.allclose(out[0], 1 / (1 + np.exp(-2.0)), atol=1e-6) and np.allclose(out[2], np.tanh(2.0), atol=1e-6)
+
+
+def test_decoding_separates_two_touching_spheres():
+    zz, yy, xx = np.mgrid[:12, :48, :64]
+    truth = np.zeros((12, 48, 64), np.int64)
+    for index, cx in ((1, 20), (2, 40)):  # radius 10 px in-plane, 3 sections in z: they touch at x = 30
+        truth[(((zz - 6) / 3.5) ** 2 + ((yy - 24) / 10) ** 2 + ((xx - cx) / 10) ** 2) <= 1] = index
+    binary, boundary, distance = make_targets(truth)
+    segmentation = decode_instances(binary, boundary, distance)
+    assert segmentation.max() == 2
+    for index in (1, 2):
+        ids, counts = np.unique(segmentation[truth == index], return_counts=True)
+        best = ids[counts.argmax()]
+        iou = ((segmentation == best) & (truth == index)).sum() / ((segmentation == best) | (truth == index)).sum()
+        assert best > 0 and iou > 0.8
+    assert connected_components_baseline(binary).max() == 1  # thresholding merges them
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
+    """`python hydra_lv/train.py --demo`, as a user types it: trains, then test mode scores volume 3."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "hydra_lv" / "train.py"), "--demo"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run = tmp_path / "outputs" / "hydra_lv_demo"
+    outputs = ["config.yaml", "metrics.csv", "train.log", "checkpoints/best.ckpt", "checkpoints/last.ckpt"]
+    outputs += ["results/predictions.h5", "results/segmentation.h5", "results/test_results.json", "test_results.log"]
+    for name in outputs:
+        assert (run / name).is_file(), name
+    report = json.loads((run / "results" / "test_results.json").read_text())["volumes"]["vol3"]
+    baseline = report["baseline_threshold_connected_components"]
+    assert report["adapted_rand_error"] < baseline["adapted_rand_error"] - 0.15, (report, baseline)
+    assert report["instance_f1"] > 0.7
+
+    # segmentation.h5, re-scored with scikit-image inside the valid mask, gives the numbers of the report
+    data = tmp_path / "outputs" / "demo_data"
+    with (
+        h5py.File(run / "results" / "segmentation.h5") as f,
+        h5py.File(data / "vol3_vesicle_ins.h5") as g,
+        h5py.File(data / "vol3_mask.h5") as m,
+    ):
+        pred, true, valid = f["main"][:].astype(np.int64), g["main"][:].astype(np.int64), m["main"][:] > 0
+    error, _, _ = adapted_rand_error(true * valid, pred * valid, ignore_labels=(0,))
+    split, merge = variation_of_information(true * valid, pred * valid, ignore_labels=(0,))
+    assert report["adapted_rand_error"] == pytest.approx(error, abs=1e-9)
+    assert (report["voi_split"], report["voi_merge"]) == pytest.approx((split, merge), abs=1e-9)
+    with h5py.File(run / "results" / "predictions.h5") as f:
+        assert f["main"].shape == (3, 24, 160, 160) and f["main"].dtype == np.uint8
+
+    figures = hydra_visualize.main(hydra_visualize.get_args_parser().parse_args(["--results", str(run / "results")]))
+    assert len(figures) == 2 and all(p.is_file() and p.stat().st_size > 10_000 for p in figures)
+    # test mode again (from train.py) never overwrites the first results
+    again = hydra_train.main(
+        hydra_train.get_args_parser().parse_args(
+            ["--mode", "test", "--checkpoint", str(run / "checkpoints" / "best.ckpt")]
+        )
+    )
+    assert again == run / "results_2" and len((run / "test_results.log").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # 1: a persistent worker holds its own copy of the dataset
+def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, volumes, monkeypatch, workers):
+    workers = [f"system.training.num_workers={workers}"]
+    full = train(tmp_path / "full", volumes, overrides=workers)
+    expected = (full / "metrics.csv").read_text().splitlines()
+    original, calls = hydra_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the second epoch
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hydra_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", volumes, overrides=workers)
+    monkeypatch.setattr(hydra_train, "train_one_epoch", original)
+    cut = tmp_path / "cut" / "outputs" / "hydra_lv_rsunet"
+    hydra_train.main(hydra_train.get_args_parser().parse_args(["--resume", str(cut), "--no-test-after"]))
+    resumed = (cut / "metrics.csv").read_text().splitlines()
+    strip = lambda lines: [",".join(v for i, v in enumerate(line.split(",")) if i != 2) for line in lines]  # noqa: E731
+    assert strip(resumed) == strip(expected)  # every value but the seconds column
+    again = train(
+        tmp_path / "full", volumes, overrides=workers
+    )  # the same experiment name again: a new folder, the first untouched
+    assert again.name == "hydra_lv_rsunet_2" and (full / "metrics.csv").read_text().splitlines() == expected
+
+
+def test_gradient_accumulation_unet3d_and_profile(tmp_path, volumes):
+    run = train(tmp_path, volumes, overrides=["model.architecture=unet3d", "optimization.accumulate_grad_batches=2",
+                                               "optimization.max_epochs=1"])  # fmt: skip
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["config"]["model"]["architecture"] == "unet3d" and saved["epoch"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["optimization"]["accumulate_grad_batches"] == 2
+    profile = train(tmp_path, volumes, "--profile-dataloader")
+    assert profile["loader_batches_per_s"] > 0 and profile["loader_and_step_batches_per_s"] > 0
+    assert profile["limited_by"] in ("the data loader", "the model step")
+
+
+def test_torchrun_two_cpu_processes(tmp_path, volumes):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "hydra_lv" / "train.py"), "--output-root", str(tmp_path / "outputs"), *tiny(volumes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()  # only rank 0 writes
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "2 process(es)" in (run / "train.log").read_text()
+    assert (run / "results" / "test_results.json").is_file()  # test mode after training, on rank 0
+
+
+@pytest.mark.parametrize("name", ["train.bat", "test.bat"])
+def test_windows_wrappers_use_flags_that_exist(name):
+    lines = [line for line in (REPO / "hydra_lv" / name).read_text().splitlines() if "hydra_lv\\train.py" in line]
+    assert len(lines) == 1
+    words = shlex.split(lines[0].split("hydra_lv\\train.py", 1)[1].replace("\\", "/"))
+    words = [w.replace("%CHECKPOINT%", "best.ckpt").replace("%DATA%", "data") for w in words if w != "%*"]
+    args = hydra_train.get_args_parser().parse_args(words)
+    load_config(args.config, args.overrides)  # every override is a known key
+    assert (args.mode == "test") == (name == "test.bat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, volumes):
+    with pytest.raises(SystemExit, match=r"data.train_image=.*nothing_\*.h5: the pattern matches no file"):
+        train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/nothing_*.h5"])
+    write_volume(tmp_path / "small_im.h5", np.zeros((12, 64, 96), np.uint8))
+    with pytest.raises(
+        SystemExit, match=r"vol1_vesicle_ins.h5 has shape \(12, 96, 96\), its image small_im.h5 has \(12, 64, 96\)"
+    ):
+        overrides = [f"data.train_image={tmp_path}/small_im.h5", f"data.train_label={volumes}/vol1_vesicle_ins.h5"]
+        train(tmp_path, volumes, overrides=[*overrides, "data.train_mask=null"])
+    with h5py.File(tmp_path / "two_im.h5", "w") as f:
+        f["raw"] = np.zeros((4, 8, 8), np.uint8)
+        f["other"] = np.zeros((4, 8, 8), np.uint8)
+    with pytest.raises(SystemExit, match=r"two_im.h5: holds 2 datasets \(.*\) and none named 'main'"):
+        train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/two_im.h5", "data.train_mask=null",
+                                            f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
+    with pytest.raises(SystemExit, match="model.architecture=vnet: unknown; choose one of rsunet, unet3d, monai_unet"):
+        train(tmp_path, volumes, overrides=["model.architecture=vnet"])
+    with pytest.raises(SystemExit, match="unknown key 'model.filter'"):
+        train(tmp_path, volumes, overrides=["model.filter=[4,8]"])
+    with pytest.raises(SystemExit, match=r"y and x must be multiples of 2"):
+        train(tmp_path, volumes, overrides=["data.patch_size=[8,33,32]"])
+    with pytest.raises(SystemExit, match="no last.ckpt there"):
+        hydra_train.main(hydra_train.get_args_parser().parse_args(["--resume", str(tmp_path / "none")]))
+    with pytest.raises(SystemExit, match="--mode test needs --checkpoint"):
+        hydra_train.main(hydra_train.get_args_parser().parse_args(["--mode", "test"]))
+    (tmp_path / "bad.ckpt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="bad.ckpt: not a readable checkpoint"):
+        hydra_evaluate.main(hydra_evaluate.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "bad.ckpt")]))
+    # a patch larger than the volume is padded, not a crash: a single-name dataset (not `main`) reads too
+    with h5py.File(tmp_path / "tiny_im.h5", "w") as f:
+        f["raw"] = np.random.default_rng(0).integers(0, 255, (4, 20, 24), dtype=np.uint8)
+    with h5py.File(tmp_path / "tiny_ins.h5", "w") as f:
+        labels = np.zeros((4, 20, 24), np.uint16)
+        labels[1:3, 5:12, 6:14] = 7
+        f["seg"] = labels
+    overrides = [f"data.train_image={tmp_path}/tiny_im.h5", f"data.train_label={tmp_path}/tiny_ins.h5"]
+    run = train(tmp_path, volumes, overrides=[*overrides, "data.train_mask=null", "optimization.max_epochs=1"])
+    assert (run / "checkpoints" / "best.ckpt").is_file()
