@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 from scipy import ndimage
+from skimage.segmentation import relabel_sequential
 
 DEFAULT_CONFIG = Path(__file__).with_name("hydra-lv.yaml")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -203,7 +204,7 @@ def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
     too far for a 3D contour): a foreground voxel with a 4-neighbour in its section of another id (background or
     a touching vesicle); 2 per-instance Euclidean distance to the instance's outside, in physical units
     (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on background."""
-    labels = np.asarray(labels)
+    labels = relabel_sequential(np.asarray(labels))[0]  # ids 1..n: find_objects costs memory per id value
     binary = labels > 0
     boundary = np.zeros_like(binary)
     for axis in (1, 2):  # in-plane neighbours only
@@ -277,19 +278,22 @@ def augment_em(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, rng: np.
 
 
 def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
-    """Candidate patch centres on a coarse grid, where the valid-region mask is set (all grid points without a
-    mask). The mask is read section by section: memory stays small for any volume."""
-    grid = [np.arange(min(p // 2, n // 2), max(n - p // 2, n // 2 + 1), s) for n, p, s in
-            zip(volume.shape, patch, step, strict=True)]  # fmt: skip
+    """Candidate patch centres on a coarse grid from the first to the last centre that keeps a patch inside the
+    volume (the middle, for a volume smaller than the patch), where the valid-region mask is set (every grid point
+    without a mask). The mask is read section by section: memory stays small for any volume."""
+    grid = []
+    for n, p, s in zip(volume.shape, patch, step, strict=True):
+        first, last = p // 2, n - (p - p // 2)  # a patch starts at centre - p // 2
+        grid.append(np.unique(np.append(np.arange(first, last, s), last)) if last >= first else np.array([n // 2]))
     if volume.mask is None:
         return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3)
-    dataset = open_dataset(volume.mask)
     centres = []
-    for z in grid[0]:
-        section = dataset[int(z)][np.ix_(grid[1], grid[2])] > 0
-        ys, xs = np.nonzero(section)
-        centres.append(np.stack([np.full(len(ys), z), grid[1][ys], grid[2][xs]], -1))
-    centres = np.concatenate(centres) if centres else np.zeros((0, 3), int)
+    with h5py.File(volume.mask, "r") as f:  # not the cached handle: loader workers fork after this
+        dataset = f[dataset_name(volume.mask)]
+        for z in grid[0]:
+            ys, xs = np.nonzero(dataset[int(z)][np.ix_(grid[1], grid[2])] > 0)
+            centres.append(np.stack([np.full(len(ys), z), grid[1][ys], grid[2][xs]], -1))
+    centres = np.concatenate(centres)
     if not len(centres):
         raise DataError(f"{volume.mask}: the valid-region mask is empty (no voxel > 0)")
     return centres
@@ -297,7 +301,7 @@ def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
 
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of `patch` voxels with their targets and loss weights (the valid mask):
-    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (1, z, y, x), "labels": (z, y, x) int64}.
+    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (1, z, y, x)}.
 
     Training (fixed=False): `length` random patches per epoch, centred where the mask is set, augmented; each
     item's randomness comes from (epoch seed, index), so an epoch is the same whichever worker draws it.
@@ -325,12 +329,17 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, 0 if self.fixed else epoch_seed, i])
         v = int(rng.choice(len(self.volumes), p=self.volume_share))
         volume, centres = self.volumes[v], self.centres[v]
-        centre = centres[rng.integers(len(centres))] + rng.integers(-4, 5, 3) * (0, 2, 2)
+        jitter = np.array([rng.integers(-1, 2), *rng.integers(-8, 9, 2)])  # off the coarse grid
+        centre = centres[rng.integers(len(centres))] + jitter
         start = [int(c) - p // 2 - q for c, p, q in zip(centre, self.patch, self.pad, strict=True)]
         stop = [s + p + 2 * q for s, p, q in zip(start, self.patch, self.pad, strict=True)]
         image = read_block(volume.image, start, stop, reflect=True).astype(np.float32) / 255.0
         labels = read_block(volume.label, start, stop).astype(np.int64)
-        mask = (read_block(volume.mask, start, stop) > 0) if volume.mask is not None else np.ones(labels.shape, bool)
+        # loss and metrics count inside the volume (not its mirrored margin) and inside the valid mask
+        mask = np.zeros(labels.shape, bool)
+        mask[tuple(slice(max(0, -a), min(b, n) - a) for a, b, n in zip(start, stop, volume.shape, strict=True))] = True
+        if volume.mask is not None:
+            mask &= read_block(volume.mask, start, stop) > 0
         if self.augment:
             image, labels, mask = augment_em(image, labels, mask.astype(np.uint8), rng)
         target = make_targets(labels, self.resolution)

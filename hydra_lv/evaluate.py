@@ -5,9 +5,9 @@
     python hydra_lv/evaluate.py --checkpoint best.ckpt data.test_image=DATA/vol5_im.h5 data.test_label=null
     python hydra_lv/evaluate.py --checkpoint best.ckpt inference.tta=true decoding.seed_binary=0.8
 
-Volumes: data.test_* of the run's config (overridable as above), else its validation volumes. Inference: windows
-of data.patch_size with inference.overlap (0.25), Gaussian blending, flip TTA with inference.tta; the volume is
-processed system.inference.chunk_windows window rows at a time and each finished chunk is written to disk, so
+Volumes: data.test_* of the run's config (overridable as above), else its validation (else training) volumes.
+Inference: windows of model.input_size with inference.overlap (0.25), Gaussian blending, flip TTA with
+inference.tta; the volume streams through one window row at a time and finished sections are written to disk, so
 memory does not grow with the volume's depth. Decoding (decoding.*): seeds where binary > 0.9, boundary < 0.8
 and distance > 0.5 (seeds under 16 voxels dropped), watershed of the negated distance inside binary > 0.85,
 objects under 64 voxels removed.
@@ -17,7 +17,7 @@ binary and boundary probability x 255, distance (d + 1) / 2 x 255), segmentation
 with several volumes, <volume>_predictions.h5 and <volume>_segmentation.h5. With labels: test_results.json
 (adapted Rand error, VOI split / merge, instance precision / recall / F1 at IoU 0.5, inside the valid mask;
 the same for a threshold + connected-components baseline on the same predictions) and a line per volume in
-<run>/test_results.log.
+<run>/test_results.log. test_results.json always lists each volume's files (visualize.py --results reads it).
 """
 
 import sys
@@ -36,7 +36,13 @@ import torch
 
 from common.metrics import adapted_rand, match_instances, variation_of_information
 from hydra_lv.data import DataError, apply_overrides, find_volumes, open_dataset
-from hydra_lv.model import build_model, connected_components_baseline, decode_instances, sliding_window_inference
+from hydra_lv.model import (
+    amp_dtype,
+    build_model,
+    connected_components_baseline,
+    decode_instances,
+    sliding_window_inference,
+)
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
@@ -87,31 +93,47 @@ def output_folder(parent: Path) -> Path:
     raise SystemExit(f"could not create a results folder in {parent}")
 
 
+def test_volumes(cfg: dict, overrides: list[str]):
+    """data.test_* (else the validation, else the training volumes). Overriding data.test_image alone drops the
+    checkpoint's test labels and mask: they belonged to other volumes."""
+    data = dict(cfg["data"])
+    given = {item.split("=", 1)[0] for item in overrides}
+    if "data.test_image" in given:
+        for kind in ("label", "mask"):
+            if f"data.test_{kind}" not in given:
+                data[f"test_{kind}"] = None
+    for split in ("test", "val", "train"):
+        volumes = find_volumes(data, split, need_labels=False)
+        if volumes:
+            return volumes
+    raise DataError("no test volume: set data.test_image (and data.test_label to score it)")
+
+
 def main(args) -> Path:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model, checkpoint = load_model(args.checkpoint, device)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
-    volumes = find_volumes(cfg["data"], "test", need_labels=False) or find_volumes(
-        cfg["data"], "val", need_labels=False
-    )
-    if not volumes:
-        raise DataError("no test volume: set data.test_image (and data.test_label to score it)")
+    volumes = test_volumes(cfg, args.overrides)
+    names = [v.name for v in volumes]
+    if len(set(names)) < len(names):  # e.g. DATA/a/im.h5 and DATA/b/im.h5
+        names = [f"{v.image.parent.name}_{v.name}" for v in volumes]
     run_dir = Path(args.checkpoint).resolve().parent.parent
     out = output_folder(Path(args.output_dir) if args.output_dir else run_dir)
-    window = cfg["data"]["patch_size"]
+    window = cfg["model"]["input_size"]
     inference, decoding = cfg["inference"], cfg["decoding"]
-    results = {}
-    for volume in volumes:
+    dtype = amp_dtype(device, cfg)
+    report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
+    report["volumes"] = {}
+    for volume, name in zip(volumes, names, strict=True):
         started = time.time()
-        prefix = "" if len(volumes) == 1 else f"{volume.name}_"
+        prefix = "" if len(volumes) == 1 else f"{name}_"
         image = open_dataset(volume.image)
         if args.fast_dev_run:  # one window of the first volume
             image = np.asarray(image[: window[0], : window[1], : window[2]])
         shape = tuple(image.shape)
-        print(
-            f"{volume.name}: {shape} voxels, windows {window}, overlap {inference['overlap']}, TTA {inference['tta']}"
-        )
-        f, predictions = write_h5(out / f"{prefix}predictions.h5", (3, *shape), np.uint8)
+        print(f"{name}: {shape} voxels, windows {window}, overlap {inference['overlap']}, TTA {inference['tta']}")
+        files = {"predictions": out / f"{prefix}predictions.h5", "segmentation": out / f"{prefix}segmentation.h5"}
+        f, predictions = write_h5(files["predictions"], (3, *shape), np.uint8)
 
         def write(z0, z1, output, predictions=predictions):
             output = output.copy()
@@ -121,62 +143,51 @@ def main(args) -> Path:
         with f:
             sliding_window_inference(
                 model, image, window, inference["overlap"], cfg["system"]["inference"]["batch_size"],
-                inference["tta"], inference["blending"], cfg["system"]["inference"]["chunk_windows"], device, write,
+                inference["tta"], inference["blending"], device, write, dtype,
             )  # fmt: skip
-        with h5py.File(out / f"{prefix}predictions.h5", "r") as f:
+        # decoding and scoring hold the whole volume's maps in memory (the watershed needs them all)
+        with h5py.File(files["predictions"], "r") as f:
             binary, boundary, distance = (f["main"][c].astype(np.float32) / 255 for c in range(3))
         distance = distance * 2 - 1
         segmentation = decode_instances(binary, boundary, distance, **decoding)
-        f, dataset = write_h5(out / f"{prefix}segmentation.h5", shape, np.uint32)
+        f, dataset = write_h5(files["segmentation"], shape, np.uint32)
         with f:
             dataset[...] = segmentation
         seconds = time.time() - started
-        print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {out / f'{prefix}segmentation.h5'}")
+        print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {files['segmentation']}")
+        entry = {"image": str(volume.image), "label": volume.label and str(volume.label)}
+        entry.update({"mask": volume.mask and str(volume.mask), "shape": list(shape), "seconds": round(seconds, 2)})
+        entry.update({k: str(v) for k, v in files.items()})
+        report["volumes"][name] = entry
         if volume.label is None:
             continue
-        labels = np.asarray(open_dataset(volume.label)[tuple(slice(0, n) for n in shape)]).astype(np.int64)
-        valid = (
-            np.ones(shape, bool)
-            if volume.mask is None
-            else np.asarray(open_dataset(volume.mask)[tuple(slice(0, n) for n in shape)]) > 0
-        )
+        crop = tuple(slice(0, n) for n in shape)
+        labels = np.asarray(open_dataset(volume.label)[crop]).astype(np.int64)
+        valid = np.ones(shape, bool) if volume.mask is None else np.asarray(open_dataset(volume.mask)[crop]) > 0
         baseline = connected_components_baseline(binary, 0.5, decoding["min_object_size"])
         # scored inside the valid region only: outside it, nothing was annotated
-        results[volume.name] = {
-            "image": str(volume.image),
-            "shape": list(shape),
-            "seconds": round(seconds, 2),
-            **score(labels * valid, segmentation * valid),
-            "baseline_threshold_connected_components": score(labels * valid, baseline * valid),
-        }
-        r = results[volume.name]
+        entry.update(score(labels * valid, segmentation * valid))
+        entry["baseline_threshold_connected_components"] = score(labels * valid, baseline * valid)
         print(
-            f"  adapted Rand error {r['adapted_rand_error']:.4f} (baseline "
-            f"{r['baseline_threshold_connected_components']['adapted_rand_error']:.4f}), "
-            f"VOI split {r['voi_split']:.3f} merge {r['voi_merge']:.3f}, instance F1 {r['instance_f1']:.3f}"
+            f"  adapted Rand error {entry['adapted_rand_error']:.4f} (baseline "
+            f"{entry['baseline_threshold_connected_components']['adapted_rand_error']:.4f}), "
+            f"VOI split {entry['voi_split']:.3f} merge {entry['voi_merge']:.3f}, instance F1 {entry['instance_f1']:.3f}"
         )
-    if results:
-        report = {
-            "checkpoint": str(Path(args.checkpoint).resolve()),
-            "decoding": decoding,
-            "inference": inference,
-            "volumes": results,
-        }
-        if len(results) > 1:
-            keys = [k for k, v in next(iter(results.values())).items() if isinstance(v, float)]
-            report["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
-        tmp = out / "test_results.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "test_results.json")
         with open(run_dir / "test_results.log", "a") as log:
-            for name, r in results.items():
-                log.write(
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {Path(args.checkpoint).name}  {name}  "
-                    f"adapted_rand_error {r['adapted_rand_error']:.4f}  voi_split {r['voi_split']:.4f}  "
-                    f"voi_merge {r['voi_merge']:.4f}  instance_f1 {r['instance_f1']:.4f}  "
-                    f"baseline_adapted_rand_error "
-                    f"{r['baseline_threshold_connected_components']['adapted_rand_error']:.4f}  {out}\n"
-                )
+            log.write(
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {Path(args.checkpoint).name}  {name}  "
+                f"adapted_rand_error {entry['adapted_rand_error']:.4f}  voi_split {entry['voi_split']:.4f}  "
+                f"voi_merge {entry['voi_merge']:.4f}  instance_f1 {entry['instance_f1']:.4f}  "
+                f"baseline_adapted_rand_error "
+                f"{entry['baseline_threshold_connected_components']['adapted_rand_error']:.4f}  {out}\n"
+            )
+    scored = [v for v in report["volumes"].values() if "adapted_rand_error" in v]
+    if len(scored) > 1:
+        keys = [k for k, v in scored[0].items() if isinstance(v, float)]
+        report["mean"] = {k: float(np.mean([v[k] for v in scored])) for k in keys}
+    tmp = out / "test_results.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "test_results.json")
     print(f"wrote {out}")
     return out
 

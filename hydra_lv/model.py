@@ -9,6 +9,7 @@ Both output 3 channels: binary, boundary (logits) and distance (tanh gives -1..1
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from itertools import product
 
 import numpy as np
@@ -123,6 +124,18 @@ def build_model(architecture: str, in_channels: int = 1, out_channels: int = 3, 
     return UNet3D(in_channels, out_channels, filters)
 
 
+def amp_dtype(device, cfg) -> torch.dtype | None:
+    """optimization.precision: auto (bf16 on GPUs that have it, fp16 on other GPUs and MPS, fp32 on CPU), 32,
+    bf16 or 16."""
+    precision = str(cfg["optimization"]["precision"]).lower()
+    if precision in ("32", "fp32") or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision in ("bf16", "bf16-mixed") or (precision == "auto" and device.type == "cuda"):
+        if device.type != "cuda" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+    return torch.float16
+
+
 def in_plane_multiple(filters) -> int:
     """y and x of a window must be multiples of this (one halving per level)."""
     return 2 ** (len(filters) - 1)
@@ -186,15 +199,11 @@ def blending_weights(window, mode: str = "gaussian") -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_windows(model, windows: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Sigmoid of binary and boundary, tanh of distance; tta: mean over flips of y, x and z (and none)."""
+def predict_windows(model, windows: torch.Tensor, tta: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sigmoid of binary and boundary, tanh of distance; tta: the mean over flips of x, y, z and x+y (and none).
+    dtype: autocast to bf16/fp16 (None: fp32)."""
     flips = [()] + ([(-1,), (-2,), (-3,), (-1, -2)] if tta else [])
-    device_type = windows.device.type
-    autocast = (
-        torch.autocast(device_type, dtype=torch.bfloat16)
-        if device_type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = torch.autocast(windows.device.type, dtype=dtype) if dtype is not None else nullcontext()
     total = 0
     for dims in flips:
         view = windows.flip(dims) if dims else windows
@@ -206,50 +215,60 @@ def predict_windows(model, windows: torch.Tensor, tta: bool) -> torch.Tensor:
 
 
 def sliding_window_inference(
-    model, volume, window, overlap=0.25, batch_size=4, tta=False, blending="gaussian", chunk_windows=4,
-    device="cpu", write=None,
+    model, volume, window, overlap=0.25, batch_size=4, tta=False, blending="gaussian", device="cpu", write=None,
+    dtype=None,
 ):  # fmt: skip
     """Predict a whole (z, y, x) volume (a NumPy array or an h5py dataset, uint8 or float in 0..1) window by
-    window; overlapping windows are averaged with `blending` weights. The volume is processed in z chunks of
-    `chunk_windows` window rows: only the chunk's input and output are held in memory, and each finished chunk
-    goes to `write(z0, z1, output)` (output (3, z1 - z0, y, x) float32). Without `write`, the whole output is
-    returned. A volume smaller than the window is mirrored up to it."""
+    window; overlapping windows are averaged with `blending` weights.
+
+    Streaming along z: the windows go row by row (one row = all windows at one z start). Once a row is done, the
+    sections before the next row's start can get no more contributions: they are final, go to
+    `write(z0, z1, output)` (output (3, z1 - z0, y, x) float32) and leave memory. So every window runs once, and
+    memory holds one window-depth slab of input and of the accumulated output (about 20 bytes per voxel of a
+    window-deep slab, on the CPU) however deep the volume is. Without `write`, the whole output is returned.
+    A volume smaller than the window is mirrored up to it."""
+    if not 0 <= overlap < 1:
+        raise SystemExit(f"inference.overlap={overlap}: must be at least 0 and below 1")
     shape = tuple(volume.shape)
     window = tuple(int(w) for w in window)
     steps = [max(1, int(w * (1 - overlap))) for w in window]
     starts = [window_starts(n, w, s) for n, w, s in zip(shape, window, steps, strict=True)]
-    weights = torch.from_numpy(blending_weights(window, blending)).to(device)
+    plane = [max(n, w) for n, w in zip(shape[1:], window[1:], strict=True)]  # sections padded up to a window
+    weights = blending_weights(window, blending)
     result = None if write is not None else np.zeros((3, *shape), np.float32)
     z_starts = starts[0]
-    for c in range(0, len(z_starts), chunk_windows):
-        # the chunk owns output sections [z0, z1) and runs every window that reaches into them (some windows of
-        # the neighbouring chunks too), so each voxel gets exactly the windows it would get in one pass
-        z0 = 0 if c == 0 else z_starts[c]
-        z1 = z_starts[c + chunk_windows] if c + chunk_windows < len(z_starts) else shape[0]
-        touching = [s for s in z_starts if s < z1 and s + window[0] > z0]
-        lo, hi = touching[0], touching[-1] + window[0]
-        block = np.asarray(volume[lo : min(hi, shape[0])], dtype=np.float32)
+    done = 0  # sections [0, done) are written; the accumulators hold sections [done, done + their depth)
+    accumulated = np.zeros((3, 0, *plane), np.float32)
+    norm = np.zeros((0, *plane), np.float32)
+    for row, z in enumerate(z_starts):
+        slab = np.asarray(volume[z : min(z + window[0], shape[0])], dtype=np.float32)
         if np.issubdtype(volume.dtype, np.integer):
-            block /= 255.0
-        short = [hi - lo - block.shape[0]] + [max(0, w - n) for n, w in zip(shape[1:], window[1:], strict=True)]
+            slab /= 255.0
+        short = [window[0] - slab.shape[0]] + [p - n for p, n in zip(plane, shape[1:], strict=True)]
         if any(short):  # a volume smaller than the window: mirrored up to it
-            block = np.pad(block, [(0, n) for n in short], mode="reflect" if min(block.shape) > 1 else "edge")
-        block = torch.from_numpy(block).to(device)
-        accumulated = torch.zeros((3, *block.shape), device=device)
-        norm = torch.zeros(block.shape, device=device)
-        positions = [(z - lo, y, x) for z, y, x in product(touching, starts[1], starts[2])]
+            slab = np.pad(slab, [(0, n) for n in short], mode="reflect" if min(slab.shape) > 1 else "edge")
+        grow = z + window[0] - (done + norm.shape[0])
+        if grow > 0:
+            accumulated = np.concatenate([accumulated, np.zeros((3, grow, *plane), np.float32)], 1)
+            norm = np.concatenate([norm, np.zeros((grow, *plane), np.float32)], 0)
+        slab = torch.from_numpy(slab).to(device)
+        positions = list(product(starts[1], starts[2]))
         for b in range(0, len(positions), batch_size):
             batch = positions[b : b + batch_size]
-            windows = torch.stack([block[z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch])
-            out = predict_windows(model, windows[:, None], tta)
-            for (z, y, x), o in zip(batch, out, strict=True):
-                accumulated[:, z : z + window[0], y : y + window[1], x : x + window[2]] += o * weights
-                norm[z : z + window[0], y : y + window[1], x : x + window[2]] += weights
-        output = (accumulated / norm)[:, z0 - lo : z1 - lo, : shape[1], : shape[2]].cpu().numpy()
+            windows = torch.stack([slab[:, y : y + window[1], x : x + window[2]] for y, x in batch])[:, None]
+            out = predict_windows(model, windows, tta, dtype).cpu().numpy()
+            for (y, x), o in zip(batch, out, strict=True):
+                box = (slice(z - done, z - done + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
+                accumulated[(slice(None), *box)] += o * weights
+                norm[box] += weights
+        final = z_starts[row + 1] if row + 1 < len(z_starts) else shape[0]
+        output = accumulated[:, : final - done, : shape[1], : shape[2]] / norm[: final - done, : shape[1], : shape[2]]
         if write is None:
-            result[:, z0:z1] = output
+            result[:, done:final] = output
         else:
-            write(z0, z1, output)
+            write(done, final, output)
+        accumulated, norm = accumulated[:, final - done :], norm[final - done :]
+        done = final
     return result
 
 

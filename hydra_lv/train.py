@@ -43,8 +43,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from hydra_lv.data import DEFAULT_CONFIG, DataError, PatchDataset, find_volumes, load_config, write_demo_volumes
-from hydra_lv.model import HydraLoss, build_model, in_plane_multiple
+from hydra_lv.data import (
+    DEFAULT_CONFIG,
+    DataError,
+    PatchDataset,
+    apply_overrides,
+    find_volumes,
+    load_config,
+    write_demo_volumes,
+)
+from hydra_lv.model import HydraLoss, amp_dtype, build_model, in_plane_multiple
 
 # --demo: small volumes, a small network and short epochs, about three minutes on two CPU cores
 DEMO = {
@@ -83,8 +91,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, cfg, la
         with amp_context(device, cfg):
             output = model(image)
         loss, terms = criterion(output, target, weight)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"{label}: the training loss is {loss.item()} ({terms}); lower optimization.optimizer.lr")
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_initialized():  # every rank stops together, none waits for the others forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            raise SystemExit(f"{label}: the training loss is not finite ({terms}); lower optimization.optimizer.lr")
         scaler.scale(loss / accumulate).backward()
         if step % accumulate == 0 or step == len(loader):
             if clip:
@@ -116,8 +127,9 @@ def validate(model, criterion, loader, device, cfg) -> dict:
 
 
 def reduce_means(sums: dict, count: int, device) -> dict:
-    """Means over every batch of every rank."""
-    names = sorted(sums)
+    """Means over every batch of every rank (a rank with no batch adds zeros)."""
+    names = ["loss", "binary", "boundary", "distance"]
+    sums = {n: sums.get(n, 0.0) for n in names}
     values = torch.tensor([sums[n] for n in names] + [count], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(values)
@@ -184,18 +196,6 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def amp_dtype(device, cfg) -> torch.dtype | None:
-    """optimization.precision: auto (bf16 on GPUs that have it, fp16 on other GPUs and MPS, fp32 on CPU), 32,
-    bf16 or 16."""
-    precision = str(cfg["optimization"]["precision"]).lower()
-    if precision in ("32", "fp32") or (precision == "auto" and device.type == "cpu"):
-        return None
-    if precision in ("bf16", "bf16-mixed") or (precision == "auto" and device.type == "cuda"):
-        if device.type != "cuda" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-    return torch.float16
-
-
 def amp_context(device, cfg):
     dtype = amp_dtype(device, cfg)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -234,11 +234,19 @@ def check_config(cfg: dict) -> None:
     if len(patch) != 3 or len(cfg["data"]["pad_size"]) != 3:
         raise DataError(f"data.patch_size={patch} and data.pad_size must have three entries (z, y, x)")
     multiple = in_plane_multiple(filters)
-    if patch[1] % multiple or patch[2] % multiple:
+    for key, size in (("data.patch_size", patch), ("model.input_size", cfg["model"]["input_size"])):
+        if len(size) != 3 or size[1] % multiple or size[2] % multiple:
+            raise DataError(
+                f"{key}={size}: three sizes (z, y, x), y and x multiples of {multiple} for {len(filters)} levels "
+                f"(model.filters={filters})"
+            )
+    if cfg["model"]["output_size"] != cfg["model"]["input_size"]:
         raise DataError(
-            f"data.patch_size={patch}: y and x must be multiples of {multiple} for {len(filters)} levels "
-            f"(model.filters={filters})"
+            f"model.output_size={cfg['model']['output_size']} must equal model.input_size="
+            f"{cfg['model']['input_size']}: the networks keep the size of their input"
         )
+    if not 0 <= cfg["inference"]["overlap"] < 1:
+        raise DataError(f"inference.overlap={cfg['inference']['overlap']}: must be at least 0 and below 1")
     if len(cfg["model"]["loss_weights"]) != 3:
         raise DataError(f"model.loss_weights={cfg['model']['loss_weights']}: give three (binary, boundary, distance)")
 
@@ -304,7 +312,9 @@ def main(args):
         resume = torch.load(path, map_location="cpu", weights_only=True)
         if resume.get("domain") != "hydra_lv" or "optimizer" not in resume:
             raise SystemExit(f"--resume {path}: not a hydra_lv training checkpoint (last.ckpt of a run)")
-        cfg = resume["config"]
+        cfg = apply_overrides(resume["config"], args.overrides, "the run's config")  # e.g. more epochs
+        if args.overrides and is_main():
+            print(f"resume with {' '.join(args.overrides)}")
         run_dir = path.parent.parent
     else:
         cfg = load_config(args.config, [])
@@ -356,7 +366,8 @@ def main(args):
         train_volumes, patch, pad, resolution, data["iterations_per_epoch"], data["augmentation"], seed=seed
     )
     val_set = PatchDataset(val_volumes, patch, pad, resolution, data["val_patches"], fixed=True, seed=seed + 1)
-    val_set = Subset(val_set, range(rank, len(val_set), world))
+    # every rank validates at least one patch (wrapping round a small set); DDP ranks must all reach the reduce
+    val_set = Subset(val_set, [i % len(val_set) for i in range(rank, max(len(val_set), world), world)])
 
     torch.manual_seed(seed)
     model = build_model(

@@ -24,9 +24,8 @@ import time
 
 import matplotlib
 import numpy as np
-import yaml
 
-from hydra_lv.data import DataError, find_volumes, open_dataset
+from hydra_lv.data import DataError, open_dataset
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -35,10 +34,13 @@ CHANNELS = ("binary", "boundary", "distance")
 
 
 def random_colours(labels: np.ndarray) -> np.ndarray:
-    """RGB with one random colour per id (fixed by the id, so slices and views agree), black background."""
-    palette = np.random.default_rng(0).uniform(0.25, 1.0, (int(labels.max()) + 1, 3))
-    palette[0] = 0
-    return palette[labels]
+    """RGB with a colour per id, scattered by a hash of the id (the same id: the same colour in every slice and
+    view, for any id size), black background."""
+    ids = labels.astype(np.uint64)
+    channels = [((ids * np.uint64(k)) % np.uint64(1009)).astype(np.float32) / 1009 for k in (2654435761, 40503, 97)]
+    colours = 0.25 + 0.75 * np.stack(channels, -1)
+    colours[labels == 0] = 0
+    return colours
 
 
 def save(fig, folder: Path, name: str) -> Path:
@@ -62,20 +64,18 @@ def gather(args) -> dict:
         "label": args.label,
         "ground_truth": args.ground_truth,
     }
-    if args.results:
-        results = Path(args.results)
-        files["predictions"] = files["predictions"] or results / "predictions.h5"
-        files["label"] = files["label"] or results / "segmentation.h5"
-        config_file = results.parent / "config.yaml"
-        report = results / "test_results.json"
-        if config_file.is_file() and not files["image"]:
-            data = yaml.safe_load(config_file.read_text())["data"]
-            volumes = find_volumes(data, "test", need_labels=False) or find_volumes(data, "val", need_labels=False)
-            if report.is_file():  # the volume test mode scored
-                scored = json.loads(report.read_text())["volumes"]
-                volumes = [v for v in volumes if v.name in scored] or volumes
-            if volumes:
-                files["image"], files["ground_truth"] = volumes[0].image, files["ground_truth"] or volumes[0].label
+    if args.results:  # test mode's test_results.json names every volume's files
+        report_file = Path(args.results) / "test_results.json"
+        if not report_file.is_file():
+            raise DataError(f"--results {args.results}: no test_results.json (a results folder of test mode?)")
+        tested = json.loads(report_file.read_text())["volumes"]
+        name = args.volume or next(iter(tested))
+        if name not in tested:
+            raise SystemExit(f"--volume {name}: the results hold {', '.join(tested)}")
+        entry = tested[name]
+        for key, stored in (("image", "image"), ("predictions", "predictions"), ("label", "segmentation"),
+                            ("ground_truth", "label")):  # fmt: skip
+            files[key] = files[key] or entry.get(stored)
     volumes = {}
     for key, path in files.items():
         if path is None:
@@ -180,6 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
     add("--results", help="a results folder of test mode: its predictions, segmentation, image and ground truth")
+    add("--volume", help="with --results holding several volumes: which one [the first]")
     add("--image", help="EM volume (.h5), or a predictions.h5")
     add("--predictions", help="predictions.h5 (3 channels)")
     add("--label", help="segmentation.h5 (instance ids)")

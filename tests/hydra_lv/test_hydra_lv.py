@@ -53,6 +53,8 @@ def tiny(root: Path, *extra) -> list[str]:
         "data.val_mask": f"{root}/vol3_mask.h5",
         "model.filters": "[4,8]",
         "data.patch_size": "[8,32,32]",
+        "model.input_size": "[8,32,32]",
+        "model.output_size": "[8,32,32]",
         "data.pad_size": "[1,4,4]",
         "data.iterations_per_epoch": "4",
         "data.val_patches": "4",
@@ -142,6 +144,24 @@ def test_patches_stay_inside_the_valid_mask_and_are_reproducible(volumes):
     assert not torch.equal(dataset.item(3, 5)["image"], dataset.item(3, 6)["image"])
     # centres are drawn where the mask is set: the unannotated corner block is (mostly) out of every patch
     assert np.mean([dataset[i]["weight"].mean().item() for i in range(8)]) > 0.6
+    # ... and reach the last sections and columns a patch can be centred on: z 8 = 12 - 8 / 2, y and x 80
+    assert dataset.centres[0][:, 0].max() == 8 and dataset.centres[0][:, 1:].max() == 80
+
+
+def test_only_voxels_inside_the_volume_count(tmp_path):
+    """A volume smaller than the patch, without a mask: the mirrored margin carries no loss weight."""
+    write_volume(tmp_path / "small_im.h5", np.full((4, 20, 24), 128, np.uint8))
+    labels = np.zeros((4, 20, 24), np.uint32)
+    labels[1:3, 4:12, 5:15] = 4_000_000_000  # a large id is fine
+    write_volume(tmp_path / "small_ins.h5", labels)
+    (volume,) = find_volumes(
+        {"train_image": f"{tmp_path}/small_im.h5", "train_label": f"{tmp_path}/small_ins.h5"}, "train"
+    )
+    dataset = PatchDataset([volume], (8, 32, 32), (1, 4, 4), (30, 8, 8), 4)
+    for i in range(4):
+        item = dataset[i]
+        assert 0 < item["weight"].sum() <= 4 * 20 * 24 < 8 * 32 * 32
+        assert 0 < item["target"][0].sum() <= 2 * 8 * 10 and item["target"][2].max() == 1  # the vesicle, not mirrored
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,20 +181,21 @@ class Identity(torch.nn.Module):
 def test_sliding_window_of_an_identity_model_reproduces_the_input(shape):
     rng = np.random.default_rng(0)
     volume = rng.integers(1, 255, shape).astype(np.uint8)
-    whole = sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3, chunk_windows=100)
+    whole = sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3)
     expected = np.clip(volume / 255.0, 1e-4, 1 - 1e-4)
     assert whole.shape == (3, *shape)
     assert np.allclose(whole[0], expected, atol=1e-5) and np.allclose(
         whole[2], np.clip(volume / 255, -0.999, 0.999), atol=1e-4
     )
-    # chunk by chunk (one window row at a time, written out as it finishes) gives the same volume
+    # streamed: sections written out as they are finished, each once, in order, give the same volume
     out = np.full((3, *shape), np.nan, np.float32)
 
     def write(z0, z1, block):
         assert np.isnan(out[:, z0:z1]).all()  # each section written once
         out[:, z0:z1] = block
 
-    sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3, chunk_windows=1, write=write)
+    sliding_window_inference(Identity(), volume, (8, 32, 32), overlap=0.25, batch_size=3, write=write)
+    assert not np.isnan(out).any()
     assert np.allclose(out, whole, atol=1e-6)
 
 
@@ -249,6 +270,14 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
         )
     )
     assert again == run / "results_2" and len((run / "test_results.log").read_text().splitlines()) == 2
+    # another image, no labels: segmented, not scored (the checkpoint's test labels belong to volume 3)
+    other = hydra_evaluate.main(hydra_evaluate.get_args_parser().parse_args(
+        ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), f"data.test_image={data / 'vol1_im.h5'}"]
+    ))  # fmt: skip
+    entry = json.loads((other / "test_results.json").read_text())["volumes"]["vol1"]
+    assert entry["label"] is None and "adapted_rand_error" not in entry and (other / "segmentation.h5").is_file()
+    figures = hydra_visualize.main(hydra_visualize.get_args_parser().parse_args(["--results", str(other)]))
+    assert len(figures) == 2
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # 1: a persistent worker holds its own copy of the dataset
@@ -337,7 +366,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, volumes):
         train(tmp_path, volumes, overrides=["model.architecture=vnet"])
     with pytest.raises(SystemExit, match="unknown key 'model.filter'"):
         train(tmp_path, volumes, overrides=["model.filter=[4,8]"])
-    with pytest.raises(SystemExit, match=r"y and x must be multiples of 2"):
+    with pytest.raises(SystemExit, match=r"data.patch_size=\[8, 33, 32\]: .*y and x multiples of 2"):
         train(tmp_path, volumes, overrides=["data.patch_size=[8,33,32]"])
     with pytest.raises(SystemExit, match="no last.ckpt there"):
         hydra_train.main(hydra_train.get_args_parser().parse_args(["--resume", str(tmp_path / "none")]))
