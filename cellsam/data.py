@@ -1,0 +1,266 @@
+"""Image and instance-mask folders for CellSAM: reading and checking, boxes from masks, the training dataset, and
+synthetic microscopy for --demo.
+
+On disk (see ../shared/DATA_FORMATS.md):
+    DATA/images/img_0001.png|.tif|.npy   grey, RGB, or 2-channel (nuclear, whole-cell) microscopy, 8/16-bit or float
+    DATA/masks/img_0001.png|.tif|.npy    integer label map, 0 = background, 1..K = cells
+Images and masks pair by file name without the extension.
+
+Every image becomes a 3-channel float image in 0..255 (what SAM's pixel mean and std expect): each channel scaled
+from its 1st to 99.8th percentile; grey is repeated three times; 2-channel images go to (nuclear, whole-cell,
+zero) like CellSAM's (blank, nuclear, whole-cell) channel layout reversed into RGB order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from common.preprocessing import percentile_normalize
+
+SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+
+
+class DataError(SystemExit):
+    """A problem with the user's data; the message names the file. Exits non-zero when not caught."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    name: str
+    image: Path
+    mask: Path | None
+
+
+def files_by_stem(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder}: no such folder")
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in SUFFIXES}
+    if not files:
+        raise DataError(f"{what} {folder}: no images ({', '.join(SUFFIXES)})")
+    return files
+
+
+def find_pairs(img_path: str | Path, mask_path: str | Path | None) -> list[Pair]:
+    """Every image with its mask (same file name without extension); an image without a mask is an error that
+    names it. mask_path None: images only (inference)."""
+    images = files_by_stem(Path(img_path), "img_path")
+    if mask_path is None:
+        return [Pair(name, path, None) for name, path in images.items()]
+    masks = files_by_stem(Path(mask_path), "mask_path")
+    missing = [images[name].name for name in images if name not in masks]
+    if missing:
+        raise DataError(
+            f"{len(missing)} image(s) without a mask in {mask_path}, e.g. {missing[0]} "
+            f"(masks pair with images by file name, e.g. {Path(missing[0]).stem}.png)"
+        )
+    return [Pair(name, path, masks[name]) for name, path in images.items()]
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The array of a PNG (Pillow: 16-bit stays 16-bit), TIFF (tifffile) or .npy file, singleton axes removed."""
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            array = tifffile.imread(path)
+        else:
+            with Image.open(path) as png:
+                array = np.asarray(png)
+    except Exception as error:
+        raise DataError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
+    array = np.squeeze(np.asarray(array))
+    if array.size == 0 or array.ndim not in (2, 3):
+        raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), found shape {array.shape}")
+    if array.ndim == 3 and array.shape[0] <= 4 and array.shape[-1] > 4:
+        array = np.moveaxis(array, 0, -1)  # channels first
+    return array
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) float32 in 0..255, see the module docstring."""
+    array = read_array(path)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 4:  # RGBA: drop alpha
+        array = array[..., :3]
+    if array.shape[-1] not in (1, 2, 3):
+        raise DataError(f"{path}: {array.shape[-1]} channels; expected grey, 2 (nuclear, whole-cell) or RGB")
+    scaled = percentile_normalize(array.astype(np.float32), 1, 99.8, channel_axis=-1)
+    if scaled.shape[-1] == 1:
+        scaled = np.repeat(scaled, 3, -1)
+    elif scaled.shape[-1] == 2:
+        scaled = np.concatenate([scaled, np.zeros_like(scaled[..., :1])], -1)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.float32)
+
+
+def read_mask(path: Path, image_shape: tuple[int, int] | None = None, image_path: Path | None = None) -> np.ndarray:
+    """An integer label map (H, W) int32; float masks must hold whole numbers; the size must match the image."""
+    mask = read_array(path)
+    if mask.ndim != 2:
+        raise DataError(f"{path}: a mask must be one integer label map (H, W), found shape {mask.shape}")
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.array_equal(mask, np.round(mask)):
+            raise DataError(
+                f"{path}: not an integer label map (fractional {mask.dtype} values, e.g. a probability map)"
+            )
+    elif not np.issubdtype(mask.dtype, np.integer) and mask.dtype != bool:
+        raise DataError(f"{path}: not an integer label map (dtype {mask.dtype})")
+    if mask.min() < 0:
+        raise DataError(f"{path}: negative label {mask.min()} (0 = background, 1..K = cells)")
+    if image_shape is not None and mask.shape != tuple(image_shape):
+        raise DataError(f"{path} has shape {mask.shape}, its image {image_path.name} has {tuple(image_shape)}")
+    return mask.astype(np.int32)
+
+
+def boxes_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (K,), boxes (K, 4) xyxy in pixels, right/bottom edges exclusive) of every cell in a label map."""
+    ids, boxes = [], []
+    for index, found in enumerate(ndimage.find_objects(mask), start=1):
+        if found is not None:
+            ids.append(index)
+            boxes.append([found[1].start, found[0].start, found[1].stop, found[0].stop])
+    return np.array(ids, np.int64), np.array(boxes, np.float32).reshape(-1, 4)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Pixel xyxy to (cx, cy, w, h) in 0..1 of the image, the DETR head's target."""
+    scale = boxes.new_tensor([width, height, width, height])
+    x0, y0, x1, y1 = (boxes / scale).unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_augmentation(enabled: bool, size: int) -> A.Compose:
+    """Flips, 90-degree rotations, scale/shift, brightness/contrast and blur, then a fixed size. The masks follow
+    every geometric change (nearest neighbour), and boxes are recomputed from them afterwards."""
+    resize = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), A.RandomCrop(size, size)]
+    if not enabled:
+        return A.Compose([A.LongestMaxSize(size), *resize])
+    return A.Compose(
+        [
+            A.LongestMaxSize(size),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(scale=(0.8, 1.25), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=0.5),
+            A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+            *resize,
+        ]
+    )
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image, resized so its long
+    side is S (images and masks are read once and kept: cell datasets are small)."""
+
+    def __init__(self, pairs: list[Pair], size: int, augment: bool = False, gamma: float = 1.0, seed: int = 0):
+        self.pairs, self.size, self.gamma, self.seed, self.epoch = pairs, size, gamma, seed, 0
+        self.transform = build_augmentation(augment, size)
+        self.items = []
+        for pair in pairs:
+            image = read_image(pair.image)
+            mask = read_mask(pair.mask, image.shape[:2], pair.image)
+            self.items.append((image, mask))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = self.items[i]
+        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+        out = self.transform(image=image, mask=mask)
+        image, mask = out["image"], out["mask"]
+        if self.gamma != 1.0:  # input gamma correction
+            image = 255.0 * (image / 255.0) ** self.gamma
+        _, boxes = boxes_from_mask(mask)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "boxes": torch.from_numpy(boxes),
+            "name": self.pairs[i].name,
+        }
+
+
+def collate(batch: list[dict]) -> dict:
+    """Images and masks stacked; boxes stay a list (a different number of cells per image)."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "boxes": [b["boxes"] for b in batch],
+        "name": [b["name"] for b in batch],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic microscopy for --demo and tests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_cells(size: int = 256, n_cells: int = 30, rng: np.random.Generator | None = None):
+    """(image uint16 (H, W), mask uint16 (H, W)): a fluorescence-like field of cells of varied size and shape, many
+    touching. Cells grow from random seeds by a distance-limited Voronoi split (so neighbours share borders), are
+    irregular (noisy radii), bright in the cytoplasm with a brighter nucleus, on a dim uneven background with
+    Poisson noise."""
+    rng = rng or np.random.default_rng(0)
+    seeds = rng.uniform(12, size - 12, (n_cells, 2))
+    radii = rng.uniform(7, 20, n_cells)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    angle = np.arctan2(yy[None] - seeds[:, 0, None, None], xx[None] - seeds[:, 1, None, None])
+    distance = np.hypot(yy[None] - seeds[:, 0, None, None], xx[None] - seeds[:, 1, None, None])
+    wobble = 1 + 0.18 * np.sin(3 * angle + rng.uniform(0, 6, (n_cells, 1, 1))) * rng.uniform(0.3, 1, (n_cells, 1, 1))
+    reach = distance / (radii[:, None, None] * wobble)  # < 1 inside each cell's own outline
+    nearest = reach.argmin(0)
+    mask = np.where(reach.min(0) < 1, nearest + 1, 0).astype(np.uint16)
+    # drop cells cut to slivers by their neighbours
+    sizes = np.bincount(mask.ravel(), minlength=n_cells + 1)
+    mask[sizes[mask] < 40] = 0
+    mask = np.unique(mask, return_inverse=True)[1].reshape(mask.shape).astype(np.uint16)
+    brightness = rng.uniform(0.5, 1.0, n_cells + 1)
+    cell_reach = np.take_along_axis(reach, nearest[None], 0)[0]
+    signal = np.where(mask > 0, 900 * brightness[nearest + 1] * (1 + 0.8 * (cell_reach < 0.4)), 0.0)
+    edges = (ndimage.grey_dilation(mask, size=3) != ndimage.grey_erosion(mask, size=3)) & (mask > 0)
+    signal[edges] *= 0.55  # dimmer membranes: touching cells stay separable
+    background = 120 + 60 * np.sin(xx / size * 2.5 + rng.uniform(0, 3)) * np.cos(yy / size * 2)
+    image = ndimage.gaussian_filter(signal, 1.0) + background
+    image = rng.poisson(np.clip(image, 0, None)).astype(np.float64) + rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), mask
+
+
+def write_demo_dataset(root: str | Path, n_images: int = 12, size: int = 256, seed: int = 0) -> Path:
+    """root/images/img_0001.tif (16-bit) and root/masks/img_0001.png (16-bit label maps)."""
+    root = Path(root)
+    marker = root / "demo.txt"
+    settings = f"{n_images} {size} {seed} v1"
+    if marker.is_file() and marker.read_text() == settings:
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, n_images + 1):
+        image, mask = synthetic_cells(size, int(rng.integers(20, 36)), rng)
+        tifffile.imwrite(root / "images" / f"img_{i:04d}.tif", image)
+        Image.fromarray(mask).save(root / "masks" / f"img_{i:04d}.png")
+    marker.write_text(settings)
+    return root

@@ -1,0 +1,278 @@
+"""CellSAM's two networks: SAM (segment_anything's modules) and CellFinder, a DETR-style cell detector on SAM's
+image-encoder features; the Hungarian matcher and the set losses of stage 1; the mask losses of stage 2.
+
+SAM sizes: vit_b, vit_l, vit_h with the official configurations (1024 px input; load the official checkpoint
+file a user gives, e.g. sam_vit_b_01ec64.pth), and vit_tiny (2 blocks, 96 wide, 256 px input, a narrow mask
+decoder) for CPU demos and tests. `Sam.forward` runs under no_grad, so training calls the parts directly:
+`encode` (image encoder, returning the ViT features before the neck for CellFinder and the neck's embeddings for
+the mask decoder) and `decode_masks` (prompt encoder + mask decoder, box prompts).
+
+CellFinder (after AnchorDETR, Wang et al. 2022): the ViT features projected to `hidden` channels, a
+torch.nn.TransformerEncoder over them (sine positional encoding added), and a stack of
+torch.nn.TransformerDecoderLayer whose queries are anchor points on a regular grid (x `patterns` embeddings per
+point): each query predicts a cell probability and a box relative to its anchor. Every decoder layer predicts,
+and each layer's prediction is matched and scored (auxiliary losses).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+# the official configurations (segment_anything/build_sam.py), and a tiny one for CPUs
+SAM_SIZES = {
+    "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
+    "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": [5, 11, 17, 23]},
+    "vit_h": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": [7, 15, 23, 31]},
+    "vit_tiny": {
+        "embed_dim": 96,
+        "depth": 2,
+        "num_heads": 2,
+        "global_attn_indexes": [1],
+        "image_size": 256,
+        "window_size": 8,
+        "prompt_dim": 64,
+        "decoder_mlp": 256,
+    },  # fmt: skip
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_sam(size: str = "vit_b", checkpoint: str | Path | None = None) -> Sam:
+    """A SAM of the given size; with `checkpoint`, the weights of an official SAM file (loaded with
+    weights_only=True). A file of another size is an error that says which size it holds."""
+    if size not in SAM_SIZES:
+        raise SystemExit(f"--sam_size {size}: choose one of {', '.join(SAM_SIZES)}")
+    c = SAM_SIZES[size]
+    image_size, prompt_dim = c.get("image_size", 1024), c.get("prompt_dim", 256)
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=c["depth"], embed_dim=c["embed_dim"], img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=c["num_heads"], patch_size=16, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=c["global_attn_indexes"], window_size=c.get("window_size", 14),
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim, image_embedding_size=(image_size // 16, image_size // 16),
+            input_image_size=(image_size, image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=c.get("decoder_mlp", 2048),
+                                          num_heads=8),
+            transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=min(256, prompt_dim * 4),
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )  # fmt: skip
+    if checkpoint is not None:
+        load_sam_weights(sam, checkpoint, size)
+    return sam
+
+
+def load_sam_weights(sam: Sam, checkpoint: str | Path, size: str) -> None:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise SystemExit(
+            f"--sam_checkpoint {path}: no such file. Official files: sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, "
+            f"sam_vit_h_4b8939.pth (segment-anything's model cards); download one on a machine with internet access"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(
+            f"--sam_checkpoint {path}: not a readable checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    if isinstance(state, dict) and "model" in state and "image_encoder.pos_embed" not in state:
+        state = state["model"]  # a checkpoint of ours (stage 2) also holds the SAM weights under "model"
+    width = state.get("image_encoder.pos_embed", torch.zeros(0)).shape[-1] if isinstance(state, dict) else None
+    expected = SAM_SIZES[size]["embed_dim"]
+    if width != expected:
+        holds = next((name for name, c in SAM_SIZES.items() if c["embed_dim"] == width), f"width {width}")
+        raise SystemExit(f"--sam_checkpoint {path} holds a {holds} image encoder, not {size}: pass --sam_size {holds}")
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as error:
+        raise SystemExit(f"--sam_checkpoint {path} does not fit the {size} SAM: {str(error)[:300]}") from None
+
+
+def encode(sam: Sam, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, 3, S, S) in 0..255 -> (ViT features (B, C, S/16, S/16) before the neck, for CellFinder;
+    the neck's image embeddings (B, prompt_dim, S/16, S/16), for the mask decoder)."""
+    encoder = sam.image_encoder
+    x = encoder.patch_embed((images - sam.pixel_mean) / sam.pixel_std)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    for block in encoder.blocks:
+        x = block(x)
+    features = x.permute(0, 3, 1, 2)
+    return features, encoder.neck(features)
+
+
+def decode_masks(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's embedding (1, D, h, w) and its box prompts (N, 4) xyxy in input pixels -> mask logits
+    (N, S/4, S/4) (SAM's low-resolution masks) and predicted IoU (N,); one mask per box."""
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    masks, iou = sam.mask_decoder(
+        image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense, multimask_output=False,
+    )  # fmt: skip
+    return masks[:, 0], iou[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CellFinder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sine_encoding(points: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(..., 2) points in 0..1 -> (..., dim) sine/cosine features (DETR's positional encoding, half per axis)."""
+    half = dim // 2
+    frequencies = temperature ** (2 * (torch.arange(half // 2, device=points.device) / half))
+    angles = points[..., None] * 2 * math.pi / frequencies  # (..., 2, half / 2)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
+class CellFinder(nn.Module):
+    def __init__(self, in_channels=768, hidden=256, heads=8, encoder_layers=6, decoder_layers=6, anchor_grid=12,
+                 patterns=3, dropout=0.1):  # fmt: skip
+        super().__init__()
+        self.hidden = hidden
+        self.input_proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.GroupNorm(min(32, hidden // 4), hidden))
+        layer = partial(nn.TransformerEncoderLayer, hidden, heads, 4 * hidden, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer(), encoder_layers, enable_nested_tensor=False)
+        decoder_layer = partial(nn.TransformerDecoderLayer, hidden, heads, 4 * hidden, dropout, batch_first=True)
+        self.decoder = nn.ModuleList(decoder_layer() for _ in range(decoder_layers))
+        centres = (torch.arange(anchor_grid) + 0.5) / anchor_grid
+        grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # (G*G, 2) as (x, y)
+        self.register_buffer("anchors", grid.repeat(patterns, 1))  # (Q, 2)
+        self.pattern = nn.Embedding(patterns, hidden)
+        self.patterns = patterns
+        self.anchor_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.norm = nn.LayerNorm(hidden)
+        self.class_head = nn.Linear(hidden, 1)
+        self.box_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, 4))  # fmt: skip
+        prior = 0.01  # the focal-loss prior (Lin et al. 2017): start predicting "no cell" everywhere
+        nn.init.constant_(self.class_head.bias, -math.log((1 - prior) / prior))
+        nn.init.zeros_(self.box_head[-1].weight)
+        nn.init.zeros_(self.box_head[-1].bias)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.anchors)
+
+    def forward(self, features: torch.Tensor) -> dict:
+        """features (B, C, h, w) -> {"logits": (B, Q), "boxes": (B, Q, 4) cx, cy, w, h in 0..1, "aux": [...] one
+        such dict per earlier decoder layer}."""
+        b, _, h, w = features.shape
+        src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, h*w, hidden)
+        ys, xs = torch.meshgrid((torch.arange(h, device=src.device) + 0.5) / h,
+                                (torch.arange(w, device=src.device) + 0.5) / w, indexing="ij")  # fmt: skip
+        pos = sine_encoding(torch.stack([xs, ys], -1).reshape(-1, 2), self.hidden)[None]
+        memory = self.encoder(src + pos) + pos
+        query_pos = self.anchor_mlp(sine_encoding(self.anchors, self.hidden))[None]  # (1, Q, hidden)
+        queries = self.pattern.weight.repeat_interleave(len(self.anchors) // self.patterns, 0)[None].expand(b, -1, -1)
+        outputs = []
+        for layer in self.decoder:
+            queries = layer(queries + query_pos, memory)
+            state = self.norm(queries)
+            delta = self.box_head(state)
+            # the box centre moves from its anchor point (in logit space); width and height start at 1/8
+            centre = torch.sigmoid(delta[..., :2] + inverse_sigmoid(self.anchors)[None])
+            size = torch.sigmoid(delta[..., 2:] - math.log(7))
+            outputs.append({"logits": self.class_head(state)[..., 0], "boxes": torch.cat([centre, size], -1)})
+        return {**outputs[-1], "aux": outputs[:-1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: Hungarian matching and set losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def focal_class_cost(logits: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Cost of calling each query a cell (Deformable DETR's matching cost): the focal loss of "cell" minus the
+    focal loss of "no cell", per query. (Q,)"""
+    prob = logits.sigmoid()
+    positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    return positive - negative
+
+
+@torch.no_grad()
+def hungarian_match(logits, boxes, targets, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0):
+    """Per image, the one-to-one assignment of queries to true boxes of least total cost
+    class_weight * focal cost + bbox_weight * L1(cx, cy, w, h) + giou_weight * -GIoU (scipy's Hungarian
+    solver). logits (B, Q), boxes (B, Q, 4) cxcywh, targets: list of (K_i, 4) cxcywh.
+    Returns a list of (query indices, target indices) int64 tensors."""
+    matches = []
+    for image_logits, image_boxes, target in zip(logits, boxes, targets, strict=True):
+        if len(target) == 0:
+            matches.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
+            continue
+        image_boxes, target = image_boxes.float(), target.float().to(image_boxes.device)
+        cost = (
+            class_weight * focal_class_cost(image_logits.float(), alpha, gamma)[:, None]
+            + bbox_weight * torch.cdist(image_boxes, target, p=1)
+            - giou_weight * generalized_box_iou(xyxy(image_boxes), xyxy(target))
+        )  # fmt: skip
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+    return matches
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss with CellSAM's terms: ce_loss_weight x sigmoid focal loss over all queries (matched ones are
+    cells), bbox_loss_weight x L1 and giou_loss_weight x GIoU loss over matched pairs; each divided by the number of
+    true boxes, and summed over the final and every auxiliary decoder layer (each matched on its own)."""
+
+    def __init__(self, ce_loss_weight=2.0, bbox_loss_weight=5.0, giou_loss_weight=2.0, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.weights = {"class": ce_loss_weight, "bbox": bbox_loss_weight, "giou": giou_loss_weight}
+        self.alpha, self.gamma = alpha, gamma
+
+    def layer_losses(self, output: dict, targets: list[torch.Tensor], num_boxes: float) -> dict:
+        logits, boxes = output["logits"].float(), output["boxes"].float()
+        matches = hungarian_match(logits, boxes, targets, *self.weights.values(), self.alpha, self.gamma)
+        labels = torch.zeros_like(logits)
+        matched_pred, matched_true = [], []
+        for b, (rows, cols) in enumerate(matches):
+            labels[b, rows] = 1
+            matched_pred.append(boxes[b, rows])
+            matched_true.append(targets[b].to(boxes.device)[cols])
+        pred, true = torch.cat(matched_pred), torch.cat(matched_true).float()
+        focal = sigmoid_focal_loss(logits, labels, self.alpha, self.gamma, reduction="sum") / num_boxes
+        l1 = F.l1_loss(pred, true, reduction="sum") / num_boxes
+        giou = generalized_box_iou_loss(xyxy(pred), xyxy(true), reduction="sum") / num_boxes
+        return {"class": focal, "bbox": l1, "giou": giou}
+
+    def forward(self, outputs: dict, targets: list[torch.Tensor], num_boxes: float | None = None):
+        """(total, {"class", "bbox", "giou"} of the final layer as floats)."""
+        num_boxes = max(float(sum(len(t) for t in targets)) if num_boxes is None else num_boxes, 1.0)
+        total, final = 0.0, None
+        for output in [outputs, *outputs.get("aux", [])]:
+            terms = self.layer_losses(output, targets, num_boxes)
+            total = total + sum(self.weights[k] * v for k, v in terms.items())
+            final = final or {k: float(v.detach()) for k, v in terms.items()}
+        return total, final
