@@ -28,6 +28,7 @@ from hydra_lv.data import (
     write_volume,
 )
 from hydra_lv.model import (
+    build_model,
     connected_components_baseline,
     decode_instances,
     sliding_window_inference,
@@ -385,3 +386,46 @@ def test_bad_inputs_give_clear_errors(tmp_path, volumes):
     overrides = [f"data.train_image={tmp_path}/tiny_im.h5", f"data.train_label={tmp_path}/tiny_ins.h5"]
     run = train(tmp_path, volumes, overrides=[*overrides, "data.train_mask=null", "optimization.max_epochs=1"])
     assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_flip_tta_of_an_identity_model_is_the_identity():
+    volume = np.random.default_rng(1).integers(1, 255, (10, 40, 36)).astype(np.uint8)
+    plain = sliding_window_inference(Identity(), volume, (8, 32, 32))
+    tta = sliding_window_inference(Identity(), volume, (8, 32, 32), tta=True)
+    assert np.allclose(tta, plain, atol=1e-5)
+
+
+def test_monai_unet_is_monai_and_trains_on_anisotropic_patches():
+    from monai.networks.nets import UNet
+
+    model = build_model("monai_unet", filters=(4, 8, 16))
+    assert isinstance(model, UNet)
+    assert model(torch.zeros(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)  # z is never downsampled
+
+
+def test_tensorboard_gets_scalars_and_slices(tmp_path, volumes, monkeypatch):
+    """TensorBoard is not installed here: a stand-in SummaryWriter records what train.py logs."""
+    import types
+
+    logged = {"scalars": set(), "images": set()}
+
+    class Writer:
+        def __init__(self, folder):
+            logged["folder"] = folder
+
+        def add_scalar(self, tag, value, step):
+            logged["scalars"].add(tag)
+
+        def add_image(self, tag, image, step):
+            assert image.ndim == 3 and image.shape[0] == 1
+            logged["images"].add(tag)
+
+        def close(self):
+            logged["closed"] = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=1"])
+    assert logged["folder"] == run / "tensorboard" and logged["closed"]
+    assert {"train/loss", "val/loss", "val/distance", "lr"} <= logged["scalars"]
+    assert logged["images"] == {"input", "prediction/binary", "prediction/boundary", "prediction/distance",
+                                "ground_truth/binary"}  # fmt: skip
