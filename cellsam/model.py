@@ -20,12 +20,16 @@ import math
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from skimage.segmentation import relabel_sequential
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, nms, sigmoid_focal_loss
+
+from common.losses import BoundaryLoss, DiceLoss
 
 # the official configurations (segment_anything/build_sam.py), and a tiny one for CPUs
 SAM_SIZES = {
@@ -189,7 +193,14 @@ class CellFinder(nn.Module):
         pos = sine_encoding(torch.stack([xs, ys], -1).reshape(-1, 2), self.hidden)[None]
         memory = self.encoder(src + pos) + pos
         query_pos = self.anchor_mlp(sine_encoding(self.anchors, self.hidden))[None]  # (1, Q, hidden)
-        queries = self.pattern.weight.repeat_interleave(len(self.anchors) // self.patterns, 0)[None].expand(b, -1, -1)
+        # each query starts from the encoded features at its anchor point (plus its pattern), so it sees its
+        # neighbourhood from the first layer on: DETR-style detectors then converge in far fewer steps (as
+        # Efficient DETR and two-stage Deformable DETR initialise queries from the encoder)
+        grid = (self.anchors * 2 - 1)[None, :, None].expand(b, -1, -1, -1)  # (B, Q, 1, 2) in -1..1, (x, y)
+        memory_map = memory.transpose(1, 2).reshape(b, self.hidden, h, w)
+        content = F.grid_sample(memory_map, grid, align_corners=False)[..., 0].transpose(1, 2)  # (B, Q, hidden)
+        patterns = self.pattern.weight.repeat_interleave(len(self.anchors) // self.patterns, 0)[None]
+        queries = content + patterns
         outputs = []
         for layer in self.decoder:
             queries = layer(queries + query_pos, memory)
@@ -276,3 +287,87 @@ class SetCriterion(nn.Module):
             total = total + sum(self.weights[k] * v for k, v in terms.items())
             final = final or {k: float(v.detach()) for k, v in terms.items()}
         return total, final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: mask losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MaskLoss(nn.Module):
+    """focal_loss_weight x sigmoid focal loss (gamma) + dice_loss_weight x Dice + boundary_loss_weight x boundary
+    loss (Kervadec et al. 2019), of box-prompted mask logits against each cell's mask.
+
+    Online hard negative mining on the focal term (hard_negative_mining): "plain" keeps every cell pixel and the
+    negative_ratio x as many background pixels of highest loss (Shrivastava et al. 2016); "weighted" keeps all
+    pixels but weights each background pixel by its loss relative to the mean background loss, so easy background
+    counts less; "none" averages over every pixel."""
+
+    def __init__(self, focal_gamma=2.0, focal_loss_weight=20.0, dice_loss_weight=1.0, boundary_loss_weight=0.0,
+                 hard_negative_mining="none", negative_ratio=3.0):  # fmt: skip
+        super().__init__()
+        self.gamma, self.mining, self.ratio = focal_gamma, hard_negative_mining, negative_ratio
+        self.weights = {"focal": focal_loss_weight, "dice": dice_loss_weight, "boundary": boundary_loss_weight}
+        self.dice, self.boundary = DiceLoss(batch=False), BoundaryLoss()
+
+    def focal(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_pixel = sigmoid_focal_loss(logits, target, alpha=-1, gamma=self.gamma, reduction="none").flatten(1)
+        positive = target.flatten(1) > 0.5
+        if self.mining == "none":
+            return per_pixel.mean()
+        negative_loss = per_pixel.masked_fill(positive, 0)
+        if self.mining == "weighted":
+            mean_negative = negative_loss.sum(1, keepdim=True) / (~positive).sum(1, keepdim=True).clamp_min(1)
+            weights = torch.where(
+                positive, torch.ones_like(per_pixel), (negative_loss / mean_negative.clamp_min(1e-12)).detach()
+            )
+            return (weights * per_pixel).sum() / weights.sum().clamp_min(1)
+        kept = []
+        for row, is_positive, negatives in zip(per_pixel, positive, negative_loss, strict=True):
+            k = int(min((~is_positive).sum(), max(self.ratio * is_positive.sum(), 16)))
+            kept.append(torch.cat([row[is_positive], negatives.topk(k).values]))
+        return torch.cat(kept).mean()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor):
+        """logits and target (N, H, W) -> (total, {"focal", "dice", "boundary"} floats)."""
+        logits, target = logits.float()[:, None], target.float()[:, None]
+        terms = {"focal": self.focal(logits, target), "dice": self.dice(logits, target)}
+        if self.weights["boundary"]:
+            terms["boundary"] = self.boundary(logits, target)
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline: boxes, then masks, then one label image
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms_iou=0.5, min_size=16):
+    """One image (3, S, S) in 0..255 -> (label image (S, S) int32, boxes (K, 4) xyxy pixels, scores (K,)).
+    CellFinder's boxes above score_threshold, non-maximum suppression at nms_iou, a SAM mask per box (cut to its
+    box), painted from the least to the most confident so the most confident wins overlaps; pieces under
+    min_size pixels are dropped."""
+    size = image.shape[-1]
+    features, embedding = encode(sam, image[None])
+    out = finder(features)
+    scores = out["logits"][0].sigmoid()
+    boxes = (xyxy(out["boxes"][0]) * size).clamp(0, size)
+    keep = scores > score_threshold
+    boxes, scores = boxes[keep], scores[keep]
+    keep = nms(boxes, scores, nms_iou)
+    boxes, scores = boxes[keep], scores[keep]
+    labels = torch.zeros((size, size), dtype=torch.int32, device=image.device)
+    if len(boxes):
+        logits = torch.cat([decode_masks(sam, embedding, chunk)[0] for chunk in boxes.split(64)])
+        masks = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
+        yy, xx = torch.arange(size, device=image.device)[:, None], torch.arange(size, device=image.device)[None]
+        for index in scores.argsort().tolist():  # least confident first
+            x0, y0, x1, y1 = boxes[index].tolist()
+            inside = (xx >= x0 - 2) & (xx < x1 + 2) & (yy >= y0 - 2) & (yy < y1 + 2)
+            labels[masks[index] & inside] = index + 1
+    labels = labels.cpu().numpy()
+    sizes = np.bincount(labels.ravel())
+    labels[sizes[labels] < min_size] = 0
+    return relabel_sequential(labels)[0].astype(np.int32), boxes.cpu(), scores.cpu()
