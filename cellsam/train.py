@@ -1,0 +1,540 @@
+"""Fine-tune CellSAM's two stages on your own image + instance-mask folders.
+
+    python cellsam/train.py --demo                                   # synthetic cells, vit_tiny, a few minutes on a CPU
+    python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --output_name my_cells \\
+        --sam_size vit_b --sam_checkpoint sam_vit_b_01ec64.pth --strategy k_fold --k_folds 5
+    python cellsam/train.py --resume output/my_cells                 # after a kill: finished folds are kept
+
+Stage 1 trains CellFinder, a DETR-style cell detector on SAM's image-encoder features (--stage1_type cellfinder:
+the encoder frozen; image_encoder: the encoder too; all_backbones: encoder and neck). Loss: ce_loss_weight x focal
++ bbox_loss_weight x L1 + giou_loss_weight x GIoU, on Hungarian-matched queries, for every decoder layer.
+Stage 2 trains SAM prompted by the ground-truth boxes (jittered by --box_jitter): --train_parts neck (the paper's
+choice), mask_decoder or both. Loss: focal + Dice (+ boundary) with optional online hard negative mining.
+Both stages: AdamW, cosine annealing (stepped per epoch), AMP on CUDA, early stopping after --patience_s1/_s2
+epochs without a lower validation loss, the best epoch kept.
+
+Strategies: train_val_split (--val_fraction held out), k_fold (--k_folds models; mean, standard deviation and 95 %
+confidence interval of each metric), full_dataset (no validation; trains the set epochs). After each fold the
+whole pipeline (CellFinder boxes -> SAM masks -> label image) is scored on the held-out images: CellSAM's F1 at
+IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall and PQ, beside a classical baseline
+(Otsu threshold + distance-transform watershed) on the same images.
+
+Output (output/NAME_2, ... when output/NAME holds an earlier experiment):
+    output/NAME/experiment_config.json   logs/experiment.log
+    models/fold_X/best_model_s1.pth, best_model_s2.pth (and last_s1.pth, last_s2.pth for --resume)
+    results/individual_results.json, results/aggregated_results.json, results/fold_X/visualizations/
+    metrics/stage1_metrics.json, metrics/stage2_metrics.json   (per fold and epoch)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import numpy as np
+import torch
+from scipy import ndimage, stats
+from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
+from sklearn.model_selection import KFold, train_test_split
+
+from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config
+from cellsam.data import CellDataset, collate, find_pairs, write_demo_dataset, xyxy_to_cxcywh
+from cellsam.model import CellFinder, MaskLoss, SetCriterion, build_sam, decode_masks, encode, predict_instances
+from common.metrics import match_instances, nanmean, panoptic_quality
+
+# --demo: small synthetic cells and the tiny SAM, trained from scratch (nothing is pretrained here)
+DEMO = {
+    "sam_size": "vit_tiny", "batch_size": 2, "strategy": "train_val_split", "val_fraction": 0.25, "num_workers": 0,
+    "stage1": {"epochs": 120, "lr": 1e-3, "stage1_type": "image_encoder", "hidden": 64, "heads": 4,
+               "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 8, "patterns": 1, "patience": 1000},
+    "stage2": {"epochs": 40, "lr": 1e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16},
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1 and stage 2: one epoch, one validation pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stage1_epoch(sam, finder, criterion, optimizer, scaler, loader, device, train: bool) -> dict:
+    """One pass of CellFinder over a loader (training, or validation with train=False). Mean loss and terms."""
+    sam.train(train)
+    finder.train(train)
+    sums, count = {}, 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        size = images.shape[-1]
+        targets = [xyxy_to_cxcywh(boxes, size, size).to(device) for boxes in batch["boxes"]]
+        with torch.set_grad_enabled(train), amp(device):
+            features, _ = encode(sam, images)
+            loss, terms = criterion(finder(features), targets)
+        if train:
+            step(loss, optimizer, scaler, [*finder.parameters(), *sam.parameters()])
+        count += 1
+        for name, value in {"loss": float(loss.detach()), **terms}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def stage2_epoch(sam, criterion, optimizer, scaler, loader, device, config, rng, train: bool) -> dict:
+    """One pass of box-prompted SAM over a loader: up to max_prompts cells per image, their boxes jittered in
+    training, each predicted mask (upsampled to the image) against the cell's mask. Mean loss, terms and the mean
+    IoU of the predicted masks."""
+    s2 = config.stage2
+    sam.train(train)
+    sums, count, ious = {}, 0, []
+    for batch in loader:
+        images = batch["image"].to(device)
+        size = images.shape[-1]
+        with torch.set_grad_enabled(train), amp(device):
+            with torch.no_grad() if s2.train_parts == "mask_decoder" else nullcontext():
+                _, embeddings = encode(sam, images)
+            losses = []
+            for embedding, boxes, mask in zip(embeddings, batch["boxes"], batch["mask"], strict=True):
+                if len(boxes) == 0:
+                    continue
+                ids = np.unique(mask.numpy())[1:]
+                chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
+                prompts = boxes[chosen].clone()
+                if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side
+                    side = (prompts[:, 2:] - prompts[:, :2]).repeat(1, 2)
+                    prompts += torch.from_numpy(rng.uniform(-1, 1, prompts.shape)).float() * s2.box_jitter * side
+                    prompts = prompts.clamp(0, size)
+                truth = torch.stack([mask == ids[i] for i in chosen]).float().to(device)
+                logits, _ = decode_masks(sam, embedding[None], prompts.to(device))
+                logits = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0]
+                loss, terms = criterion(logits, truth)
+                losses.append(loss)
+                predicted = logits.detach() > 0
+                union = (predicted | (truth > 0)).sum((1, 2)).clamp_min(1)
+                ious += ((predicted & (truth > 0)).sum((1, 2)) / union).tolist()
+                count += 1
+                for name, value in {"loss": float(loss.detach()), **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value
+            loss = torch.stack(losses).mean() if losses else None
+        if train and loss is not None:
+            step(loss, optimizer, scaler, list(sam.parameters()))
+    means = {name: value / max(count, 1) for name, value in sums.items()}
+    return {**means, "mask_iou": float(np.mean(ious)) if ious else float("nan")}
+
+
+def step(loss, optimizer, scaler, parameters) -> None:
+    if not torch.isfinite(loss):
+        raise SystemExit(f"the training loss is {float(loss)}: lower the learning rate (--lr_s1 / --lr_s2)")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline on held-out images, and the classical baseline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def otsu_watershed(image: np.ndarray, min_distance: int = 5) -> np.ndarray:
+    """Otsu threshold of the summed channels, then a watershed of the distance transform from its local maxima."""
+    grey = ndimage.gaussian_filter(image.sum(-1), 1.0)
+    foreground = grey > threshold_otsu(grey)
+    distance = ndimage.distance_transform_edt(foreground)
+    peaks = (distance == ndimage.maximum_filter(distance, size=2 * min_distance + 1)) & (distance > 2)
+    markers, _ = ndimage.label(peaks)
+    return watershed(-distance, markers, mask=foreground).astype(np.int32)
+
+
+def score_images(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dict:
+    """CellSAM's F1 at IoU 0.5 averaged per image, precision, recall, PQ (mean over images)."""
+    rows = []
+    for pred, true in zip(predictions, truths, strict=True):
+        match = match_instances(true, pred, 0.5)
+        rows.append([match.f1, match.precision, match.recall, panoptic_quality(true, pred)["pq"]])
+    f1, precision, recall, pq = (nanmean(column) for column in zip(*rows, strict=True))
+    return {"f1": f1, "precision": precision, "recall": recall, "pq": pq}
+
+
+@torch.no_grad()
+def evaluate_pipeline(sam, finder, dataset: CellDataset, config, device, out_dir: Path | None = None) -> dict:
+    """The whole pipeline and the Otsu baseline on every image of a dataset; figures go to out_dir."""
+    sam.eval()
+    finder.eval()
+    predictions, baselines, truths = [], [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels, boxes, scores = predict_instances(sam, finder, item["image"].to(device), config.stage1.score_threshold)
+        predictions.append(labels)
+        baselines.append(otsu_watershed(item["image"].permute(1, 2, 0).numpy()))
+        truths.append(item["mask"].numpy())
+        if out_dir is not None and i < 4:
+            save_prediction_figure(item, labels, boxes, out_dir / f"{item['name']}.png")
+    return {**score_images(predictions, truths), "baseline_otsu_watershed": score_images(baselines, truths)}
+
+
+def save_prediction_figure(item: dict, labels: np.ndarray, boxes: torch.Tensor, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = item["image"].permute(1, 2, 0).numpy() / 255
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    axes[0].imshow(image)
+    for x0, y0, x1, y1 in item["boxes"].tolist():
+        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=0.8))
+    for x0, y0, x1, y1 in boxes.tolist():
+        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=0.8))
+    axes[0].set_title("boxes: true (green), CellFinder (red)")
+    for ax, mask, title in ((axes[1], item["mask"].numpy(), "true cells"), (axes[2], labels, "predicted cells")):
+        colours = np.random.default_rng(0).uniform(0.2, 1, (int(mask.max()) + 1, 3))
+        colours[0] = 0
+        ax.imshow(colours[mask])
+        ax.set_title(f"{title} ({int(len(np.unique(mask)) - 1)})")
+    for ax in axes:
+        ax.axis("off")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One fold: stage 1, stage 2, scores
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def amp(device):
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, history: list, log, device):
+    """The loop both stages share: AdamW, cosine annealing per epoch, early stopping on the validation loss,
+    best_model_s{stage}.pth (the trained modules' weights) and last_s{stage}.pth (everything, for --resume).
+    run_epoch(train: bool) -> metrics, or None for validation when there is no validation set."""
+    optimizer = torch.optim.AdamW(parameters, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage_config.epochs, 1))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    state = {"epoch": 0, "best": math.inf, "patience": 0}
+    last_path, best_path = fold_dir / f"last_s{stage}.pth", fold_dir / f"best_model_s{stage}.pth"
+    if last_path.is_file():  # --resume
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(last["modules"][name])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        state = last["state"]
+        history[:] = last["history"]
+        log(f"  stage {stage}: resumed at epoch {state['epoch'] + 1}")
+    for epoch in range(state["epoch"], stage_config.epochs):
+        started = time.time()
+        train_stats = run_epoch(optimizer, scaler, epoch, train=True)
+        val_stats = run_epoch(None, None, epoch, train=False)
+        scheduler.step()
+        loss = train_stats["loss"] if val_stats is None else val_stats["loss"]
+        improved = loss < state["best"]
+        state = {
+            "epoch": epoch + 1,
+            "best": min(loss, state["best"]),
+            "patience": 0 if improved else state["patience"] + 1,
+        }
+        history.append({"epoch": epoch + 1, "train": train_stats, "val": val_stats, "seconds": time.time() - started})
+        weights = {name: module.state_dict() for name, module in modules.items()}
+        if improved:
+            save_checkpoint(best_path, {"domain": "cellsam", "stage": stage, "epoch": epoch + 1, "modules": weights})
+        save_checkpoint(last_path, {"modules": weights, "optimizer": optimizer.state_dict(), "scheduler":
+                                    scheduler.state_dict(), "state": state, "history": history})  # fmt: skip
+        shown = val_stats or train_stats
+        log(f"  stage {stage} epoch {epoch + 1}/{stage_config.epochs}  train loss {train_stats['loss']:.4f}  "
+            f"val loss {shown['loss']:.4f}" + (f" (mask IoU {shown['mask_iou']:.3f})" if "mask_iou" in shown else "")
+            + ("  best" if improved else ""))  # fmt: skip
+        if state["patience"] >= stage_config.patience:
+            log(f"  stage {stage}: early stopping, no lower validation loss for {stage_config.patience} epochs")
+            break
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(best["modules"][name])
+
+
+def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: Path, log, device) -> dict:
+    fold_dir = root / "models" / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed + fold)
+    rng = np.random.default_rng([config.seed, fold])
+    sam = build_sam(config.sam_size, config.sam_checkpoint).to(device)
+    size = sam.image_encoder.img_size
+    s1, s2 = config.stage1, config.stage2
+    finder = CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
+                        s1.decoder_layers, s1.anchor_grid, s1.patterns).to(device)  # fmt: skip
+    train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed)
+    val_set = CellDataset(val_pairs, size, False, config.gamma) if val_pairs else None
+    loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, generator=torch.Generator().manual_seed(fold), **loader_args
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, **loader_args) if val_set else None
+    log(
+        f"fold {fold}: {len(train_pairs)} training and {len(val_pairs)} validation images, "
+        f"SAM {config.sam_size} ({size} px)"
+    )
+    results = {"fold": fold, "train_images": [p.name for p in train_pairs], "val_images": [p.name for p in val_pairs]}
+    if config.preeval and val_set:
+        results["before_training"] = evaluate_pipeline(sam, finder, val_set, config, device)
+
+    # stage 1: CellFinder (and, by stage1_type, the image encoder and its neck)
+    criterion = SetCriterion(
+        s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha, s1.focal_gamma
+    )
+    trained = {"finder": finder}
+    if s1.stage1_type in ("image_encoder", "all_backbones"):
+        trained["image_encoder"] = sam.image_encoder
+    for parameter in sam.parameters():
+        parameter.requires_grad_(False)
+    for name, parameter in sam.image_encoder.named_parameters():
+        in_neck = name.startswith("neck.")
+        parameter.requires_grad_(
+            s1.stage1_type == "all_backbones" or (s1.stage1_type == "image_encoder" and not in_neck)
+        )
+    history1 = []
+
+    def epoch1(optimizer, scaler, epoch, train):
+        if not train and val_loader is None:
+            return None
+        train_set.set_epoch(epoch)
+        return stage1_epoch(
+            sam, finder, criterion, optimizer, scaler, train_loader if train else val_loader, device, train
+        )
+
+    parameters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device)
+
+    # stage 2: SAM prompted by true boxes: the neck, the mask decoder or both
+    for parameter in sam.parameters():
+        parameter.requires_grad_(False)
+    parts = {"neck": [sam.image_encoder.neck], "mask_decoder": [sam.mask_decoder],
+             "both": [sam.image_encoder.neck, sam.mask_decoder]}[s2.train_parts]  # fmt: skip
+    for part in parts:
+        part.requires_grad_(True)
+    mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight,
+                         s2.hard_negative_mining, s2.negative_ratio)  # fmt: skip
+    history2 = []
+
+    def epoch2(optimizer, scaler, epoch, train):
+        if not train and val_loader is None:
+            return None
+        train_set.set_epoch(1000 + epoch)
+        loader = train_loader if train else val_loader
+        return stage2_epoch(sam, mask_loss, optimizer, scaler, loader, device, config, rng, train)
+
+    modules2 = {"image_encoder": sam.image_encoder, "mask_decoder": sam.mask_decoder}
+    fit(2, epoch2, modules2, [p for part in parts for p in part.parameters()], s2, fold_dir, history2, log, device)
+    results["stage1_history"], results["stage2_history"] = history1, history2
+    if val_set:
+        results["metrics"] = evaluate_pipeline(sam, finder, val_set, config, device,
+                                               root / "results" / f"fold_{fold}" / "visualizations")  # fmt: skip
+        m, b = results["metrics"], results["metrics"]["baseline_otsu_watershed"]
+        log(f"fold {fold}: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}, PQ "
+            f"{m['pq']:.3f}); Otsu + watershed F1 {b['f1']:.3f}, PQ {b['pq']:.3f}")  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment: strategies, outputs, aggregation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def aggregate(folds: list[dict]) -> dict:
+    """Mean, standard deviation (n - 1) and 95 % confidence interval (Student's t) of each metric over folds."""
+    out = {}
+    for key in ("f1", "precision", "recall", "pq"):
+        for prefix, pick in (("", lambda m: m), ("baseline_", lambda m: m["baseline_otsu_watershed"])):
+            values = np.array([pick(f["metrics"])[key] for f in folds if "metrics" in f], float)
+            if not len(values):
+                continue
+            mean = float(values.mean())
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
+            out[prefix + key] = {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": len(values)}
+    return out
+
+
+class ExperimentRunner:
+    """Runs an ExperimentConfig: its strategy's folds, each fold's two stages, the output tree."""
+
+    def __init__(self, config: ExperimentConfig, root: Path | None = None):
+        self.config, self.root = config.check(), root
+
+    def splits(self, pairs) -> list[tuple[list, list]]:
+        c = self.config
+        if c.strategy == "full_dataset":
+            return [(pairs, [])]
+        if c.strategy == "train_val_split":
+            train, val = train_test_split(pairs, test_size=c.val_fraction, random_state=c.seed)
+            return [(list(train), list(val))]
+        if len(pairs) < c.k_folds:
+            raise SystemExit(f"--k_folds {c.k_folds}: only {len(pairs)} images")
+        folds = KFold(c.k_folds, shuffle=True, random_state=c.seed).split(pairs)
+        return [([pairs[i] for i in train], [pairs[i] for i in val]) for train, val in folds]
+
+    def run(self) -> dict:
+        c = self.config
+        pairs = find_pairs(c.img_path, c.mask_path)
+        if c.debug:
+            pairs = pairs[: max(4, c.k_folds if c.strategy == "k_fold" else 4)]
+            c.stage1.epochs, c.stage2.epochs = min(c.stage1.epochs, 2), min(c.stage2.epochs, 2)
+        root = self.root or new_experiment_dir(Path(c.output_dir), c.output_name)
+        write_json(root / "experiment_config.json", c.to_dict())
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        logger = logging.getLogger(f"cellsam.{root}")
+        logger.handlers.clear()
+        logger.setLevel(logging.INFO)
+        logger.addHandler(logging.FileHandler(root / "logs" / "experiment.log"))
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+        log = logger.info
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log(f"CellSAM experiment {root} ({c.strategy}, {len(pairs)} images, device {device.type})")
+        individual_path = root / "results" / "individual_results.json"
+        done = json.loads(individual_path.read_text()) if individual_path.is_file() else []
+        for fold, (train_pairs, val_pairs) in enumerate(self.splits(pairs), start=1):
+            if any(r["fold"] == fold for r in done):
+                log(f"fold {fold}: finished in an earlier run, kept")
+                continue
+            result = run_fold(c, fold, train_pairs, val_pairs, root, log, device)
+            stage1 = {f"fold_{fold}": result.pop("stage1_history")}
+            stage2 = {f"fold_{fold}": result.pop("stage2_history")}
+            for name, new in (("stage1_metrics.json", stage1), ("stage2_metrics.json", stage2)):
+                path = root / "metrics" / name
+                write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), **new})
+            done.append(result)
+            write_json(individual_path, done)  # a finished fold survives a kill
+        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done)}
+        write_json(root / "results" / "aggregated_results.json", aggregated)
+        if aggregated["metrics"]:
+            f1, base = aggregated["metrics"]["f1"], aggregated["metrics"]["baseline_f1"]
+            log(f"F1 at IoU 0.5: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s); Otsu + watershed "
+                f"{base['mean']:.3f}")  # fmt: skip
+        log(f"wrote {root}")
+        for handler in logger.handlers:
+            handler.close()
+        return {"output_dir": str(root), **aggregated}
+
+
+def new_experiment_dir(parent: Path, name: str) -> Path:
+    for attempt in range(1, 1000):
+        folder = parent / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new experiment folder in {parent}")
+
+
+def finetune(img_path, mask_path, output_name, total_epochs_s1=50, total_epochs_s2=30, k_fold_training=False,
+             strategy=None, debug=False, **settings) -> dict:  # fmt: skip
+    """Train both stages from Python: `finetune("data/images", "data/masks", "my_cells", 50, 30,
+    k_fold_training=True)`. Other ExperimentConfig fields (and Stage1Config / Stage2Config fields) are keywords."""
+    stage1 = {
+        k: settings.pop(k) for k in list(settings) if k in {f.name for f in fields(Stage1Config)} and k != "epochs"
+    }
+    stage2 = {k: settings.pop(k) for k in list(settings) if k in {f.name for f in fields(Stage2Config)}}
+    config = ExperimentConfig(
+        img_path=str(img_path), mask_path=str(mask_path), output_name=output_name,
+        strategy=strategy or ("k_fold" if k_fold_training else "train_val_split"), debug=debug,
+        stage1=Stage1Config(epochs=total_epochs_s1, **stage1), stage2=Stage2Config(epochs=total_epochs_s2, **stage2),
+        **settings,
+    )  # fmt: skip
+    return ExperimentRunner(config).run()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARED = {f.name for f in fields(Stage1Config)} & {f.name for f in fields(Stage2Config)}
+
+
+def flag_name(field_name: str, stage: int | None) -> str:
+    """Stage fields both stages have (epochs, lr, ...) get a _s1 / _s2 suffix; the others keep their names."""
+    return f"{field_name}_s{stage}" if stage and field_name in SHARED else field_name
+
+
+def config_from_args(args) -> ExperimentConfig:
+    values = vars(args)
+    top = {f.name: values[f.name] for f in fields(ExperimentConfig) if f.name not in ("stage1", "stage2")}
+    s1 = {f.name: values[flag_name(f.name, 1)] for f in fields(Stage1Config)}
+    s2 = {f.name: values[flag_name(f.name, 2)] for f in fields(Stage2Config)}
+    return ExperimentConfig(**top, stage1=Stage1Config(**s1), stage2=Stage2Config(**s2))
+
+
+def main(args) -> dict:
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / "experiment_config.json").is_file():
+            raise SystemExit(f"--resume {root}: no experiment_config.json there (give output/<name>)")
+        config = ExperimentConfig.from_dict(json.loads((root / "experiment_config.json").read_text()))
+        return ExperimentRunner(config, root).run()
+    config = config_from_args(args)
+    if args.demo:
+        given = {a.lstrip("-").split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        data = write_demo_dataset(Path(args.output_dir) / "demo_data")
+        config.img_path, config.mask_path = str(data / "images"), str(data / "masks")
+        config.output_name = "cellsam_demo" if "output_name" not in given else config.output_name
+        for key, value in DEMO.items():
+            if isinstance(value, dict):
+                stage = 1 if key == "stage1" else 2
+                for name, v in value.items():
+                    if flag_name(name, stage) not in given:
+                        setattr(getattr(config, key), name, v)
+            elif key not in given:
+                setattr(config, key, value)
+    return ExperimentRunner(config).run()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="synthetic cells in OUTPUT_DIR/demo_data, vit_tiny, both stages")
+    p.add_argument("--resume", help="an experiment folder output/<name>: carries on where it stopped")
+    for cls, stage in ((ExperimentConfig, None), (Stage1Config, 1), (Stage2Config, 2)):
+        defaults = cls()
+        for f in fields(cls):
+            if f.name in ("stage1", "stage2"):
+                continue
+            default = getattr(defaults, f.name)
+            name = flag_name(f.name, stage)
+            where = f"stage {stage}: " if stage else ""
+            if isinstance(default, bool):
+                p.add_argument(
+                    f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{where}[{default}]"
+                )
+            else:
+                kind = type(default) if default is not None else str
+                p.add_argument(f"--{name}", type=kind, default=default, help=f"{where}[{default}]")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,129 @@
+"""cellsam/train.py: each strategy on tiny data, the output tree exactly, resume, the Python API, the command
+line, aggregation, bad inputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import cellsam.train as cellsam_train
+from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config
+from cellsam.data import write_demo_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("cells") / "data", n_images=6, size=128)
+
+
+def tiny_config(data: Path, out: Path, **settings) -> ExperimentConfig:
+    stage1 = Stage1Config(epochs=1, hidden=32, heads=2, encoder_layers=1, decoder_layers=2, anchor_grid=4, patterns=1)
+    stage2 = Stage2Config(epochs=1, max_prompts=4, train_parts=settings.pop("train_parts", "neck"))
+    base = {"img_path": str(data / "images"), "mask_path": str(data / "masks"), "output_dir": str(out)}
+    base.update({"sam_size": "vit_tiny", "batch_size": 2, "num_workers": 0, "output_name": "exp"})
+    base.update(settings)
+    return ExperimentConfig(**base, stage1=stage1, stage2=stage2)
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_k_fold_writes_exactly_the_documented_tree(tmp_path, data):
+    result = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="k_fold", k_folds=2)).run()
+    root = tmp_path / "exp"
+    assert Path(result["output_dir"]) == root
+    files = tree(root)
+    expected = {"experiment_config.json", "logs/experiment.log", "metrics/stage1_metrics.json"}
+    expected |= {"results/individual_results.json", "results/aggregated_results.json", "metrics/stage2_metrics.json"}
+    for fold in (1, 2):
+        expected |= {
+            f"models/fold_{fold}/{name}"
+            for name in ("best_model_s1.pth", "best_model_s2.pth", "last_s1.pth", "last_s2.pth")
+        }
+    assert expected <= files
+    assert {f for f in files if not f.startswith("results/fold_")} == expected
+    assert any(f.startswith("results/fold_1/visualizations/") and f.endswith(".png") for f in files)
+    folds = json.loads((root / "results" / "individual_results.json").read_text())
+    assert [f["fold"] for f in folds] == [1, 2]
+    assert sorted(folds[0]["val_images"] + folds[1]["val_images"]) == [f"img_{i:04d}" for i in range(1, 7)]
+    aggregated = json.loads((root / "results" / "aggregated_results.json").read_text())["metrics"]
+    f1 = [f["metrics"]["f1"] for f in folds]
+    half = stats.t.ppf(0.975, 1) * np.std(f1, ddof=1) / np.sqrt(2)
+    assert aggregated["f1"]["mean"] == pytest.approx(np.mean(f1)) and aggregated["f1"]["n"] == 2
+    assert aggregated["f1"]["ci95"] == pytest.approx([np.mean(f1) - half, np.mean(f1) + half])
+    assert 0 < aggregated["baseline_f1"]["mean"] <= 1  # Otsu + watershed finds the synthetic cells
+    stage1 = json.loads((root / "metrics" / "stage1_metrics.json").read_text())
+    assert set(stage1) == {"fold_1", "fold_2"} and np.isfinite(stage1["fold_1"][0]["train"]["giou"])
+    config = json.loads((root / "experiment_config.json").read_text())
+    assert config["strategy"] == "k_fold" and config["stage1"]["anchor_grid"] == 4
+    # the same name again: a new folder, the first untouched
+    again = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="full_dataset")).run()
+    assert Path(again["output_dir"]) == tmp_path / "exp_2" and tree(root) == files
+
+
+@pytest.mark.parametrize("strategy", ["train_val_split", "full_dataset"])
+def test_other_strategies(tmp_path, data, strategy):
+    result = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy=strategy, train_parts="both")).run()
+    folds = json.loads((Path(result["output_dir"]) / "results" / "individual_results.json").read_text())
+    assert len(folds) == 1
+    if strategy == "full_dataset":  # no validation: nothing to score
+        assert folds[0]["val_images"] == [] and "metrics" not in folds[0] and result["metrics"] == {}
+    else:
+        assert len(folds[0]["val_images"]) == 2 and 0 <= folds[0]["metrics"]["f1"] <= 1
+
+
+def test_resume_keeps_finished_folds_and_carries_on(tmp_path, data, monkeypatch):
+    original, calls = cellsam_train.run_fold, []
+
+    def killed_in_fold_two(*args, **kwargs):
+        calls.append(args[1])
+        if args[1] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cellsam_train, "run_fold", killed_in_fold_two)
+    with pytest.raises(KeyboardInterrupt):
+        cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="k_fold", k_folds=2)).run()
+    monkeypatch.setattr(cellsam_train, "run_fold", original)
+    root = tmp_path / "exp"
+    first = (root / "models" / "fold_1" / "best_model_s2.pth").stat().st_mtime_ns
+    result = cellsam_train.main(cellsam_train.get_args_parser().parse_args(["--resume", str(root)]))
+    assert result["folds"] == 2 and (root / "models" / "fold_2" / "best_model_s2.pth").is_file()
+    assert (root / "models" / "fold_1" / "best_model_s2.pth").stat().st_mtime_ns == first  # fold 1 not redone
+    assert "fold 1: finished in an earlier run, kept" in (root / "logs" / "experiment.log").read_text()
+
+
+def test_finetune_api_and_command_line_agree(tmp_path, data):
+    from cellsam import train
+
+    result = train.finetune(data / "images", data / "masks", "api", total_epochs_s1=1, total_epochs_s2=1,
+                            strategy="full_dataset", output_dir=str(tmp_path), sam_size="vit_tiny", num_workers=0,
+                            hidden=32, heads=2, encoder_layers=1, decoder_layers=1, anchor_grid=4, patterns=1,
+                            max_prompts=4)  # fmt: skip
+    saved = json.loads((Path(result["output_dir"]) / "experiment_config.json").read_text())
+    argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_name", "api"]
+    argv += ["--strategy", "full_dataset", "--epochs_s1", "1", "--epochs_s2", "1", "--sam_size", "vit_tiny"]
+    argv += ["--num_workers", "0", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
+    argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4", "--output_dir", str(tmp_path)]
+    config = cellsam_train.config_from_args(cellsam_train.get_args_parser().parse_args(argv))
+    assert config.to_dict() == saved
+    assert ExperimentConfig.from_dict(saved) == config
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, data):
+    with pytest.raises(SystemExit, match="--strategy cross: choose one of k_fold, train_val_split, full_dataset"):
+        cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="cross")).run()
+    with pytest.raises(SystemExit, match="--k_folds 1: k-fold training needs at least 2 folds"):
+        cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="k_fold", k_folds=1)).run()
+    with pytest.raises(SystemExit, match="give --img_path and --mask_path"):
+        cellsam_train.main(cellsam_train.get_args_parser().parse_args([]))
+    with pytest.raises(SystemExit, match="no experiment_config.json"):
+        cellsam_train.main(cellsam_train.get_args_parser().parse_args(["--resume", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="mask_path .*: no such folder"):
+        cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, mask_path=str(tmp_path / "none"))).run()
+    assert not (tmp_path / "exp").exists()  # nothing written for a run that could not start
