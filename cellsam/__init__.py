@@ -1,0 +1,25 @@
+"""CellSAM training from Python:
+
+    from cellsam import finetune, ExperimentConfig, Stage1Config, Stage2Config, ExperimentRunner
+    from cellsam import HyperparameterSpace, HyperparameterOptimizer
+
+Names are imported on first use, so `import cellsam.data` stays light."""
+
+_WHERE = {
+    "finetune": "cellsam.train",
+    "ExperimentRunner": "cellsam.train",
+    "ExperimentConfig": "cellsam.config",
+    "Stage1Config": "cellsam.config",
+    "Stage2Config": "cellsam.config",
+    "HyperparameterSpace": "cellsam.search",
+    "HyperparameterOptimizer": "cellsam.search",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cellsam' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -100,6 +100,8 @@ class ExperimentConfig:
                 raise SystemExit(f"--{name} {value}: choose one of {', '.join(allowed)}")
         if self.strategy == "k_fold" and self.k_folds < 2:
             raise SystemExit(f"--k_folds {self.k_folds}: k-fold training needs at least 2 folds")
+        if self.gamma <= 0:
+            raise SystemExit(f"--gamma {self.gamma}: the input gamma correction must be positive")
         if not 0 < self.val_fraction < 1:
             raise SystemExit(f"--val_fraction {self.val_fraction}: must lie between 0 and 1")
         if not self.img_path or not self.mask_path:

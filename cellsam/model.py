@@ -248,6 +248,8 @@ def hungarian_match(logits, boxes, targets, class_weight=2.0, bbox_weight=5.0, g
             + bbox_weight * torch.cdist(image_boxes, target, p=1)
             - giou_weight * generalized_box_iou(xyxy(image_boxes), xyxy(target))
         )  # fmt: skip
+        if not torch.isfinite(cost).all():
+            raise SystemExit("CellFinder's outputs are not finite (NaN or inf): lower --lr_s1, or check the images")
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
     return matches

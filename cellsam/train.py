@@ -492,6 +492,25 @@ def config_from_args(args) -> ExperimentConfig:
 
 
 def main(args) -> dict:
+    if args.search:
+        from cellsam.search import HyperparameterOptimizer, HyperparameterSpace
+
+        space = (
+            HyperparameterSpace(**json.loads(Path(args.search_space).read_text()))
+            if args.search_space
+            else HyperparameterSpace()
+        )
+        config = config_from_args(args)
+        folder = new_experiment_dir(Path(config.output_dir), f"{config.output_name}_search")
+        search = HyperparameterOptimizer(config, space, folder, args.max_parallel)
+        table = (
+            search.run_random_search(args.n_trials, config.seed)
+            if args.search == "random"
+            else search.run_grid_search()
+        )
+        print(table.to_string(index=False))
+        print(f"wrote {folder / 'search_results.csv'}")
+        return {"output_dir": str(folder), "trials": len(table)}
     if args.resume:
         root = Path(args.resume)
         if not (root / "experiment_config.json").is_file():
@@ -519,6 +538,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--demo", action="store_true", help="synthetic cells in OUTPUT_DIR/demo_data, vit_tiny, both stages")
     p.add_argument("--resume", help="an experiment folder output/<name>: carries on where it stopped")
+    p.add_argument("--search", choices=["random", "grid"], help="hyperparameter search instead of one experiment")
+    p.add_argument("--n_trials", type=int, default=20, help="random search: trials [20]")
+    p.add_argument("--max_parallel", type=int, default=1, help="search: trials at once, one GPU each [1]")
+    p.add_argument("--search_space", help="search: a JSON file of HyperparameterSpace fields (lists of values)")
     for cls, stage in ((ExperimentConfig, None), (Stage1Config, 1), (Stage2Config, 2)):
         defaults = cls()
         for f in fields(cls):

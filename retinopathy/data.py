@@ -287,6 +287,8 @@ def prepare_images(
             cached_image(record, settings, cache_dir)
         except DataError as error:
             return str(error)
+        except OSError as error:  # e.g. a cache folder of another machine, or a full disk
+            raise DataError(f"cache {cache_dir}: cannot write ({error}); pass --cache-dir") from None
         return None
 
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:

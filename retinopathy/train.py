@@ -87,10 +87,11 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
         with amp_context(device, args):
             logits = model(images)
         loss = criterion(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise SystemExit(
-                f"{label}: the training loss is {loss.item()}; lower the learning rate or check the images"
-            )
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_initialized():  # every rank stops together, none waits for the others forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            raise SystemExit(f"{label}: the training loss is not finite; lower the learning rate or check the images")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

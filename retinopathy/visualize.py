@@ -119,7 +119,8 @@ def plot_grid(args) -> Path:
     device = pick_device()
     model, checkpoint = load_checkpoint(args.run, device)
     trained, num_classes = checkpoint["args"], checkpoint["model_args"]["num_classes"]
-    settings, cache_dir = cache_settings(argparse.Namespace(**trained)), Path(trained["cache_dir"])
+    settings = cache_settings(argparse.Namespace(**trained))
+    cache_dir = Path(args.cache_dir or trained["cache_dir"])
     records = labelled_records(args, trained, num_classes, settings, cache_dir)
     rng = np.random.default_rng(args.seed)
     chosen = []
@@ -179,7 +180,8 @@ def plot_gradcam(args) -> Path:
     device = pick_device()
     model, checkpoint = load_checkpoint(args.run, device)
     trained, num_classes = checkpoint["args"], checkpoint["model_args"]["num_classes"]
-    settings, cache_dir = cache_settings(argparse.Namespace(**trained)), Path(trained["cache_dir"])
+    settings = cache_settings(argparse.Namespace(**trained))
+    cache_dir = Path(args.cache_dir or trained["cache_dir"])
     if args.images:
         truth = {}  # true grades where the run's labels CSV knows the photo
         if Path(trained["labels_csv"]).is_file():
@@ -240,6 +242,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_argument("--img-dir", "--img_dir", dest="img_dir", help="their folder")
         sub.add_argument("--tta", action="store_true", help="average the prediction over the photo's flips")
         sub.add_argument("--seed", type=int, default=0, help="which photos are drawn [0]")
+        sub.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos [the run's cache]")
     grid = commands.choices["grid"]
     grid.add_argument("--per-grade", "--per_grade", dest="per_grade", type=int, default=4, help="photos per grade [4]")
     gradcam = commands.choices["gradcam"]

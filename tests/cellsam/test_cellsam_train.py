@@ -127,3 +127,65 @@ def test_bad_inputs_give_clear_errors(tmp_path, data):
     with pytest.raises(SystemExit, match="mask_path .*: no such folder"):
         cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, mask_path=str(tmp_path / "none"))).run()
     assert not (tmp_path / "exp").exists()  # nothing written for a run that could not start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperparameter search
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_search_space_grid_sampling_and_errors():
+    from cellsam import HyperparameterSpace
+    from cellsam.search import apply
+
+    space = HyperparameterSpace(lr_s1=[1e-4, 1e-3], gamma=[1.0, 0.8, 1.2], augmentation=[True])
+    grid = space.grid()
+    assert len(grid) == 2 * 3 * 3 * 3 * 3 * 1 * 1 and grid[0]["lr_s1"] == 1e-4
+    config = apply(ExperimentConfig(), {"lr_s1": 1e-3, "focal_gamma_s2": 3.0, "gamma": 0.8})
+    assert (config.stage1.lr, config.stage2.focal_gamma, config.gamma) == (1e-3, 3.0, 0.8)
+    assert ExperimentConfig().stage1.lr == 1e-4  # the base is not changed
+    with pytest.raises(SystemExit, match="search space: lr_s2 has no values"):
+        HyperparameterSpace(lr_s2=[]).check()
+
+
+def test_two_trials_in_parallel_one_failing(tmp_path, data):
+    """A grid of two trials on two worker processes; the trial with an impossible input gamma is recorded as
+    failed, the other finishes and is the best."""
+    from cellsam import HyperparameterOptimizer, HyperparameterSpace
+
+    space = HyperparameterSpace(lr_s1=[1e-3], lr_s2=[1e-3], focal_gamma_s1=[2.0], focal_gamma_s2=[2.0],
+                                gamma=[1.0, -1.0], augmentation=[False], stain_transform=[False])  # fmt: skip
+    base = tiny_config(data, tmp_path / "unused")
+    table = HyperparameterOptimizer(base, space, tmp_path / "search", max_parallel=2).run_grid_search()
+    assert table["status"].tolist() == ["finished", "failed"] and table["gamma"].tolist() == [1.0, -1.0]
+    assert table["error"][1] == "SystemExit: --gamma -1.0: the input gamma correction must be positive"
+    saved = json.loads((tmp_path / "search" / "best_config.json").read_text())
+    assert saved["trial"] == 1 and saved["values"]["gamma"] == 1.0 and saved["config"]["stage1"]["lr"] == 1e-3
+    assert (tmp_path / "search" / "trials" / "trial_001" / "results" / "aggregated_results.json").is_file()
+    assert (tmp_path / "search" / "trials" / "trial_002" / "error.txt").is_file()
+    with pytest.raises(SystemExit, match="holds an earlier search"):
+        HyperparameterOptimizer(base, space, tmp_path / "search").run_grid_search()
+
+
+def test_random_search_from_the_command_line(tmp_path, data):
+    argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path)]
+    argv += ["--output_name", "cli", "--sam_size", "vit_tiny", "--num_workers", "0", "--epochs_s1", "1"]
+    argv += ["--epochs_s2", "1", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
+    argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4"]
+    (tmp_path / "space.json").write_text(json.dumps({"lr_s1": [1e-3, 3e-4], "lr_s2": [1e-3], "gamma": [1.0]}))
+    argv += [
+        "--search",
+        "random",
+        "--n_trials",
+        "2",
+        "--max_parallel",
+        "2",
+        "--search_space",
+        str(tmp_path / "space.json"),
+    ]
+    result = cellsam_train.main(cellsam_train.get_args_parser().parse_args(argv))
+    folder = Path(result["output_dir"])
+    assert folder == tmp_path / "cli_search" and result["trials"] == 2
+    table = (folder / "search_results.csv").read_text().splitlines()
+    assert len(table) == 3 and all(",finished," in row for row in table[1:])
+    assert (folder / "best_config.json").is_file()
