@@ -23,6 +23,7 @@ import tifffile
 import torch
 from PIL import Image
 from scipy import ndimage
+from skimage.color import hed2rgb, rgb2hed
 
 from common.preprocessing import percentile_normalize
 
@@ -126,6 +127,19 @@ def read_mask(path: Path, image_shape: tuple[int, int] | None = None, image_path
     return mask.astype(np.int32)
 
 
+def check_cells(mask: np.ndarray, path: Path) -> None:
+    if mask.max() == 0:
+        raise DataError(f"{path}: the mask holds no cell (all 0); draw its cells or remove the pair")
+
+
+def check_pairs(pairs: list[Pair]) -> None:
+    """Every image readable, every mask an integer label map of the image's size with at least one cell: checked
+    before an experiment writes anything."""
+    for pair in pairs:
+        shape = read_image(pair.image).shape[:2]
+        check_cells(read_mask(pair.mask, shape, pair.image), pair.mask)
+
+
 def boxes_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids (K,), boxes (K, 4) xyxy in pixels, right/bottom edges exclusive) of every cell in a label map."""
     ids, boxes = [], []
@@ -148,37 +162,49 @@ def xyxy_to_cxcywh(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_augmentation(enabled: bool, size: int) -> A.Compose:
-    """Flips, 90-degree rotations, scale/shift, brightness/contrast and blur, then a fixed size. The masks follow
-    every geometric change (nearest neighbour), and boxes are recomputed from them afterwards."""
-    resize = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), A.RandomCrop(size, size)]
-    if not enabled:
-        return A.Compose([A.LongestMaxSize(size), *resize])
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05) -> np.ndarray:
+    """H&E stain augmentation (Tellez et al. 2018): in the haematoxylin-eosin-DAB space of scikit-image's
+    colour deconvolution, each stain is scaled by 1 +- sigma and shifted by +- sigma. image: RGB float 0..255."""
+    hed = rgb2hed(np.clip(image / 255.0, 0, 1))
+    hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3) + rng.uniform(-sigma, sigma, 3) * hed.std((0, 1))
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.float32)
+
+
+def build_augmentation(enabled: bool, size: int, train: bool = True) -> A.Compose:
+    """Images keep their pixel scale (a cell stays as many pixels wide as in the microscope image): a training
+    sample is a random size x size crop (padded where the image is smaller), a validation sample the central one.
+    With `enabled`: flips, 90-degree rotations, scale/shift, brightness/contrast and blur; the masks follow every
+    geometric change (nearest neighbour) and boxes are recomputed from them."""
+    crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
+    fit = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), crop]
+    if not (enabled and train):
+        return A.Compose(fit)
     return A.Compose(
         [
-            A.LongestMaxSize(size),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomRotate90(p=0.5),
             A.Affine(scale=(0.8, 1.25), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=0.5),
             A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
             A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-            *resize,
+            *fit,
         ]
     )
 
 
 class CellDataset(torch.utils.data.Dataset):
-    """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image, resized so its long
-    side is S (images and masks are read once and kept: cell datasets are small)."""
+    """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image: a crop of S pixels
+    (see build_augmentation). Images and masks are read once and kept: cell datasets are small."""
 
-    def __init__(self, pairs: list[Pair], size: int, augment: bool = False, gamma: float = 1.0, seed: int = 0):
-        self.pairs, self.size, self.gamma, self.seed, self.epoch = pairs, size, gamma, seed, 0
-        self.transform = build_augmentation(augment, size)
+    def __init__(self, pairs: list[Pair], size: int, augment: bool = False, gamma: float = 1.0, seed: int = 0,
+                 train: bool = True, stain: bool = False):  # fmt: skip
+        self.pairs, self.size, self.gamma, self.seed, self.epoch, self.stain = pairs, size, gamma, seed, 0, stain
+        self.transform = build_augmentation(augment, size, train)
         self.items = []
         for pair in pairs:
             image = read_image(pair.image)
             mask = read_mask(pair.mask, image.shape[:2], pair.image)
+            check_cells(mask, pair.mask)
             self.items.append((image, mask))
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,7 +215,10 @@ class CellDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image, mask = self.items[i]
-        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        self.transform.set_random_seed(seed)
+        if self.stain:
+            image = stain_jitter(image, np.random.default_rng(seed))
         out = self.transform(image=image, mask=mask)
         image, mask = out["image"], out["mask"]
         if self.gamma != 1.0:  # input gamma correction

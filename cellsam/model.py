@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from skimage.segmentation import relabel_sequential
@@ -373,3 +374,42 @@ def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms
     sizes = np.bincount(labels.ravel())
     labels[sizes[labels] < min_size] = 0
     return relabel_sequential(labels)[0].astype(np.int32), boxes.cpu(), scores.cpu()
+
+
+def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
+    """A label image (H, W) int32 for an image (H, W, 3) float 0..255 of any size, at its own pixel scale: tiles of
+    SAM's input size overlapping by `overlap` px (one padded tile for a small image); each tile keeps the cells
+    whose centre lies in its core (the tile less half the overlap on sides shared with another tile), so a cell cut
+    by one tile's edge is taken whole from its neighbour, and cells are pasted where no earlier cell is."""
+    size = sam.image_encoder.img_size
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)))
+    step = size - overlap
+
+    def starts(n):
+        points = list(range(0, max(n - size, 0) + 1, step))
+        return points if points[-1] == max(n - size, 0) else [*points, n - size]
+
+    labels, count = np.zeros((h, w), np.int32), 0
+    for y0 in starts(padded.shape[0]):
+        for x0 in starts(padded.shape[1]):
+            tile = torch.from_numpy(np.ascontiguousarray(padded[y0 : y0 + size, x0 : x0 + size].transpose(2, 0, 1)))
+            tile_labels, _, _ = predict_instances(sam, finder, tile.float().to(device), score_threshold)
+            core_y = (0 if y0 == 0 else overlap // 2, size if y0 + size >= padded.shape[0] else size - overlap // 2)
+            core_x = (0 if x0 == 0 else overlap // 2, size if x0 + size >= padded.shape[1] else size - overlap // 2)
+            for found, box in enumerate(ndimage.find_objects(tile_labels), start=1):
+                if box is None:
+                    continue
+                ys, xs = np.nonzero(tile_labels[box] == found)
+                cy, cx = ys.mean() + box[0].start, xs.mean() + box[1].start
+                if not (core_y[0] <= cy < core_y[1] and core_x[0] <= cx < core_x[1]):
+                    continue
+                gy, gx = ys + box[0].start + y0, xs + box[1].start + x0
+                inside = (gy < h) & (gx < w)
+                gy, gx = gy[inside], gx[inside]
+                free = labels[gy, gx] == 0
+                if free.sum() < 0.5 * len(gy):  # mostly taken by a cell found before
+                    continue
+                count += 1
+                labels[gy[free], gx[free]] = count
+    return labels

@@ -48,8 +48,17 @@ from skimage.segmentation import watershed
 from sklearn.model_selection import KFold, train_test_split
 
 from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config
-from cellsam.data import CellDataset, collate, find_pairs, write_demo_dataset, xyxy_to_cxcywh
-from cellsam.model import CellFinder, MaskLoss, SetCriterion, build_sam, decode_masks, encode, predict_instances
+from cellsam.data import (
+    CellDataset,
+    check_pairs,
+    collate,
+    find_pairs,
+    read_image,
+    read_mask,
+    write_demo_dataset,
+    xyxy_to_cxcywh,
+)
+from cellsam.model import CellFinder, MaskLoss, SetCriterion, build_sam, decode_masks, encode, segment_image
 from common.metrics import match_instances, nanmean, panoptic_quality
 
 # --demo: small synthetic cells and the tiny SAM, trained from scratch (nothing is pretrained here)
@@ -165,43 +174,52 @@ def score_images(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dic
     return {"f1": f1, "precision": precision, "recall": recall, "pq": pq}
 
 
+def read_pair(pair, gamma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A whole image (H, W, 3) float 0..255 with the input gamma applied, and its label map (None without one)."""
+    image = read_image(pair.image)
+    if gamma != 1.0:
+        image = 255.0 * (image / 255.0) ** gamma
+    return image, None if pair.mask is None else read_mask(pair.mask, image.shape[:2], pair.image)
+
+
 @torch.no_grad()
-def evaluate_pipeline(sam, finder, dataset: CellDataset, config, device, out_dir: Path | None = None) -> dict:
-    """The whole pipeline and the Otsu baseline on every image of a dataset; figures go to out_dir."""
+def evaluate_pipeline(sam, finder, pairs, config, device, out_dir: Path | None = None) -> dict:
+    """The whole pipeline on whole images (tiled where larger than SAM's input) and the Otsu baseline on the same
+    images; figures of the first four go to out_dir."""
     sam.eval()
     finder.eval()
     predictions, baselines, truths = [], [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        labels, boxes, scores = predict_instances(sam, finder, item["image"].to(device), config.stage1.score_threshold)
+    for i, pair in enumerate(pairs):
+        image, truth = read_pair(pair, config.gamma)
+        labels = segment_image(sam, finder, image, config.stage1.score_threshold, device=device)
         predictions.append(labels)
-        baselines.append(otsu_watershed(item["image"].permute(1, 2, 0).numpy()))
-        truths.append(item["mask"].numpy())
+        baselines.append(otsu_watershed(image))
+        truths.append(truth)
         if out_dir is not None and i < 4:
-            save_prediction_figure(item, labels, boxes, out_dir / f"{item['name']}.png")
+            save_prediction_figure(image, truth, labels, out_dir / f"{pair.name}.png")
     return {**score_images(predictions, truths), "baseline_otsu_watershed": score_images(baselines, truths)}
 
 
-def save_prediction_figure(item: dict, labels: np.ndarray, boxes: torch.Tensor, path: Path) -> None:
+def save_prediction_figure(image: np.ndarray, truth: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Image with true (green) and predicted (red) cell outlines, and both label maps in random colours."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = item["image"].permute(1, 2, 0).numpy() / 255
+    shown = image / 255
+    shown[find_boundaries(truth, mode="inner")] = (0, 1, 0)
+    shown[find_boundaries(labels, mode="inner")] = (1, 0, 0)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    axes[0].imshow(image)
-    for x0, y0, x1, y1 in item["boxes"].tolist():
-        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=0.8))
-    for x0, y0, x1, y1 in boxes.tolist():
-        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=0.8))
-    axes[0].set_title("boxes: true (green), CellFinder (red)")
-    for ax, mask, title in ((axes[1], item["mask"].numpy(), "true cells"), (axes[2], labels, "predicted cells")):
+    axes[0].imshow(shown)
+    axes[0].set_title("outlines: true (green), predicted (red)")
+    for ax, mask, title in ((axes[1], truth, "true cells"), (axes[2], labels, "predicted cells")):
         colours = np.random.default_rng(0).uniform(0.2, 1, (int(mask.max()) + 1, 3))
         colours[0] = 0
         ax.imshow(colours[mask])
-        ax.set_title(f"{title} ({int(len(np.unique(mask)) - 1)})")
+        ax.set_title(f"{title} ({len(np.unique(mask)) - 1})")
     for ax in axes:
         ax.axis("off")
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -283,8 +301,10 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     s1, s2 = config.stage1, config.stage2
     finder = CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
                         s1.decoder_layers, s1.anchor_grid, s1.patterns).to(device)  # fmt: skip
-    train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed)
-    val_set = CellDataset(val_pairs, size, False, config.gamma) if val_pairs else None
+    train_set = CellDataset(
+        train_pairs, size, config.augmentation, config.gamma, config.seed, True, config.stain_transform
+    )
+    val_set = CellDataset(val_pairs, size, False, config.gamma, train=False) if val_pairs else None
     loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
     train_loader = torch.utils.data.DataLoader(
         train_set, shuffle=True, generator=torch.Generator().manual_seed(fold), **loader_args
@@ -296,7 +316,7 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     )
     results = {"fold": fold, "train_images": [p.name for p in train_pairs], "val_images": [p.name for p in val_pairs]}
     if config.preeval and val_set:
-        results["before_training"] = evaluate_pipeline(sam, finder, val_set, config, device)
+        results["before_training"] = evaluate_pipeline(sam, finder, val_pairs, config, device)
 
     # stage 1: CellFinder (and, by stage1_type, the image encoder and its neck)
     criterion = SetCriterion(
@@ -347,7 +367,7 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     fit(2, epoch2, modules2, [p for part in parts for p in part.parameters()], s2, fold_dir, history2, log, device)
     results["stage1_history"], results["stage2_history"] = history1, history2
     if val_set:
-        results["metrics"] = evaluate_pipeline(sam, finder, val_set, config, device,
+        results["metrics"] = evaluate_pipeline(sam, finder, val_pairs, config, device,
                                                root / "results" / f"fold_{fold}" / "visualizations")  # fmt: skip
         m, b = results["metrics"], results["metrics"]["baseline_otsu_watershed"]
         log(f"fold {fold}: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}, PQ "
@@ -406,6 +426,7 @@ class ExperimentRunner:
         if c.debug:
             pairs = pairs[: max(4, c.k_folds if c.strategy == "k_fold" else 4)]
             c.stage1.epochs, c.stage2.epochs = min(c.stage1.epochs, 2), min(c.stage2.epochs, 2)
+        check_pairs(pairs)  # a bad file stops the run before anything is written
         root = self.root or new_experiment_dir(Path(c.output_dir), c.output_name)
         write_json(root / "experiment_config.json", c.to_dict())
         (root / "logs").mkdir(parents=True, exist_ok=True)

@@ -214,3 +214,55 @@ def test_set_losses_on_a_hand_made_case():
     # auxiliary layers add their own matched losses
     total_aux, _ = criterion({"logits": logits, "boxes": boxes, "aux": [{"logits": logits, "boxes": boxes}]}, [true])
     assert float(total_aux) == pytest.approx(2 * float(total), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline on large images, box AP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tiles_give_every_cell_once(monkeypatch):
+    """A stand-in for CellFinder + SAM that returns the true cells of each tile (their ids are written in the
+    image): tiled over an image four tiles wide, every cell comes back exactly once and whole, including those
+    cut by a tile's edge."""
+    import types
+
+    import cellsam.model as cellsam_model
+    from common.metrics import match_instances
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((300, 620), np.int32)
+    yy, xx = np.mgrid[:300, :620]
+    for index in range(1, 60):
+        cy, cx, r = rng.integers(20, 280), rng.integers(20, 600), rng.integers(6, 18)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        truth[disc & (truth == 0)] = index
+    image = np.repeat(truth[..., None].astype(np.float32), 3, -1)
+
+    def tile_truth(sam, finder, tile, score_threshold):
+        from skimage.measure import label
+
+        return label(tile[0].numpy().astype(np.int32), connectivity=1), None, None  # pieces cut by the edge stay
+
+    monkeypatch.setattr(cellsam_model, "predict_instances", tile_truth)
+    sam = types.SimpleNamespace(image_encoder=types.SimpleNamespace(img_size=256))
+    labels = cellsam_model.segment_image(sam, None, image, overlap=64)
+    from skimage.measure import label
+
+    expected = label(truth, connectivity=1)  # touching discs of different ids stay apart
+    match = match_instances(expected, labels, 0.5)
+    assert match.fp == 0 and match.fn == 0 and np.allclose(match.matched_iou, 1.0)
+
+
+def test_box_average_precision_on_a_hand_made_case():
+    from cellsam.evaluate import box_average_precision
+
+    truth = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    # scores 0.9 hit, 0.8 miss, 0.7 hit: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 1/2 * 1 + 1/2 * 2/3
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 31]])
+    ap = box_average_precision([(boxes, torch.tensor([0.9, 0.8, 0.7]), truth)])
+    assert ap == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert box_average_precision([(boxes[:1], torch.tensor([0.9]), truth)]) == pytest.approx(0.5)
+    duplicate = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10]])  # a second box on a matched cell is a false positive
+    assert box_average_precision([(duplicate, torch.tensor([0.9, 0.8]), truth[:1])]) == pytest.approx(1.0)
+    assert box_average_precision([(duplicate, torch.tensor([0.8, 0.9]), truth[:1])]) == pytest.approx(1.0)

@@ -189,3 +189,72 @@ def test_random_search_from_the_command_line(tmp_path, data):
     table = (folder / "search_results.csv").read_text().splitlines()
     assert len(table) == 3 and all(",finished," in row for row in table[1:])
     assert (folder / "best_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation, figures, Windows wrappers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_rescored_from_its_label_images_and_figures(tmp_path, data):
+    import tifffile
+
+    from cellsam import evaluate as cellsam_evaluate
+    from cellsam import visualize as cellsam_visualize
+    from cellsam.data import read_mask
+    from common.metrics import match_instances
+
+    result = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="train_val_split")).run()
+    root = Path(result["output_dir"])
+    out = cellsam_evaluate.main(cellsam_evaluate.get_args_parser().parse_args([str(root)]))
+    report = json.loads((out / "report.json").read_text())
+    held_out = json.loads((root / "results" / "individual_results.json").read_text())[0]["val_images"]
+    assert report["images"] == len(held_out) == 2 and sorted(p.stem for p in (out / "labels").iterdir()) == sorted(
+        held_out
+    )
+    f1 = []
+    for name in held_out:
+        labels = tifffile.imread(out / "labels" / f"{name}.tif")
+        f1.append(match_instances(read_mask(data / "masks" / f"{name}.png"), labels, 0.5).f1)
+    assert report["f1"] == pytest.approx(np.nanmean(f1)) and 0 <= report["box_ap_50"] <= 1
+    assert 0 < report["baseline_otsu_watershed"]["f1"] <= 1
+    # no masks: label images only
+    bare = cellsam_evaluate.main(
+        cellsam_evaluate.get_args_parser().parse_args([str(root), "--images", str(data / "images")])
+    )
+    assert len(list((bare / "labels").glob("*.tif"))) == 6 and not (bare / "report.json").exists()
+    figures = [cellsam_visualize.main(cellsam_visualize.get_args_parser().parse_args([kind, str(root), "--n", "1"]))
+               for kind in ("boxes", "masks", "curves", "summary")]  # fmt: skip
+    assert len(set(figures)) == 4 and all(p.is_file() and p.parent == root / "figures" for p in figures)
+
+
+@pytest.mark.parametrize("name", ["train.bat", "evaluate.bat"])
+def test_windows_wrappers_use_flags_that_exist(name):
+    import shlex
+
+    from cellsam import evaluate as cellsam_evaluate
+
+    script = name.replace(".bat", ".py")
+    lines = [line for line in (REPO / "cellsam" / name).read_text().splitlines() if f"cellsam\\{script}" in line]
+    assert len(lines) == 1
+    words = shlex.split(lines[0].split(f"cellsam\\{script}", 1)[1].replace("\\", "/"))
+    words = [w for w in words if w != "%*"]
+    parser = (cellsam_train if name == "train.bat" else cellsam_evaluate).get_args_parser()
+    args = parser.parse_args(words)
+    if name == "train.bat":
+        config = cellsam_train.config_from_args(args)
+        assert config.strategy == "k_fold" and config.k_folds == 5 and config.stage1.epochs == 50
+    else:
+        assert args.experiment == "%EXPERIMENT%" and args.fold == 1
+
+
+def test_an_empty_mask_is_named(tmp_path, data):
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(data, tmp_path / "copy")
+    Image.fromarray(np.zeros((128, 128), np.uint16)).save(tmp_path / "copy" / "masks" / "img_0003.png")
+    with pytest.raises(SystemExit, match=r"img_0003.png: the mask holds no cell"):
+        cellsam_train.ExperimentRunner(tiny_config(tmp_path / "copy", tmp_path / "out")).run()
+    assert not (tmp_path / "out").exists()  # stopped before writing anything

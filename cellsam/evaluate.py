@@ -1,0 +1,183 @@
+"""Run the whole CellSAM pipeline (CellFinder boxes -> SAM masks -> one label image) on a folder of images of any
+size, and score it where masks are given.
+
+    python cellsam/evaluate.py output/my_cells                        # each fold's held-out images
+    python cellsam/evaluate.py output/my_cells --fold 2 --images NEW/images            # label images only
+    python cellsam/evaluate.py output/my_cells --images DATA/images --masks DATA/masks  # with scores
+
+Images larger than SAM's input are cut into overlapping tiles at their own pixel scale; a cell is taken from the
+tile whose core holds its centre (--overlap should exceed the largest cell's diameter). Writes a new folder
+<experiment>/evaluation/evaluation_<YYYYmmdd_HHMMSS>/ (or in --output_dir): labels/<image>.tif (int32 cell ids)
+and, with masks, report.json and per_image.csv:
+- CellSAM's F1 at IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall, PQ;
+- average precision over IoU 0.5:0.95 as cell-segmentation papers report it (TP / (TP + FP + FN) at each IoU
+  threshold 0.5, 0.55, ..., 0.95, averaged over thresholds and images);
+- box AP at IoU 0.5 of CellFinder alone (stage 1: its scored boxes against the cells' boxes, all-point
+  interpolated precision-recall area, over every image together);
+- the same F1, precision, recall and PQ for Otsu + distance-transform watershed.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import tifffile
+import torch
+from torchvision.ops import box_iou
+
+from cellsam.config import ExperimentConfig
+from cellsam.data import boxes_from_mask, find_pairs
+from cellsam.model import CellFinder, build_sam, encode, segment_image, xyxy
+from cellsam.train import otsu_watershed, read_pair, score_images
+from common.metrics import match_instances
+
+
+def load_fold(experiment: Path, fold: int, device) -> tuple:
+    """SAM and CellFinder of one fold, rebuilt from experiment_config.json and the fold's best checkpoints."""
+    config_file = experiment / "experiment_config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"{experiment}: no experiment_config.json (give output/<name> of cellsam/train.py)")
+    config = ExperimentConfig.from_dict(json.loads(config_file.read_text()))
+    folder = experiment / "models" / f"fold_{fold}"
+    paths = [folder / "best_model_s1.pth", folder / "best_model_s2.pth"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"fold {fold}: {', '.join(missing)} missing (did that fold finish?)")
+    sam = build_sam(config.sam_size, config.sam_checkpoint)
+    s1 = config.stage1
+    finder = CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
+                        s1.decoder_layers, s1.anchor_grid, s1.patterns)  # fmt: skip
+    modules = {"finder": finder, "image_encoder": sam.image_encoder, "mask_decoder": sam.mask_decoder}
+    for path in paths:  # stage 2's weights (the encoder it started from included) come last
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for name, state in saved["modules"].items():
+            modules[name].load_state_dict(state)
+    return sam.to(device).eval(), finder.to(device).eval(), config
+
+
+def box_average_precision(detections: list[tuple], iou_threshold: float = 0.5) -> float:
+    """Box AP over images: detections = [(boxes (N, 4) xyxy, scores (N,), true boxes (K, 4) xyxy), ...]. Each
+    detection, from the most confident, is a true positive if it overlaps a not yet matched true box by IoU >=
+    threshold; AP = area under the precision-recall curve with precision made monotone (all-point interpolation,
+    as PASCAL VOC 2010+ and COCO)."""
+    scores, hits, n_true = [], [], 0
+    for boxes, box_scores, truth in detections:
+        n_true += len(truth)
+        order = torch.as_tensor(box_scores).argsort(descending=True)
+        boxes, box_scores = torch.as_tensor(boxes)[order], torch.as_tensor(box_scores)[order]
+        taken = torch.zeros(len(truth), dtype=torch.bool)
+        iou = box_iou(boxes, torch.as_tensor(truth)) if len(truth) and len(boxes) else torch.zeros(len(boxes), 0)
+        for row, score in zip(iou, box_scores.tolist(), strict=True):
+            candidates = torch.where(~taken & (row >= iou_threshold), row, torch.tensor(-1.0))
+            best = int(candidates.argmax()) if len(candidates) else -1
+            hit = best >= 0 and candidates[best] >= iou_threshold
+            if hit:
+                taken[best] = True
+            scores.append(score)
+            hits.append(bool(hit))
+    if n_true == 0:
+        return float("nan")
+    order = np.argsort(-np.array(scores), kind="stable")
+    tp = np.cumsum(np.array(hits, float)[order])
+    recall = np.concatenate([[0.0], tp / n_true])
+    precision = np.concatenate([[1.0], tp / np.arange(1, len(tp) + 1)])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
+
+
+def average_precision_over_iou(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over IoU 0.5, 0.55, ..., 0.95 of TP / (TP + FP + FN) (the cell-segmentation 'AP')."""
+    values = []
+    for threshold in np.arange(0.5, 0.96, 0.05):
+        match = match_instances(truth, pred, float(threshold))
+        total = match.tp + match.fp + match.fn
+        values.append(match.tp / total if total else float("nan"))
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+
+
+@torch.no_grad()
+def stage1_boxes(sam, finder, image: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CellFinder's boxes (xyxy pixels) and scores on an image padded or cut to SAM's input size (its top-left)."""
+    size = sam.image_encoder.img_size
+    tile = np.zeros((size, size, 3), np.float32)
+    h, w = min(size, image.shape[0]), min(size, image.shape[1])
+    tile[:h, :w] = image[:h, :w]
+    features, _ = encode(sam, torch.from_numpy(tile.transpose(2, 0, 1))[None].to(device))
+    out = finder(features)
+    return (xyxy(out["boxes"][0]) * size).cpu(), out["logits"][0].sigmoid().cpu()
+
+
+def main(args) -> Path:
+    experiment = Path(args.experiment)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results_file = experiment / "results" / "individual_results.json"
+    folds = json.loads(results_file.read_text()) if results_file.is_file() else []
+    fold = args.fold or (folds[0]["fold"] if folds else 1)
+    sam, finder, config = load_fold(experiment, fold, device)
+    if args.images:
+        pairs = find_pairs(args.images, args.masks)
+    else:  # the fold's held-out images
+        held_out = next((f["val_images"] for f in folds if f["fold"] == fold), [])
+        if not held_out:
+            raise SystemExit(f"fold {fold} held no images out (full_dataset?): give --images (and --masks)")
+        pairs = [p for p in find_pairs(config.img_path, config.mask_path) if p.name in held_out]
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    out = Path(args.output_dir or experiment / "evaluation") / f"evaluation_{stamp}"
+    attempt = 1
+    while out.exists():
+        attempt += 1
+        out = out.with_name(f"evaluation_{stamp}_{attempt}")
+    (out / "labels").mkdir(parents=True)
+    print(f"fold {fold}: segmenting {len(pairs)} image(s) on {device.type}; writing {out}")
+    rows, predictions, baselines, truths, detections = [], [], [], [], []
+    for pair in pairs:
+        image, truth = read_pair(pair, config.gamma)
+        labels = segment_image(sam, finder, image, config.stage1.score_threshold, args.overlap, device)
+        tifffile.imwrite(out / "labels" / f"{pair.name}.tif", labels)
+        if truth is None:
+            continue
+        predictions.append(labels)
+        truths.append(truth)
+        baselines.append(otsu_watershed(image))
+        boxes, scores = stage1_boxes(sam, finder, image, device)
+        size = sam.image_encoder.img_size
+        _, true_boxes = boxes_from_mask(truth[:size, :size])
+        detections.append((boxes, scores, torch.from_numpy(true_boxes)))
+        match = match_instances(truth, labels, 0.5)
+        rows.append({"image": pair.name, "cells": match.tp + match.fn, "predicted": match.tp + match.fp,
+                     "f1": match.f1, "precision": match.precision, "recall": match.recall,
+                     "ap_50_95": average_precision_over_iou(truth, labels)})  # fmt: skip
+    if rows:
+        report = {"experiment": str(experiment), "fold": fold, "images": len(rows), **score_images(predictions, truths)}
+        report["ap_50_95"] = float(np.nanmean([r["ap_50_95"] for r in rows]))
+        report["box_ap_50"] = box_average_precision(detections, 0.5)
+        report["baseline_otsu_watershed"] = score_images(baselines, truths)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        pd.DataFrame(rows).to_csv(out / "per_image.csv", index=False)
+        print(f"F1 {report['f1']:.3f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}  PQ "
+              f"{report['pq']:.3f}  AP50:95 {report['ap_50_95']:.3f}  box AP50 {report['box_ap_50']:.3f}  "
+              f"(Otsu + watershed F1 {report['baseline_otsu_watershed']['f1']:.3f})")  # fmt: skip
+    print(f"wrote {out}")
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("experiment", help="output/<name> of cellsam/train.py")
+    p.add_argument("--fold", type=int, help="which fold's models [the first]")
+    p.add_argument("--images", help="image folder [the fold's held-out images]")
+    p.add_argument("--masks", help="their instance masks: adds the scores")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", help="[EXPERIMENT/evaluation]")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels, above the largest cell [64]")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
