@@ -39,13 +39,17 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy import ndimage, stats
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 from sklearn.model_selection import KFold, train_test_split
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset
 
 from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config
 from cellsam.data import (
@@ -76,75 +80,123 @@ DEMO = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def stage1_epoch(sam, finder, criterion, optimizer, scaler, loader, device, train: bool) -> dict:
-    """One pass of CellFinder over a loader (training, or validation with train=False). Mean loss and terms."""
-    sam.train(train)
-    finder.train(train)
+class Stage1Net(torch.nn.Module):
+    """SAM's image encoder and CellFinder as one module, so DistributedDataParallel can wrap them together."""
+
+    def __init__(self, sam, finder):
+        super().__init__()
+        self.sam, self.finder = sam, finder
+
+    def forward(self, images):
+        features, _ = encode(self.sam, images)
+        return self.finder(features)
+
+
+class Stage2Net(torch.nn.Module):
+    """SAM with box prompts: a list of mask logits (N_i, S/4, S/4) per image (None where it has no prompt)."""
+
+    def __init__(self, sam, train_parts: str):
+        super().__init__()
+        self.sam, self.train_parts = sam, train_parts
+
+    def forward(self, images, prompts: list):
+        with torch.no_grad() if self.train_parts == "mask_decoder" else nullcontext():
+            _, embeddings = encode(self.sam, images)
+        return [
+            None if p is None else decode_masks(self.sam, e[None], p)[0]
+            for e, p in zip(embeddings, prompts, strict=True)
+        ]
+
+
+def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool) -> dict:
+    """One pass of CellFinder over a loader (training, or validation with train=False): mean loss and terms over
+    every batch of every process."""
+    net.train(train)
     sums, count = {}, 0
     for batch in loader:
         images = batch["image"].to(device)
         size = images.shape[-1]
         targets = [xyxy_to_cxcywh(boxes, size, size).to(device) for boxes in batch["boxes"]]
         with torch.set_grad_enabled(train), amp(device):
-            features, _ = encode(sam, images)
-            loss, terms = criterion(finder(features), targets)
+            loss, terms = criterion(net(images), targets)
         if train:
-            step(loss, optimizer, scaler, [*finder.parameters(), *sam.parameters()])
+            step(loss, optimizer, scaler)
         count += 1
         for name, value in {"loss": float(loss.detach()), **terms}.items():
             sums[name] = sums.get(name, 0.0) + value
-    return {name: value / max(count, 1) for name, value in sums.items()}
+    return reduce_means(sums, count, device, ("loss", "class", "bbox", "giou"))
 
 
-def stage2_epoch(sam, criterion, optimizer, scaler, loader, device, config, rng, train: bool) -> dict:
+def stage2_epoch(net, criterion, optimizer, scaler, loader, device, config, rng, train: bool) -> dict:
     """One pass of box-prompted SAM over a loader: up to max_prompts cells per image, their boxes jittered in
     training, each predicted mask (upsampled to the image) against the cell's mask. Mean loss, terms and the mean
-    IoU of the predicted masks."""
+    IoU of the predicted masks, over every process."""
     s2 = config.stage2
-    sam.train(train)
-    sums, count, ious = {}, 0, []
+    net.train(train)
+    sums, count = {}, 0
     for batch in loader:
         images = batch["image"].to(device)
         size = images.shape[-1]
+        prompts, truths = [], []
+        for boxes, mask in zip(batch["boxes"], batch["mask"], strict=True):
+            if len(boxes) == 0:  # a crop without a cell
+                prompts.append(None)
+                truths.append(None)
+                continue
+            ids = np.unique(mask.numpy())[1:]
+            chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
+            prompt = boxes[chosen].clone()
+            if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side
+                side = (prompt[:, 2:] - prompt[:, :2]).repeat(1, 2)
+                prompt = (
+                    prompt + torch.from_numpy(rng.uniform(-1, 1, prompt.shape)).float() * s2.box_jitter * side
+                ).clamp(0, size)
+            prompts.append(prompt.to(device))
+            truths.append(torch.stack([mask == ids[i] for i in chosen]).float().to(device))
         with torch.set_grad_enabled(train), amp(device):
-            with torch.no_grad() if s2.train_parts == "mask_decoder" else nullcontext():
-                _, embeddings = encode(sam, images)
+            outputs = net(images, prompts)
             losses = []
-            for embedding, boxes, mask in zip(embeddings, batch["boxes"], batch["mask"], strict=True):
-                if len(boxes) == 0:
+            for logits, truth in zip(outputs, truths, strict=True):
+                if logits is None:
                     continue
-                ids = np.unique(mask.numpy())[1:]
-                chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
-                prompts = boxes[chosen].clone()
-                if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side
-                    side = (prompts[:, 2:] - prompts[:, :2]).repeat(1, 2)
-                    prompts += torch.from_numpy(rng.uniform(-1, 1, prompts.shape)).float() * s2.box_jitter * side
-                    prompts = prompts.clamp(0, size)
-                truth = torch.stack([mask == ids[i] for i in chosen]).float().to(device)
-                logits, _ = decode_masks(sam, embedding[None], prompts.to(device))
                 logits = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0]
                 loss, terms = criterion(logits, truth)
                 losses.append(loss)
                 predicted = logits.detach() > 0
-                union = (predicted | (truth > 0)).sum((1, 2)).clamp_min(1)
-                ious += ((predicted & (truth > 0)).sum((1, 2)) / union).tolist()
+                iou = (predicted & (truth > 0)).sum((1, 2)) / (predicted | (truth > 0)).sum((1, 2)).clamp_min(1)
                 count += 1
-                for name, value in {"loss": float(loss.detach()), **terms}.items():
+                for name, value in {"loss": float(loss.detach()), **terms, "mask_iou": float(iou.mean())}.items():
                     sums[name] = sums.get(name, 0.0) + value
-            loss = torch.stack(losses).mean() if losses else None
-        if train and loss is not None:
-            step(loss, optimizer, scaler, list(sam.parameters()))
-    means = {name: value / max(count, 1) for name, value in sums.items()}
-    return {**means, "mask_iou": float(np.mean(ious)) if ious else float("nan")}
+            # a batch of empty crops still steps (with a zero loss), so every process takes the same steps
+            loss = (
+                torch.stack(losses).mean()
+                if losses
+                else sum(o.sum() * 0 for o in outputs if o is not None) + images.sum() * 0
+            )
+        if train:
+            step(loss, optimizer, scaler)
+    names = ("loss", "focal", "dice", "mask_iou") + (("boundary",) if s2.boundary_loss_weight else ())
+    return reduce_means(sums, count, device, names)
 
 
-def step(loss, optimizer, scaler, parameters) -> None:
-    if not torch.isfinite(loss):
-        raise SystemExit(f"the training loss is {float(loss)}: lower the learning rate (--lr_s1 / --lr_s2)")
+def reduce_means(sums: dict, count: int, device, names) -> dict:
+    """Means over every batch of every process (terms a loss did not compute are left out)."""
+    values = torch.tensor([sums.get(n, 0.0) for n in names] + [count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return {n: float(values[i] / max(float(values[-1]), 1.0)) for i, n in enumerate(names)}
+
+
+def step(loss, optimizer, scaler) -> None:
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # every process stops together
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        raise SystemExit("the training loss is not finite: lower the learning rate (--lr_s1 / --lr_s2)")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], 1.0)
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     scaler.step(optimizer)
     scaler.update()
 
@@ -245,13 +297,14 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, history: list, log, device):
     """The loop both stages share: AdamW, cosine annealing per epoch, early stopping on the validation loss,
-    best_model_s{stage}.pth (the trained modules' weights) and last_s{stage}.pth (everything, for --resume).
-    run_epoch(train: bool) -> metrics, or None for validation when there is no validation set."""
+    best_model_s{stage}.pth (the trained modules' weights) and last_s{stage}.pth (everything, for --resume); only
+    the first process writes. run_epoch(optimizer, scaler, epoch, train) -> metrics (None: no validation set)."""
     optimizer = torch.optim.AdamW(parameters, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage_config.epochs, 1))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     state = {"epoch": 0, "best": math.inf, "patience": 0}
     last_path, best_path = fold_dir / f"last_s{stage}.pth", fold_dir / f"best_model_s{stage}.pth"
+    best_weights = None
     if last_path.is_file():  # --resume
         last = torch.load(last_path, map_location="cpu", weights_only=True)
         for name, module in modules.items():
@@ -260,6 +313,8 @@ def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir
         scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
         history[:] = last["history"]
+        if best_path.is_file():
+            best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["modules"]
         log(f"  stage {stage}: resumed at epoch {state['epoch'] + 1}")
     for epoch in range(state["epoch"], stage_config.epochs):
         started = time.time()
@@ -274,28 +329,76 @@ def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir
             "patience": 0 if improved else state["patience"] + 1,
         }
         history.append({"epoch": epoch + 1, "train": train_stats, "val": val_stats, "seconds": time.time() - started})
-        weights = {name: module.state_dict() for name, module in modules.items()}
+        weights = {
+            name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            for name, module in modules.items()
+        }
         if improved:
-            save_checkpoint(best_path, {"domain": "cellsam", "stage": stage, "epoch": epoch + 1, "modules": weights})
-        save_checkpoint(last_path, {"modules": weights, "optimizer": optimizer.state_dict(), "scheduler":
-                                    scheduler.state_dict(), "state": state, "history": history})  # fmt: skip
+            best_weights = weights
+        if is_main():
+            if improved:
+                save_checkpoint(
+                    best_path, {"domain": "cellsam", "stage": stage, "epoch": epoch + 1, "modules": weights}
+                )
+            save_checkpoint(last_path, {"modules": weights, "optimizer": optimizer.state_dict(), "scheduler":
+                                        scheduler.state_dict(), "state": state, "history": history})  # fmt: skip
         shown = val_stats or train_stats
         log(f"  stage {stage} epoch {epoch + 1}/{stage_config.epochs}  train loss {train_stats['loss']:.4f}  "
             f"val loss {shown['loss']:.4f}" + (f" (mask IoU {shown['mask_iou']:.3f})" if "mask_iou" in shown else "")
-            + ("  best" if improved else ""))  # fmt: skip
+            + f"  {memory_summary(device)}" + ("  best" if improved else ""))  # fmt: skip
         if state["patience"] >= stage_config.patience:
             log(f"  stage {stage}: early stopping, no lower validation loss for {stage_config.patience} epochs")
             break
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    for name, module in modules.items():
-        module.load_state_dict(best["modules"][name])
+    if best_weights is not None:
+        for name, module in modules.items():
+            module.load_state_dict(best_weights[name])
+
+
+def memory_summary(device) -> str:
+    """Peak GPU memory of this process on CUDA, its peak resident memory (RSS) otherwise."""
+    if device.type == "cuda":
+        return f"GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    try:
+        import resource
+
+        return f"RSS peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"  # Linux: KiB
+    except ImportError:  # Windows
+        return ""
+
+
+def distributed(net, device):
+    """DistributedDataParallel under torchrun (a crop without cells leaves the mask decoder unused in a step:
+    find_unused_parameters), the module itself otherwise."""
+    if not dist.is_initialized():
+        return net
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)  # fmt: skip
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_device() -> torch.device:
+    """CUDA, Apple MPS or CPU; under torchrun one process per GPU (NCCL) or per CPU process (gloo)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
+    if dist.is_initialized():
+        return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
 
 
 def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: Path, log, device) -> dict:
     fold_dir = root / "models" / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed + fold)
-    rng = np.random.default_rng([config.seed, fold])
+    torch.manual_seed(config.seed + fold)  # the same initial weights in every process
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rng = np.random.default_rng([config.seed, fold, rank])
     sam = build_sam(config.sam_size, config.sam_checkpoint).to(device)
     size = sam.image_encoder.img_size
     s1, s2 = config.stage1, config.stage2
@@ -306,10 +409,14 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     )
     val_set = CellDataset(val_pairs, size, False, config.gamma, train=False) if val_pairs else None
     loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
+    # under torchrun each process takes its share of the training images, and of the validation images
+    sampler = DistributedSampler(train_set, seed=config.seed + fold) if world > 1 else None
+    generator = torch.Generator().manual_seed(fold)
     train_loader = torch.utils.data.DataLoader(
-        train_set, shuffle=True, generator=torch.Generator().manual_seed(fold), **loader_args
+        train_set, shuffle=sampler is None, sampler=sampler, generator=generator, **loader_args
     )
-    val_loader = torch.utils.data.DataLoader(val_set, **loader_args) if val_set else None
+    val_share = Subset(val_set, range(rank, len(val_set), world)) if val_set else None
+    val_loader = torch.utils.data.DataLoader(val_share, **loader_args) if val_set else None
     log(
         f"fold {fold}: {len(train_pairs)} training and {len(val_pairs)} validation images, "
         f"SAM {config.sam_size} ({size} px)"
@@ -333,14 +440,17 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
             s1.stage1_type == "all_backbones" or (s1.stage1_type == "image_encoder" and not in_neck)
         )
     history1 = []
+    net1 = Stage1Net(sam, finder)
+    ddp1 = distributed(net1, device)  # after freezing: DDP syncs the parameters that need gradients
 
     def epoch1(optimizer, scaler, epoch, train):
         if not train and val_loader is None:
             return None
         train_set.set_epoch(epoch)
-        return stage1_epoch(
-            sam, finder, criterion, optimizer, scaler, train_loader if train else val_loader, device, train
-        )
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net, loader = (ddp1, train_loader) if train else (net1, val_loader)
+        return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train)
 
     parameters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device)
@@ -355,18 +465,22 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight,
                          s2.hard_negative_mining, s2.negative_ratio)  # fmt: skip
     history2 = []
+    net2 = Stage2Net(sam, s2.train_parts)
+    ddp2 = distributed(net2, device)
 
     def epoch2(optimizer, scaler, epoch, train):
         if not train and val_loader is None:
             return None
         train_set.set_epoch(1000 + epoch)
-        loader = train_loader if train else val_loader
-        return stage2_epoch(sam, mask_loss, optimizer, scaler, loader, device, config, rng, train)
+        if sampler is not None:
+            sampler.set_epoch(1000 + epoch)
+        net, loader = (ddp2, train_loader) if train else (net2, val_loader)
+        return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, rng, train)
 
     modules2 = {"image_encoder": sam.image_encoder, "mask_decoder": sam.mask_decoder}
     fit(2, epoch2, modules2, [p for part in parts for p in part.parameters()], s2, fold_dir, history2, log, device)
     results["stage1_history"], results["stage2_history"] = history1, history2
-    if val_set:
+    if val_set and rank == 0:  # the pipeline on whole held-out images: the first process alone
         results["metrics"] = evaluate_pipeline(sam, finder, val_pairs, config, device,
                                                root / "results" / f"fold_{fold}" / "visualizations")  # fmt: skip
         m, b = results["metrics"], results["metrics"]["baseline_otsu_watershed"]
@@ -427,17 +541,26 @@ class ExperimentRunner:
             pairs = pairs[: max(4, c.k_folds if c.strategy == "k_fold" else 4)]
             c.stage1.epochs, c.stage2.epochs = min(c.stage1.epochs, 2), min(c.stage2.epochs, 2)
         check_pairs(pairs)  # a bad file stops the run before anything is written
-        root = self.root or new_experiment_dir(Path(c.output_dir), c.output_name)
-        write_json(root / "experiment_config.json", c.to_dict())
-        (root / "logs").mkdir(parents=True, exist_ok=True)
+        device = setup_device()
+        main_process = is_main()
+        root = self.root or (new_experiment_dir(Path(c.output_dir), c.output_name) if main_process else None)
+        if dist.is_initialized():  # every process writes into the folder the first one made
+            shared = [root]
+            dist.broadcast_object_list(shared)
+            root = shared[0]
         logger = logging.getLogger(f"cellsam.{root}")
         logger.handlers.clear()
         logger.setLevel(logging.INFO)
-        logger.addHandler(logging.FileHandler(root / "logs" / "experiment.log"))
-        logger.addHandler(logging.StreamHandler(sys.stdout))
+        if main_process:
+            write_json(root / "experiment_config.json", c.to_dict())
+            (root / "logs").mkdir(parents=True, exist_ok=True)
+            logger.addHandler(logging.FileHandler(root / "logs" / "experiment.log"))
+            logger.addHandler(logging.StreamHandler(sys.stdout))
         log = logger.info
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log(f"CellSAM experiment {root} ({c.strategy}, {len(pairs)} images, device {device.type})")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        log(
+            f"CellSAM experiment {root} ({c.strategy}, {len(pairs)} images, device {device.type} x {world} process(es))"
+        )
         individual_path = root / "results" / "individual_results.json"
         done = json.loads(individual_path.read_text()) if individual_path.is_file() else []
         for fold, (train_pairs, val_pairs) in enumerate(self.splits(pairs), start=1):
@@ -445,15 +568,19 @@ class ExperimentRunner:
                 log(f"fold {fold}: finished in an earlier run, kept")
                 continue
             result = run_fold(c, fold, train_pairs, val_pairs, root, log, device)
-            stage1 = {f"fold_{fold}": result.pop("stage1_history")}
-            stage2 = {f"fold_{fold}": result.pop("stage2_history")}
-            for name, new in (("stage1_metrics.json", stage1), ("stage2_metrics.json", stage2)):
-                path = root / "metrics" / name
-                write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), **new})
             done.append(result)
-            write_json(individual_path, done)  # a finished fold survives a kill
-        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done)}
-        write_json(root / "results" / "aggregated_results.json", aggregated)
+            if main_process:
+                stage1 = {f"fold_{fold}": result.pop("stage1_history")}
+                stage2 = {f"fold_{fold}": result.pop("stage2_history")}
+                for name, new in (("stage1_metrics.json", stage1), ("stage2_metrics.json", stage2)):
+                    path = root / "metrics" / name
+                    write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), **new})
+                write_json(individual_path, done)  # a finished fold survives a kill
+            if dist.is_initialized():
+                dist.barrier()
+        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done) if main_process else {}}
+        if main_process:
+            write_json(root / "results" / "aggregated_results.json", aggregated)
         if aggregated["metrics"]:
             f1, base = aggregated["metrics"]["f1"], aggregated["metrics"]["baseline_f1"]
             log(f"F1 at IoU 0.5: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s); Otsu + watershed "
@@ -583,3 +710,5 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
+    if dist.is_initialized():
+        dist.destroy_process_group()

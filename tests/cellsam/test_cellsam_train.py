@@ -258,3 +258,26 @@ def test_an_empty_mask_is_named(tmp_path, data):
     with pytest.raises(SystemExit, match=r"img_0003.png: the mask holds no cell"):
         cellsam_train.ExperimentRunner(tiny_config(tmp_path / "copy", tmp_path / "out")).run()
     assert not (tmp_path / "out").exists()  # stopped before writing anything
+
+
+def test_torchrun_two_cpu_processes(tmp_path, data):
+    import os
+    import subprocess
+    import sys
+
+    argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path)]
+    argv += ["--output_name", "ddp", "--sam_size", "vit_tiny", "--num_workers", "0", "--epochs_s1", "2"]
+    argv += ["--epochs_s2", "1", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
+    argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4", "--train_parts", "both"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "cellsam" / "train.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one experiment folder, made by the first process
+    root = tmp_path / "ddp"
+    assert "x 2 process(es)" in (root / "logs" / "experiment.log").read_text()
+    history = json.loads((root / "metrics" / "stage1_metrics.json").read_text())["fold_1"]
+    assert len(history) == 2 and all(np.isfinite(h["val"]["loss"]) for h in history)
+    folds = json.loads((root / "results" / "individual_results.json").read_text())
+    assert len(folds) == 1 and 0 <= folds[0]["metrics"]["f1"] <= 1
