@@ -43,6 +43,7 @@ SAM_SIZES = {
         "num_heads": 2,
         "global_attn_indexes": [1],
         "image_size": 256,
+        "patch_size": 8,  # 32 x 32 tokens: small cells span several
         "window_size": 8,
         "prompt_dim": 64,
         "decoder_mlp": 256,
@@ -61,16 +62,16 @@ def build_sam(size: str = "vit_b", checkpoint: str | Path | None = None) -> Sam:
     if size not in SAM_SIZES:
         raise SystemExit(f"--sam_size {size}: choose one of {', '.join(SAM_SIZES)}")
     c = SAM_SIZES[size]
-    image_size, prompt_dim = c.get("image_size", 1024), c.get("prompt_dim", 256)
+    image_size, prompt_dim, patch = c.get("image_size", 1024), c.get("prompt_dim", 256), c.get("patch_size", 16)
     sam = Sam(
         image_encoder=ImageEncoderViT(
             depth=c["depth"], embed_dim=c["embed_dim"], img_size=image_size, mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=c["num_heads"], patch_size=16, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=c["num_heads"], patch_size=patch, qkv_bias=True,
             use_rel_pos=True, global_attn_indexes=c["global_attn_indexes"], window_size=c.get("window_size", 14),
             out_chans=prompt_dim,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=prompt_dim, image_embedding_size=(image_size // 16, image_size // 16),
+            embed_dim=prompt_dim, image_embedding_size=(image_size // patch, image_size // patch),
             input_image_size=(image_size, image_size), mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(

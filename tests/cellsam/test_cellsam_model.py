@@ -113,9 +113,9 @@ def test_tiny_sam_encodes_and_box_prompts_train_the_neck():
     torch.manual_seed(0)
     sam = build_sam("vit_tiny")
     features, embedding = encode(sam, torch.rand(2, 3, 256, 256) * 255)
-    assert features.shape == (2, 96, 16, 16) and embedding.shape == (2, 64, 16, 16)
+    assert features.shape == (2, 96, 32, 32) and embedding.shape == (2, 64, 32, 32)  # 8 px patches
     masks, iou = decode_masks(sam, embedding[:1], torch.tensor([[10.0, 20, 90, 100], [100, 100, 200, 180]]))
-    assert masks.shape == (2, 64, 64) and iou.shape == (2,)
+    assert masks.shape == (2, 128, 128) and iou.shape == (2,)
     masks.sum().backward()
     assert (
         sam.image_encoder.neck[0].weight.grad is not None
