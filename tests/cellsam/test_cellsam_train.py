@@ -2,6 +2,7 @@
 line, aggregation, bad inputs."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,20 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     assert len(history) == 2 and all(np.isfinite(h["val"]["loss"]) for h in history)
     folds = json.loads((root / "results" / "individual_results.json").read_text())
     assert len(folds) == 1 and 0 <= folds[0]["metrics"]["f1"] <= 1
+
+
+def test_demo_flag_writes_the_real_layout_and_keeps_given_flags(tmp_path, monkeypatch):
+    """--demo --debug: synthetic images and masks in the folder layout users bring, the demo's settings where
+    the command line gave none, the user's where it did."""
+    argv = ["--demo", "--debug", "--output_dir", str(tmp_path), "--epochs_s2", "1", "--anchor_grid", "4"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    result = cellsam_train.main(cellsam_train.get_args_parser().parse_args(argv))
+    root = Path(result["output_dir"])
+    assert root == tmp_path / "cellsam_demo"
+    images = sorted(p.name for p in (tmp_path / "demo_data" / "images").iterdir())
+    masks = sorted(p.name for p in (tmp_path / "demo_data" / "masks").iterdir())
+    assert images[0] == "img_0001.tif" and masks[0] == "img_0001.png" and len(images) == len(masks) == 12
+    config = json.loads((root / "experiment_config.json").read_text())
+    assert config["sam_size"] == "vit_tiny" and config["stage1"]["stage1_type"] == "image_encoder"  # the demo's
+    assert config["stage1"]["anchor_grid"] == 4 and config["stage2"]["epochs"] == 1  # the user's
+    assert json.loads((root / "results" / "aggregated_results.json").read_text())["folds"] == 1
