@@ -70,7 +70,7 @@ DEMO = {
     "sam_size": "vit_tiny", "batch_size": 2, "strategy": "train_val_split", "val_fraction": 0.25, "num_workers": 0,
     "stage1": {"epochs": 50, "lr": 1e-3, "stage1_type": "image_encoder", "hidden": 64, "heads": 4,
                "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 8, "patterns": 1, "patience": 1000},
-    "stage2": {"epochs": 60, "lr": 2e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16,
+    "stage2": {"epochs": 60, "lr": 4e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16,
                "focal_loss_weight": 1.0},  # from scratch, SAM's 20 : 1 first drives every mask to background
 }  # fmt: skip
 
