@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 from scipy import ndimage
-from skimage.segmentation import relabel_sequential
+from skimage.segmentation import find_boundaries, relabel_sequential
 
 DEFAULT_CONFIG = Path(__file__).with_name("hydra-lv.yaml")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -89,6 +89,18 @@ def apply_overrides(config: dict, overrides: list[str], source: str = "the confi
             value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; everyone means the number
         node[last] = value
     return config
+
+
+def new_folder(root: Path, name: str) -> Path:
+    """root/<name>, or <name>_2, _3, ... when an earlier run or result is there: nothing is ever overwritten."""
+    for attempt in range(1, 1000):
+        folder = Path(root) / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new folder in {root}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,14 +218,8 @@ def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
     (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on background."""
     labels = relabel_sequential(np.asarray(labels))[0]  # ids 1..n: find_objects costs memory per id value
     binary = labels > 0
-    boundary = np.zeros_like(binary)
-    for axis in (1, 2):  # in-plane neighbours only
-        for shift in (1, -1):
-            neighbour = np.roll(labels, shift, axis=axis)
-            edge = [slice(None)] * 3
-            edge[axis] = 0 if shift == 1 else -1
-            neighbour[tuple(edge)] = labels[tuple(edge)]  # the patch edge is no boundary
-            boundary |= binary & (neighbour != labels)
+    # per section, scikit-image's inner boundaries with 4-connected (in-plane) neighbours
+    boundary = np.stack([find_boundaries(section, connectivity=1, mode="inner") for section in labels]) & binary
     distance = np.full(labels.shape, -1.0, dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common.metrics import adapted_rand, match_instances, variation_of_information
-from hydra_lv.data import DataError, apply_overrides, find_volumes, open_dataset
+from hydra_lv.data import DataError, apply_overrides, find_volumes, new_folder, open_dataset
 from hydra_lv.model import (
     amp_dtype,
     build_model,
@@ -82,17 +82,6 @@ def score(true: np.ndarray, pred: np.ndarray) -> dict:
     }
 
 
-def output_folder(parent: Path) -> Path:
-    for attempt in range(1, 1000):
-        folder = parent / ("results" if attempt == 1 else f"results_{attempt}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-    raise SystemExit(f"could not create a results folder in {parent}")
-
-
 def test_volumes(cfg: dict, overrides: list[str]):
     """data.test_* (else the validation, else the training volumes). Overriding data.test_image alone drops the
     checkpoint's test labels and mask: they belonged to other volumes."""
@@ -118,7 +107,7 @@ def main(args) -> Path:
     if len(set(names)) < len(names):  # e.g. DATA/a/im.h5 and DATA/b/im.h5
         names = [f"{v.image.parent.name}_{v.name}" for v in volumes]
     run_dir = Path(args.checkpoint).resolve().parent.parent
-    out = output_folder(Path(args.output_dir) if args.output_dir else run_dir)
+    out = new_folder(Path(args.output_dir) if args.output_dir else run_dir, "results")
     window = cfg["model"]["input_size"]
     inference, decoding = cfg["inference"], cfg["decoding"]
     dtype = amp_dtype(device, cfg)

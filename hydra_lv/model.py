@@ -277,6 +277,15 @@ def sliding_window_inference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Labels with every object under min_size voxels set to 0. (scikit-image's remove_small_objects changed
+    its size keyword in 0.26; we support 0.22 on.)"""
+    small = np.bincount(labels.ravel()) < min_size
+    small[0] = False
+    labels[small[labels]] = 0
+    return labels
+
+
 def decode_instances(
     binary, boundary, distance, seed_binary=0.9, seed_contour=0.8, seed_distance=0.5, foreground=0.85,
     min_seed_size=16, min_object_size=64,
@@ -287,25 +296,13 @@ def decode_instances(
     of the negated distance grows the seeds through it; objects under min_object_size voxels are removed."""
     seeds_mask = (binary > seed_binary) & (boundary < seed_contour) & (distance > seed_distance)
     seeds, n = ndimage.label(seeds_mask)
-    if n:
-        sizes = np.bincount(seeds.ravel())
-        small = sizes < min_seed_size
-        small[0] = False
-        seeds[small[seeds]] = 0
+    seeds = drop_small(seeds, min_seed_size) if n else seeds
     mask = binary > foreground
-    labels = watershed(-np.asarray(distance, np.float32), markers=seeds, mask=mask)
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_object_size
-    small[0] = False
-    labels[small[labels]] = 0
+    labels = drop_small(watershed(-np.asarray(distance, np.float32), markers=seeds, mask=mask), min_object_size)
     return relabel_sequential(labels)[0].astype(np.uint32)
 
 
 def connected_components_baseline(binary, threshold=0.5, min_object_size=64) -> np.ndarray:
     """The baseline: threshold the binary map and label its 3D connected components (touching vesicles merge)."""
-    labels, _ = ndimage.label(binary > threshold)
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_object_size
-    small[0] = False
-    labels[small[labels]] = 0
+    labels = drop_small(ndimage.label(binary > threshold)[0], min_object_size)
     return relabel_sequential(labels)[0].astype(np.uint32)

@@ -50,6 +50,7 @@ from hydra_lv.data import (
     apply_overrides,
     find_volumes,
     load_config,
+    new_folder,
     write_demo_volumes,
 )
 from hydra_lv.model import HydraLoss, amp_dtype, build_model, in_plane_multiple
@@ -199,18 +200,6 @@ def is_main() -> bool:
 def amp_context(device, cfg):
     dtype = amp_dtype(device, cfg)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def new_run_dir(root: Path, name: str) -> Path:
-    """outputs/<name>/, or <name>_2, _3, ... when an earlier run is there: a run never overwrites another."""
-    for attempt in range(1, 1000):
-        folder = root / (name if attempt == 1 else f"{name}_{attempt}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-    raise SystemExit(f"could not create a new run folder in {root}")
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -421,7 +410,7 @@ def main(args):
         scaler.load_state_dict(resume["scaler"])
         state = {k: resume[k] for k in state}
     elif is_main():
-        run_dir = new_run_dir(Path(args.output_root), cfg["experiment_name"])
+        run_dir = new_folder(Path(args.output_root), cfg["experiment_name"])
         (run_dir / "checkpoints").mkdir()
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     if is_main():
