@@ -35,7 +35,7 @@ from torchvision.ops import box_iou
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
 from cellsam.model import CellFinder, build_sam, encode, segment_image, xyxy
-from cellsam.train import otsu_watershed, read_pair, score_images
+from cellsam.train import new_experiment_dir, otsu_watershed, read_pair, score_images
 from common.metrics import match_instances
 
 
@@ -128,13 +128,10 @@ def main(args) -> Path:
         if not held_out:
             raise SystemExit(f"fold {fold} held no images out (full_dataset?): give --images (and --masks)")
         pairs = [p for p in find_pairs(config.img_path, config.mask_path) if p.name in held_out]
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    out = Path(args.output_dir or experiment / "evaluation") / f"evaluation_{stamp}"
-    attempt = 1
-    while out.exists():
-        attempt += 1
-        out = out.with_name(f"evaluation_{stamp}_{attempt}")
-    (out / "labels").mkdir(parents=True)
+    out = new_experiment_dir(
+        Path(args.output_dir or experiment / "evaluation"), f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}"
+    )
+    (out / "labels").mkdir()
     print(f"fold {fold}: segmenting {len(pairs)} image(s) on {device.type}; writing {out}")
     rows, predictions, baselines, truths, detections = [], [], [], [], []
     for pair in pairs:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from scipy import ndimage, stats
+from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 from sklearn.model_selection import KFold, train_test_split
@@ -211,8 +212,9 @@ def otsu_watershed(image: np.ndarray, min_distance: int = 5) -> np.ndarray:
     grey = ndimage.gaussian_filter(image.sum(-1), 1.0)
     foreground = grey > threshold_otsu(grey)
     distance = ndimage.distance_transform_edt(foreground)
-    peaks = (distance == ndimage.maximum_filter(distance, size=2 * min_distance + 1)) & (distance > 2)
-    markers, _ = ndimage.label(peaks)
+    peaks = peak_local_max(distance, min_distance=min_distance, threshold_abs=2, labels=ndimage.label(foreground)[0])
+    markers = np.zeros(distance.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return watershed(-distance, markers, mask=foreground).astype(np.int32)
 
 

@@ -115,12 +115,24 @@ def to_display(tensor: torch.Tensor) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def plot_grid(args) -> Path:
+def load_run(args):
+    """(device, model, the run's arguments, grades, preprocessing settings, cache folder) of a run."""
     device = pick_device()
     model, checkpoint = load_checkpoint(args.run, device)
-    trained, num_classes = checkpoint["args"], checkpoint["model_args"]["num_classes"]
+    trained = checkpoint["args"]
     settings = cache_settings(argparse.Namespace(**trained))
-    cache_dir = Path(args.cache_dir or trained["cache_dir"])
+    return (
+        device,
+        model,
+        trained,
+        checkpoint["model_args"]["num_classes"],
+        settings,
+        Path(args.cache_dir or trained["cache_dir"]),
+    )
+
+
+def plot_grid(args) -> Path:
+    device, model, trained, num_classes, settings, cache_dir = load_run(args)
     records = labelled_records(args, trained, num_classes, settings, cache_dir)
     rng = np.random.default_rng(args.seed)
     chosen = []
@@ -177,11 +189,7 @@ def plot_preprocessing(args) -> Path:
 
 
 def plot_gradcam(args) -> Path:
-    device = pick_device()
-    model, checkpoint = load_checkpoint(args.run, device)
-    trained, num_classes = checkpoint["args"], checkpoint["model_args"]["num_classes"]
-    settings = cache_settings(argparse.Namespace(**trained))
-    cache_dir = Path(args.cache_dir or trained["cache_dir"])
+    device, model, trained, num_classes, settings, cache_dir = load_run(args)
     if args.images:
         truth = {}  # true grades where the run's labels CSV knows the photo
         if Path(trained["labels_csv"]).is_file():
