@@ -31,6 +31,8 @@ class Stage1Config:
     decoder_layers: int = 6
     anchor_grid: int = 12  # queries = anchor_grid^2 x patterns
     patterns: int = 3
+    dropout: float = 0.1  # in CellFinder's transformer layers (attention and feed-forward)
+    one_to_many: int = 1  # > 1: earlier decoder layers match each cell this many times (hybrid matching)
     score_threshold: float = 0.4  # a query is a cell above this probability (evaluation, stage-2 prompts)
     patience: int = 10
 
@@ -50,6 +52,7 @@ class Stage2Config:
     hard_negative_mining: str = "none"  # none | plain | weighted (online, on the BCE term)
     negative_ratio: float = 3.0  # hard negatives kept per positive pixel
     box_jitter: float = 0.1  # box corners move by up to this share of the box side
+    loss_margin: float = 0.5  # the mask loss counts pixels in the prompt box grown by this share of its side
     max_prompts: int = 32  # cells per image and step
     patience: int = 10
 

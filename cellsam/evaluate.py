@@ -34,7 +34,7 @@ from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
-from cellsam.model import CellFinder, build_sam, encode, segment_image, xyxy
+from cellsam.model import build_cellfinder, build_sam, encode, segment_image, xyxy
 from cellsam.train import new_experiment_dir, otsu_watershed, read_pair, score_images
 from common.metrics import match_instances
 
@@ -51,10 +51,9 @@ def load_fold(experiment: Path, fold: int, device) -> tuple:
     if missing:
         raise SystemExit(f"fold {fold}: {', '.join(missing)} missing (did that fold finish?)")
     sam = build_sam(config.sam_size, config.sam_checkpoint)
-    s1 = config.stage1
-    finder = CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
-                        s1.decoder_layers, s1.anchor_grid, s1.patterns)  # fmt: skip
-    modules = {"finder": finder, "image_encoder": sam.image_encoder, "mask_decoder": sam.mask_decoder}
+    finder = build_cellfinder(sam, config.stage1)
+    modules = {"finder": finder, "image_encoder": sam.image_encoder, "prompt_encoder": sam.prompt_encoder,
+               "mask_decoder": sam.mask_decoder}  # fmt: skip
     for path in paths:  # stage 2's weights (the encoder it started from included) come last
         saved = torch.load(path, map_location="cpu", weights_only=True)
         for name, state in saved["modules"].items():

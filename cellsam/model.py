@@ -143,6 +143,13 @@ def decode_masks(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tupl
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def build_cellfinder(sam: Sam, stage1) -> CellFinder:
+    """CellFinder on `sam`'s image-encoder features with a Stage1Config's sizes."""
+    s1 = stage1
+    return CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
+                      s1.decoder_layers, s1.anchor_grid, s1.patterns, s1.dropout)  # fmt: skip
+
+
 def sine_encoding(points: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """(..., 2) points in 0..1 -> (..., dim) sine/cosine features (DETR's positional encoding, half per axis)."""
     half = dim // 2
@@ -204,14 +211,15 @@ class CellFinder(nn.Module):
         patterns = self.pattern.weight.repeat_interleave(len(self.anchors) // self.patterns, 0)[None]
         queries = content + patterns
         outputs = []
+        # each layer refines the box of the layer before (in logit space; Deformable DETR's iterative box
+        # refinement): the first starts at its anchor point with width and height 1/8
+        reference = torch.cat([inverse_sigmoid(self.anchors), torch.full_like(self.anchors, -math.log(7))], -1)[None]
         for layer in self.decoder:
             queries = layer(queries + query_pos, memory)
             state = self.norm(queries)
-            delta = self.box_head(state)
-            # the box centre moves from its anchor point (in logit space); width and height start at 1/8
-            centre = torch.sigmoid(delta[..., :2] + inverse_sigmoid(self.anchors)[None])
-            size = torch.sigmoid(delta[..., 2:] - math.log(7))
-            outputs.append({"logits": self.class_head(state)[..., 0], "boxes": torch.cat([centre, size], -1)})
+            boxes = torch.sigmoid(self.box_head(state) + reference)
+            reference = inverse_sigmoid(boxes.detach())
+            outputs.append({"logits": self.class_head(state)[..., 0], "boxes": boxes})
         return {**outputs[-1], "aux": outputs[:-1]}
 
 
@@ -262,8 +270,10 @@ class SetCriterion(nn.Module):
     cells), bbox_loss_weight x L1 and giou_loss_weight x GIoU loss over matched pairs; each divided by the number of
     true boxes, and summed over the final and every auxiliary decoder layer (each matched on its own)."""
 
-    def __init__(self, ce_loss_weight=2.0, bbox_loss_weight=5.0, giou_loss_weight=2.0, alpha=0.25, gamma=2.0):
+    def __init__(self, ce_loss_weight=2.0, bbox_loss_weight=5.0, giou_loss_weight=2.0, alpha=0.25, gamma=2.0,
+                 one_to_many=1):  # fmt: skip
         super().__init__()
+        self.one_to_many = one_to_many
         self.weights = {"class": ce_loss_weight, "bbox": bbox_loss_weight, "giou": giou_loss_weight}
         self.alpha, self.gamma = alpha, gamma
 
@@ -283,11 +293,17 @@ class SetCriterion(nn.Module):
         return {"class": focal, "bbox": l1, "giou": giou}
 
     def forward(self, outputs: dict, targets: list[torch.Tensor], num_boxes: float | None = None):
-        """(total, {"class", "bbox", "giou"} of the final layer as floats)."""
+        """(total, {"class", "bbox", "giou"} of the final layer as floats). With one_to_many = k > 1 the earlier
+        (auxiliary) layers match each true box k times (H-DETR's hybrid matching, Jia et al. 2023): k times the
+        positive queries train the shared features and heads, while the final layer stays one-to-one."""
         num_boxes = max(float(sum(len(t) for t in targets)) if num_boxes is None else num_boxes, 1.0)
         total, final = 0.0, None
-        for output in [outputs, *outputs.get("aux", [])]:
-            terms = self.layer_losses(output, targets, num_boxes)
+        for layer, output in enumerate([outputs, *outputs.get("aux", [])]):
+            if layer and self.one_to_many > 1:
+                repeated = [t.repeat(self.one_to_many, 1) for t in targets]
+                terms = self.layer_losses(output, repeated, num_boxes * self.one_to_many)
+            else:
+                terms = self.layer_losses(output, targets, num_boxes)
             total = total + sum(self.weights[k] * v for k, v in terms.items())
             final = final or {k: float(v.detach()) for k, v in terms.items()}
         return total, final
@@ -314,28 +330,37 @@ class MaskLoss(nn.Module):
         self.weights = {"focal": focal_loss_weight, "dice": dice_loss_weight, "boundary": boundary_loss_weight}
         self.dice, self.boundary = DiceLoss(batch=False), BoundaryLoss()
 
-    def focal(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def focal(self, logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         per_pixel = sigmoid_focal_loss(logits, target, alpha=-1, gamma=self.gamma, reduction="none").flatten(1)
-        positive = target.flatten(1) > 0.5
+        region = region.flatten(1)
+        positive = (target.flatten(1) > 0.5) & region
         if self.mining == "none":
-            return per_pixel.mean()
-        negative_loss = per_pixel.masked_fill(positive, 0)
+            return (per_pixel * region).sum() / region.sum().clamp_min(1)
+        negative = region & ~positive
+        negative_loss = per_pixel.masked_fill(~negative, 0)
         if self.mining == "weighted":
-            mean_negative = negative_loss.sum(1, keepdim=True) / (~positive).sum(1, keepdim=True).clamp_min(1)
+            mean_negative = negative_loss.sum(1, keepdim=True) / negative.sum(1, keepdim=True).clamp_min(1)
             weights = torch.where(
                 positive, torch.ones_like(per_pixel), (negative_loss / mean_negative.clamp_min(1e-12)).detach()
             )
             return (weights * per_pixel).sum() / weights.sum().clamp_min(1)
         kept = []
-        for row, is_positive, negatives in zip(per_pixel, positive, negative_loss, strict=True):
-            k = int(min((~is_positive).sum(), max(self.ratio * is_positive.sum(), 16)))
+        for row, is_positive, is_negative, negatives in zip(per_pixel, positive, negative, negative_loss, strict=True):
+            k = int(min(is_negative.sum(), max(self.ratio * is_positive.sum(), 16)))
             kept.append(torch.cat([row[is_positive], negatives.topk(k).values]))
         return torch.cat(kept).mean()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor):
-        """logits and target (N, H, W) -> (total, {"focal", "dice", "boundary"} floats)."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None):
+        """logits and target (N, H, W) -> (total, {"focal", "dice", "boundary"} floats). region (N, H, W) bool:
+        the pixels each mask is scored on (all where None); the pipeline keeps a mask only inside its box, so
+        training scores it near its box, where the cell is a large share of the pixels, rather than on a whole
+        image that is almost all background."""
         logits, target = logits.float()[:, None], target.float()[:, None]
-        terms = {"focal": self.focal(logits, target), "dice": self.dice(logits, target)}
+        region = torch.ones_like(target, dtype=torch.bool) if region is None else region[:, None].bool()
+        terms = {"focal": self.focal(logits, target, region)}
+        # outside the region: probability 0 against target 0, so those pixels add nothing to Dice or boundary
+        logits, target = logits.masked_fill(~region, -1e4), target * region
+        terms["dice"] = self.dice(logits, target)
         if self.weights["boundary"]:
             terms["boundary"] = self.boundary(logits, target)
         total = sum(self.weights[k] * v for k, v in terms.items())
@@ -347,12 +372,22 @@ class MaskLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def box_region(boxes: torch.Tensor, size: int, margin: float, minimum: float = 4) -> torch.Tensor:
+    """(N, size, size) bool: each xyxy box (N, 4) grown on every side by margin x its side, at least `minimum` px."""
+    side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    x0, y0, x1, y1 = (boxes + (side * margin).clamp_min(minimum) * boxes.new_tensor([-1, -1, 1, 1])).unbind(1)
+    pixels = torch.arange(size, device=boxes.device) + 0.5
+    rows = (pixels >= y0[:, None]) & (pixels < y1[:, None])  # (N, size)
+    columns = (pixels >= x0[:, None]) & (pixels < x1[:, None])
+    return rows[:, :, None] & columns[:, None, :]
+
+
 @torch.no_grad()
 def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms_iou=0.5, min_size=16):
     """One image (3, S, S) in 0..255 -> (label image (S, S) int32, boxes (K, 4) xyxy pixels, scores (K,)).
     CellFinder's boxes above score_threshold, non-maximum suppression at nms_iou, a SAM mask per box (cut to its
-    box), painted from the least to the most confident so the most confident wins overlaps; pieces under
-    min_size pixels are dropped."""
+    box, 2 px wider on each side), painted from the least to the most confident so the most confident wins
+    overlaps; pieces under min_size pixels are dropped."""
     size = image.shape[-1]
     features, embedding = encode(sam, image[None])
     out = finder(features)
@@ -366,18 +401,18 @@ def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms
     if len(boxes):
         logits = torch.cat([decode_masks(sam, embedding, chunk)[0] for chunk in boxes.split(64)])
         masks = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
-        yy, xx = torch.arange(size, device=image.device)[:, None], torch.arange(size, device=image.device)[None]
+        masks &= box_region(boxes, size, 0.0, 2)  # each mask cut to its box
         for index in scores.argsort().tolist():  # least confident first
-            x0, y0, x1, y1 = boxes[index].tolist()
-            inside = (xx >= x0 - 2) & (xx < x1 + 2) & (yy >= y0 - 2) & (yy < y1 + 2)
-            labels[masks[index] & inside] = index + 1
+            labels[masks[index]] = index + 1
     labels = labels.cpu().numpy()
     sizes = np.bincount(labels.ravel())
     labels[sizes[labels] < min_size] = 0
     return relabel_sequential(labels)[0].astype(np.int32), boxes.cpu(), scores.cpu()
 
 
-def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
+def segment_image(
+    sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu", margin=0.0
+) -> np.ndarray:
     """A label image (H, W) int32 for an image (H, W, 3) float 0..255 of any size, at its own pixel scale: tiles of
     SAM's input size overlapping by `overlap` px (one padded tile for a small image); each tile keeps the cells
     whose centre lies in its core (the tile less half the overlap on sides shared with another tile), so a cell cut

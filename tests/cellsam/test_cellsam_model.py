@@ -21,7 +21,9 @@ from cellsam.data import (
 )
 from cellsam.model import (
     CellFinder,
+    MaskLoss,
     SetCriterion,
+    box_region,
     build_sam,
     decode_masks,
     encode,
@@ -141,6 +143,68 @@ def test_cellfinder_predicts_one_box_per_query_per_layer():
     assert out["logits"].sigmoid().max() < 0.1  # the focal-loss prior: "no cell" until trained
 
 
+def test_box_region_grows_each_box_by_its_share_and_a_minimum():
+    region = box_region(torch.tensor([[10.0, 20, 30, 28], [0, 0, 4, 4]]), 64, 0.5)
+    ys, xs = np.nonzero(region[0].numpy())
+    # 20 px wide, 8 px high: 10 px more left and right, 4 px (half the height) above and below
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (0, 39, 16, 31) and region[0].sum() == 40 * 16
+    ys, xs = np.nonzero(region[1].numpy())
+    assert (xs.max(), ys.max()) == (7, 7)  # a 4 px box grows by the 4 px minimum (and stops at the image edge)
+    tight = box_region(torch.tensor([[10.0, 20, 30, 28]]), 64, 0.0, 2)
+    assert tight.sum() == 24 * 12
+
+
+def test_mask_loss_counts_only_the_region_and_matches_torchvision_and_common_dice():
+    from torchvision.ops import sigmoid_focal_loss
+
+    from common.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 16, 16), (torch.rand(2, 16, 16) > 0.7).float()
+    region = torch.zeros(2, 16, 16, dtype=torch.bool)
+    region[:, 4:12, 2:10] = True
+    loss, terms = MaskLoss(focal_gamma=2.0, focal_loss_weight=3.0, dice_loss_weight=1.0)(logits, target, region)
+    inside = region[:, None]
+    focal = sigmoid_focal_loss(logits[:, None], target[:, None], alpha=-1, gamma=2.0, reduction="none")[inside].mean()
+    # Dice of the region alone: the same as Dice of the 8 x 8 crops
+    dice = DiceLoss(batch=False)(logits[:, None, 4:12, 2:10], target[:, None, 4:12, 2:10])
+    assert terms["focal"] == pytest.approx(float(focal), rel=1e-5)
+    assert terms["dice"] == pytest.approx(float(dice), rel=1e-4)
+    assert float(loss) == pytest.approx(3 * float(focal) + float(dice), rel=1e-4)
+    # pixels outside the region change nothing, and get no gradient
+    changed = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        changed[:, 0] += 50
+    total, _ = MaskLoss(focal_loss_weight=3.0)(changed, target, region)
+    total.backward()
+    assert float(total) == pytest.approx(float(loss.detach()), rel=1e-5) and changed.grad[~region].abs().max() == 0
+    # without a region: every pixel
+    _, terms = MaskLoss()(logits, target)
+    every = sigmoid_focal_loss(logits, target, alpha=-1, gamma=2.0, reduction="mean")
+    assert terms["focal"] == pytest.approx(float(every), rel=1e-5)
+
+
+def test_mask_loss_hard_negative_mining_by_hand():
+    # one mask of 1 cell pixel and 5 background pixels; plain mining keeps the cell pixel and the
+    # max(ratio x 1, 16) -> all 5 negatives here, so it equals the plain mean; with 20 negatives it keeps 16
+    logits = torch.tensor([[[2.0, -1.0, 0.5, -3.0, 1.0, -2.0]]])
+    target = torch.tensor([[[1.0, 0, 0, 0, 0, 0]]])
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    _, terms = MaskLoss(focal_gamma=0.0, hard_negative_mining="plain")(logits, target)
+    assert terms["focal"] == pytest.approx(float(per_pixel.mean()), rel=1e-5)
+    logits = torch.cat([torch.tensor([3.0]), torch.linspace(-4, 4, 20)])[None, None]
+    target = torch.zeros_like(logits)
+    target[..., 0] = 1
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")[0, 0]
+    hardest = per_pixel[1:].sort(descending=True).values[:16]
+    _, terms = MaskLoss(focal_gamma=0.0, hard_negative_mining="plain")(logits, target)
+    assert terms["focal"] == pytest.approx(float(torch.cat([per_pixel[:1], hardest]).mean()), rel=1e-5)
+    # weighted: each negative weighs its loss over the mean negative loss, the positive weighs 1
+    weights = torch.cat([torch.ones(1), per_pixel[1:] / per_pixel[1:].mean()])
+    _, terms = MaskLoss(focal_gamma=0.0, hard_negative_mining="weighted")(logits, target)
+    assert terms["focal"] == pytest.approx(float((weights * per_pixel).sum() / weights.sum()), rel=1e-5)
+
+
 def test_hungarian_matching_on_a_hand_made_case():
     targets = [torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.6, 0.2, 0.3]])]
     boxes = torch.tensor([[[0.21, 0.2, 0.1, 0.1], [0.5, 0.5, 0.5, 0.5], [0.7, 0.61, 0.2, 0.3]]])
@@ -239,7 +303,7 @@ def test_tiles_give_every_cell_once(monkeypatch):
         truth[disc & (truth == 0)] = index
     image = np.repeat(truth[..., None].astype(np.float32), 3, -1)
 
-    def tile_truth(sam, finder, tile, score_threshold):
+    def tile_truth(sam, finder, tile, score_threshold, **kwargs):
         from skimage.measure import label
 
         return label(tile[0].numpy().astype(np.int32), connectivity=1), None, None  # pieces cut by the edge stay
