@@ -9,7 +9,8 @@ Stage 1 trains CellFinder, a DETR-style cell detector on SAM's image-encoder fea
 the encoder frozen; image_encoder: the encoder too; all_backbones: encoder and neck). Loss: ce_loss_weight x focal
 + bbox_loss_weight x L1 + giou_loss_weight x GIoU, on Hungarian-matched queries, for every decoder layer.
 Stage 2 trains SAM prompted by the ground-truth boxes (jittered by --box_jitter): --train_parts neck (the paper's
-choice), mask_decoder or both. Loss: focal + Dice (+ boundary) with optional online hard negative mining.
+choice), mask_decoder or both. Loss: focal + Dice (+ boundary) with optional online hard negative mining, on
+the pixels of each prompt box grown by --loss_margin.
 Both stages: AdamW, cosine annealing (stepped per epoch), AMP on CUDA, early stopping after --patience_s1/_s2
 epochs without a lower validation loss, the best epoch kept.
 
@@ -79,11 +80,11 @@ from common.metrics import match_instances, nanmean, panoptic_quality
 DEMO = {
     "sam_size": "vit_tiny", "batch_size": 2, "strategy": "train_val_split", "val_fraction": 0.25, "num_workers": 0,
     # a query on every token (32 x 32 anchors): dense anchors converge far faster than 8 x 8 from scratch
-    "stage1": {"epochs": 80, "lr": 1e-3, "stage1_type": "image_encoder", "hidden": 64, "heads": 4,
+    "stage1": {"epochs": 90, "lr": 1e-3, "stage1_type": "image_encoder", "hidden": 64, "heads": 4,
                "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 32, "patterns": 1, "dropout": 0.0,
                "score_threshold": 0.3, "patience": 1000},
     # from scratch, SAM's 20 : 1 focal : Dice first drives every mask to background
-    "stage2": {"epochs": 15, "lr": 4e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16,
+    "stage2": {"epochs": 12, "lr": 4e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16,
                "focal_loss_weight": 1.0, "loss_margin": 0.25},
 }  # fmt: skip
 
