@@ -23,7 +23,6 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.metrics import adapted_rand_error as _skimage_adapted_rand_error
-from skimage.metrics import contingency_table
 from skimage.metrics import variation_of_information as _skimage_variation_of_information
 from skimage.segmentation import relabel_sequential
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
@@ -193,52 +192,66 @@ def _label_image(labels: np.ndarray, name: str) -> np.ndarray:
         if not np.array_equal(labels, np.round(labels)):
             raise ValueError(f"{name} labels must be an integer label image, got non-integral {labels.dtype} values")
         labels = labels.astype(np.int64)
+    elif labels.dtype == bool:
+        labels = labels.astype(np.uint8)
     elif not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{name} labels must be an integer label image, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise ValueError(f"{name} labels must be >= 0 (0 = background), found {labels.min()}")
-    if not labels.flags.writeable:  # scikit-image's relabel_sequential rejects read-only buffers (memory maps)
-        labels = labels.copy()
     return labels
 
 
+# ids up to this use a lookup table (one bincount, 8 bytes per possible id); larger ids are sorted instead
+_LOOKUP_LIMIT = 1 << 24
+
+
+def _sequential(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat int64 labels renumbered 1..n in the order of their ids (0 stays 0), areas (n,), original ids (n,))."""
+    flat = labels.ravel()
+    top = int(flat.max(initial=0))
+    if top < _LOOKUP_LIMIT:
+        counts = np.bincount(flat, minlength=1)
+        present = counts > 0
+        present[0] = False
+        lookup = np.cumsum(present) * present  # id -> its rank among the present ids, absent ids (and 0) -> 0
+        return lookup[flat], counts[present].astype(np.int64), np.flatnonzero(present).astype(np.int64)
+    ids, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    if ids[0] != 0:  # no background: shift so the first id becomes 1
+        return inverse.astype(np.int64) + 1, counts.astype(np.int64), ids.astype(np.int64)
+    return inverse.astype(np.int64), counts[1:].astype(np.int64), ids[1:].astype(np.int64)
+
+
 def instance_overlaps(true: np.ndarray, pred: np.ndarray) -> InstanceOverlaps:
-    """One pass over both label images (any dimension, 0 = background): areas and all overlapping pairs."""
+    """One pass over both label images (any dimension, 0 = background): areas and all overlapping pairs.
+
+    Each pixel's pair of instances becomes one code, true * (n_pred + 1) + pred. In raster order a pair repeats
+    over runs of pixels (an instance's row), so only run starts are sorted: a few hundred thousand codes on a
+    2048 x 2048 image with 5,000 instances, instead of four million pixels."""
     true = np.asarray(true)
     pred = np.asarray(pred)
     if true.shape != pred.shape:
         raise ValueError(f"label images differ in shape: true {true.shape}, pred {pred.shape}")
-    true, pred = _label_image(true, "true"), _label_image(pred, "pred")
-    true_seq, _, true_map = relabel_sequential(true)
-    pred_seq, _, pred_map = relabel_sequential(pred)
-    n_true, n_pred = int(true_seq.max(initial=0)), int(pred_seq.max(initial=0))
-    true_areas = np.bincount(true_seq.ravel(), minlength=n_true + 1)[1:]
-    pred_areas = np.bincount(pred_seq.ravel(), minlength=n_pred + 1)[1:]
-    if n_true and n_pred:
-        table = contingency_table(true_seq, pred_seq).tocoo()
-        keep = (table.row > 0) & (table.col > 0) & (table.data > 0)
-        true_index, pred_index = table.row[keep] - 1, table.col[keep] - 1
-        intersection = np.asarray(table.data[keep], dtype=np.int64)
-        order = np.lexsort((pred_index, true_index))
-        true_index, pred_index, intersection = true_index[order], pred_index[order], intersection[order]
-    else:
-        true_index = pred_index = intersection = np.zeros(0, dtype=np.int64)
+    true_seq, true_areas, true_ids = _sequential(_label_image(true, "true"))
+    pred_seq, pred_areas, pred_ids = _sequential(_label_image(pred, "pred"))
+    true_index = pred_index = intersection = np.zeros(0, dtype=np.int64)
+    if true_areas.size and pred_areas.size:
+        codes = true_seq * (pred_areas.size + 1) + pred_seq
+        starts = np.flatnonzero(np.concatenate(([True], codes[1:] != codes[:-1])))
+        lengths = np.diff(np.append(starts, codes.size))
+        pair_codes, run_pair = np.unique(codes[starts], return_inverse=True)
+        counts = np.bincount(run_pair.ravel(), weights=lengths).astype(np.int64)
+        true_of, pred_of = np.divmod(pair_codes, pred_areas.size + 1)
+        keep = (true_of > 0) & (pred_of > 0)  # codes are sorted: pairs come ordered by (true, pred)
+        true_index, pred_index, intersection = true_of[keep] - 1, pred_of[keep] - 1, counts[keep]
     return InstanceOverlaps(
-        true_areas=true_areas.astype(np.int64),
-        pred_areas=pred_areas.astype(np.int64),
-        true_index=true_index.astype(np.int64),
-        pred_index=pred_index.astype(np.int64),
+        true_areas=true_areas,
+        pred_areas=pred_areas,
+        true_index=true_index,
+        pred_index=pred_index,
         intersection=intersection,
-        true_ids=_original_ids(true_map, n_true),
-        pred_ids=_original_ids(pred_map, n_pred),
+        true_ids=true_ids,
+        pred_ids=pred_ids,
     )
-
-
-def _original_ids(inverse_map, count: int) -> np.ndarray:
-    """Original id of each relabelled instance 1..count (the map lacks 0 when the image has no background)."""
-    ids = np.zeros(count + 1, dtype=np.int64)
-    ids[np.asarray(inverse_map.in_values)] = np.asarray(inverse_map.out_values)
-    return ids[1:]
 
 
 @dataclass

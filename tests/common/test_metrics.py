@@ -188,6 +188,31 @@ def test_overlaps_hand_computed():
     np.testing.assert_allclose(o.iou, [6 / 9, 4 / 6])
 
 
+def test_overlaps_with_huge_ids_or_no_background_equal_the_renumbered_images():
+    # ids past the lookup table (sorted instead) and images with no background give the same pairs, areas and
+    # scores as the same images numbered 1..n
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 6, (40, 50))
+    pred = np.roll(true, 1, axis=1)
+    pred[:, :5] = rng.integers(0, 6, (40, 5))
+    plain = instance_overlaps(true, pred)
+    for shift in (2**31 - 10, 7):  # huge ids; and every pixel an instance (no 0 left)
+        big_true, big_pred = np.where(true > 0, true + shift, 0), np.where(pred > 0, pred + shift, 0)
+        if shift == 7:
+            big_true, big_pred = true + shift, pred + shift
+        o = instance_overlaps(big_true.astype(np.int64), big_pred.astype(np.int64))
+        if shift != 7:
+            for field in ("true_areas", "pred_areas", "true_index", "pred_index", "intersection"):
+                assert getattr(o, field).tolist() == getattr(plain, field).tolist(), field
+            assert o.true_ids.tolist() == (plain.true_ids + shift).tolist()
+        assert (
+            o.true_areas.sum() == (big_true > 0).sum()
+            and o.intersection.sum() == ((big_true > 0) & (big_pred > 0)).sum()
+        )
+        reference = naive_match(big_true, big_pred, 0.5)
+        assert match_instances(big_true, big_pred).tp == reference[0]
+
+
 def test_match_pq_aji_hand_computed():
     true, pred = hand_pair()
     m = match_instances(true, pred)

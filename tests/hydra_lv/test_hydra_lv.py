@@ -32,6 +32,7 @@ from hydra_lv.model import (
     connected_components_baseline,
     decode_instances,
     sliding_window_inference,
+    watershed_by_component,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,6 +224,20 @@ def test_decoding_separates_two_touching_spheres():
         iou = ((segmentation == best) & (truth == index)).sum() / ((segmentation == best) | (truth == index)).sum()
         assert best > 0 and iou > 0.8
     assert connected_components_baseline(binary).max() == 1  # thresholding merges them
+
+
+def test_watershed_by_component_is_the_whole_volume_watershed_but_for_ties():
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    rng = np.random.default_rng(0)
+    # random blobs (no ties: a continuous random distance), several separate clusters, seeds in most of them
+    mask = ndimage.gaussian_filter(rng.normal(size=(10, 60, 60)), 2) > 0.05
+    image = ndimage.gaussian_filter(rng.normal(size=mask.shape), 1.5).astype(np.float32)
+    markers = ndimage.label((image < np.quantile(image, 0.05)) & mask)[0]
+    whole = watershed(image, markers=markers, mask=mask)
+    assert ndimage.label(mask)[1] > 3 and len(np.unique(markers)) > 5
+    np.testing.assert_array_equal(watershed_by_component(image, markers, mask), whole)
 
 
 # ----------------------------------------------------------------------------------------------------------------
