@@ -236,14 +236,7 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
     criterion = SetCriterion(
         s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha, s1.focal_gamma, s1.one_to_many
     )
-    # stage 1 trains CellFinder and, by stage1_type, the image encoder (and its neck): run_fold sets this inline
-    for parameter in sam.parameters():
-        parameter.requires_grad_(False)
-    for name, parameter in sam.image_encoder.named_parameters():
-        in_neck = name.startswith("neck.")
-        parameter.requires_grad_(
-            s1.stage1_type == "all_backbones" or (s1.stage1_type == "image_encoder" and not in_neck)
-        )
+    train.freeze_for_stage1(sam, s1.stage1_type)  # stage 1 trains CellFinder and, by stage1_type, the encoder
     model = train.Stage1Net(sam, finder)
     sam_note = "--demo" if quick else "instead of the default vit_b: too heavy for a 2-core CPU"
 

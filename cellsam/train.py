@@ -122,6 +122,16 @@ class Stage2Net(torch.nn.Module):
         ]
 
 
+def freeze_for_stage1(sam, stage1_type: str) -> None:
+    """Only what stage 1 trains keeps gradients: the image encoder without its neck (image_encoder), with it
+    (all_backbones), or none of SAM (cellfinder)."""
+    for parameter in sam.parameters():
+        parameter.requires_grad_(False)
+    for name, parameter in sam.image_encoder.named_parameters():
+        in_neck = name.startswith("neck.")
+        parameter.requires_grad_(stage1_type == "all_backbones" or (stage1_type == "image_encoder" and not in_neck))
+
+
 def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool) -> dict:
     """One pass of CellFinder over a loader (training, or validation with train=False): mean loss and terms over
     every batch of every process."""
@@ -446,13 +456,7 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     trained = {"finder": finder}
     if s1.stage1_type in ("image_encoder", "all_backbones"):
         trained["image_encoder"] = sam.image_encoder
-    for parameter in sam.parameters():
-        parameter.requires_grad_(False)
-    for name, parameter in sam.image_encoder.named_parameters():
-        in_neck = name.startswith("neck.")
-        parameter.requires_grad_(
-            s1.stage1_type == "all_backbones" or (s1.stage1_type == "image_encoder" and not in_neck)
-        )
+    freeze_for_stage1(sam, s1.stage1_type)
     history1 = []
     net1 = Stage1Net(sam, finder)
     ddp1 = distributed(net1, device)  # after freezing: DDP syncs the parameters that need gradients
