@@ -333,7 +333,8 @@ def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir
     if last_path.is_file():  # --resume
         last = torch.load(last_path, map_location="cpu", weights_only=True)
         for name, module in modules.items():
-            module.load_state_dict(last["modules"][name])
+            if name in last["modules"]:  # runs before the prompt encoder was saved rebuild it from the seed
+                module.load_state_dict(last["modules"][name])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         state = last["state"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 import cellsam.train as cellsam_train
@@ -207,6 +208,13 @@ def test_evaluate_rescored_from_its_label_images_and_figures(tmp_path, data):
 
     result = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="train_val_split")).run()
     root = Path(result["output_dir"])
+    # the model evaluate.py rebuilds is the trained one, the untrained prompt encoder's random features included
+    # (they were once left out, and evaluate.py scored F1 0.02 where training had scored 0.34)
+    saved = torch.load(root / "models" / "fold_1" / "best_model_s2.pth", weights_only=True)["modules"]
+    torch.manual_seed(12345)
+    sam, _, _ = cellsam_evaluate.load_fold(root, 1, "cpu")
+    for name, value in sam.prompt_encoder.state_dict().items():
+        assert torch.equal(value, saved["prompt_encoder"][name]), name
     out = cellsam_evaluate.main(cellsam_evaluate.get_args_parser().parse_args([str(root)]))
     report = json.loads((out / "report.json").read_text())
     held_out = json.loads((root / "results" / "individual_results.json").read_text())[0]["val_images"]
