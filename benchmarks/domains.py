@@ -326,7 +326,7 @@ def build_retinopathy(workdir: Path, quick: bool) -> DomainBench:
     )
 
 
-def build_hydra_lv(workdir: Path, quick: bool) -> DomainBench:
+def build_hydra_lv(workdir: Path, quick: bool, shape: tuple[int, int, int] | None = None) -> DomainBench:
     """PatchDataset of the training volumes (epoch 0's random patches, augmented, targets made on the fly); the
     config's model; HydraLoss inside the valid mask."""
     from hydra_lv import train
@@ -335,7 +335,8 @@ def build_hydra_lv(workdir: Path, quick: bool) -> DomainBench:
 
     # The demo's training volumes vol1, vol2 (vol3, its validation volume, is not needed). The demo's 24 x 160 x 160
     # is smaller than the default 32 x 128 x 128 patch with its margin: the full size writes volumes that hold one.
-    root = write_demo_volumes(workdir / "data", 2, (16, 96, 96) if quick else (48, 256, 256))
+    shape = shape or ((16, 96, 96) if quick else (48, 256, 256))
+    root = write_demo_volumes(workdir / "data", 2, shape)
     settings = {
         **(train.DEMO if quick else {}),
         "data.train_image": f"{root}/vol[12]_im.h5",

@@ -15,6 +15,7 @@ Items (see issue #8):
   metrics    our instance matching / PQ / AJI against a per-instance-pair reference: identical values, time
              ratio, and how time grows with the instance count (fitted exponent)
   watershed  hydra_lv's seeded-watershed decoding against volume size: seconds, peak memory, fitted exponent
+  memory     resident memory while reading a large memory-mapped PanNuke fold and large HDF5 volumes
 
 Every timing is the median of several repeats; each ratio comes from pairs run one after the other (ours, then
 the reference, repeated), so a slow moment of the machine hits both sides. Peak memory is measured in a fresh
@@ -464,6 +465,117 @@ def bench_pipeline(quick: bool, device: str, workdir: Path) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Item: memory at scale
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resident_mib() -> dict:
+    """This process's resident memory in MiB: anonymous (its own heap: what must stay flat), file-backed (pages of
+    memory-mapped files, which the kernel can drop) and the peak of both together (VmHWM)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def write_large_fold(root: Path, tiles: int) -> Path:
+    """Fold 1 of `tiles` synthetic PanNuke tiles in the official layout (uint8 images, int32 masks), written
+    through memory maps 64 tiles at a time (16 distinct tiles repeated), so writing needs little memory."""
+    from common.metrics import PANNUKE_TISSUES
+    from pannuke.data import synthetic_tile
+
+    images_dir, masks_dir = root / "Fold 1" / "images" / "fold1", root / "Fold 1" / "masks" / "fold1"
+    if (images_dir / "types.npy").is_file() and len(np.load(images_dir / "types.npy")) == tiles:
+        return root
+    images_dir.mkdir(parents=True, exist_ok=True)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    distinct = [synthetic_tile(rng, 256) for _ in range(16)]
+    images = np.lib.format.open_memmap(images_dir / "images.npy", "w+", np.uint8, (tiles, 256, 256, 3))
+    masks = np.lib.format.open_memmap(masks_dir / "masks.npy", "w+", np.int32, (tiles, 256, 256, 6))
+    for start in range(0, tiles, 64):
+        for i in range(start, min(start + 64, tiles)):
+            images[i], masks[i] = distinct[i % 16][0], distinct[i % 16][1].astype(np.int32)
+        images.flush()
+        masks.flush()
+    del images, masks
+    np.save(images_dir / "types.npy", rng.choice(np.array(PANNUKE_TISSUES), tiles))
+    return root
+
+
+def pannuke_memory_case(root: Path, cache: Path) -> dict:
+    """Caches fold 1 (as train.py does on first use), then reads every tile through PanNukeDataset with training
+    augmentation; resident memory after caching and the highest seen while iterating."""
+    from pannuke.data import PanNukeDataset, load_fold
+
+    started = time.perf_counter()
+    fold = load_fold(root, 1, cache, log=lambda *a: None)
+    cached, cache_seconds = resident_mib(), time.perf_counter() - started
+    dataset = PanNukeDataset(fold, train=True)
+    peak = dict(cached)
+    for i in range(len(dataset)):
+        dataset[i]
+        if i % 50 == 0:
+            now = resident_mib()
+            peak = {k: max(peak[k], now[k]) for k in now}
+    return {"cache_seconds": cache_seconds, "after_cache": cached, "iterating": peak}
+
+
+def hydra_memory_case(workdir: Path, shape, patches: int) -> dict:
+    """hydra_lv's training PatchDataset (the demo's patch size) over two volumes of `shape`; resident memory
+    while drawing `patches` patches."""
+    from benchmarks.domains import build_hydra_lv
+
+    dataset = build_hydra_lv(workdir, True, shape).dataset
+    start = resident_mib()
+    peak = dict(start)
+    for i in range(patches):
+        dataset[i]
+        if i % 8 == 0:
+            now = resident_mib()
+            peak = {k: max(peak[k], now[k]) for k in now}
+    return {"start": start, "iterating": peak}
+
+
+def bench_memory(quick: bool, workdir: Path) -> str:
+    tiles = [250, 500, 1000] if quick else [2000, 4000, 8000]
+    rows = []
+    for n in tiles:
+        root = write_large_fold(workdir / f"pannuke_{n}", n)
+        cache = workdir / f"pannuke_{n}" / "cache"
+        if cache.exists():  # measure the caching too
+            import shutil
+
+            shutil.rmtree(cache)
+        _, _, out = in_fresh_process(pannuke_memory_case, root, cache)
+        rows.append([f"PanNuke fold, {n} tiles", out["cache_seconds"], out["after_cache"]["RssAnon"],
+                     out["iterating"]["RssAnon"], out["iterating"]["RssFile"], out["iterating"]["VmHWM"]])  # fmt: skip
+    shapes = [(24, 160, 160), (24, 320, 320)] + ([] if quick else [(48, 640, 640)])
+    for shape in shapes:
+        _, _, out = in_fresh_process(hydra_memory_case, workdir / ("hydra_" + "x".join(map(str, shape))), shape, 64)
+        rows.append([f"hydra_lv, 2 volumes of {'x'.join(map(str, shape))}, 64 patches", "", out["start"]["RssAnon"],
+                     out["iterating"]["RssAnon"], out["iterating"]["RssFile"], out["iterating"]["VmHWM"]])  # fmt: skip
+    return (
+        "Resident memory of a fresh process (MiB) that reads a whole dataset as training does. Anonymous memory is "
+        "the process's own (it must not grow with the dataset); file-backed pages are the memory-mapped cache, "
+        "counted while touched and dropped by the kernel under pressure.\n\n"
+        + table(
+            [
+                "dataset",
+                "caching, s",
+                "anonymous after caching / start",
+                "anonymous peak while reading",
+                "file-backed peak",
+                "peak RSS (VmHWM)",
+            ],
+            rows,
+        )  # fmt: skip
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -483,7 +595,7 @@ def machine(device: str) -> str:
 
 
 CHANGES_TITLE = "## What the figures changed"
-ITEMS = ("pipeline", "steps", "window", "metrics", "watershed")
+ITEMS = ("pipeline", "steps", "window", "metrics", "watershed", "memory")
 
 
 def main(args) -> Path:
@@ -503,6 +615,8 @@ def main(args) -> Path:
         elif item == "window":
             title = "Sliding-window inference (hydra_lv) against MONAI"
             sections.append((title, bench_window(args.quick, args.device)))
+        elif item == "memory":
+            sections.append(("Memory at scale", bench_memory(args.quick, workdir)))
         elif item == "steps" and "pipeline" in items:
             continue  # measured with the pipeline item
         elif item == "pipeline" or item == "steps":
