@@ -36,7 +36,7 @@ from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
 from cellsam.model import build_cellfinder, build_sam, encode, segment_image, xyxy
 from cellsam.train import new_experiment_dir, otsu_watershed, read_pair, score_images
-from common.metrics import match_instances
+from common.metrics import instance_overlaps, match_instances
 
 
 def load_fold(experiment: Path, fold: int, device) -> tuple:
@@ -93,9 +93,9 @@ def box_average_precision(detections: list[tuple], iou_threshold: float = 0.5) -
 
 def average_precision_over_iou(truth: np.ndarray, pred: np.ndarray) -> float:
     """Mean over IoU 0.5, 0.55, ..., 0.95 of TP / (TP + FP + FN) (the cell-segmentation 'AP')."""
-    values = []
+    values, overlaps = [], instance_overlaps(truth, pred)
     for threshold in np.arange(0.5, 0.96, 0.05):
-        match = match_instances(truth, pred, float(threshold))
+        match = match_instances(truth, pred, float(threshold), overlaps)
         total = match.tp + match.fp + match.fn
         values.append(match.tp / total if total else float("nan"))
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")

@@ -74,7 +74,7 @@ from cellsam.model import (
     encode,
     segment_image,
 )
-from common.metrics import match_instances, nanmean, panoptic_quality
+from common.metrics import instance_overlaps, match_instances, nanmean, panoptic_quality
 
 # --demo: small synthetic cells and the tiny SAM, trained from scratch (nothing is pretrained here)
 DEMO = {
@@ -245,8 +245,9 @@ def score_images(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dic
     """CellSAM's F1 at IoU 0.5 averaged per image, precision, recall, PQ (mean over images)."""
     rows = []
     for pred, true in zip(predictions, truths, strict=True):
-        match = match_instances(true, pred, 0.5)
-        rows.append([match.f1, match.precision, match.recall, panoptic_quality(true, pred)["pq"]])
+        overlaps = instance_overlaps(true, pred)
+        match = match_instances(true, pred, 0.5, overlaps)
+        rows.append([match.f1, match.precision, match.recall, panoptic_quality(true, pred, overlaps=overlaps)["pq"]])
     f1, precision, recall, pq = (nanmean(column) for column in zip(*rows, strict=True))
     return {"f1": f1, "precision": precision, "recall": recall, "pq": pq}
 

@@ -329,10 +329,13 @@ def _match(overlaps: InstanceOverlaps, iou_threshold: float) -> tuple[np.ndarray
     return t, p, matched_iou
 
 
-def match_instances(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> InstanceMatch:
+def match_instances(
+    true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5, overlaps: InstanceOverlaps | None = None
+) -> InstanceMatch:
     """Match the instances of two label images one to one at IoU > iou_threshold: TP, FP, FN, precision,
-    recall, F1 and the mean IoU of the matches (`.as_dict()` for a report)."""
-    overlaps = instance_overlaps(true, pred)
+    recall, F1 and the mean IoU of the matches (`.as_dict()` for a report). overlaps: instance_overlaps(true,
+    pred) when the caller has it already (several thresholds, PQ and AJI of one pair: counted once)."""
+    overlaps = instance_overlaps(true, pred) if overlaps is None else overlaps
     t, p, iou = _match(overlaps, iou_threshold)
     tp = int(t.size)
     return InstanceMatch(
@@ -346,7 +349,11 @@ def match_instances(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0
 
 
 def panoptic_quality(
-    true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5, absent_is_nan: bool = True
+    true: np.ndarray,
+    pred: np.ndarray,
+    iou_threshold: float = 0.5,
+    absent_is_nan: bool = True,
+    overlaps: InstanceOverlaps | None = None,
 ) -> dict:
     """Panoptic quality of one label image as HoVer-Net's `get_fast_pq` (used by PanNuke-metrics) computes it.
 
@@ -355,7 +362,7 @@ def panoptic_quality(
     nan-means skip it); with absent_is_nan=False they are 0 if anything was predicted, as `get_fast_pq` gives.
     Nothing in either image is NaN either way.
     """
-    match = match_instances(true, pred, iou_threshold)
+    match = match_instances(true, pred, iou_threshold, overlaps)
     counts = {"tp": match.tp, "fp": match.fp, "fn": match.fn}
     if match.tp + match.fn == 0:
         value = float("nan") if absent_is_nan or match.fp == 0 else 0.0
@@ -365,14 +372,14 @@ def panoptic_quality(
     return {"dq": dq, "sq": sq, "pq": dq * sq, **counts}
 
 
-def aggregated_jaccard_index(true: np.ndarray, pred: np.ndarray) -> float:
+def aggregated_jaccard_index(true: np.ndarray, pred: np.ndarray, overlaps: InstanceOverlaps | None = None) -> float:
     """AJI (Kumar et al. 2017) as HoVer-Net's `get_fast_aji` computes it.
 
     Each true instance is paired with the prediction of highest IoU (a prediction may be used more than once);
     AJI = sum of paired intersections / (sum of paired unions + areas of unpaired true and predicted
-    instances). NaN when both images are empty.
+    instances). NaN when both images are empty. overlaps: as for match_instances.
     """
-    overlaps = instance_overlaps(true, pred)
+    overlaps = instance_overlaps(true, pred) if overlaps is None else overlaps
     n_true, n_pred = overlaps.true_areas.size, overlaps.pred_areas.size
     if n_true == 0 and n_pred == 0:
         return float("nan")

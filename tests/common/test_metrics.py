@@ -213,6 +213,18 @@ def test_overlaps_with_huge_ids_or_no_background_equal_the_renumbered_images():
         assert match_instances(big_true, big_pred).tp == reference[0]
 
 
+def test_overlaps_counted_once_give_the_same_scores():
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 8, (30, 30))
+    pred = np.roll(true, 2, axis=0)
+    overlaps = instance_overlaps(true, pred)
+    for threshold in (0.3, 0.5, 0.7):
+        a, b = match_instances(true, pred, threshold), match_instances(true, pred, threshold, overlaps)
+        assert (a.tp, a.fp, a.fn) == (b.tp, b.fp, b.fn) and a.matched_iou.tolist() == b.matched_iou.tolist()
+    assert panoptic_quality(true, pred) == panoptic_quality(true, pred, overlaps=overlaps)
+    assert aggregated_jaccard_index(true, pred) == aggregated_jaccard_index(true, pred, overlaps=overlaps)
+
+
 def test_match_pq_aji_hand_computed():
     true, pred = hand_pair()
     m = match_instances(true, pred)
