@@ -215,13 +215,8 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
     # vit_tiny instead of the default vit_b (1024 px input, 86 M parameters): too heavy for a 2-core CPU
     flags = ["--img_path", str(root / "images"), "--mask_path", str(root / "masks"), "--sam_size", "vit_tiny"]
     config = train.config_from_args(train.get_args_parser().parse_args(flags))
-    if quick:  # train.py --demo's settings, applied as main() applies them (inline there)
-        for key, value in train.DEMO.items():
-            if isinstance(value, dict):
-                for name, setting in value.items():
-                    setattr(getattr(config, key), name, setting)
-            else:
-                setattr(config, key, value)
+    if quick:
+        train.apply_demo(config)  # train.py --demo's settings
     train_pairs, _ = train.ExperimentRunner(config).splits(find_pairs(config.img_path, config.mask_path))[0]
 
     torch.manual_seed(config.seed + 1)  # run_fold's seed for fold 1

@@ -327,7 +327,7 @@ def window_case(implementation: str, shape, window, filters, device: str):
     """(seconds, output) of one sliding-window pass of a hydra_lv model of the default architecture, ours or
     MONAI's."""
     from hydra_lv.data import load_config
-    from hydra_lv.model import build_model, sliding_window_inference
+    from hydra_lv.model import build_model, predict_windows, sliding_window_inference
 
     torch.manual_seed(0)
     model = build_model(load_config()["model"]["architecture"], filters=filters).to(device).eval()
@@ -338,9 +338,8 @@ def window_case(implementation: str, shape, window, filters, device: str):
     else:
         from monai.inferers import sliding_window_inference as monai_sliding_window
 
-        def predictor(x):
-            y = model(x)
-            return torch.cat([torch.sigmoid(y[:, :2]), torch.tanh(y[:, 2:3])], 1)
+        def predictor(x):  # the same activations as ours (sigmoid, sigmoid, tanh), no flips
+            return predict_windows(model, x, tta=False)
 
         with torch.no_grad():
             x = torch.from_numpy(volume.astype(np.float32) / 255)[None, None].to(device)

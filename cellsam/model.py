@@ -410,9 +410,7 @@ def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms
     return relabel_sequential(labels)[0].astype(np.int32), boxes.cpu(), scores.cpu()
 
 
-def segment_image(
-    sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu", margin=0.0
-) -> np.ndarray:
+def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
     """A label image (H, W) int32 for an image (H, W, 3) float 0..255 of any size, at its own pixel scale: tiles of
     SAM's input size overlapping by `overlap` px (one padded tile for a small image); each tile keeps the cells
     whose centre lies in its core (the tile less half the overlap on sides shared with another tile), so a cell cut

@@ -697,15 +697,20 @@ def main(args) -> dict:
         data = write_demo_dataset(Path(args.output_dir) / "demo_data")
         config.img_path, config.mask_path = str(data / "images"), str(data / "masks")
         config.output_name = "cellsam_demo" if "output_name" not in given else config.output_name
-        for key, value in DEMO.items():
-            if isinstance(value, dict):
-                stage = 1 if key == "stage1" else 2
-                for name, v in value.items():
-                    if flag_name(name, stage) not in given:
-                        setattr(getattr(config, key), name, v)
-            elif key not in given:
-                setattr(config, key, value)
+        apply_demo(config, given)
     return ExperimentRunner(config).run()
+
+
+def apply_demo(config: ExperimentConfig, given=()) -> None:
+    """The --demo settings (DEMO) on config, except the flags in `given` (the user's own, which win)."""
+    for key, value in DEMO.items():
+        if isinstance(value, dict):
+            stage = 1 if key == "stage1" else 2
+            for name, v in value.items():
+                if flag_name(name, stage) not in given:
+                    setattr(getattr(config, key), name, v)
+        elif key not in given:
+            setattr(config, key, value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
