@@ -604,6 +604,8 @@ def main(args) -> Path:
     unknown = set(items) - set(ITEMS)
     if unknown:
         raise SystemExit(f"--items {args.items}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ITEMS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA GPU here (torch {torch.__version__}); use --device cpu")
     sections = []
     workdir = Path(args.workdir)
     for item in items:
