@@ -174,7 +174,8 @@ def build_augmentation(enabled: bool, size: int, train: bool = True) -> A.Compos
     """Images keep their pixel scale (a cell stays as many pixels wide as in the microscope image): a training
     sample is a random size x size crop (padded where the image is smaller), a validation sample the central one.
     With `enabled`: flips, 90-degree rotations, scale/shift, brightness/contrast and blur; the masks follow every
-    geometric change (nearest neighbour) and boxes are recomputed from them."""
+    geometric change (nearest neighbour) and boxes are recomputed from them. Images go in as float 0..1, the range
+    albumentations assumes for float images."""
     crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
     fit = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), crop]
     if not (enabled and train):
@@ -219,8 +220,9 @@ class CellDataset(torch.utils.data.Dataset):
         self.transform.set_random_seed(seed)
         if self.stain:
             image = stain_jitter(image, np.random.default_rng(seed))
-        out = self.transform(image=image, mask=mask)
-        image, mask = out["image"], out["mask"]
+        # albumentations takes float images to hold 0..1: brightness, contrast and blur clip to that range
+        out = self.transform(image=image / 255.0, mask=mask)
+        image, mask = np.clip(out["image"], 0, 1) * 255.0, out["mask"]
         if self.gamma != 1.0:  # input gamma correction
             image = 255.0 * (image / 255.0) ** self.gamma
         _, boxes = boxes_from_mask(mask)

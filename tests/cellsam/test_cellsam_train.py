@@ -307,3 +307,20 @@ def test_demo_flag_writes_the_real_layout_and_keeps_given_flags(tmp_path, monkey
     assert config["sam_size"] == "vit_tiny" and config["stage1"]["stage1_type"] == "image_encoder"  # the demo's
     assert config["stage1"]["anchor_grid"] == 4 and config["stage2"]["epochs"] == 1  # the user's
     assert json.loads((root / "results" / "aggregated_results.json").read_text())["folds"] == 1
+
+
+def test_augmentation_keeps_the_images_intensities(data):
+    """albumentations takes float images as 0..1; fed 0..255, its brightness/contrast clipped half the training
+    images flat. Every augmented sample must keep cells brighter than background, within the 0..255 range."""
+    from cellsam.data import CellDataset, find_pairs
+
+    dataset = CellDataset(find_pairs(data / "images", data / "masks"), 128, augment=True, seed=0)
+    plain = CellDataset(find_pairs(data / "images", data / "masks"), 128, augment=False, train=False)
+    reference = np.mean([s["image"].max().item() for s in plain])
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        for sample in dataset:
+            image, cells = sample["image"][0], sample["mask"] > 0
+            assert 0 <= image.min() and image.max() <= 255
+            assert image.max() > 0.6 * reference
+            assert image[cells].mean() > 2 * image[~cells].mean() + 10
