@@ -2,10 +2,10 @@
 image-encoder features; the Hungarian matcher and the set losses of stage 1; the mask losses of stage 2.
 
 SAM sizes: vit_b, vit_l, vit_h with the official configurations (1024 px input; load the official checkpoint
-file a user gives, e.g. sam_vit_b_01ec64.pth), and vit_tiny (2 blocks, 96 wide, 256 px input, a narrow mask
-decoder) for CPU demos and tests. `Sam.forward` runs under no_grad, so training calls the parts directly:
-`encode` (image encoder, returning the ViT features before the neck for CellFinder and the neck's embeddings for
-the mask decoder) and `decode_masks` (prompt encoder + mask decoder, box prompts).
+file a user gives, e.g. sam_vit_b_01ec64.pth), and vit_tiny (a convolutional stem, 2 blocks, 96 wide, 256 px
+input, a narrow mask decoder) for CPU demos and tests. `Sam.forward` runs under no_grad, so training calls the
+parts directly: `encode` (image encoder, returning the ViT features before the neck for CellFinder and the neck's
+embeddings for the mask decoder) and `decode_masks` (prompt encoder + mask decoder, box prompts).
 
 CellFinder (after AnchorDETR, Wang et al. 2022): the ViT features projected to `hidden` channels, a
 torch.nn.TransformerEncoder over them (sine positional encoding added), and a stack of
@@ -47,6 +47,7 @@ SAM_SIZES = {
         "window_size": 8,
         "prompt_dim": 64,
         "decoder_mlp": 256,
+        "conv_stem": True,  # 3x3 convolutions instead of one 8x8 patch projection
     },  # fmt: skip
 }
 
@@ -83,9 +84,25 @@ def build_sam(size: str = "vit_b", checkpoint: str | Path | None = None) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )  # fmt: skip
+    if c.get("conv_stem"):
+        sam.image_encoder.patch_embed.proj = conv_stem(patch, c["embed_dim"])
     if checkpoint is not None:
         load_sam_weights(sam, checkpoint, size)
     return sam
+
+
+def conv_stem(patch: int, width: int) -> nn.Sequential:
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    log2(patch) 3x3 stride-2 convolutions, doubling the channels up to `width`, then a 1x1 projection. It gives a
+    small ViT trained from scratch the local edges a single patch x patch projection learns slowly: cell borders
+    for the masks, centres for the boxes."""
+    layers, channels = [], 3
+    steps = int(math.log2(patch))
+    for i in range(steps):
+        out = width // 2 ** (steps - 1 - i)
+        layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.GroupNorm(1, out), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
 
 def load_sam_weights(sam: Sam, checkpoint: str | Path, size: str) -> None:
@@ -146,7 +163,7 @@ def decode_masks(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tupl
 def build_cellfinder(sam: Sam, stage1) -> CellFinder:
     """CellFinder on `sam`'s image-encoder features with a Stage1Config's sizes."""
     s1 = stage1
-    return CellFinder(sam.image_encoder.patch_embed.proj.out_channels, s1.hidden, s1.heads, s1.encoder_layers,
+    return CellFinder(sam.image_encoder.pos_embed.shape[-1], s1.hidden, s1.heads, s1.encoder_layers,
                       s1.decoder_layers, s1.anchor_grid, s1.patterns, s1.dropout)  # fmt: skip
 
 

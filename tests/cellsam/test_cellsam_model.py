@@ -125,6 +125,22 @@ def test_tiny_sam_encodes_and_box_prompts_train_the_neck():
     )  # masks only
 
 
+def test_tiny_sam_conv_stem_is_a_stride_8_patch_embedding():
+    """vit_tiny embeds patches with three stride-2 3x3 convolutions (group-normalised): a shift of the image by
+    one patch (8 px) shifts every token the stem computes from inside the image by one; the official sizes keep
+    SAM's single 16 x 16 projection, so their checkpoints load unchanged."""
+    torch.manual_seed(0)
+    stem = build_sam("vit_tiny").image_encoder.patch_embed.proj
+    image = torch.rand(1, 3, 96, 96)
+    tokens = stem(image)
+    assert tokens.shape == (1, 96, 12, 12)
+    shifted = stem(torch.roll(image, shifts=(8, 8), dims=(2, 3)))
+    aligned = (shifted[..., 2:-1, 2:-1] - tokens[..., 1:-2, 1:-2]).abs().max()
+    unaligned = (shifted[..., 2:-1, 2:-1] - tokens[..., 2:-1, 2:-1]).abs().max()
+    assert aligned < 0.01 < 0.1 < unaligned  # aligned: only the group norm's image statistics differ (edges)
+    assert isinstance(build_sam("vit_b").image_encoder.patch_embed.proj, torch.nn.Conv2d)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CellFinder, matching, losses
 # ----------------------------------------------------------------------------------------------------------------
