@@ -130,6 +130,11 @@ def volume_shape(path: Path) -> tuple[int, ...]:
         return tuple(f[dataset_name(path)].shape)
 
 
+def volume_dtype(path: Path) -> np.dtype:
+    with h5py.File(path, "r") as f:
+        return f[dataset_name(path)].dtype
+
+
 def expand(pattern: str | None, key: str) -> list[Path]:
     """The files a glob names, sorted; a glob that matches nothing is an error."""
     if not pattern:
@@ -171,6 +176,11 @@ def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[Volum
         shape = volume_shape(image)
         if len(shape) != 3:
             raise DataError(f"{image}: expected a 3D (z, y, x) volume, found shape {shape}")
+        if volume_dtype(image) != np.uint8:  # training and inference scale intensities by 1/255
+            raise DataError(
+                f"{image}: the image is {volume_dtype(image)}; hydra_lv reads 8-bit EM images (uint8 0..255). "
+                f"Convert it first, e.g. with a percentile stretch to 0..255 and .astype(np.uint8)"
+            )
         label = labels[i] if labels else None
         mask = masks[i] if masks else None
         for other in (label, mask):

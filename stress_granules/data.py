@@ -295,7 +295,7 @@ def build_augmentation(preset: str) -> A.Compose:
         A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.85, 1.15), rotate=(-45, 45), border_mode=border, p=0.5),
     ]
     if preset == "improved":
-        return A.Compose([*geometric, A.RandomBrightnessContrast(0.1, 0.1, p=0.3)])
+        return A.Compose([*geometric, A.RandomBrightnessContrast(0.1, 0.1, brightness_by_max=False, p=0.3)])
     return A.Compose(
         [
             *geometric,
@@ -307,7 +307,8 @@ def build_augmentation(preset: str) -> A.Compose:
                 ],
                 p=0.3,
             ),
-            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+            A.RandomBrightnessContrast(0.2, 0.2, brightness_by_max=False, p=0.5),  # shifts by the mean: dim
+            # fluorescence background is not clipped to 0
             A.RandomGamma(gamma_limit=(80, 120), p=0.3),
             ChannelCLAHE(p=0.2),
             A.OneOf([A.GaussNoise(std_range=(0.01, 0.05)), A.MultiplicativeNoise(multiplier=(0.9, 1.1))], p=0.3),

@@ -378,6 +378,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, volumes):
     with pytest.raises(SystemExit, match=r"two_im.h5: holds 2 datasets \(.*\) and none named 'main'"):
         train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/two_im.h5", "data.train_mask=null",
                                             f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
+    write_volume(tmp_path / "deep_im.h5", np.zeros((12, 96, 96), np.uint16))  # 1/255 scaling would saturate it
+    with pytest.raises(SystemExit, match=r"deep_im.h5: the image is uint16; hydra_lv reads 8-bit EM images"):
+        train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/deep_im.h5", "data.train_mask=null",
+                                            f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
     with pytest.raises(SystemExit, match="model.architecture=vnet: unknown; choose one of rsunet, unet3d, monai_unet"):
         train(tmp_path, volumes, overrides=["model.architecture=vnet"])
     with pytest.raises(SystemExit, match="unknown key 'model.filter'"):
