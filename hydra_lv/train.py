@@ -53,7 +53,7 @@ from hydra_lv.data import (
     new_folder,
     write_demo_volumes,
 )
-from hydra_lv.model import HydraLoss, amp_dtype, build_model, in_plane_multiple
+from hydra_lv.model import HydraLoss, amp_dtype, build_model, in_plane_multiple, use_channels_last
 
 # --demo: small volumes, a small network and short epochs, about three minutes on two CPU cores
 DEMO = {
@@ -362,6 +362,8 @@ def main(args):
     model = build_model(
         cfg["model"]["architecture"], cfg["model"]["in_channels"], cfg["model"]["out_channels"], cfg["model"]["filters"]
     ).to(device)
+    if use_channels_last(device, cfg):
+        model = model.to(memory_format=torch.channels_last_3d)
     if dist.is_initialized() and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = HydraLoss(cfg["model"]["loss_weights"]).to(device)

@@ -394,6 +394,8 @@ def resolve_args(args, device: torch.device) -> argparse.Namespace:
     defaults = {"epochs": 20, "batch_size": 16, "image_size": 256, "encoder_weights": "imagenet", "lr": 1e-3}
     if args.use_mixed_precision is None:  # the recipe's AMP is for CUDA; CPU and MPS train in fp32 unless asked
         args.use_mixed_precision = RECIPES[args.recipe]["use_mixed_precision"] and device.type == "cuda"
+    if args.channels_last is None:  # faster convolutions on the CPU (benchmarks/RESULTS.md) and CUDA; MPS unmeasured
+        args.channels_last = device.type in ("cpu", "cuda")
     for key, value in {**defaults, **RECIPES[args.recipe]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -479,6 +481,8 @@ def main(args):
     # The network next (ImageNet weights may need a download that can fail), then the run folder.
     model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
     model = build_model(model_args).to(device)
+    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
+        model = model.to(memory_format=torch.channels_last)
     model_args["encoder_weights"] = "none"  # evaluate.py rebuilds the network and loads the trained weights
 
     run_dir = None
@@ -692,6 +696,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--use-mixed-precision",
         action=flag,
         help="autocast (bf16, or fp16 + GradScaler); sota: on for CUDA; on the CPU only when given",
+    )
+    add(
+        "--channels_last",
+        "--channels-last",
+        action=flag,
+        help="channels-last memory format for the convolutions; default: on for CPU and CUDA",
     )
     add("--use_ema", "--use-ema", action=flag, help="EMA of the weights, validated and saved (sota: on)")
     add("--ema_decay", "--ema-decay", type=float, default=0.999, help="EMA decay (0.999)")

@@ -265,6 +265,8 @@ def main(args):
         args = stored
     else:
         args = resolve_args(args)
+    if getattr(args, "channels_last", None) is None:  # faster convolutions on the CPU (benchmarks/RESULTS.md) and
+        args.channels_last = device.type in ("cpu", "cuda")  # CUDA; MPS unmeasured
 
     if args.demo and args.labels_csv is None:
         root = Path(args.save_dir) / "demo_data" / "v1_240"
@@ -354,6 +356,8 @@ def main(args):
     val_loader = DataLoader(val_set, args.batch_size, **loader_args)
 
     model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized() and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = build_loss(args, weights).to(device)
@@ -504,6 +508,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         dest="mixed_precision",
         action="store_true",
         help="autocast (bf16, or fp16 with a GradScaler)",
+    )
+    add(
+        "--channels-last",
+        "--channels_last",
+        dest="channels_last",
+        action=argparse.BooleanOptionalAction,
+        help="channels-last memory format for the convolutions; default: on for CPU and CUDA",
     )
     add("--batch-size", "--batch_size", dest="batch_size", type=int, help="images per batch and process [32]")
     add("--num-workers", "--num_workers", dest="num_workers", type=int, default=4, help="loader workers [4]")

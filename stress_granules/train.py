@@ -257,6 +257,8 @@ def resolve_args(args, device) -> argparse.Namespace:
             setattr(args, key, value)
     if args.use_mixed_precision is None:
         args.use_mixed_precision = device.type == "cuda"
+    if args.channels_last is None:  # faster convolutions on the CPU (benchmarks/RESULTS.md) and CUDA; MPS unmeasured
+        args.channels_last = device.type in ("cpu", "cuda")
     if args.image_size % 16:
         raise SystemExit(f"--image_size {args.image_size} must be a multiple of 16")
     for key in ("save_every", "crops_per_image", "batch_size", "restart_epochs"):
@@ -385,6 +387,8 @@ def main(args):
         "dropout": args.dropout,
     }
     model = UNet(**model_args).to(device)
+    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
+        model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized():
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -593,6 +597,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--use-mixed-precision",
         action=argparse.BooleanOptionalAction,
         help="autocast (bf16, or fp16 + GradScaler); default: on for CUDA only",
+    )
+    add(
+        "--channels_last",
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="channels-last memory format for the convolutions; default: on for CPU and CUDA",
     )
     add("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
     add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")

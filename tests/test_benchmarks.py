@@ -18,3 +18,25 @@ def test_quick_metrics_item_writes_a_report_with_identical_values(tmp_path):
     assert "## Instance metrics" in text and "torch" in text
     rows = [line for line in text.splitlines() if line.startswith("| 256 x 256") or line.startswith("| 1024 x 1024")]
     assert len(rows) == 2 and all("| yes |" in row for row in rows)
+
+
+def test_channels_last_is_the_default_where_the_benchmark_found_it_faster():
+    """benchmarks/RESULTS.md: channels-last convolutions were 1.16 to 1.4x faster per training step for the default
+    models of pannuke, stress_granules, retinopathy and hydra_lv on the CPU, so train.py turns them on for CPU and
+    CUDA; `--no-channels_last` (hydra_lv: optimization.channels_last=false) turns them off, MPS stays off."""
+    import torch
+
+    import hydra_lv.model as hydra_model
+    import pannuke.train as pannuke_train
+    import stress_granules.train as stress_train
+
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    for train in (pannuke_train, stress_train):
+        assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), cpu).channels_last is True
+        assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), mps).channels_last is False
+        off = train.get_args_parser().parse_args(["--demo", "--no-channels_last"])
+        assert train.resolve_args(off, cpu).channels_last is False
+    for setting, expected in (("auto", True), (True, True), (False, False)):
+        assert hydra_model.use_channels_last(cpu, {"optimization": {"channels_last": setting}}) is expected
+    assert hydra_model.use_channels_last(cpu, {"optimization": {}})  # a config from before the key: auto
+    assert not hydra_model.use_channels_last(mps, {"optimization": {"channels_last": "auto"}})
