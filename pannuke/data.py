@@ -7,11 +7,12 @@ On disk (both layouts are accepted, see ../shared/DATA_FORMATS.md):
     DATA/Fold 1/masks/fold1/masks.npy     (N, 256, 256, 6) instance ids per class channel, channel 5 background
 or  DATA/fold1/{images,masks,types}.npy
 
-The arrays are memory-mapped, never loaded whole. The first use of a fold writes a cache next to the run
-folders (`--cache_dir`, default runs/pannuke/cache): CLAHE'd uint8 images, the semantic map (uint8) and the
-merged instance map (int32), 8 bytes per pixel (about 1.4 GB for a 2,700-tile fold) instead of 72 bytes of
-float64 images and masks (12.7 GB), so epochs read 9x fewer bytes and CLAHE runs once. The cache is keyed by
-the fold's paths, sizes and modification times.
+The arrays are never loaded whole: tiles are read with plain file reads (NpyRows), so the process's resident
+memory stays flat however large the fold (a memory map would count every page it touched). The first use of a
+fold writes a cache next to the run folders (`--cache_dir`, default runs/pannuke/cache): CLAHE'd uint8 images,
+the semantic map (uint8) and the merged instance map (int32), 8 bytes per pixel (about 1.4 GB for a 2,700-tile
+fold) instead of 72 bytes of float64 images and masks (12.7 GB), so epochs read 9x fewer bytes and CLAHE runs
+once. The cache is keyed by the fold's paths, sizes and modification times.
 """
 
 from __future__ import annotations
@@ -168,8 +169,74 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class NpyRows:
+    """A C-ordered .npy file read a row range at a time with ordinary file reads (seek + readinto), not a memory
+    map: the pages read go to the page cache, which the kernel shares and evicts, not into this process's resident
+    memory. Indexing with an int or a slice of the first axis reads those rows; other keys read the whole array.
+    The file handle opens on first read in each process (loader workers do not share it)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise DataError(f"{self.path}: .npy format version {version} is not supported (1.0 or 2.0)")
+            self.shape, fortran, self.dtype = read_header[version](f)
+            self.offset = f.tell()
+        if fortran or self.dtype.hasobject:
+            raise DataError(f"{self.path}: expected a C-ordered numeric array")
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._handle = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new array."""
+        if self._handle is None:
+            self._handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open for the process)
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+        self._handle.seek(self.offset + start * self.row_bytes)
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < out.nbytes:
+            read = self._handle.readinto(view[done:])
+            if not read:
+                raise DataError(f"{self.path}: the file ends before row {stop} of {self.shape[0]}")
+            done += read
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= index < self.shape[0]:
+                raise IndexError(f"row {key} of {self.shape[0]}")
+            return self.rows(index, index + 1)[0]
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.shape[0])
+            return self.rows(start, stop)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.rows(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def write_npy(path: Path, shape: tuple, dtype) -> tuple:
+    """A .npy file opened for writing its rows in order: (file object, its header written). Append each chunk's
+    bytes with file.write(chunk.tobytes())."""
+    handle = open(path, "wb")  # noqa: SIM115 (closed by the caller)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(handle, header)
+    return handle
+
+
 class Fold:
-    """A fold after preprocessing: the cached arrays, memory-mapped on first use in each process.
+    """A fold after preprocessing: the cached arrays (NpyRows), opened on first use in each process.
 
     images (N, H, W, 3) uint8 after CLAHE; semantic (N, H, W) uint8 0..5; instances (N, H, W) int32 (0 =
     background); types (N,) tissue names; class_pixels (6,) pixel count per class; files: the original arrays.
@@ -187,7 +254,7 @@ class Fold:
             raise AttributeError(name)
         arrays = self.__dict__.setdefault("_arrays", {})
         if name not in arrays:
-            arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+            arrays[name] = NpyRows(self.folder / f"{name}.npy")
         return arrays[name]
 
     def __getstate__(self) -> dict:
@@ -206,7 +273,7 @@ def _cache_key(files: FoldFiles) -> str:
 
 
 def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int = 64, log=print) -> Fold:
-    """Find, check and (on first use) cache fold `fold`; returns memory-mapped cached arrays."""
+    """Find, check and (on first use) cache fold `fold`; returns the cached arrays, read a tile at a time."""
     files = find_fold(data_dir, fold)
     images, masks, types = open_fold(files)
     folder = Path(cache_dir) / f"fold{fold}_{_cache_key(files)}"
@@ -221,26 +288,32 @@ def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int
             "instances": ((n, h, w), np.int32),
         }
         tmp = f"tmp{os.getpid()}"  # two runs caching the same fold at once each write their own files
-        arrays = {
-            name: np.lib.format.open_memmap(folder / f"{name}.{tmp}.npy", mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in outputs.items()
-        }
+        # the source and the cache are read and written with file reads and writes, never mapped: caching a fold
+        # of any size keeps this process's resident memory flat
+        files_out = {name: write_npy(folder / f"{name}.{tmp}.npy", shape, dtype)
+                     for name, (shape, dtype) in outputs.items()}  # fmt: skip
+        source_images = NpyRows(files.images) if images.flags.c_contiguous else images
+        source_masks = NpyRows(files.masks) if masks.flags.c_contiguous else masks
         class_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = np.asarray(images[start:stop])
-            if not np.isfinite(block).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(block).reshape(stop - start, -1).all(1))[0])
-                raise DataError(f"{files.images}: tile {bad} contains NaN or infinite values")
-            for i in range(stop - start):
-                arrays["images"][start + i] = preprocess_image(block[i])
-            semantic, instances = semantic_and_instances(np.asarray(masks[start:stop]))
-            arrays["semantic"][start:stop] = semantic
-            arrays["instances"][start:stop] = instances
-            class_pixels += np.bincount(semantic.ravel(), minlength=NUM_CLASSES)
-        for array in arrays.values():
-            array.flush()
-        arrays.clear()  # no open maps left: Windows cannot rename a mapped file
+        try:
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                block = np.asarray(source_images[start:stop])
+                if not np.isfinite(block).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(block).reshape(stop - start, -1).all(1))[0])
+                    raise DataError(f"{files.images}: tile {bad} contains NaN or infinite values")
+                files_out["images"].write(np.stack([preprocess_image(tile) for tile in block]).tobytes())
+                semantic, instances = semantic_and_instances(np.asarray(source_masks[start:stop]))
+                files_out["semantic"].write(semantic.astype(np.uint8).tobytes())
+                files_out["instances"].write(instances.astype(np.int32).tobytes())
+                class_pixels += np.bincount(semantic.ravel(), minlength=NUM_CLASSES)
+        except BaseException:
+            for name, handle in files_out.items():
+                handle.close()
+                (folder / f"{name}.{tmp}.npy").unlink(missing_ok=True)
+            raise
+        for handle in files_out.values():
+            handle.close()
         for name in outputs:
             os.replace(folder / f"{name}.{tmp}.npy", folder / f"{name}.npy")
         meta = {"fold": fold, "tiles": n, "class_pixels": class_pixels.tolist(), "source": str(files.images)}

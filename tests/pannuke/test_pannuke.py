@@ -19,6 +19,7 @@ from pannuke import evaluate as pannuke_evaluate
 from pannuke import train as pannuke_train
 from pannuke import visualize as pannuke_visualize
 from pannuke.data import (
+    NpyRows,
     distance_target,
     find_fold,
     load_fold,
@@ -195,6 +196,36 @@ def test_fold_pickles_as_paths_for_spawned_workers(data, tmp_path):
     copy = pickle.loads(pickle.dumps(fold))
     assert len(pickle.dumps(fold)) < 20_000  # the arrays (2.4 MB of images) stay on disk
     np.testing.assert_array_equal(copy.instances[3], fold.instances[3])
+
+
+def test_npy_rows_reads_what_numpy_reads_without_a_memory_map(tmp_path):
+    """Tiles come from plain file reads (the process's resident memory stays flat, benchmarks/RESULTS.md); every
+    kind of index reads what np.load does, in both .npy header versions; a cut file and Fortran order are named."""
+    import pickle
+
+    array = np.random.default_rng(0).integers(-(2**30), 2**30, (7, 5, 4, 3)).astype(np.int32)
+    np.save(tmp_path / "a.npy", array)
+    with open(tmp_path / "v2.npy", "wb") as f:  # version 2.0 header
+        np.lib.format.write_array(f, array, version=(2, 0))
+    for path in (tmp_path / "a.npy", tmp_path / "v2.npy"):
+        rows = NpyRows(path)
+        assert rows.shape == array.shape and rows.dtype == array.dtype and len(rows) == 7
+        np.testing.assert_array_equal(rows[3], array[3])
+        np.testing.assert_array_equal(rows[-1], array[-1])
+        np.testing.assert_array_equal(rows[2:5], array[2:5])
+        np.testing.assert_array_equal(rows[5:], array[5:])
+        np.testing.assert_array_equal(rows[::2], array[::2])
+        np.testing.assert_array_equal(np.asarray(rows), array)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(rows))[6], array[6])
+        with pytest.raises(IndexError):
+            rows[7]
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) - 10])
+    with pytest.raises(SystemExit, match=r"cut.npy: the file ends before row 7 of 7"):
+        NpyRows(tmp_path / "cut.npy")[4:]
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(array))
+    with pytest.raises(SystemExit, match=r"fortran.npy: expected a C-ordered numeric array"):
+        NpyRows(tmp_path / "fortran.npy")
 
 
 class Pointwise(torch.nn.Module):
