@@ -176,9 +176,10 @@ def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[Volum
         shape = volume_shape(image)
         if len(shape) != 3:
             raise DataError(f"{image}: expected a 3D (z, y, x) volume, found shape {shape}")
-        if volume_dtype(image) != np.uint8:  # training and inference scale intensities by 1/255
+        dtype = volume_dtype(image)
+        if dtype != np.uint8:  # training and inference scale intensities by 1/255
             raise DataError(
-                f"{image}: the image is {volume_dtype(image)}; hydra_lv reads 8-bit EM images (uint8 0..255). "
+                f"{image}: the image is {dtype}; hydra_lv reads 8-bit EM images (uint8 0..255). "
                 f"Convert it first, e.g. with a percentile stretch to 0..255 and .astype(np.uint8)"
             )
         label = labels[i] if labels else None

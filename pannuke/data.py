@@ -226,9 +226,9 @@ class NpyRows:
         return whole if dtype is None else whole.astype(dtype)
 
 
-def write_npy(path: Path, shape: tuple, dtype) -> tuple:
-    """A .npy file opened for writing its rows in order: (file object, its header written). Append each chunk's
-    bytes with file.write(chunk.tobytes())."""
+def write_npy(path: Path, shape: tuple, dtype):
+    """A .npy file opened for writing its rows in order, its header already written: append each chunk's bytes
+    with .write(chunk.tobytes()) and close it."""
     handle = open(path, "wb")  # noqa: SIM115 (closed by the caller)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     np.lib.format.write_array_header_1_0(handle, header)
