@@ -209,7 +209,7 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
     (Stage1Net) with stage1_type's trainable parts; SetCriterion on boxes from the batch, as stage1_epoch."""
     from cellsam import train
     from cellsam.data import CellDataset, collate, find_pairs, write_demo_dataset, xyxy_to_cxcywh
-    from cellsam.model import SetCriterion, build_cellfinder, build_sam
+    from cellsam.model import SetCriterion
 
     root = write_demo_dataset(workdir / "data", n_images=6 if quick else 12)
     # vit_tiny instead of the default vit_b (1024 px input, 86 M parameters): too heavy for a 2-core CPU
@@ -220,10 +220,9 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
     train_pairs, _ = train.ExperimentRunner(config).splits(find_pairs(config.img_path, config.mask_path))[0]
 
     torch.manual_seed(config.seed + 1)  # run_fold's seed for fold 1
-    sam = build_sam(config.sam_size, config.sam_checkpoint)
-    size = sam.image_encoder.img_size
+    two_stage = train.build_model(config.check())  # vit_tiny: this folder's shared-encoder CellSAM
+    size, finder = two_stage.input_size, two_stage.finder
     s1 = config.stage1
-    finder = build_cellfinder(sam, s1)
     dataset = CellDataset(
         train_pairs, size, config.augmentation, config.gamma, config.seed, True, config.stain_transform
     )
@@ -231,8 +230,8 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
     criterion = SetCriterion(
         s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha, s1.focal_gamma, s1.one_to_many
     )
-    train.freeze_for_stage1(sam, s1.stage1_type)  # stage 1 trains CellFinder and, by stage1_type, the encoder
-    model = train.Stage1Net(sam, finder)
+    two_stage.freeze_for_stage1(s1.stage1_type)  # stage 1 trains CellFinder and, by stage1_type, the encoder
+    model = train.Stage1Net(two_stage)
     sam_note = "--demo" if quick else "instead of the default vit_b: too heavy for a 2-core CPU"
 
     def step_loss(model, batch, device):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 STRATEGIES = ("k_fold", "train_val_split", "full_dataset")
+ARCHITECTURES = ("auto", "published", "shared_encoder")
 STAGE1_TYPES = ("cellfinder", "image_encoder", "all_backbones")
 STAGE2_PARTS = ("neck", "mask_decoder", "both")
 HARD_NEGATIVE_MINING = ("none", "plain", "weighted")
@@ -34,6 +35,7 @@ class Stage1Config:
     dropout: float = 0.1  # in CellFinder's transformer layers (attention and feed-forward)
     one_to_many: int = 1  # > 1: earlier decoder layers match each cell this many times (hybrid matching)
     score_threshold: float = 0.4  # a query is a cell above this probability (evaluation, stage-2 prompts)
+    cell_class: int = -1  # published CellFinder: its score column that learns "cell" (-1: the one the loaded model uses)
     patience: int = 10
 
 
@@ -67,8 +69,14 @@ class ExperimentConfig:
     k_folds: int = 5
     val_fraction: float = 0.2
     batch_size: int = 2
+    # published: the published CellSAM's layout (vit_b; vit_tiny for tests), from --cellsam_checkpoint (a released
+    # cellsam_general.pt or a fine-tuned one) or --sam_checkpoint; shared_encoder: this folder's CellFinder on the
+    # encoder of the SAM that draws the masks (any size); auto: published for vit_b, shared_encoder otherwise
+    architecture: str = "auto"
     sam_size: str = "vit_b"
     sam_checkpoint: str | None = None
+    cellsam_checkpoint: str | None = None
+    allow_missing_keys: bool = False  # a --cellsam_checkpoint without some published keys loads what it has
     debug: bool = False  # a few images and epochs, to check a set-up
     augmentation: bool = True
     stain_transform: bool = False  # H&E stain jitter (for H&E images)
@@ -86,6 +94,7 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ExperimentConfig:
         data = dict(data)
+        data.setdefault("architecture", "shared_encoder")  # experiments written before the published layout
         stage1 = Stage1Config(**data.pop("stage1", {}))
         stage2 = Stage2Config(**data.pop("stage2", {}))
         return cls(**data, stage1=stage1, stage2=stage2)
@@ -94,6 +103,7 @@ class ExperimentConfig:
         """Clear errors for values that cannot work."""
         choices = [
             ("strategy", self.strategy, STRATEGIES),
+            ("architecture", self.architecture, ARCHITECTURES),
             ("stage1_type", self.stage1.stage1_type, STAGE1_TYPES),
             ("train_parts", self.stage2.train_parts, STAGE2_PARTS),
             ("hard_negative_mining", self.stage2.hard_negative_mining, HARD_NEGATIVE_MINING),
@@ -101,6 +111,18 @@ class ExperimentConfig:
         for name, value, allowed in choices:
             if value not in allowed:
                 raise SystemExit(f"--{name} {value}: choose one of {', '.join(allowed)}")
+        if self.architecture == "auto":
+            self.architecture = "published" if self.sam_size == "vit_b" or self.cellsam_checkpoint else "shared_encoder"
+        if self.architecture == "published" and self.sam_size not in ("vit_b", "vit_tiny"):
+            raise SystemExit(
+                f"--sam_size {self.sam_size}: the published CellSAM is vit_b; pass --architecture shared_encoder "
+                "to train this folder's CellFinder on a vit_l or vit_h SAM"
+            )
+        if self.cellsam_checkpoint and self.architecture != "published":
+            raise SystemExit(
+                "--cellsam_checkpoint holds the published CellSAM: drop --architecture shared_encoder (or pass "
+                "--architecture published)"
+            )
         if self.strategy == "k_fold" and self.k_folds < 2:
             raise SystemExit(f"--k_folds {self.k_folds}: k-fold training needs at least 2 folds")
         if self.gamma <= 0:

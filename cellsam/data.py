@@ -170,14 +170,17 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.0
     return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.float32)
 
 
-def build_augmentation(enabled: bool, size: int, train: bool = True) -> A.Compose:
+def build_augmentation(enabled: bool, size: int, train: bool = True, resize: bool = False) -> A.Compose:
     """Images keep their pixel scale (a cell stays as many pixels wide as in the microscope image): a training
     sample is a random size x size crop (padded where the image is smaller), a validation sample the central one.
     With `enabled`: flips, 90-degree rotations, scale/shift, brightness/contrast and blur; the masks follow every
     geometric change (nearest neighbour) and boxes are recomputed from them. Images go in as float 0..1, the range
-    albumentations assumes for float images."""
+    albumentations assumes for float images. resize: the whole image is resized to size x size instead (the
+    published CellSAM's rule for an image that fits its window)."""
     crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
     fit = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), crop]
+    if resize:
+        fit = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
     if not (enabled and train):
         return A.Compose(fit)
     return A.Compose(
@@ -195,15 +198,19 @@ def build_augmentation(enabled: bool, size: int, train: bool = True) -> A.Compos
 
 class CellDataset(torch.utils.data.Dataset):
     """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image: a crop of S pixels
-    (see build_augmentation). Images and masks are read once and kept: cell datasets are small."""
+    (see build_augmentation). Images and masks are read once and kept: cell datasets are small.
+    reader: how an image file becomes (H, W, 3) float 0..255 (read_image, or the published CellSAM's
+    normalisation); resize_small: an image that fits S x S is resized to it whole instead of padded (the
+    published CellSAM's rule), a larger one still gives crops of S pixels."""
 
     def __init__(self, pairs: list[Pair], size: int, augment: bool = False, gamma: float = 1.0, seed: int = 0,
-                 train: bool = True, stain: bool = False):  # fmt: skip
+                 train: bool = True, stain: bool = False, reader=None, resize_small: bool = False):  # fmt: skip
         self.pairs, self.size, self.gamma, self.seed, self.epoch, self.stain = pairs, size, gamma, seed, 0, stain
         self.transform = build_augmentation(augment, size, train)
+        self.resize = build_augmentation(augment, size, train, resize=True) if resize_small else None
         self.items = []
         for pair in pairs:
-            image = read_image(pair.image)
+            image = (reader or read_image)(pair.image)
             mask = read_mask(pair.mask, image.shape[:2], pair.image)
             check_cells(mask, pair.mask)
             self.items.append((image, mask))
@@ -217,11 +224,12 @@ class CellDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image, mask = self.items[i]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        self.transform.set_random_seed(seed)
+        transform = self.resize if self.resize is not None and max(image.shape[:2]) <= self.size else self.transform
+        transform.set_random_seed(seed)
         if self.stain:
             image = stain_jitter(image, np.random.default_rng(seed))
         # albumentations takes float images to hold 0..1: brightness, contrast and blur clip to that range
-        out = self.transform(image=image / 255.0, mask=mask)
+        out = transform(image=image / 255.0, mask=mask)
         image, mask = np.clip(out["image"], 0, 1) * 255.0, out["mask"]
         if self.gamma != 1.0:  # input gamma correction
             image = 255.0 * (image / 255.0) ** self.gamma

@@ -4,16 +4,20 @@ size, and score it where masks are given.
     python cellsam/evaluate.py output/my_cells                        # each fold's held-out images
     python cellsam/evaluate.py output/my_cells --fold 2 --images NEW/images            # label images only
     python cellsam/evaluate.py output/my_cells --images DATA/images --masks DATA/masks  # with scores
+    python cellsam/evaluate.py --cellsam_checkpoint cellsam_general.pt --images DATA/images --masks DATA/masks
+                                                   # a released (or fine-tuned) published CellSAM, as it comes
 
-Images larger than SAM's input are cut into overlapping tiles at their own pixel scale; a cell is taken from the
-tile whose core holds its centre (--overlap should exceed the largest cell's diameter). Writes a new folder
-<experiment>/evaluation/evaluation_<YYYYmmdd_HHMMSS>/ (or in --output_dir): labels/<image>.tif (int32 cell ids)
+Images larger than the model's window are cut into overlapping tiles at their own pixel scale; a cell is taken
+from the tile whose core holds its centre (--overlap should exceed the largest cell's diameter). The published
+CellSAM segments an image that fits its window whole, resized to 1024 px, as cellSAM's segment_cellular_image
+does. Writes a new folder <experiment>/evaluation/evaluation_<YYYYmmdd_HHMMSS>/ (output/evaluation/... for
+--cellsam_checkpoint; or in --output_dir): labels/<image>.tif (int32 cell ids)
 and, with masks, report.json and per_image.csv:
 - CellSAM's F1 at IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall, PQ;
 - average precision over IoU 0.5:0.95 as cell-segmentation papers report it (TP / (TP + FP + FN) at each IoU
   threshold 0.5, 0.55, ..., 0.95, averaged over thresholds and images);
 - box AP at IoU 0.5 of CellFinder alone (stage 1: its scored boxes against the cells' boxes, all-point
-  interpolated precision-recall area, over every image together);
+  interpolated precision-recall area, over every image together; on the first window of a larger image);
 - the same F1, precision, recall and PQ for Otsu + distance-transform watershed.
 """
 
@@ -34,31 +38,38 @@ from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
-from cellsam.model import build_cellfinder, build_sam, encode, segment_image, xyxy
-from cellsam.train import new_experiment_dir, otsu_watershed, read_pair, score_images
+from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from common.metrics import instance_overlaps, match_instances
 
 
 def load_fold(experiment: Path, fold: int, device) -> tuple:
-    """SAM and CellFinder of one fold, rebuilt from experiment_config.json and the fold's best checkpoints."""
+    """(the model of one fold, its ExperimentConfig): the published CellSAM from the fold's
+    cellsam_finetuned.pt; this folder's model rebuilt from experiment_config.json and the best checkpoints of
+    both stages."""
     config_file = experiment / "experiment_config.json"
     if not config_file.is_file():
         raise SystemExit(f"{experiment}: no experiment_config.json (give output/<name> of cellsam/train.py)")
     config = ExperimentConfig.from_dict(json.loads(config_file.read_text()))
     folder = experiment / "models" / f"fold_{fold}"
+    if config.architecture == "published":
+        from cellsam.published import CellSAM, load_cellsam_weights
+
+        path = folder / "cellsam_finetuned.pt"
+        if not path.is_file():
+            raise SystemExit(f"fold {fold}: {path} missing (did that fold finish?)")
+        model = CellSAM(config.sam_size)
+        load_cellsam_weights(model, path, log=lambda *_: None, flag="fold model")
+        return model.to(device).eval(), config
     paths = [folder / "best_model_s1.pth", folder / "best_model_s2.pth"]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"fold {fold}: {', '.join(missing)} missing (did that fold finish?)")
-    sam = build_sam(config.sam_size, config.sam_checkpoint)
-    finder = build_cellfinder(sam, config.stage1)
-    modules = {"finder": finder, "image_encoder": sam.image_encoder, "prompt_encoder": sam.prompt_encoder,
-               "mask_decoder": sam.mask_decoder}  # fmt: skip
+    model = build_model(config)
     for path in paths:  # stage 2's weights (the encoder it started from included) come last
         saved = torch.load(path, map_location="cpu", weights_only=True)
         for name, state in saved["modules"].items():
-            modules[name].load_state_dict(state)
-    return sam.to(device).eval(), finder.to(device).eval(), config
+            model.parts[name].load_state_dict(state)
+    return model.to(device).eval(), config
 
 
 def box_average_precision(detections: list[tuple], iou_threshold: float = 0.5) -> float:
@@ -101,57 +112,67 @@ def average_precision_over_iou(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
-@torch.no_grad()
-def stage1_boxes(sam, finder, image: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CellFinder's boxes (xyxy pixels) and scores on an image padded or cut to SAM's input size (its top-left)."""
-    size = sam.image_encoder.img_size
-    tile = np.zeros((size, size, 3), np.float32)
-    h, w = min(size, image.shape[0]), min(size, image.shape[1])
-    tile[:h, :w] = image[:h, :w]
-    features, _ = encode(sam, torch.from_numpy(tile.transpose(2, 0, 1))[None].to(device))
-    out = finder(features)
-    return (xyxy(out["boxes"][0]) * size).cpu(), out["logits"][0].sigmoid().cpu()
+def load_released(path: str, device) -> tuple:
+    """(a published CellSAM from a released or fine-tuned file, an ExperimentConfig of defaults)."""
+    from cellsam.published import CellSAM, load_cellsam_weights
+
+    model = CellSAM("vit_b")
+    load_cellsam_weights(model, path)
+    return model.to(device).eval(), ExperimentConfig(architecture="published", cellsam_checkpoint=path)
 
 
 def main(args) -> Path:
-    experiment = Path(args.experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results_file = experiment / "results" / "individual_results.json"
-    folds = json.loads(results_file.read_text()) if results_file.is_file() else []
-    fold = args.fold or (folds[0]["fold"] if folds else 1)
-    sam, finder, config = load_fold(experiment, fold, device)
-    if args.images:
-        pairs = find_pairs(args.images, args.masks)
-    else:  # the fold's held-out images
-        held_out = next((f["val_images"] for f in folds if f["fold"] == fold), [])
-        if not held_out:
-            raise SystemExit(f"fold {fold} held no images out (full_dataset?): give --images (and --masks)")
-        pairs = [p for p in find_pairs(config.img_path, config.mask_path) if p.name in held_out]
-    out = new_experiment_dir(
-        Path(args.output_dir or experiment / "evaluation"), f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}"
-    )
+    if args.experiment is None and not args.cellsam_checkpoint:
+        raise SystemExit("give an experiment folder (output/<name> of cellsam/train.py) or --cellsam_checkpoint FILE")
+    if args.cellsam_checkpoint:
+        if not args.images:
+            raise SystemExit("--cellsam_checkpoint: give --images (and --masks for scores)")
+        pairs = find_pairs(args.images, args.masks)  # a bad folder stops before the model loads
+        model, config = load_released(args.cellsam_checkpoint, device)
+        fold, experiment, parent = None, Path(args.cellsam_checkpoint), Path("output") / "evaluation"
+        if args.bbox_threshold is not None:
+            config.stage1.score_threshold = args.bbox_threshold
+    else:
+        experiment = parent = Path(args.experiment)
+        results_file = experiment / "results" / "individual_results.json"
+        folds = json.loads(results_file.read_text()) if results_file.is_file() else []
+        fold = args.fold or (folds[0]["fold"] if folds else 1)
+        model, config = load_fold(experiment, fold, device)
+        if args.images:
+            pairs = find_pairs(args.images, args.masks)
+        else:  # the fold's held-out images
+            held_out = next((f["val_images"] for f in folds if f["fold"] == fold), [])
+            if not held_out:
+                raise SystemExit(f"fold {fold} held no images out (full_dataset?): give --images (and --masks)")
+            pairs = [p for p in find_pairs(config.img_path, config.mask_path) if p.name in held_out]
+        parent = parent / "evaluation"
+    out = new_experiment_dir(Path(args.output_dir or parent), f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}")
     (out / "labels").mkdir()
-    print(f"fold {fold}: segmenting {len(pairs)} image(s) on {device.type}; writing {out}")
+    print(f"{'fold ' + str(fold) if fold else experiment}: segmenting {len(pairs)} image(s) on {device.type}; "
+          f"writing {out}")  # fmt: skip
     rows, predictions, baselines, truths, detections = [], [], [], [], []
+    threshold = config.stage1.score_threshold
     for pair in pairs:
-        image, truth = read_pair(pair, config.gamma)
-        labels = segment_image(sam, finder, image, config.stage1.score_threshold, args.overlap, device)
+        image, truth = read_pair(pair, config.gamma, model.read_image)
+        labels = model.segment(image, threshold, args.overlap, device)
         tifffile.imwrite(out / "labels" / f"{pair.name}.tif", labels)
         if truth is None:
             continue
         predictions.append(labels)
         truths.append(truth)
-        baselines.append(otsu_watershed(image))
-        boxes, scores = stage1_boxes(sam, finder, image, device)
-        size = sam.image_encoder.img_size
-        _, true_boxes = boxes_from_mask(truth[:size, :size])
+        plain = image if model.architecture == "shared_encoder" else read_pair(pair, config.gamma)[0]
+        baselines.append(otsu_watershed(plain))
+        boxes, scores, (h, w) = model.detect(image, device)
+        _, true_boxes = boxes_from_mask(truth[:h, :w])
         detections.append((boxes, scores, torch.from_numpy(true_boxes)))
         match = match_instances(truth, labels, 0.5)
         rows.append({"image": pair.name, "cells": match.tp + match.fn, "predicted": match.tp + match.fp,
                      "f1": match.f1, "precision": match.precision, "recall": match.recall,
                      "ap_50_95": average_precision_over_iou(truth, labels)})  # fmt: skip
     if rows:
-        report = {"experiment": str(experiment), "fold": fold, "images": len(rows), **score_images(predictions, truths)}
+        report = {"experiment": str(experiment), "fold": fold, "images": len(rows), "image_names": [r["image"] for r in rows],
+                  **score_images(predictions, truths)}  # fmt: skip
         report["ap_50_95"] = float(np.nanmean([r["ap_50_95"] for r in rows]))
         report["box_ap_50"] = box_average_precision(detections, 0.5)
         report["baseline_otsu_watershed"] = score_images(baselines, truths)
@@ -166,7 +187,11 @@ def main(args) -> Path:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("experiment", help="output/<name> of cellsam/train.py")
+    p.add_argument("experiment", nargs="?", help="output/<name> of cellsam/train.py")
+    p.add_argument("--cellsam_checkpoint", "--cellsam-checkpoint", dest="cellsam_checkpoint",
+                   help="instead of an experiment: a published-layout CellSAM file (cellsam_general.pt, "
+                        "cellsam_extra.pt or a fold's cellsam_finetuned.pt); needs --images")  # fmt: skip
+    p.add_argument("--bbox_threshold", type=float, help="with --cellsam_checkpoint: CellFinder's score threshold [0.4]")
     p.add_argument("--fold", type=int, help="which fold's models [the first]")
     p.add_argument("--images", help="image folder [the fold's held-out images]")
     p.add_argument("--masks", help="their instance masks: adds the scores")

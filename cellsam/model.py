@@ -288,19 +288,25 @@ class SetCriterion(nn.Module):
     true boxes, and summed over the final and every auxiliary decoder layer (each matched on its own)."""
 
     def __init__(self, ce_loss_weight=2.0, bbox_loss_weight=5.0, giou_loss_weight=2.0, alpha=0.25, gamma=2.0,
-                 one_to_many=1):  # fmt: skip
+                 one_to_many=1, cell_class=1):  # fmt: skip
         super().__init__()
-        self.one_to_many = one_to_many
+        self.one_to_many, self.cell_class = one_to_many, cell_class
         self.weights = {"class": ce_loss_weight, "bbox": bbox_loss_weight, "giou": giou_loss_weight}
         self.alpha, self.gamma = alpha, gamma
 
     def layer_losses(self, output: dict, targets: list[torch.Tensor], num_boxes: float) -> dict:
         logits, boxes = output["logits"].float(), output["boxes"].float()
-        matches = hungarian_match(logits, boxes, targets, *self.weights.values(), self.alpha, self.gamma)
+        # (B, Q) one cell score per query, or (B, Q, classes) as the published CellFinder: the cell_class column
+        # is matched and learns "cell"; every other column learns "no cell" (AnchorDETR's one-hot focal loss)
+        cell = logits if logits.dim() == 2 else logits[..., self.cell_class]
+        matches = hungarian_match(cell, boxes, targets, *self.weights.values(), self.alpha, self.gamma)
         labels = torch.zeros_like(logits)
         matched_pred, matched_true = [], []
         for b, (rows, cols) in enumerate(matches):
-            labels[b, rows] = 1
+            if logits.dim() == 2:
+                labels[b, rows] = 1
+            else:
+                labels[b, rows, self.cell_class] = 1
             matched_pred.append(boxes[b, rows])
             matched_true.append(targets[b].to(boxes.device)[cols])
         pred, true = torch.cat(matched_pred), torch.cat(matched_true).float()
@@ -429,10 +435,20 @@ def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms
 
 def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
     """A label image (H, W) int32 for an image (H, W, 3) float 0..255 of any size, at its own pixel scale: tiles of
-    SAM's input size overlapping by `overlap` px (one padded tile for a small image); each tile keeps the cells
-    whose centre lies in its core (the tile less half the overlap on sides shared with another tile), so a cell cut
-    by one tile's edge is taken whole from its neighbour, and cells are pasted where no earlier cell is."""
-    size = sam.image_encoder.img_size
+    SAM's input size (tile_and_stitch), each through predict_instances."""
+
+    def segment(tile: np.ndarray) -> np.ndarray:
+        tile = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))).float().to(device)
+        return predict_instances(sam, finder, tile, score_threshold)[0]
+
+    return tile_and_stitch(image, sam.image_encoder.img_size, overlap, segment)
+
+
+def tile_and_stitch(image: np.ndarray, size: int, overlap: int, segment) -> np.ndarray:
+    """One label image (H, W) int32 from `segment(tile) -> labels` on tiles (size, size, C) overlapping by `overlap`
+    px (one padded tile for a small image); each tile keeps the cells whose centre lies in its core (the tile less
+    half the overlap on sides shared with another tile), so a cell cut by one tile's edge is taken whole from its
+    neighbour, and cells are pasted where no earlier cell is."""
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)))
     step = size - overlap
@@ -444,8 +460,7 @@ def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=6
     labels, count = np.zeros((h, w), np.int32), 0
     for y0 in starts(padded.shape[0]):
         for x0 in starts(padded.shape[1]):
-            tile = torch.from_numpy(np.ascontiguousarray(padded[y0 : y0 + size, x0 : x0 + size].transpose(2, 0, 1)))
-            tile_labels, _, _ = predict_instances(sam, finder, tile.float().to(device), score_threshold)
+            tile_labels = segment(padded[y0 : y0 + size, x0 : x0 + size])
             core_y = (0 if y0 == 0 else overlap // 2, size if y0 + size >= padded.shape[0] else size - overlap // 2)
             core_x = (0 if x0 == 0 else overlap // 2, size if x0 + size >= padded.shape[1] else size - overlap // 2)
             for found, box in enumerate(ndimage.find_objects(tile_labels), start=1):
@@ -464,3 +479,82 @@ def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=6
                 count += 1
                 labels[gy[free], gx[free]] = count
     return labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two architectures behind one interface (train.py, evaluate.py and visualize.py use only this)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SharedEncoderCellSAM(nn.Module):
+    """This folder's CellSAM: CellFinder on the features of the one SAM whose neck and mask decoder draw the
+    masks; any SAM size (vit_b/l/h from an official SAM file, vit_tiny from scratch for CPUs). Images go in as
+    read_image gives them (float 0..255, at their own pixel scale). The published CellSAM (published.CellSAM) has
+    the same methods."""
+
+    architecture = "shared_encoder"
+
+    def __init__(self, sam: Sam, finder: CellFinder):
+        super().__init__()
+        self.sam, self.finder = sam, finder
+
+    @property
+    def input_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @property
+    def mask_sam(self) -> Sam:
+        return self.sam
+
+    @property
+    def parts(self) -> dict:
+        """The pieces checkpoints name (best_model_s1.pth holds "finder" and, when trained, "image_encoder")."""
+        return {"finder": self.finder, "image_encoder": self.sam.image_encoder,
+                "prompt_encoder": self.sam.prompt_encoder, "mask_decoder": self.sam.mask_decoder}  # fmt: skip
+
+    def finder_forward(self, images: torch.Tensor) -> dict:
+        features, _ = encode(self.sam, images)
+        return self.finder(features)
+
+    def mask_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def freeze_for_stage1(self, stage1_type: str) -> dict:
+        """Only what stage 1 trains keeps gradients: CellFinder, and the image encoder without its neck
+        (image_encoder) or with it (all_backbones). Returns the parts to train and save."""
+        self.requires_grad_(False)
+        self.finder.requires_grad_(True)
+        for name, parameter in self.sam.image_encoder.named_parameters():
+            in_neck = name.startswith("neck.")
+            parameter.requires_grad_(stage1_type == "all_backbones" or (stage1_type == "image_encoder" and not in_neck))
+        trained = {"finder": self.finder}
+        if stage1_type != "cellfinder":
+            trained["image_encoder"] = self.sam.image_encoder
+        return trained
+
+    def stage2_parts(self, train_parts: str) -> tuple[list, dict]:
+        """(the modules stage 2 trains, the parts it saves: the prompt encoder too, whose random Fourier features
+        and point embeddings the masks depend on)."""
+        trained = {"neck": [self.sam.image_encoder.neck], "mask_decoder": [self.sam.mask_decoder],
+                   "both": [self.sam.image_encoder.neck, self.sam.mask_decoder]}[train_parts]  # fmt: skip
+        return trained, {k: self.parts[k] for k in ("image_encoder", "prompt_encoder", "mask_decoder")}
+
+    def read_image(self, path: Path) -> np.ndarray:
+        from cellsam.data import read_image
+
+        return read_image(path)
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
+        return segment_image(self.sam, self.finder, image, score_threshold, overlap, device)
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray, device="cpu") -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """CellFinder's boxes (xyxy pixels) and scores on the image padded or cut to SAM's input size (its
+        top-left), and the (h, w) of the image they cover."""
+        size = self.input_size
+        tile = np.zeros((size, size, 3), np.float32)
+        h, w = min(size, image.shape[0]), min(size, image.shape[1])
+        tile[:h, :w] = image[:h, :w]
+        out = self.finder_forward(torch.from_numpy(tile.transpose(2, 0, 1))[None].to(device))
+        return (xyxy(out["boxes"][0]) * size).cpu(), out["logits"][0].sigmoid().cpu(), (h, w)

@@ -67,12 +67,12 @@ from cellsam.data import (
 from cellsam.model import (
     MaskLoss,
     SetCriterion,
+    SharedEncoderCellSAM,
     box_region,
     build_cellfinder,
     build_sam,
     decode_masks,
     encode,
-    segment_image,
 )
 from common.metrics import instance_overlaps, match_instances, nanmean, panoptic_quality
 
@@ -94,55 +94,119 @@ DEMO = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def build_model(config: ExperimentConfig, log=print):
+    """The two-stage model of config.architecture: the published CellSAM (published.CellSAM, from
+    --cellsam_checkpoint or --sam_checkpoint) or this folder's shared-encoder one (model.SharedEncoderCellSAM)."""
+    if config.architecture == "published":
+        from cellsam.published import CellSAM, load_cellsam_weights
+
+        model = CellSAM(config.sam_size, config.sam_checkpoint)
+        if config.cellsam_checkpoint:
+            load_cellsam_weights(model, config.cellsam_checkpoint, config.allow_missing_keys, log)
+        return model
+    sam = build_sam(config.sam_size, config.sam_checkpoint)
+    return SharedEncoderCellSAM(sam, build_cellfinder(sam, config.stage1))
+
+
+def prompted_masks(model, images, prompts: list, encoder_grad: bool = True) -> list:
+    """Mask logits (N_i, S/4, S/4) per image from the SAM that draws the masks, prompted by each image's boxes
+    (None where it has none)."""
+    sam = model.mask_sam
+    with nullcontext() if encoder_grad else torch.no_grad():
+        _, embeddings = encode(sam, model.mask_input(images))
+    return [None if p is None else decode_masks(sam, e[None], p)[0] for e, p in zip(embeddings, prompts, strict=True)]
+
+
 class Stage1Net(torch.nn.Module):
-    """SAM's image encoder and CellFinder as one module, so DistributedDataParallel can wrap them together."""
+    """CellFinder (and its image encoder) as one module, so DistributedDataParallel can wrap it; with prompts
+    (stage1_type all_backbones) also the masks of the true boxes, so the masks' image encoder learns too."""
 
-    def __init__(self, sam, finder):
+    def __init__(self, model):
         super().__init__()
-        self.sam, self.finder = sam, finder
+        self.model = model
 
-    def forward(self, images):
-        features, _ = encode(self.sam, images)
-        return self.finder(features)
+    def forward(self, images, prompts: list | None = None):
+        out = self.model.finder_forward(images)
+        if prompts is not None:
+            out["masks"] = prompted_masks(self.model, images, prompts)
+        return out
 
 
 class Stage2Net(torch.nn.Module):
     """SAM with box prompts: a list of mask logits (N_i, S/4, S/4) per image (None where it has no prompt)."""
 
-    def __init__(self, sam, train_parts: str):
+    def __init__(self, model, train_parts: str):
         super().__init__()
-        self.sam, self.train_parts = sam, train_parts
+        self.model, self.train_parts = model, train_parts
 
     def forward(self, images, prompts: list):
-        with torch.no_grad() if self.train_parts == "mask_decoder" else nullcontext():
-            _, embeddings = encode(self.sam, images)
-        return [
-            None if p is None else decode_masks(self.sam, e[None], p)[0]
-            for e, p in zip(embeddings, prompts, strict=True)
-        ]
+        return prompted_masks(self.model, images, prompts, self.train_parts != "mask_decoder")
 
 
-def freeze_for_stage1(sam, stage1_type: str) -> None:
-    """Only what stage 1 trains keeps gradients: the image encoder without its neck (image_encoder), with it
-    (all_backbones), or none of SAM (cellfinder)."""
-    for parameter in sam.parameters():
-        parameter.requires_grad_(False)
-    for name, parameter in sam.image_encoder.named_parameters():
-        in_neck = name.startswith("neck.")
-        parameter.requires_grad_(stage1_type == "all_backbones" or (stage1_type == "image_encoder" and not in_neck))
+def sample_prompts(batch, s2, rng, train: bool, device) -> tuple[list, list]:
+    """Per image, up to max_prompts cells: their true boxes (jittered in training) and masks; None for a crop
+    without a cell."""
+    size = batch["image"].shape[-1]
+    prompts, truths = [], []
+    for boxes, mask in zip(batch["boxes"], batch["mask"], strict=True):
+        if len(boxes) == 0:
+            prompts.append(None)
+            truths.append(None)
+            continue
+        ids = np.unique(mask.numpy())[1:]
+        chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
+        prompt = boxes[chosen].clone()
+        if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side
+            side = (prompt[:, 2:] - prompt[:, :2]).repeat(1, 2)
+            prompt = (prompt + torch.from_numpy(rng.uniform(-1, 1, prompt.shape)).float() * s2.box_jitter * side).clamp(
+                0, size
+            )
+        prompts.append(prompt.to(device))
+        truths.append(torch.stack([mask == ids[i] for i in chosen]).float().to(device))
+    return prompts, truths
 
 
-def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool) -> dict:
+def mask_loss_terms(outputs, truths, prompts, size, criterion, s2, sums: dict) -> list:
+    """Each image's mask loss (upsampled logits against the cells' masks, counted near each prompt box); adds its
+    terms and the predicted masks' IoU (cut to the box, as the pipeline does) to sums. Returns the losses."""
+    losses = []
+    for logits, truth, prompt in zip(outputs, truths, prompts, strict=True):
+        if logits is None:
+            continue
+        logits = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0]
+        loss, terms = criterion(logits, truth, box_region(prompt, size, s2.loss_margin))
+        losses.append(loss)
+        predicted = (logits.detach() > 0) & box_region(prompt, size, 0.0, 2)
+        iou = (predicted & (truth > 0)).sum((1, 2)) / (predicted | (truth > 0)).sum((1, 2)).clamp_min(1)
+        sums["mask_count"] = sums.get("mask_count", 0) + 1
+        for name, value in {"mask_loss": float(loss.detach()), **terms, "mask_iou": float(iou.mean())}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    return losses
+
+
+def zero_loss(outputs, images):
+    """A batch of empty crops still steps (with a zero loss), so every process takes the same steps."""
+    return sum(o.sum() * 0 for o in outputs if o is not None) + images.sum() * 0
+
+
+def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool, mask_loss=None, s2=None,
+                 rng=None) -> dict:  # fmt: skip
     """One pass of CellFinder over a loader (training, or validation with train=False): mean loss and terms over
-    every batch of every process."""
+    every batch of every process. With mask_loss (stage1_type all_backbones) the masks of true-box prompts are
+    scored too and added to the loss."""
     net.train(train)
     sums, count = {}, 0
     for batch in loader:
         images = batch["image"].to(device)
         size = images.shape[-1]
         targets = [xyxy_to_cxcywh(boxes, size, size).to(device) for boxes in batch["boxes"]]
+        prompts, truths = sample_prompts(batch, s2, rng, train, device) if mask_loss else (None, None)
         with torch.set_grad_enabled(train), amp(device):
-            loss, terms = criterion(net(images), targets)
+            out = net(images, prompts)
+            loss, terms = criterion(out, targets)
+            if mask_loss:
+                losses = mask_loss_terms(out["masks"], truths, prompts, size, mask_loss, s2, sums)
+                loss = loss + (torch.stack(losses).mean() if losses else zero_loss(out["masks"], images))
         if train:
             step(loss, optimizer, scaler)
         count += 1
@@ -157,50 +221,19 @@ def stage2_epoch(net, criterion, optimizer, scaler, loader, device, config, rng,
     IoU of the predicted masks, over every process."""
     s2 = config.stage2
     net.train(train)
-    sums, count = {}, 0
+    sums = {}
     for batch in loader:
         images = batch["image"].to(device)
-        size = images.shape[-1]
-        prompts, truths = [], []
-        for boxes, mask in zip(batch["boxes"], batch["mask"], strict=True):
-            if len(boxes) == 0:  # a crop without a cell
-                prompts.append(None)
-                truths.append(None)
-                continue
-            ids = np.unique(mask.numpy())[1:]
-            chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
-            prompt = boxes[chosen].clone()
-            if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side
-                side = (prompt[:, 2:] - prompt[:, :2]).repeat(1, 2)
-                prompt = (
-                    prompt + torch.from_numpy(rng.uniform(-1, 1, prompt.shape)).float() * s2.box_jitter * side
-                ).clamp(0, size)
-            prompts.append(prompt.to(device))
-            truths.append(torch.stack([mask == ids[i] for i in chosen]).float().to(device))
+        prompts, truths = sample_prompts(batch, s2, rng, train, device)
         with torch.set_grad_enabled(train), amp(device):
             outputs = net(images, prompts)
-            losses = []
-            for logits, truth, prompt in zip(outputs, truths, prompts, strict=True):
-                if logits is None:
-                    continue
-                logits = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0]
-                loss, terms = criterion(logits, truth, box_region(prompt, size, s2.loss_margin))
-                losses.append(loss)
-                predicted = (logits.detach() > 0) & box_region(prompt, size, 0.0, 2)  # as the pipeline cuts it
-                iou = (predicted & (truth > 0)).sum((1, 2)) / (predicted | (truth > 0)).sum((1, 2)).clamp_min(1)
-                count += 1
-                for name, value in {"loss": float(loss.detach()), **terms, "mask_iou": float(iou.mean())}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-            # a batch of empty crops still steps (with a zero loss), so every process takes the same steps
-            loss = (
-                torch.stack(losses).mean()
-                if losses
-                else sum(o.sum() * 0 for o in outputs if o is not None) + images.sum() * 0
-            )
+            losses = mask_loss_terms(outputs, truths, prompts, images.shape[-1], criterion, s2, sums)
+            loss = torch.stack(losses).mean() if losses else zero_loss(outputs, images)
         if train:
             step(loss, optimizer, scaler)
+    sums["loss"] = sums.pop("mask_loss", 0.0)
     names = ("loss", "focal", "dice", "mask_iou") + (("boundary",) if s2.boundary_loss_weight else ())
-    return reduce_means(sums, count, device, names)
+    return reduce_means(sums, sums.get("mask_count", 0), device, names)
 
 
 def reduce_means(sums: dict, count: int, device, names) -> dict:
@@ -252,26 +285,27 @@ def score_images(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dic
     return {"f1": f1, "precision": precision, "recall": recall, "pq": pq}
 
 
-def read_pair(pair, gamma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """A whole image (H, W, 3) float 0..255 with the input gamma applied, and its label map (None without one)."""
-    image = read_image(pair.image)
+def read_pair(pair, gamma: float = 1.0, reader=read_image) -> tuple[np.ndarray, np.ndarray]:
+    """A whole image (H, W, 3) float 0..255 with the input gamma applied, and its label map (None without one).
+    reader: read_image, or a model's own (the published CellSAM normalises as cellSAM does)."""
+    image = reader(pair.image)
     if gamma != 1.0:
         image = 255.0 * (image / 255.0) ** gamma
     return image, None if pair.mask is None else read_mask(pair.mask, image.shape[:2], pair.image)
 
 
 @torch.no_grad()
-def evaluate_pipeline(sam, finder, pairs, config, device, out_dir: Path | None = None) -> dict:
-    """The whole pipeline on whole images (tiled where larger than SAM's input) and the Otsu baseline on the same
-    images; figures of the first four go to out_dir."""
-    sam.eval()
-    finder.eval()
+def evaluate_pipeline(model, pairs, config, device, out_dir: Path | None = None) -> dict:
+    """The whole pipeline on whole images (tiled where larger than the model's window) and the Otsu baseline on
+    the same images (read as read_image reads them); figures of the first four go to out_dir."""
+    model.eval()
     predictions, baselines, truths = [], [], []
     for i, pair in enumerate(pairs):
-        image, truth = read_pair(pair, config.gamma)
-        labels = segment_image(sam, finder, image, config.stage1.score_threshold, device=device)
+        image, truth = read_pair(pair, config.gamma, model.read_image)
+        labels = model.segment(image, config.stage1.score_threshold, device=device)
         predictions.append(labels)
-        baselines.append(otsu_watershed(image))
+        plain = image if model.architecture == "shared_encoder" else read_pair(pair, config.gamma)[0]
+        baselines.append(otsu_watershed(plain))
         truths.append(truth)
         if out_dir is not None and i < 4:
             save_prediction_figure(image, truth, labels, out_dir / f"{pair.name}.png")
@@ -426,14 +460,18 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     torch.manual_seed(config.seed + fold)  # the same initial weights in every process
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rng = np.random.default_rng([config.seed, fold, rank])
-    sam = build_sam(config.sam_size, config.sam_checkpoint).to(device)
-    size = sam.image_encoder.img_size
+    model = build_model(config, log if rank == 0 else lambda *_: None).to(device)
+    published = model.architecture == "published"
+    if published and not model.adv_mode:  # a file without model_cp: training gives model_cp its own weights
+        model.adv_mode = True
+    size = model.input_size
     s1, s2 = config.stage1, config.stage2
-    finder = build_cellfinder(sam, s1).to(device)
-    train_set = CellDataset(
-        train_pairs, size, config.augmentation, config.gamma, config.seed, True, config.stain_transform
-    )
-    val_set = CellDataset(val_pairs, size, False, config.gamma, train=False) if val_pairs else None
+    # the published CellSAM resizes an image that fits its window to its input size; this folder's model keeps the
+    # pixel scale and crops
+    data_args = {"reader": model.read_image, "resize_small": published}
+    train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed, True,
+                            config.stain_transform, **data_args)  # fmt: skip
+    val_set = CellDataset(val_pairs, size, False, config.gamma, train=False, **data_args) if val_pairs else None
     loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
     # under torchrun each process takes its share of the training images, and of the validation images
     sampler = DistributedSampler(train_set, seed=config.seed + fold) if world > 1 else None
@@ -445,22 +483,24 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     val_loader = torch.utils.data.DataLoader(val_share, **loader_args) if val_set else None
     log(
         f"fold {fold}: {len(train_pairs)} training and {len(val_pairs)} validation images, "
-        f"SAM {config.sam_size} ({size} px)"
+        f"{'published CellSAM' if published else 'shared-encoder CellSAM'}, SAM {config.sam_size} ({size} px)"
     )
     results = {"fold": fold, "train_images": [p.name for p in train_pairs], "val_images": [p.name for p in val_pairs]}
-    if config.preeval and val_set:
-        results["before_training"] = evaluate_pipeline(sam, finder, val_pairs, config, device)
+    if config.preeval and val_set and rank == 0:  # the model as loaded, on the images that will score it after
+        results["before_training"] = evaluate_pipeline(model, val_pairs, config, device)
+        log(f"fold {fold}: before training F1 {results['before_training']['f1']:.3f}")
 
-    # stage 1: CellFinder (and, by stage1_type, the image encoder and its neck)
-    criterion = SetCriterion(
-        s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha, s1.focal_gamma, s1.one_to_many
-    )
-    trained = {"finder": finder}
-    if s1.stage1_type in ("image_encoder", "all_backbones"):
-        trained["image_encoder"] = sam.image_encoder
-    freeze_for_stage1(sam, s1.stage1_type)
+    # stage 1: CellFinder (and, by stage1_type, its image encoder; all_backbones: the masks' encoder too)
+    cell_class = s1.cell_class if s1.cell_class >= 0 else pick_cell_class(model, train_set, config, device, log)
+    results["cell_class"] = cell_class
+    criterion = SetCriterion(s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha,
+                             s1.focal_gamma, s1.one_to_many, cell_class)  # fmt: skip
+    mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight,
+                         s2.hard_negative_mining, s2.negative_ratio)  # fmt: skip
+    joint = mask_loss if s1.stage1_type == "all_backbones" else None
+    trained = model.freeze_for_stage1(s1.stage1_type)
     history1 = []
-    net1 = Stage1Net(sam, finder)
+    net1 = Stage1Net(model)
     ddp1 = distributed(net1, device)  # after freezing: DDP syncs the parameters that need gradients
 
     def epoch1(optimizer, scaler, epoch, train):
@@ -470,22 +510,18 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         if sampler is not None:
             sampler.set_epoch(epoch)
         net, loader = (ddp1, train_loader) if train else (net1, val_loader)
-        return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train)
+        return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train, joint, s2, rng)
 
     parameters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device)
 
-    # stage 2: SAM prompted by true boxes: the neck, the mask decoder or both
-    for parameter in sam.parameters():
-        parameter.requires_grad_(False)
-    parts = {"neck": [sam.image_encoder.neck], "mask_decoder": [sam.mask_decoder],
-             "both": [sam.image_encoder.neck, sam.mask_decoder]}[s2.train_parts]  # fmt: skip
+    # stage 2: the SAM that draws the masks, prompted by true boxes: its neck, mask decoder or both
+    model.requires_grad_(False)
+    parts, modules2 = model.stage2_parts(s2.train_parts)
     for part in parts:
         part.requires_grad_(True)
-    mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight,
-                         s2.hard_negative_mining, s2.negative_ratio)  # fmt: skip
     history2 = []
-    net2 = Stage2Net(sam, s2.train_parts)
+    net2 = Stage2Net(model, s2.train_parts)
     ddp2 = distributed(net2, device)
 
     def epoch2(optimizer, scaler, epoch, train):
@@ -497,22 +533,40 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         net, loader = (ddp2, train_loader) if train else (net2, val_loader)
         return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, rng, train)
 
-    # the prompt encoder is saved too: untrained, it still holds the random Fourier features and point embeddings
-    # that SAM was built with, and the masks depend on them
-    modules2 = {
-        "image_encoder": sam.image_encoder,
-        "prompt_encoder": sam.prompt_encoder,
-        "mask_decoder": sam.mask_decoder,
-    }
     fit(2, epoch2, modules2, [p for part in parts for p in part.parameters()], s2, fold_dir, history2, log, device)
     results["stage1_history"], results["stage2_history"] = history1, history2
+    if published and rank == 0:  # the best epochs of both stages, in the layout cellSAM loads
+        from cellsam.published import save_published
+
+        log(f"fold {fold}: wrote {save_published(model, fold_dir / 'cellsam_finetuned.pt')}")
     if val_set and rank == 0:  # the pipeline on whole held-out images: the first process alone
-        results["metrics"] = evaluate_pipeline(sam, finder, val_pairs, config, device,
+        results["metrics"] = evaluate_pipeline(model, val_pairs, config, device,
                                                root / "results" / f"fold_{fold}" / "visualizations")  # fmt: skip
         m, b = results["metrics"], results["metrics"]["baseline_otsu_watershed"]
+        before = results.get("before_training")
         log(f"fold {fold}: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}, PQ "
-            f"{m['pq']:.3f}); Otsu + watershed F1 {b['f1']:.3f}, PQ {b['pq']:.3f}")  # fmt: skip
+            f"{m['pq']:.3f})" + (f", before training {before['f1']:.3f}" if before else "")
+            + f"; Otsu + watershed F1 {b['f1']:.3f}, PQ {b['pq']:.3f}")  # fmt: skip
     return results
+
+
+@torch.no_grad()
+def pick_cell_class(model, train_set, config, device, log) -> int:
+    """The published CellFinder scores two classes; either counts as a cell at inference, and cellSAM does not
+    say which one its released models use. Fine-tuning trains the column that scores the training images' cells
+    highest: the one with more queries above the score threshold over the first training images (column 1,
+    DETR's convention with class 0 unused, on a tie or for a model that finds nothing yet)."""
+    if model.architecture != "published":
+        return 1
+    model.eval()
+    counts = torch.zeros(2)
+    for i in range(min(2, len(train_set))):
+        logits = model.finder_forward(train_set[i]["image"][None].to(device))["logits"][0]
+        counts += (logits.sigmoid() > config.stage1.score_threshold).sum(0).cpu().float()
+    column = 0 if counts[0] > counts[1] else 1
+    log(f"  stage 1: CellFinder's class column {column} learns cells ({int(counts[0])} and {int(counts[1])} "
+        "queries above the threshold on the first training images)")  # fmt: skip
+    return column
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,9 +584,14 @@ def write_json(path: Path, data) -> None:
 def aggregate(folds: list[dict]) -> dict:
     """Mean, standard deviation (n - 1) and 95 % confidence interval (Student's t) of each metric over folds."""
     out = {}
+    sources = (
+        ("", lambda f: f.get("metrics")),
+        ("baseline_", lambda f: f.get("metrics", {}).get("baseline_otsu_watershed")),
+        ("before_", lambda f: f.get("before_training")),  # --preeval: the loaded model on the same images
+    )
     for key in ("f1", "precision", "recall", "pq"):
-        for prefix, pick in (("", lambda m: m), ("baseline_", lambda m: m["baseline_otsu_watershed"])):
-            values = np.array([pick(f["metrics"])[key] for f in folds if "metrics" in f], float)
+        for prefix, pick in sources:
+            values = np.array([pick(f)[key] for f in folds if "metrics" in f and pick(f)], float)
             if not len(values):
                 continue
             mean = float(values.mean())
@@ -567,6 +626,10 @@ class ExperimentRunner:
             pairs = pairs[: max(4, c.k_folds if c.strategy == "k_fold" else 4)]
             c.stage1.epochs, c.stage2.epochs = min(c.stage1.epochs, 2), min(c.stage2.epochs, 2)
         check_pairs(pairs)  # a bad file stops the run before anything is written
+        if c.cellsam_checkpoint:  # so does a checkpoint of another layout, cut short, or with keys missing or extra
+            from cellsam.published import check_cellsam_checkpoint
+
+            check_cellsam_checkpoint(c.cellsam_checkpoint, c.sam_size, c.allow_missing_keys)
         device = setup_device()
         main_process = is_main()
         root = self.root or (new_experiment_dir(Path(c.output_dir), c.output_name) if main_process else None)
@@ -609,8 +672,10 @@ class ExperimentRunner:
             write_json(root / "results" / "aggregated_results.json", aggregated)
         if aggregated["metrics"]:
             f1, base = aggregated["metrics"]["f1"], aggregated["metrics"]["baseline_f1"]
-            log(f"F1 at IoU 0.5: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s); Otsu + watershed "
-                f"{base['mean']:.3f}")  # fmt: skip
+            before = aggregated["metrics"].get("before_f1")
+            log(f"F1 at IoU 0.5 on the held-out images: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s)"
+                + (f" (before training {before['mean']:.3f})" if before else "")
+                + f"; Otsu + watershed {base['mean']:.3f}")  # fmt: skip
         log(f"wrote {root}")
         for handler in logger.handlers:
             handler.close()

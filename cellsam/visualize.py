@@ -26,7 +26,7 @@ import torch
 from skimage.segmentation import find_boundaries
 
 from cellsam.data import boxes_from_mask, find_pairs
-from cellsam.evaluate import load_fold, stage1_boxes
+from cellsam.evaluate import load_fold
 from cellsam.model import decode_masks, encode
 from cellsam.train import read_pair
 
@@ -57,17 +57,16 @@ def held_out(experiment: Path, fold: int, config, n: int):
 def plot_boxes_or_masks(args) -> Path:
     experiment = Path(args.experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sam, finder, config = load_fold(experiment, args.fold, device)
-    size = sam.image_encoder.img_size
+    model, config = load_fold(experiment, args.fold, device)
     pairs = held_out(experiment, args.fold, config, args.n)
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 5), squeeze=False)
     for ax, pair in zip(axes[0], pairs, strict=True):
-        image, truth = read_pair(pair, config.gamma)
-        image, truth = image[:size, :size], truth[:size, :size]  # the first tile, as the model sees it
+        image, truth = read_pair(pair, config.gamma, model.read_image)
+        boxes, scores, (h, w) = model.detect(image, device)
+        image, truth = image[:h, :w], truth[:h, :w]  # the first window, as the model sees it
         _, true_boxes = boxes_from_mask(truth)
         shown = image / 255
         if args.command == "boxes":
-            boxes, scores = stage1_boxes(sam, finder, image, device)
             keep = scores > config.stage1.score_threshold
             ax.imshow(shown)
             for colour, drawn in (("lime", true_boxes), ("red", boxes[keep].numpy())):
@@ -75,12 +74,7 @@ def plot_boxes_or_masks(args) -> Path:
                     ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=0.8))
             ax.set_title(f"{pair.name}: {len(true_boxes)} true (green), {int(keep.sum())} found (red)", fontsize=9)
         else:
-            padded = np.zeros((size, size, 3), np.float32)
-            padded[: image.shape[0], : image.shape[1]] = image
-            _, embedding = encode(sam, torch.from_numpy(padded.transpose(2, 0, 1))[None].to(device))
-            logits, _ = decode_masks(sam, embedding, torch.from_numpy(true_boxes).to(device))
-            masks = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0] > 0
-            masks = masks.cpu().numpy()[:, : image.shape[0], : image.shape[1]]
+            masks = true_box_masks(model, image, true_boxes, device)
             overlay = shown.copy()
             colours = np.random.default_rng(0).uniform(0.2, 1, (len(masks), 3))
             for mask, colour in zip(masks, colours, strict=True):
@@ -90,6 +84,24 @@ def plot_boxes_or_masks(args) -> Path:
             ax.set_title(f"{pair.name}: SAM masks from the true boxes (true outlines green)", fontsize=9)
         ax.axis("off")
     return save(fig, Path(args.output_dir or experiment / "figures"), args.command)
+
+
+def true_box_masks(model, image: np.ndarray, true_boxes: np.ndarray, device) -> np.ndarray:
+    """The masks the model draws from the true boxes, (K, h, w) bool: the published CellSAM as cellSAM runs it
+    with given boxes (masks of low predicted IoU dropped), this folder's model on the window padded to SAM's
+    input."""
+    if model.architecture == "published":
+        from cellsam.published import predict
+
+        labels = predict(model, image / 255, true_boxes, device)[0]
+        return np.array([labels == k for k in range(1, labels.max() + 1)]).reshape(-1, *image.shape[:2])
+    sam, size = model.mask_sam, model.input_size
+    padded = np.zeros((size, size, 3), np.float32)
+    padded[: image.shape[0], : image.shape[1]] = image
+    _, embedding = encode(sam, torch.from_numpy(padded.transpose(2, 0, 1))[None].to(device))
+    logits, _ = decode_masks(sam, embedding, torch.from_numpy(true_boxes).to(device))
+    masks = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0] > 0
+    return masks.cpu().numpy()[:, : image.shape[0], : image.shape[1]]
 
 
 def plot_curves(args) -> Path:

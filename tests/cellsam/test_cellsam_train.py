@@ -113,7 +113,7 @@ def test_finetune_api_and_command_line_agree(tmp_path, data):
     argv += ["--num_workers", "0", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
     argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4", "--output_dir", str(tmp_path)]
     config = cellsam_train.config_from_args(cellsam_train.get_args_parser().parse_args(argv))
-    assert config.to_dict() == saved
+    assert config.check().to_dict() == saved  # "auto" architecture resolved, as the experiment keeps it
     assert ExperimentConfig.from_dict(saved) == config
 
 
@@ -212,8 +212,8 @@ def test_evaluate_rescored_from_its_label_images_and_figures(tmp_path, data):
     # (they were once left out, and evaluate.py scored F1 0.02 where training had scored 0.34)
     saved = torch.load(root / "models" / "fold_1" / "best_model_s2.pth", weights_only=True)["modules"]
     torch.manual_seed(12345)
-    sam, _, _ = cellsam_evaluate.load_fold(root, 1, "cpu")
-    for name, value in sam.prompt_encoder.state_dict().items():
+    model, _ = cellsam_evaluate.load_fold(root, 1, "cpu")
+    for name, value in model.mask_sam.prompt_encoder.state_dict().items():
         assert torch.equal(value, saved["prompt_encoder"][name]), name
     out = cellsam_evaluate.main(cellsam_evaluate.get_args_parser().parse_args([str(root)]))
     report = json.loads((out / "report.json").read_text())
