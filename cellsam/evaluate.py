@@ -112,13 +112,14 @@ def average_precision_over_iou(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
-def load_released(path: str, device) -> tuple:
+def load_released(path: str, device, sam_size: str = "vit_b", allow_missing: bool = False) -> tuple:
     """(a published CellSAM from a released or fine-tuned file, an ExperimentConfig of defaults)."""
     from cellsam.published import CellSAM, load_cellsam_weights
 
-    model = CellSAM("vit_b")
-    load_cellsam_weights(model, path)
-    return model.to(device).eval(), ExperimentConfig(architecture="published", cellsam_checkpoint=path)
+    model = CellSAM(sam_size)
+    load_cellsam_weights(model, path, allow_missing)
+    config = ExperimentConfig(architecture="published", sam_size=sam_size, cellsam_checkpoint=path)
+    return model.to(device).eval(), config
 
 
 def main(args) -> Path:
@@ -129,7 +130,7 @@ def main(args) -> Path:
         if not args.images:
             raise SystemExit("--cellsam_checkpoint: give --images (and --masks for scores)")
         pairs = find_pairs(args.images, args.masks)  # a bad folder stops before the model loads
-        model, config = load_released(args.cellsam_checkpoint, device)
+        model, config = load_released(args.cellsam_checkpoint, device, args.sam_size, args.allow_missing_keys)
         fold, experiment, parent = None, Path(args.cellsam_checkpoint), Path("output") / "evaluation"
         if args.bbox_threshold is not None:
             config.stage1.score_threshold = args.bbox_threshold
@@ -192,6 +193,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="instead of an experiment: a published-layout CellSAM file (cellsam_general.pt, "
                         "cellsam_extra.pt or a fold's cellsam_finetuned.pt); needs --images")  # fmt: skip
     p.add_argument("--bbox_threshold", type=float, help="with --cellsam_checkpoint: CellFinder's score threshold [0.4]")
+    p.add_argument("--sam_size", default="vit_b", help="with --cellsam_checkpoint: vit_b (the released models) or "
+                   "vit_tiny [vit_b]")  # fmt: skip
+    p.add_argument("--allow_missing_keys", action="store_true",
+                   help="with --cellsam_checkpoint: load a file that lacks some published keys (the rest as built)")
     p.add_argument("--fold", type=int, help="which fold's models [the first]")
     p.add_argument("--images", help="image folder [the fold's held-out images]")
     p.add_argument("--masks", help="their instance masks: adds the scores")

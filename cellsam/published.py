@@ -301,7 +301,7 @@ def masks_from_boxes(model: CellSAM, embedding, boxes, image_shape, chunk: int =
     xyxy in input pixels; a mask whose predicted IoU is below model.iou_threshold is dropped."""
     sam, size = model.mask_sam, model.input_size
     masks, kept = [], []
-    for part in boxes.split(chunk):
+    for part in boxes.split(chunk) if len(boxes) else ():
         logits, iou = decode_masks(sam, embedding, part)
         keep = iou >= model.iou_threshold
         kept.append(keep.cpu())
@@ -477,6 +477,9 @@ def checked_state(path, expected: dict, sam_size: str, allow_missing: bool = Fal
     layout = describe_layout(state)
     if not layout.startswith("a CellSAM in the published layout"):
         raise SystemExit(f"{flag} {path} holds {layout}, not a CellSAM in the published layout")
+    if f"({sam_size} image encoders)" not in layout:
+        hint = "; pass --sam_size vit_tiny" if "vit_tiny" in layout else ""
+        raise SystemExit(f"{flag} {path} holds {layout}, not {sam_size}{hint}")
     extra = [str(k) for k in state if k not in expected]
     if extra:
         raise SystemExit(
@@ -485,11 +488,8 @@ def checked_state(path, expected: dict, sam_size: str, allow_missing: bool = Fal
     wrong = [(k, tuple(v.shape), tuple(expected[k])) for k, v in state.items() if tuple(v.shape) != tuple(expected[k])]
     if wrong:
         k, found, want = wrong[0]
-        hint = "; pass --sam_size vit_tiny" if "vit_tiny" in layout else ""
-        raise SystemExit(
-            f"{flag} {path} holds {layout}, not {sam_size}: {len(wrong)} shape(s) differ, e.g. {k} is {found}, "
-            f"expected {want}{hint}"
-        )
+        raise SystemExit(f"{flag} {path}: {len(wrong)} shape(s) differ from the published layout, e.g. {k} is "
+                         f"{found}, expected {want}")  # fmt: skip
     state, notes, adv_mode = dict(state), [], True
     has = {part: any(k.startswith(part) for k in state) for part in PARTS}
     if not has["model_cp."] and has["model."]:
