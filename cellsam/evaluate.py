@@ -172,8 +172,8 @@ def main(args) -> Path:
                      "f1": match.f1, "precision": match.precision, "recall": match.recall,
                      "ap_50_95": average_precision_over_iou(truth, labels)})  # fmt: skip
     if rows:
-        report = {"experiment": str(experiment), "fold": fold, "images": len(rows), "image_names": [r["image"] for r in rows],
-                  **score_images(predictions, truths)}  # fmt: skip
+        report = {"experiment": str(experiment), "fold": fold, "images": len(rows),
+                  "image_names": [r["image"] for r in rows], **score_images(predictions, truths)}  # fmt: skip
         report["ap_50_95"] = float(np.nanmean([r["ap_50_95"] for r in rows]))
         report["box_ap_50"] = box_average_precision(detections, 0.5)
         report["baseline_otsu_watershed"] = score_images(baselines, truths)
@@ -195,8 +195,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox_threshold", type=float, help="with --cellsam_checkpoint: CellFinder's score threshold [0.4]")
     p.add_argument("--sam_size", default="vit_b", help="with --cellsam_checkpoint: vit_b (the released models) or "
                    "vit_tiny [vit_b]")  # fmt: skip
-    p.add_argument("--allow_missing_keys", action="store_true",
-                   help="with --cellsam_checkpoint: load a file that lacks some published keys (the rest as built)")
+    p.add_argument(
+        "--allow_missing_keys",
+        action="store_true",
+        help="with --cellsam_checkpoint: load a file that lacks some published keys (the rest as built)",
+    )
     p.add_argument("--fold", type=int, help="which fold's models [the first]")
     p.add_argument("--images", help="image folder [the fold's held-out images]")
     p.add_argument("--masks", help="their instance masks: adds the scores")

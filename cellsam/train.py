@@ -2,12 +2,23 @@
 
     python cellsam/train.py --demo                                   # synthetic cells, vit_tiny, a few minutes on a CPU
     python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --output_name my_cells \\
+        --cellsam_checkpoint cellsam_general.pt --preeval             # the published CellSAM, fine-tuned
+    python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --output_name my_cells \\
         --sam_size vit_b --sam_checkpoint sam_vit_b_01ec64.pth --strategy k_fold --k_folds 5
     python cellsam/train.py --resume output/my_cells                 # after a kill: finished folds are kept
 
-Stage 1 trains CellFinder, a DETR-style cell detector on SAM's image-encoder features (--stage1_type cellfinder:
-the encoder frozen; image_encoder: the encoder too; all_backbones: encoder and neck). Loss: ce_loss_weight x focal
-+ bbox_loss_weight x L1 + giou_loss_weight x GIoU, on Hungarian-matched queries, for every decoder layer.
+Two architectures (--architecture; auto: published for vit_b, shared_encoder for the other sizes):
+- published: cellSAM's own module (published.py): CellFinder (AnchorDETR) on its own ViT-B, masks from a second
+  SAM (model_cp); starts from a released or fine-tuned file (--cellsam_checkpoint) or an official SAM file
+  (--sam_checkpoint); images normalised as cellSAM does and resized to 1024 px when they fit that window; each
+  fold's best model is also written as models/fold_X/cellsam_finetuned.pt, which cellSAM loads.
+- shared_encoder: this folder's CellFinder on the encoder of the one SAM that draws the masks (any SAM size),
+  images at their own pixel scale.
+
+Stage 1 trains CellFinder on Hungarian-matched queries; loss ce_loss_weight x focal + bbox_loss_weight x L1 +
+giou_loss_weight x GIoU, for every decoder layer. --stage1_type cellfinder: the image encoders frozen;
+image_encoder: CellFinder's encoder too; all_backbones: also the encoder the masks come from, which then learns
+from the mask loss of true-box prompts added to the box loss.
 Stage 2 trains SAM prompted by the ground-truth boxes (jittered by --box_jitter): --train_parts neck (the paper's
 choice), mask_decoder or both. Loss: focal + Dice (+ boundary) with optional online hard negative mining, on
 the pixels of each prompt box grown by --loss_margin.
@@ -22,7 +33,8 @@ IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall and P
 
 Output (output/NAME_2, ... when output/NAME holds an earlier experiment):
     output/NAME/experiment_config.json   logs/experiment.log
-    models/fold_X/best_model_s1.pth, best_model_s2.pth (and last_s1.pth, last_s2.pth for --resume)
+    models/fold_X/best_model_s1.pth, best_model_s2.pth (and last_s1.pth, last_s2.pth for --resume),
+        cellsam_finetuned.pt (published architecture: the fold's model in cellSAM's layout)
     results/individual_results.json, results/aggregated_results.json, results/fold_X/visualizations/
     metrics/stage1_metrics.json, metrics/stage2_metrics.json   (per fold and epoch)
 """

@@ -123,7 +123,9 @@ def test_detections_are_every_query_and_class_most_confident_first():
     scores, xyxy = ranked_detections({"pred_logits": logits, "pred_boxes": boxes}, 100)
     assert torch.allclose(scores, torch.tensor([0.9, 0.7, 0.3, 0.2, 0.1, 0.05]), atol=1e-6)
     # query 1 (score 0.9), query 0 (0.7), query 2 (0.3), query 0 again (0.2), ...
-    assert torch.allclose(xyxy[0], torch.tensor([0.0, 0, 50, 50])) and torch.allclose(xyxy[1], torch.tensor([40.0, 30, 60, 70]))
+    assert torch.allclose(xyxy[0], torch.tensor([0.0, 0, 50, 50])) and torch.allclose(
+        xyxy[1], torch.tensor([40.0, 30, 60, 70])
+    )
     assert torch.allclose(xyxy[2], torch.tensor([0.0, 80, 20, 100])) and torch.equal(xyxy[3], xyxy[1])
     kept = published.select_boxes(scores, xyxy, 0.4)  # k-means centres 0.8 and 0.1625 -> 0.264 + 0.158 = 0.422
     assert len(kept) == 2
@@ -237,7 +239,9 @@ def test_get_local_model_lists_what_a_file_lacks(tiny_file, tmp_path):
     state = torch.load(tiny_file, weights_only=True)
     partial = {k: v for k, v in state.items() if "adapt_pos1d" not in k}
     torch.save(partial, tmp_path / "partial.pt")
-    with pytest.warns(UserWarning, match=r"lacks 4 key\(s\), left as built: cellfinder.decode_head.transformer.adapt_pos1d"):
+    with pytest.warns(
+        UserWarning, match=r"lacks 4 key\(s\), left as built: cellfinder.decode_head.transformer.adapt_pos1d"
+    ):
         model = published.get_local_model(tmp_path / "partial.pt", sam_size="vit_tiny")
     assert not model.training
 
@@ -275,7 +279,9 @@ def test_bad_checkpoints_name_the_file_and_what_they_hold(tmp_path, tiny_file):
             published.load_cellsam_weights(CellSAM("vit_tiny"), path)
         assert str(path) in str(error.value)
     # a vit_tiny file given to the released size
-    with pytest.raises(SystemExit, match="holds a CellSAM in the published layout \\(vit_tiny image encoders\\), not vit_b"):
+    with pytest.raises(
+        SystemExit, match="holds a CellSAM in the published layout \\(vit_tiny image encoders\\), not vit_b"
+    ):
         published.check_cellsam_checkpoint(tiny_file, "vit_b")
 
 
@@ -326,7 +332,9 @@ def test_each_stage1_type_changes_which_parameters_get_gradients(stage1_type, da
     assert moved(head.transformer) and moved(head.input_proj)
     assert moved(head.backbone.body) == (stage1_type != "cellfinder")
     assert moved(model.model_cp.image_encoder.blocks) == joint and moved(model.model_cp.image_encoder.neck) == joint
-    assert not moved(model.model) and not moved(model.model_cp.mask_decoder) and not moved(model.model_cp.prompt_encoder)
+    assert (
+        not moved(model.model) and not moved(model.model_cp.mask_decoder) and not moved(model.model_cp.prompt_encoder)
+    )
 
 
 def test_fine_tune_a_published_file_and_get_it_back_in_its_layout(tmp_path, tiny_file, data):
@@ -348,7 +356,9 @@ def test_fine_tune_a_published_file_and_get_it_back_in_its_layout(tmp_path, tiny
     # stage 1 moved CellFinder's transformer, stage 2 model_cp's neck; CellFinder's own encoder stayed
     key = "cellfinder.decode_head.transformer.decoder_layers.0.ffn.linear1.weight"
     assert not torch.equal(state[key], original[key])
-    assert not torch.equal(state["model_cp.image_encoder.neck.0.weight"], original["model_cp.image_encoder.neck.0.weight"])
+    assert not torch.equal(
+        state["model_cp.image_encoder.neck.0.weight"], original["model_cp.image_encoder.neck.0.weight"]
+    )
     body = "cellfinder.decode_head.backbone.body.blocks.0.attn.qkv.weight"
     assert torch.equal(state[body], original[body])
     aggregated = json.loads((root / "results" / "aggregated_results.json").read_text())["metrics"]
