@@ -2,6 +2,7 @@
 
     from cellsam import finetune, ExperimentConfig, Stage1Config, Stage2Config, ExperimentRunner
     from cellsam import HyperparameterSpace, HyperparameterOptimizer
+    from cellsam import get_local_model, get_model, segment_cellular_image, CellSAM   # the published CellSAM
 
 Names are imported on first use, so `import cellsam.data` stays light."""
 
@@ -13,6 +14,10 @@ _WHERE = {
     "Stage2Config": "cellsam.config",
     "HyperparameterSpace": "cellsam.search",
     "HyperparameterOptimizer": "cellsam.search",
+    "CellSAM": "cellsam.published",
+    "get_local_model": "cellsam.published",
+    "get_model": "cellsam.published",
+    "segment_cellular_image": "cellsam.published",
 }
 __all__ = list(_WHERE)
 

@@ -422,14 +422,27 @@ def segment_tiled(image: np.ndarray, model, window: int | None = None, overlap: 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+RELEASED = ("cellsam_general", "cellsam_extra")
+CACHE = Path.home() / ".deepcell" / "models"  # where cellSAM's get_model() unpacks its downloads
+
+
+def released_path(name: str, version: str = "1.2") -> Path:
+    """A released model's file in cellSAM's download cache: ~/.deepcell/models/cellsam_v<version>/<name>.pt."""
+    return CACHE / f"cellsam_v{version}" / f"{name}.pt"
+
+
 def read_state_dict(path: str | Path, flag: str = "--cellsam_checkpoint") -> dict:
     """A checkpoint file's dict of tensors (weights_only=True); a missing, cut or unreadable file is a SystemExit
-    that names it. A {"state_dict": ...} wrapper is taken off, as cellSAM's load_state_dict does."""
+    that names it. "cellsam_general" or "cellsam_extra" name the released file in cellSAM's download cache. A
+    {"state_dict": ...} wrapper is taken off, as cellSAM's load_state_dict does."""
+    if str(path) in RELEASED and not Path(path).is_file():
+        path = released_path(str(path))
     path = Path(path)
     if not path.is_file():
         raise SystemExit(
-            f"{flag} {path}: no such file. cellSAM's released models are cellsam_general.pt and cellsam_extra.pt "
-            "(cellSAM's get_model() downloads them into ~/.deepcell/models/cellsam_v<version>/)"
+            f"{flag} {path}: no such file. cellSAM's released models are cellsam_general.pt and cellsam_extra.pt: "
+            f"cellSAM's get_model() downloads them (with a users.deepcell.org API key) into {CACHE}/cellsam_v1.2/; "
+            "nothing is downloaded here, give the file's path"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -538,6 +551,14 @@ def get_local_model(model_path: str | Path, sam_size: str = "vit_b") -> CellSAM:
     load_cellsam_weights(model, model_path, allow_missing=True, log=lambda m: warnings.warn(m, stacklevel=2),
                          flag="model_path")  # fmt: skip
     return model.eval()
+
+
+def get_model(model: str = "cellsam_general", version: str = "1.2") -> CellSAM:
+    """cellSAM's get_model, offline: a released model from cellSAM's download cache (see released_path); a clear
+    error where it has not been downloaded."""
+    if model not in RELEASED:
+        raise SystemExit(f"model {model!r}: choose one of {', '.join(RELEASED)}")
+    return get_local_model(released_path(model, version))
 
 
 def save_published(model: CellSAM, path: str | Path) -> Path:

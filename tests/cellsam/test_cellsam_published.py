@@ -246,6 +246,37 @@ def test_get_local_model_lists_what_a_file_lacks(tiny_file, tmp_path):
     assert not model.training
 
 
+def test_an_official_sam_file_starts_all_three_encoders(tmp_path):
+    from cellsam.model import build_sam
+
+    torch.manual_seed(3)
+    sam = build_sam("vit_tiny")
+    torch.save(sam.state_dict(), tmp_path / "sam_tiny.pth")
+    model = CellSAM("vit_tiny", sam_checkpoint=tmp_path / "sam_tiny.pth")
+    weight = sam.image_encoder.blocks[0].attn.qkv.weight
+    for encoder in (
+        model.model.image_encoder,
+        model.model_cp.image_encoder,
+        model.cellfinder.decode_head.backbone.body,
+    ):
+        assert torch.equal(encoder.blocks[0].attn.qkv.weight, weight)
+    assert torch.equal(model.model_cp.mask_decoder.iou_token.weight, sam.mask_decoder.iou_token.weight)
+
+
+def test_released_names_resolve_to_cellsams_cache_with_an_offline_message(monkeypatch, tmp_path, tiny_file):
+    import cellsam
+
+    monkeypatch.setattr(published, "CACHE", tmp_path / "models")
+    with pytest.raises(SystemExit, match="nothing is downloaded here"):
+        cellsam.get_model("cellsam_general")
+    (tmp_path / "models" / "cellsam_v1.2").mkdir(parents=True)
+    (tmp_path / "models" / "cellsam_v1.2" / "cellsam_extra.pt").write_bytes(tiny_file.read_bytes())
+    model = CellSAM("vit_tiny")
+    published.load_cellsam_weights(model, "cellsam_extra", log=lambda *_: None)
+    assert torch.equal(model.model.mask_decoder.iou_token.weight,
+                       torch.load(tiny_file, weights_only=True)["model.mask_decoder.iou_token.weight"])  # fmt: skip
+
+
 def test_a_file_without_model_cp_takes_it_from_model(tiny_file, tmp_path):
     state = torch.load(tiny_file, weights_only=True)
     torch.save({k: v for k, v in state.items() if not k.startswith("model_cp.")}, tmp_path / "no_cp.pt")
@@ -341,7 +372,7 @@ def test_fine_tune_a_published_file_and_get_it_back_in_its_layout(tmp_path, tiny
     """train.py --cellsam_checkpoint: --preeval scores the loaded model, both stages train, and
     models/fold_1/cellsam_finetuned.pt holds the published keys and shapes, loads strictly, and is what
     evaluate.py scores."""
-    from cellsam import evaluate, train
+    from cellsam import evaluate, train, visualize
 
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
             "--output_name", "tuned", "--architecture", "published", "--sam_size", "vit_tiny", "--cellsam_checkpoint",
@@ -373,6 +404,9 @@ def test_fine_tune_a_published_file_and_get_it_back_in_its_layout(tmp_path, tiny
         ["--cellsam_checkpoint", str(exported), "--sam_size", "vit_tiny", "--images", str(data / "images"),
          "--masks", str(data / "masks"), "--output_dir", str(tmp_path / "direct")]))  # fmt: skip
     assert len(list((again / "labels").glob("*.tif"))) == 4
+    figures = [visualize.main(visualize.get_args_parser().parse_args([kind, str(root), "--n", "1"]))
+               for kind in ("boxes", "masks")]  # fmt: skip
+    assert all(p.is_file() for p in figures)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="1.1 GB of random weights")
@@ -402,3 +436,28 @@ def test_released_size_random_file_fine_tunes_one_step_per_stage_and_segments(tm
     mask, embedding, boxes = published.segment_cellular_image(image, model, bounding_boxes=[[8, 8, 40, 40]])
     assert mask.shape == (64, 64) and mask.dtype == np.int32 and mask.max() == 1
     assert embedding.shape == (1, 256, 64, 64) and np.allclose(boxes, [[8, 8, 40, 40]])
+
+
+def test_torchrun_fine_tunes_the_published_layout_on_two_cpu_processes(tmp_path, tiny_file, data):
+    """DDP (gloo) with stage1_type all_backbones: CellFinder's box loss and model_cp's mask loss in one step; the
+    first process alone writes the folder and cellsam_finetuned.pt."""
+    import os
+    import subprocess
+
+    argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
+            "--output_name", "ddp", "--architecture", "published", "--sam_size", "vit_tiny", "--cellsam_checkpoint",
+            str(tiny_file), "--stage1_type", "all_backbones", "--epochs_s1", "1", "--epochs_s2", "1",
+            "--num_workers", "0", "--max_prompts", "4", "--batch_size", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "cellsam" / "train.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
+    root = tmp_path / "ddp"
+    assert "x 2 process(es)" in (root / "logs" / "experiment.log").read_text()
+    state, original = (
+        torch.load(p, weights_only=True) for p in (root / "models/fold_1/cellsam_finetuned.pt", tiny_file)
+    )
+    key = "model_cp.image_encoder.blocks.0.attn.qkv.weight"  # all_backbones: the masks' encoder moved in stage 1
+    assert not torch.equal(state[key], original[key])
