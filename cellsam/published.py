@@ -94,8 +94,13 @@ class CellSAM(nn.Module):
 
     @property
     def parts(self) -> dict:
-        return {"cellfinder": self.cellfinder, "model_cp": self.model_cp,
-                "model_cp.image_encoder": self.model_cp.image_encoder, "model": self.model}  # fmt: skip
+        """The pieces stage checkpoints name: what each stage trains (and the prompt encoder), not the frozen
+        encoders, which the run rebuilds from its starting file."""
+        head, sam = self.cellfinder.decode_head, self.model_cp
+        return {"cellfinder.transformer": head.transformer, "cellfinder.input_proj": head.input_proj,
+                "cellfinder.backbone": head.backbone.body, "model_cp.image_encoder": sam.image_encoder,
+                "model_cp.neck": sam.image_encoder.neck, "model_cp.prompt_encoder": sam.prompt_encoder,
+                "model_cp.mask_decoder": sam.mask_decoder}  # fmt: skip
 
     def finder_forward(self, images: torch.Tensor) -> dict:
         """{"logits": (B, Q, classes), "boxes": (B, Q, 4), "aux": [the same per earlier decoder layer]}."""
@@ -110,22 +115,21 @@ class CellSAM(nn.Module):
         """cellfinder: CellFinder's transformer, heads and input projection; image_encoder: also CellFinder's
         own image encoder (backbone.body); all_backbones: also model_cp's image encoder, which then learns from the
         mask loss of true-box prompts beside the box loss (train.py). Returns the parts to train and save."""
+        names = ["cellfinder.transformer", "cellfinder.input_proj"]
+        names += {"cellfinder": [], "image_encoder": ["cellfinder.backbone"],
+                  "all_backbones": ["cellfinder.backbone", "model_cp.image_encoder"]}[stage1_type]  # fmt: skip
         self.requires_grad_(False)
-        head = self.cellfinder.decode_head
-        head.transformer.requires_grad_(True)
-        head.input_proj.requires_grad_(True)
-        head.backbone.body.requires_grad_(stage1_type != "cellfinder")
-        trained = {"cellfinder": self.cellfinder}
-        if stage1_type == "all_backbones":
-            self.model_cp.image_encoder.requires_grad_(True)
-            trained["model_cp.image_encoder"] = self.model_cp.image_encoder
+        trained = {name: self.parts[name] for name in names}
+        for module in trained.values():
+            module.requires_grad_(True)
         return trained
 
     def stage2_parts(self, train_parts: str) -> tuple[list, dict]:
         sam = self.model_cp
         trained = {"neck": [sam.image_encoder.neck], "mask_decoder": [sam.mask_decoder],
                    "both": [sam.image_encoder.neck, sam.mask_decoder]}[train_parts]  # fmt: skip
-        return trained, {"model_cp": sam}
+        saved = ("model_cp.neck", "model_cp.prompt_encoder", "model_cp.mask_decoder")
+        return trained, {name: self.parts[name] for name in saved}
 
     def read_image(self, path: Path) -> np.ndarray:
         """(H, W, 3) float32: format_image_shape and normalize_image, on a 0..255 scale."""

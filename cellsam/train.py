@@ -474,8 +474,6 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     rng = np.random.default_rng([config.seed, fold, rank])
     model = build_model(config, log if rank == 0 else lambda *_: None).to(device)
     published = model.architecture == "published"
-    if published and not model.adv_mode:  # a file without model_cp: training gives model_cp its own weights
-        model.adv_mode = True
     size = model.input_size
     s1, s2 = config.stage1, config.stage2
     # the published CellSAM resizes an image that fits its window to its input size; this folder's model keeps the
@@ -502,6 +500,9 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         results["before_training"] = evaluate_pipeline(model, val_pairs, config, device)
         log(f"fold {fold}: before training F1 {results['before_training']['f1']:.3f}")
 
+    if published and not model.adv_mode:  # a file without model_cp: training gives model_cp its own weights
+        model.adv_mode = True
+        log(f"fold {fold}: model_cp (filled from model) is trained and exported; cellSAM then runs it as its own")
     # stage 1: CellFinder (and, by stage1_type, its image encoder; all_backbones: the masks' encoder too)
     cell_class = s1.cell_class if s1.cell_class >= 0 else pick_cell_class(model, train_set, config, device, log)
     results["cell_class"] = cell_class
