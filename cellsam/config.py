@@ -79,6 +79,9 @@ class ExperimentConfig:
     sam_checkpoint: str | None = None
     cellsam_checkpoint: str | None = None
     allow_missing_keys: bool = False  # a --cellsam_checkpoint without some published keys loads what it has
+    # published: images larger than this many px are cut into windows (training: random crops) resized to 1024 px;
+    # smaller ones are resized whole (None: 1024; cellSAM's wsi.py: 512)
+    window: int | None = None
     debug: bool = False  # a few images and epochs, to check a set-up
     augmentation: bool = True
     stain_transform: bool = False  # H&E stain jitter (for H&E images)

@@ -170,17 +170,21 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.0
     return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.float32)
 
 
-def build_augmentation(enabled: bool, size: int, train: bool = True, resize: bool = False) -> A.Compose:
+def build_augmentation(enabled: bool, size: int, train: bool = True, resize: bool = False, window=None) -> A.Compose:
     """Images keep their pixel scale (a cell stays as many pixels wide as in the microscope image): a training
     sample is a random size x size crop (padded where the image is smaller), a validation sample the central one.
     With `enabled`: flips, 90-degree rotations, scale/shift, brightness/contrast and blur; the masks follow every
     geometric change (nearest neighbour) and boxes are recomputed from them. Images go in as float 0..1, the range
     albumentations assumes for float images. resize: the whole image is resized to size x size instead (the
-    published CellSAM's rule for an image that fits its window)."""
-    crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
-    fit = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT), crop]
+    published CellSAM's rule for an image that fits its window); window: crops of window px resized to size."""
+    crop_size = window or size
+    crop = A.RandomCrop(crop_size, crop_size) if train else A.CenterCrop(crop_size, crop_size)
+    fit = [A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT), crop]
+    to_size = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
     if resize:
-        fit = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
+        fit = to_size
+    elif crop_size != size:
+        fit += to_size
     if not (enabled and train):
         return A.Compose(fit)
     return A.Compose(
@@ -200,13 +204,15 @@ class CellDataset(torch.utils.data.Dataset):
     """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image: a crop of S pixels
     (see build_augmentation). Images and masks are read once and kept: cell datasets are small.
     reader: how an image file becomes (H, W, 3) float 0..255 (read_image, or the published CellSAM's
-    normalisation); resize_small: an image that fits S x S is resized to it whole instead of padded (the
-    published CellSAM's rule), a larger one still gives crops of S pixels."""
+    normalisation); resize_small: an image that fits the window (window px, default S) is resized to S x S whole
+    instead of padded (the published CellSAM's rule), a larger one gives crops of window px resized to S."""
 
     def __init__(self, pairs: list[Pair], size: int, augment: bool = False, gamma: float = 1.0, seed: int = 0,
-                 train: bool = True, stain: bool = False, reader=None, resize_small: bool = False):  # fmt: skip
+                 train: bool = True, stain: bool = False, reader=None, resize_small: bool = False,
+                 window: int | None = None):  # fmt: skip
         self.pairs, self.size, self.gamma, self.seed, self.epoch, self.stain = pairs, size, gamma, seed, 0, stain
-        self.transform = build_augmentation(augment, size, train)
+        self.window = window or size
+        self.transform = build_augmentation(augment, size, train, window=window)
         self.resize = build_augmentation(augment, size, train, resize=True) if resize_small else None
         self.items = []
         for pair in pairs:
@@ -224,7 +230,7 @@ class CellDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image, mask = self.items[i]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        transform = self.resize if self.resize is not None and max(image.shape[:2]) <= self.size else self.transform
+        transform = self.resize if self.resize is not None and max(image.shape[:2]) <= self.window else self.transform
         transform.set_random_seed(seed)
         if self.stain:
             image = stain_jitter(image, np.random.default_rng(seed))

@@ -59,6 +59,7 @@ def load_fold(experiment: Path, fold: int, device) -> tuple:
             raise SystemExit(f"fold {fold}: {path} missing (did that fold finish?)")
         model = CellSAM(config.sam_size)
         load_cellsam_weights(model, path, log=lambda *_: None, flag="fold model")
+        model.window = config.window
         return model.to(device).eval(), config
     paths = [folder / "best_model_s1.pth", folder / "best_model_s2.pth"]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -112,13 +113,14 @@ def average_precision_over_iou(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
-def load_released(path: str, device, sam_size: str = "vit_b", allow_missing: bool = False) -> tuple:
+def load_released(path: str, device, sam_size="vit_b", allow_missing=False, window=None) -> tuple:
     """(a published CellSAM from a released or fine-tuned file, an ExperimentConfig of defaults)."""
     from cellsam.published import CellSAM, load_cellsam_weights
 
     model = CellSAM(sam_size)
     load_cellsam_weights(model, path, allow_missing)
-    config = ExperimentConfig(architecture="published", sam_size=sam_size, cellsam_checkpoint=path)
+    model.window = window
+    config = ExperimentConfig(architecture="published", sam_size=sam_size, cellsam_checkpoint=path, window=window)
     return model.to(device).eval(), config
 
 
@@ -130,7 +132,8 @@ def main(args) -> Path:
         if not args.images:
             raise SystemExit("--cellsam_checkpoint: give --images (and --masks for scores)")
         pairs = find_pairs(args.images, args.masks)  # a bad folder stops before the model loads
-        model, config = load_released(args.cellsam_checkpoint, device, args.sam_size, args.allow_missing_keys)
+        model, config = load_released(args.cellsam_checkpoint, device, args.sam_size, args.allow_missing_keys,
+                                      args.window)  # fmt: skip
         fold, experiment, parent = None, Path(args.cellsam_checkpoint), Path("output") / "evaluation"
         if args.bbox_threshold is not None:
             config.stage1.score_threshold = args.bbox_threshold
@@ -195,6 +198,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox_threshold", type=float, help="with --cellsam_checkpoint: CellFinder's score threshold [0.4]")
     p.add_argument("--sam_size", default="vit_b", help="with --cellsam_checkpoint: vit_b (the released models) or "
                    "vit_tiny [vit_b]")  # fmt: skip
+    p.add_argument("--window", type=int, help="with --cellsam_checkpoint: images larger than this are cut into "
+                   "windows of it, each resized to 1024 px (cellSAM's wsi.py: 512) [1024]")  # fmt: skip
     p.add_argument(
         "--allow_missing_keys",
         action="store_true",

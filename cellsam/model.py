@@ -548,6 +548,9 @@ class SharedEncoderCellSAM(nn.Module):
     def segment(self, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
         return segment_image(self.sam, self.finder, image, score_threshold, overlap, device)
 
+    def kept_boxes(self, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
+        return scores > score_threshold
+
     @torch.no_grad()
     def detect(self, image: np.ndarray, device="cpu") -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """CellFinder's boxes (xyxy pixels) and scores on the image padded or cut to SAM's input size (its

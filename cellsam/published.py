@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -75,9 +76,12 @@ class CellSAM(nn.Module):
         self.cellfinder = build_anchor_detr(self.model.image_encoder, width, CELLFINDER_SIZES[sam_size])
         self.model_cp = copy.deepcopy(self.model)
         self.bbox_threshold, self.iou_threshold, self.mask_threshold = 0.4, 0.5, 0.4
-        # cellSAM's "adv_mode": masks from model_cp with the ImageNet + min-max input steps; a file without
-        # model_cp runs on `model` without them (its load_state_dict rule)
+        # cellSAM's "adv_mode": masks from model_cp, ImageNet + min-max input steps for both branches; a file
+        # without model_cp runs on `model` without them (its load_state_dict rule), and is trained and exported so
         self.adv_mode = True
+        # an image larger than `window` px (default: the input size) is cut into windows, each resized to the input
+        # size; a smaller one is resized whole (cellSAM's wsi.py uses 512 px windows)
+        self.window = None
 
     @property
     def input_size(self) -> int:
@@ -95,12 +99,13 @@ class CellSAM(nn.Module):
     @property
     def parts(self) -> dict:
         """The pieces stage checkpoints name: what each stage trains (and the prompt encoder), not the frozen
-        encoders, which the run rebuilds from its starting file."""
-        head, sam = self.cellfinder.decode_head, self.model_cp
+        encoders, which the run rebuilds from its starting file. mask_sam.*: model_cp, or `model` for a file
+        without model_cp."""
+        head, sam = self.cellfinder.decode_head, self.mask_sam
         return {"cellfinder.transformer": head.transformer, "cellfinder.input_proj": head.input_proj,
-                "cellfinder.backbone": head.backbone.body, "model_cp.image_encoder": sam.image_encoder,
-                "model_cp.neck": sam.image_encoder.neck, "model_cp.prompt_encoder": sam.prompt_encoder,
-                "model_cp.mask_decoder": sam.mask_decoder}  # fmt: skip
+                "cellfinder.backbone": head.backbone.body, "mask_sam.image_encoder": sam.image_encoder,
+                "mask_sam.neck": sam.image_encoder.neck, "mask_sam.prompt_encoder": sam.prompt_encoder,
+                "mask_sam.mask_decoder": sam.mask_decoder}  # fmt: skip
 
     def finder_forward(self, images: torch.Tensor) -> dict:
         """{"logits": (B, Q, classes), "boxes": (B, Q, 4), "aux": [the same per earlier decoder layer]}."""
@@ -113,11 +118,11 @@ class CellSAM(nn.Module):
 
     def freeze_for_stage1(self, stage1_type: str) -> dict:
         """cellfinder: CellFinder's transformer, heads and input projection; image_encoder: also CellFinder's
-        own image encoder (backbone.body); all_backbones: also model_cp's image encoder, which then learns from the
+        own image encoder (backbone.body); all_backbones: also the masks' image encoder, which then learns from the
         mask loss of true-box prompts beside the box loss (train.py). Returns the parts to train and save."""
         names = ["cellfinder.transformer", "cellfinder.input_proj"]
         names += {"cellfinder": [], "image_encoder": ["cellfinder.backbone"],
-                  "all_backbones": ["cellfinder.backbone", "model_cp.image_encoder"]}[stage1_type]  # fmt: skip
+                  "all_backbones": ["cellfinder.backbone", "mask_sam.image_encoder"]}[stage1_type]  # fmt: skip
         self.requires_grad_(False)
         trained = {name: self.parts[name] for name in names}
         for module in trained.values():
@@ -125,10 +130,10 @@ class CellSAM(nn.Module):
         return trained
 
     def stage2_parts(self, train_parts: str) -> tuple[list, dict]:
-        sam = self.model_cp
+        sam = self.mask_sam
         trained = {"neck": [sam.image_encoder.neck], "mask_decoder": [sam.mask_decoder],
                    "both": [sam.image_encoder.neck, sam.mask_decoder]}[train_parts]  # fmt: skip
-        saved = ("model_cp.neck", "model_cp.prompt_encoder", "model_cp.mask_decoder")
+        saved = ("mask_sam.neck", "mask_sam.prompt_encoder", "mask_sam.mask_decoder")
         return trained, {name: self.parts[name] for name in saved}
 
     def read_image(self, path: Path) -> np.ndarray:
@@ -145,21 +150,29 @@ class CellSAM(nn.Module):
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
-        return segment_tiled(image / 255, self, None, overlap, score_threshold, device)
+        return segment_tiled(image / 255, self, self.window, overlap, score_threshold, device)
 
     @torch.no_grad()
     def detect(self, image: np.ndarray, device="cpu") -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """CellFinder's boxes (xyxy image pixels) and scores on the whole image when it fits one window (resized to
-        the input size, as segment_cellular_image), else on its top-left window; and the (h, w) they cover."""
-        size = self.input_size
+        """CellFinder's ranked boxes (xyxy image pixels) and scores, each query once (at its best class), on the
+        whole image when it fits one window (resized to the input size, as segment_cellular_image), else on its
+        top-left window; and the (h, w) they cover."""
+        size, window = self.input_size, self.window or self.input_size
         h, w = image.shape[:2]
-        if max(h, w) > size:
-            h, w = min(h, size), min(w, size)
+        if max(h, w) > window:
+            h, w = min(h, window), min(w, window)
         x = torch.from_numpy(np.ascontiguousarray(image[:h, :w].transpose(2, 0, 1)))[None].float().to(device)
-        scores, boxes = ranked_detections(self.cellfinder(finder_input(resize_to_input(x / 255, size), self.model,
-                                                                       self.adv_mode)), size)  # fmt: skip
+        out = self.cellfinder(finder_input(resize_to_input(x / 255, size), self.model, self.adv_mode))
+        scores, boxes, queries = ranked_detections(out, size, with_queries=True)
+        first = np.sort(np.unique(queries.cpu().numpy(), return_index=True)[1])
+        first = torch.from_numpy(first).to(scores.device)
         scale = boxes.new_tensor([w / size, h / size, w / size, h / size])
-        return (boxes * scale).cpu(), scores.cpu(), (h, w)
+        return (boxes[first] * scale).cpu(), scores[first].cpu(), (h, w)
+
+    def kept_boxes(self, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
+        """Which of detect's boxes the pipeline keeps (cellSAM's dynamic threshold)."""
+        threshold = box_score_threshold(scores.numpy(), score_threshold)
+        return scores > threshold if threshold > 0 else torch.ones_like(scores, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,14 +270,16 @@ def mask_input(images: torch.Tensor, adv_mode: bool = True) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ranked_detections(outputs: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """AnchorDETR's outputs for one image -> (scores (Q x classes,), boxes (Q x classes, 4) xyxy in input pixels),
-    every (query, class) pair, most confident first (cellSAM's PostProcess)."""
+def ranked_detections(outputs: dict, size: int, with_queries: bool = False):
+    """AnchorDETR's outputs for one image -> (scores (Q,), boxes (Q, 4) xyxy in input pixels): the Q most
+    confident of the Q x classes (query, class) scores, most confident first (cellSAM's PostProcess; a query can
+    appear once per class). with_queries: also each entry's query index."""
     prob = outputs["pred_logits"][0].sigmoid()  # (Q, C)
-    scores, index = prob.flatten().topk(prob.numel())
-    cx, cy, w, h = outputs["pred_boxes"][0][index // prob.shape[1]].unbind(-1)
+    scores, index = prob.flatten().topk(prob.shape[0])
+    queries = index // prob.shape[1]
+    cx, cy, w, h = outputs["pred_boxes"][0][queries].unbind(-1)
     boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * size
-    return scores, boxes
+    return (scores, boxes, queries) if with_queries else (scores, boxes)
 
 
 def box_score_threshold(scores: np.ndarray, bbox_threshold: float) -> float:
@@ -382,19 +397,23 @@ def predict(model: CellSAM, image: np.ndarray, bounding_boxes=None, device="cpu"
 
 
 def segment_cellular_image(img, model, normalize=True, postprocess=False, remove_boundaries=False,
-                           bounding_boxes=None, bbox_threshold=0.4, device="cpu"):  # fmt: skip
+                           bounding_boxes=None, bbox_threshold=0.4, fast=False, device="cpu"):  # fmt: skip
     """cellSAM's segment_cellular_image: an image (H, W) or (H, W, C) -> (mask (H, W) int32 cell labels, the
-    image embedding as numpy (None without cells), the kept boxes (K, 4) xyxy in image pixels (None without
-    cells)). bounding_boxes: your own boxes (N, 4) xyxy in image pixels instead of CellFinder's."""
+    image embedding as numpy, the kept boxes (K, 4) xyxy in image pixels; None and None where no mask is kept).
+    bounding_boxes: your own boxes (N, 4) xyxy in image pixels instead of CellFinder's. fast: accepted for
+    cellSAM's signature; the boxes are always decoded in batches here (the same masks, to float rounding)."""
     if "cuda" in str(device) and not torch.cuda.is_available():
-        raise SystemExit("device cuda: no CUDA GPU here; use device='cpu'")
+        raise ValueError("device cuda: no CUDA GPU here; use device='cpu'")
     model = model.eval().to(device)
     model.bbox_threshold = bbox_threshold
     img = format_image_shape(img)
     if normalize:
         img = normalize_image(img)
+    if not img.any():  # a blank image has no cells (cellSAM's percentile step fails on it)
+        warnings.warn("No cells detected in the image (it is blank).", stacklevel=2)
+        return np.zeros(img.shape[:2], np.int32), None, None
     labels, embedding, boxes, _ = predict(model, img, bounding_boxes, device)
-    if labels.max() == 0:
+    if not len(boxes):
         warnings.warn("No cells detected in the image.", stacklevel=2)
         return np.zeros(img.shape[:2], np.int32), None, None
     if postprocess:
@@ -408,9 +427,11 @@ def segment_cellular_image(img, model, normalize=True, postprocess=False, remove
 def segment_tiled(image: np.ndarray, model, window: int | None = None, overlap: int = 64, bbox_threshold=0.4,
                   device="cpu") -> np.ndarray:  # fmt: skip
     """An image (H, W, 3) already normalised to 0..1 (normalize_image) -> label image (H, W) int32. One that fits
-    one window (default: the model's input size) is segmented whole, as segment_cellular_image does; a larger one
-    in windows overlapping by `overlap` px with this folder's rule (each cell from the window whose core holds its
-    centre; see model.tile_and_stitch), as cellSAM's wsi.py tiles whole slides."""
+    one window (default: the model's input size, 1024 px) is segmented whole, as segment_cellular_image does; a
+    larger one in windows of `window` px overlapping by `overlap` px, each resized to the input size as
+    segment_cellular_image resizes any image, with this folder's rule for the seams (each cell from the window
+    whose core holds its centre; see model.tile_and_stitch). cellSAM's wsi.py also tiles slides, in 512 px windows
+    (400 px blocks + 56 px overlap): window=512 sees cells at its scale."""
     window = window or model.input_size
 
     def segment(tile):
@@ -450,6 +471,11 @@ def read_state_dict(path: str | Path, flag: str = "--cellsam_checkpoint") -> dic
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(
+            f"{flag} {path}: holds Python objects beyond tensors, which weights-only loading refuses (a training "
+            f"framework's checkpoint?); save its model.state_dict() with torch.save ({str(error)[:160]})"
+        ) from None
     except Exception as error:  # noqa: BLE001 (a cut file raises several kinds)
         raise SystemExit(
             f"{flag} {path}: not a readable PyTorch checkpoint, maybe cut short or not a model file "
@@ -459,6 +485,11 @@ def read_state_dict(path: str | Path, flag: str = "--cellsam_checkpoint") -> dic
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise SystemExit(f"{flag} {path}: holds a {type(state).__name__}, not a state dict")
+    odd = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd and not {"modules", "domain"} & set(state):
+        raise SystemExit(
+            f"{flag} {path}: not a state dict of tensors ({odd[0]} holds a {type(state[odd[0]]).__name__})"
+        )
     return state
 
 
@@ -494,7 +525,7 @@ def checked_state(path, expected: dict, sam_size: str, allow_missing: bool = Fal
     layout = describe_layout(state)
     if not layout.startswith("a CellSAM in the published layout"):
         raise SystemExit(f"{flag} {path} holds {layout}, not a CellSAM in the published layout")
-    if f"({sam_size} image encoders)" not in layout:
+    if "(width None image encoders)" not in layout and f"({sam_size} image encoders)" not in layout:
         hint = "; pass --sam_size vit_tiny" if "vit_tiny" in layout else ""
         raise SystemExit(f"{flag} {path} holds {layout}, not {sam_size}{hint}")
     extra = [str(k) for k in state if k not in expected]
@@ -552,8 +583,11 @@ def get_local_model(model_path: str | Path, sam_size: str = "vit_b") -> CellSAM:
     """cellSAM's get_local_model: a CellSAM from a local released or fine-tuned file, as published (what the file
     lacks stays as built and is listed)."""
     model = CellSAM(sam_size)
-    load_cellsam_weights(model, model_path, allow_missing=True, log=lambda m: warnings.warn(m, stacklevel=2),
-                         flag="model_path")  # fmt: skip
+    try:
+        load_cellsam_weights(model, model_path, allow_missing=True, log=lambda m: warnings.warn(m, stacklevel=3),
+                             flag="model_path")  # fmt: skip
+    except SystemExit as error:  # the scripts exit with the message; Python callers get an exception
+        raise (FileNotFoundError if not Path(model_path).is_file() else ValueError)(str(error)) from None
     return model.eval()
 
 
@@ -561,7 +595,7 @@ def get_model(model: str = "cellsam_general", version: str = "1.2") -> CellSAM:
     """cellSAM's get_model, offline: a released model from cellSAM's download cache (see released_path); a clear
     error where it has not been downloaded."""
     if model not in RELEASED:
-        raise SystemExit(f"model {model!r}: choose one of {', '.join(RELEASED)}")
+        raise ValueError(f"model {model!r}: choose one of {', '.join(RELEASED)}")
     return get_local_model(released_path(model, version))
 
 
@@ -570,6 +604,9 @@ def save_published(model: CellSAM, path: str | Path) -> Path:
     loads it (napari plugin: put it where get_model() looks, see cellsam/README.md)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not model.adv_mode:  # loaded from a file without model_cp, trained as such: cellSAM runs it so again
+        state = {k: v for k, v in state.items() if not k.startswith("model_cp.")}
+    torch.save(state, tmp)
     os.replace(tmp, path)
     return path

@@ -115,6 +115,7 @@ def build_model(config: ExperimentConfig, log=print):
         model = CellSAM(config.sam_size, config.sam_checkpoint)
         if config.cellsam_checkpoint:
             load_cellsam_weights(model, config.cellsam_checkpoint, config.allow_missing_keys, log)
+        model.window = config.window
         return model
     sam = build_sam(config.sam_size, config.sam_checkpoint)
     return SharedEncoderCellSAM(sam, build_cellfinder(sam, config.stage1))
@@ -389,7 +390,8 @@ def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir
         if best_path.is_file():
             best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["modules"]
         log(f"  stage {stage}: resumed at epoch {state['epoch'] + 1}")
-    for epoch in range(state["epoch"], stage_config.epochs):
+    stopped = state["patience"] >= stage_config.patience  # it had stopped early before the kill
+    for epoch in range(state["epoch"], 0 if stopped else stage_config.epochs):
         started = time.time()
         train_stats = run_epoch(optimizer, scaler, epoch, train=True)
         val_stats = run_epoch(None, None, epoch, train=False)
@@ -478,7 +480,7 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     s1, s2 = config.stage1, config.stage2
     # the published CellSAM resizes an image that fits its window to its input size; this folder's model keeps the
     # pixel scale and crops
-    data_args = {"reader": model.read_image, "resize_small": published}
+    data_args = {"reader": model.read_image, "resize_small": published, "window": model.window if published else None}
     train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed, True,
                             config.stain_transform, **data_args)  # fmt: skip
     val_set = CellDataset(val_pairs, size, False, config.gamma, train=False, **data_args) if val_pairs else None
@@ -500,9 +502,6 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         results["before_training"] = evaluate_pipeline(model, val_pairs, config, device)
         log(f"fold {fold}: before training F1 {results['before_training']['f1']:.3f}")
 
-    if published and not model.adv_mode:  # a file without model_cp: training gives model_cp its own weights
-        model.adv_mode = True
-        log(f"fold {fold}: model_cp (filled from model) is trained and exported; cellSAM then runs it as its own")
     # stage 1: CellFinder (and, by stage1_type, its image encoder; all_backbones: the masks' encoder too)
     cell_class = s1.cell_class if s1.cell_class >= 0 else pick_cell_class(model, train_set, config, device, log)
     results["cell_class"] = cell_class
@@ -576,6 +575,8 @@ def pick_cell_class(model, train_set, config, device, log) -> int:
     for i in range(min(2, len(train_set))):
         logits = model.finder_forward(train_set[i]["image"][None].to(device))["logits"][0]
         counts += (logits.sigmoid() > config.stage1.score_threshold).sum(0).cpu().float()
+    if dist.is_initialized():  # every process trains the same column
+        dist.broadcast(counts, 0)
     column = 0 if counts[0] > counts[1] else 1
     log(f"  stage 1: CellFinder's class column {column} learns cells ({int(counts[0])} and {int(counts[1])} "
         "queries above the threshold on the first training images)")  # fmt: skip

@@ -67,7 +67,7 @@ def plot_boxes_or_masks(args) -> Path:
         _, true_boxes = boxes_from_mask(truth)
         shown = image / 255
         if args.command == "boxes":
-            keep = scores > config.stage1.score_threshold
+            keep = model.kept_boxes(scores, config.stage1.score_threshold)  # the boxes the pipeline keeps
             ax.imshow(shown)
             for colour, drawn in (("lime", true_boxes), ("red", boxes[keep].numpy())):
                 for x0, y0, x1, y1 in drawn:

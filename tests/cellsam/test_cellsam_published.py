@@ -121,18 +121,21 @@ def test_k_means_threshold_on_a_known_score_list():
     assert box_score_threshold(np.full(10, 0.3), 0.4) == pytest.approx(0.66 * 0.4 + 0.33 * 0.3, abs=1e-6)
 
 
-def test_detections_are_every_query_and_class_most_confident_first():
+def test_detections_are_the_best_scores_of_every_query_and_class():
     logits = torch.logit(torch.tensor([[[0.2, 0.7], [0.9, 0.1], [0.3, 0.05]]]))  # 3 queries, 2 classes
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.25, 0.5, 0.5], [0.1, 0.9, 0.2, 0.2]]])
     scores, xyxy = ranked_detections({"pred_logits": logits, "pred_boxes": boxes}, 100)
-    assert torch.allclose(scores, torch.tensor([0.9, 0.7, 0.3, 0.2, 0.1, 0.05]), atol=1e-6)
-    # query 1 (score 0.9), query 0 (0.7), query 2 (0.3), query 0 again (0.2), ...
-    assert torch.allclose(xyxy[0], torch.tensor([0.0, 0, 50, 50])) and torch.allclose(
-        xyxy[1], torch.tensor([40.0, 30, 60, 70])
-    )
-    assert torch.allclose(xyxy[2], torch.tensor([0.0, 80, 20, 100])) and torch.equal(xyxy[3], xyxy[1])
-    kept = published.select_boxes(scores, xyxy, 0.4)  # k-means centres 0.8 and 0.1625 -> 0.264 + 0.158 = 0.422
-    assert len(kept) == 2
+    # the 3 (= queries) best of the 6 scores: query 1 (0.9), query 0 (0.7), query 2 (0.3)
+    assert torch.allclose(scores, torch.tensor([0.9, 0.7, 0.3]), atol=1e-6)
+    assert torch.allclose(xyxy[0], torch.tensor([0.0, 0, 50, 50]))
+    assert torch.allclose(xyxy[1], torch.tensor([40.0, 30, 60, 70]))
+    assert torch.allclose(xyxy[2], torch.tensor([0.0, 80, 20, 100]))
+    kept = published.select_boxes(scores, xyxy, 0.4)  # k-means centres 0.8 and 0.3: 0.264 + 0.33 x 0.55 = 0.4455
+    assert torch.equal(kept, xyxy[:2])
+    # both classes of one query can rank: query 0's other class (0.75) beats query 2
+    logits[0, 0, 0] = torch.logit(torch.tensor(0.75))
+    scores, _, queries = ranked_detections({"pred_logits": logits, "pred_boxes": boxes}, 100, with_queries=True)
+    assert queries.tolist() == [1, 0, 0] and torch.allclose(scores, torch.tensor([0.9, 0.75, 0.7]))
 
 
 def test_a_later_mask_wins_the_pixels_two_masks_claim():
@@ -271,7 +274,7 @@ def test_released_names_resolve_to_cellsams_cache_with_an_offline_message(monkey
     import cellsam
 
     monkeypatch.setattr(published, "CACHE", tmp_path / "models")
-    with pytest.raises(SystemExit, match="nothing is downloaded here"):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded here"):
         cellsam.get_model("cellsam_general")
     (tmp_path / "models" / "cellsam_v1.2").mkdir(parents=True)
     (tmp_path / "models" / "cellsam_v1.2" / "cellsam_extra.pt").write_bytes(tiny_file.read_bytes())
@@ -289,6 +292,10 @@ def test_a_file_without_model_cp_takes_it_from_model(tiny_file, tmp_path):
     published.load_cellsam_weights(model, tmp_path / "no_cp.pt", log=notes.append)
     assert not model.adv_mode and model.mask_sam is model.model and "no model_cp" in notes[0]
     assert torch.equal(model.model_cp.mask_decoder.iou_token.weight, state["model.mask_decoder.iou_token.weight"])
+    # trained so (the masks' parts are model's), and exported so: cellSAM runs the result without model_cp too
+    assert model.stage2_parts("neck")[0] == [model.model.image_encoder.neck]
+    exported = torch.load(published.save_published(model, tmp_path / "out.pt"), weights_only=True)
+    assert set(exported) == {k for k in state if not k.startswith("model_cp.")}
 
 
 def bad_files(tmp_path, tiny_file):
@@ -495,4 +502,25 @@ def test_resume_after_a_kill_in_stage_2_keeps_stage_1_and_exports(tmp_path, tiny
     for name, value in stage1["cellfinder.transformer"].items():
         assert torch.equal(exported[f"cellfinder.decode_head.transformer.{name}"], value), name
     assert set(torch.load(root / "models" / "fold_1" / "best_model_s2.pth", weights_only=True)["modules"]) == {
-        "model_cp.neck", "model_cp.prompt_encoder", "model_cp.mask_decoder"}  # fmt: skip
+        "mask_sam.neck", "mask_sam.prompt_encoder", "mask_sam.mask_decoder"}  # fmt: skip
+
+
+def test_published_training_samples_fit_the_window_as_inference_does(tiny_file, data):
+    """An image that fits the window is resized whole to the input size; a larger one gives crops of the window,
+    resized to the input size (the scale evaluate.py's windows see)."""
+    from cellsam.data import CellDataset, find_pairs
+
+    model = CellSAM("vit_tiny")
+    pairs = find_pairs(data / "images", data / "masks")[:1]  # 96 px images
+    whole = CellDataset(pairs, 256, reader=model.read_image, resize_small=True)[0]
+    cropped = CellDataset(pairs, 256, reader=model.read_image, resize_small=True, window=64)[0]
+    assert whole["image"].shape == cropped["image"].shape == (3, 256, 256)
+    truth = np.asarray(whole["mask"])
+    cells = len(np.unique(truth)) - 1
+    assert 0 < len(np.unique(np.asarray(cropped["mask"]))) - 1 <= cells  # a 64 px crop holds fewer cells
+    # resized whole: each cell 256 / 96 times as wide as on disk
+    from cellsam.data import read_mask
+
+    on_disk = read_mask(pairs[0].mask)
+    ratio = (truth > 0).sum() / (on_disk > 0).sum()
+    assert ratio == pytest.approx((256 / 96) ** 2, rel=0.05)
