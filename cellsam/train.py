@@ -813,7 +813,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{where}[{default}]"
                 )
             else:
-                kind = type(default) if default is not None else str
+                # a None default (str | None, int | None): the annotated type
+                kind = type(default) if default is not None else int if str(f.type).startswith("int") else str
                 p.add_argument(f"--{name}", type=kind, default=default, help=f"{where}[{default}]")
     return p
 

@@ -524,3 +524,7 @@ def test_published_training_samples_fit_the_window_as_inference_does(tiny_file, 
     on_disk = read_mask(pairs[0].mask)
     ratio = (truth > 0).sum() / (on_disk > 0).sum()
     assert ratio == pytest.approx((256 / 96) ** 2, rel=0.05)
+    from cellsam import train
+
+    argv = ["--img_path", "i", "--mask_path", "m", "--window", "512"]
+    assert train.config_from_args(train.get_args_parser().parse_args(argv)).window == 512
