@@ -120,6 +120,12 @@ def load_sam_weights(sam: Sam, checkpoint: str | Path, size: str) -> None:
         ) from None
     if isinstance(state, dict) and "model" in state and "image_encoder.pos_embed" not in state:
         state = state["model"]  # a checkpoint of ours (stage 2) also holds the SAM weights under "model"
+    if isinstance(state, dict) and "image_encoder.pos_embed" not in state:
+        from cellsam.published import describe_layout
+
+        layout = describe_layout(state)
+        hint = ": give it as --cellsam_checkpoint" if "published layout" in layout else ", not an official SAM file"
+        raise SystemExit(f"--sam_checkpoint {path} holds {layout}{hint}")
     width = state.get("image_encoder.pos_embed", torch.zeros(0)).shape[-1] if isinstance(state, dict) else None
     expected = SAM_SIZES[size]["embed_dim"]
     if width != expected:

@@ -327,6 +327,15 @@ def test_bad_checkpoints_name_the_file_and_what_they_hold(tmp_path, tiny_file):
         published.check_cellsam_checkpoint(tiny_file, "vit_b")
 
 
+def test_a_published_file_given_as_a_sam_checkpoint_says_which_flag_takes_it(tiny_file):
+    from cellsam.model import build_sam
+
+    with pytest.raises(
+        SystemExit, match="published layout \\(vit_tiny image encoders\\): give it as --cellsam_checkpoint"
+    ):
+        build_sam("vit_tiny", checkpoint=tiny_file)
+
+
 def test_train_refuses_a_bad_checkpoint_before_writing_anything(tmp_path, tiny_file, data):
     from cellsam import train
 
