@@ -166,7 +166,8 @@ def sample_prompts(batch, s2, rng, train: bool, device) -> tuple[list, list]:
             prompts.append(None)
             truths.append(None)
             continue
-        ids = np.unique(mask.numpy())[1:]
+        ids = np.unique(mask.numpy())
+        ids = ids[ids > 0]  # the cells, in the order of their boxes (a confluent crop may hold no background)
         chosen = rng.choice(len(ids), min(len(ids), s2.max_prompts), replace=False)
         prompt = boxes[chosen].clone()
         if train and s2.box_jitter:  # each corner moves by up to box_jitter of the box side

@@ -537,3 +537,20 @@ def test_published_training_samples_fit_the_window_as_inference_does(tiny_file, 
 
     argv = ["--img_path", "i", "--mask_path", "m", "--window", "512"]
     assert train.config_from_args(train.get_args_parser().parse_args(argv)).window == 512
+
+
+def test_prompts_pair_each_box_with_its_own_cell_when_a_crop_has_no_background():
+    """A confluent crop (no label 0): box k must prompt for cell k's mask (np.unique(mask)[1:] once dropped the
+    first cell and paired every box with the next cell's mask)."""
+    from cellsam import train
+    from cellsam.config import Stage2Config
+    from cellsam.data import boxes_from_mask
+
+    mask = np.zeros((8, 8), np.int64)
+    mask[:, :3], mask[:, 3:6], mask[:, 6:] = 4, 7, 9  # three cells, no background
+    _, boxes = boxes_from_mask(mask)
+    batch = {"image": torch.zeros(1, 3, 8, 8), "mask": torch.from_numpy(mask)[None], "boxes": [torch.from_numpy(boxes)]}
+    prompts, truths = train.sample_prompts(batch, Stage2Config(box_jitter=0.0), np.random.default_rng(0), True, "cpu")
+    for box, truth in zip(prompts[0], truths[0], strict=True):
+        ys, xs = np.nonzero(truth.numpy())
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist()
