@@ -68,6 +68,12 @@ def find_pairs(img_path: str | Path, mask_path: str | Path | None) -> list[Pair]
             f"{len(missing)} image(s) without a mask in {mask_path}, e.g. {missing[0]} "
             f"(masks pair with images by file name, e.g. {Path(missing[0]).stem}.png)"
         )
+    orphans = [masks[name].name for name in masks if name not in images]
+    if orphans:
+        raise DataError(
+            f"{len(orphans)} mask(s) without an image in {img_path}, e.g. {Path(mask_path) / orphans[0]} "
+            f"(masks pair with images by file name: is its image missing or named differently?)"
+        )
     return [Pair(name, path, masks[name]) for name, path in images.items()]
 
 

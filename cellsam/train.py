@@ -204,7 +204,7 @@ def zero_loss(outputs, images):
 
 
 def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool, mask_loss=None, s2=None,
-                 rng=None) -> dict:  # fmt: skip
+                 rng=None, mixed_precision: bool = True) -> dict:  # fmt: skip
     """One pass of CellFinder over a loader (training, or validation with train=False): mean loss and terms over
     every batch of every process. With mask_loss (stage1_type all_backbones) the masks of true-box prompts are
     scored too and added to the loss."""
@@ -215,7 +215,7 @@ def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool,
         size = images.shape[-1]
         targets = [xyxy_to_cxcywh(boxes, size, size).to(device) for boxes in batch["boxes"]]
         prompts, truths = sample_prompts(batch, s2, rng, train, device) if mask_loss else (None, None)
-        with torch.set_grad_enabled(train), amp(device):
+        with torch.set_grad_enabled(train), amp(device, mixed_precision):
             out = net(images, prompts)
             loss, terms = criterion(out, targets)
             if mask_loss:
@@ -239,7 +239,7 @@ def stage2_epoch(net, criterion, optimizer, scaler, loader, device, config, rng,
     for batch in loader:
         images = batch["image"].to(device)
         prompts, truths = sample_prompts(batch, s2, rng, train, device)
-        with torch.set_grad_enabled(train), amp(device):
+        with torch.set_grad_enabled(train), amp(device, config.mixed_precision):
             outputs = net(images, prompts)
             losses = mask_loss_terms(outputs, truths, prompts, images.shape[-1], criterion, s2, sums)
             loss = torch.stack(losses).mean() if losses else zero_loss(outputs, images)
@@ -357,8 +357,9 @@ def save_prediction_figure(image: np.ndarray, truth: np.ndarray, labels: np.ndar
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def amp(device):
-    if device.type != "cuda":
+def amp(device, enabled: bool = True):
+    """Autocast on CUDA (bf16 where supported, else fp16 with fit's GradScaler) unless --no-mixed_precision."""
+    if device.type != "cuda" or not enabled:
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
@@ -369,13 +370,15 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
-def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, history: list, log, device):
+def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, history: list, log, device,
+        mixed_precision: bool = True):  # fmt: skip
     """The loop both stages share: AdamW, cosine annealing per epoch, early stopping on the validation loss,
     best_model_s{stage}.pth (the trained modules' weights) and last_s{stage}.pth (everything, for --resume); only
     the first process writes. run_epoch(optimizer, scaler, epoch, train) -> metrics (None: no validation set)."""
     optimizer = torch.optim.AdamW(parameters, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage_config.epochs, 1))
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    fp16 = device.type == "cuda" and mixed_precision and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     state = {"epoch": 0, "best": math.inf, "patience": 0}
     last_path, best_path = fold_dir / f"last_s{stage}.pth", fold_dir / f"best_model_s{stage}.pth"
     best_weights = None
@@ -523,10 +526,13 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         if sampler is not None:
             sampler.set_epoch(epoch)
         net, loader = (ddp1, train_loader) if train else (net1, val_loader)
-        return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train, joint, s2, rng)
+        # validation draws the same cells every epoch, so early stopping compares like with like
+        draws = rng if train else np.random.default_rng([config.seed, fold, rank, 1])
+        return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train, joint, s2, draws,
+                            config.mixed_precision)  # fmt: skip
 
     parameters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
-    fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device)
+    fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device, config.mixed_precision)
 
     # stage 2: the SAM that draws the masks, prompted by true boxes: its neck, mask decoder or both
     model.requires_grad_(False)
@@ -544,9 +550,11 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
         if sampler is not None:
             sampler.set_epoch(1000 + epoch)
         net, loader = (ddp2, train_loader) if train else (net2, val_loader)
-        return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, rng, train)
+        draws = rng if train else np.random.default_rng([config.seed, fold, rank, 2])
+        return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, draws, train)
 
-    fit(2, epoch2, modules2, [p for part in parts for p in part.parameters()], s2, fold_dir, history2, log, device)
+    parameters2 = [p for part in parts for p in part.parameters()]
+    fit(2, epoch2, modules2, parameters2, s2, fold_dir, history2, log, device, config.mixed_precision)
     results["stage1_history"], results["stage2_history"] = history1, history2
     if published and rank == 0:  # the best epochs of both stages, in the layout cellSAM loads
         from cellsam.published import save_published
@@ -627,10 +635,18 @@ class ExperimentRunner:
         if c.strategy == "full_dataset":
             return [(pairs, [])]
         if c.strategy == "train_val_split":
+            if len(pairs) < 2:
+                raise SystemExit(
+                    f"--strategy train_val_split needs at least 2 images (one to train, one to validate); {c.img_path} "
+                    f"holds {len(pairs)}: add images or use --strategy full_dataset"
+                )
             train, val = train_test_split(pairs, test_size=c.val_fraction, random_state=c.seed)
             return [(list(train), list(val))]
         if len(pairs) < c.k_folds:
-            raise SystemExit(f"--k_folds {c.k_folds}: only {len(pairs)} images")
+            raise SystemExit(
+                f"--k_folds {c.k_folds} needs at least {c.k_folds} images (one held out per fold); {c.img_path} holds "
+                f"{len(pairs)}"
+            )
         folds = KFold(c.k_folds, shuffle=True, random_state=c.seed).split(pairs)
         return [([pairs[i] for i in train], [pairs[i] for i in val]) for train, val in folds]
 
@@ -645,6 +661,7 @@ class ExperimentRunner:
             from cellsam.published import check_cellsam_checkpoint
 
             check_cellsam_checkpoint(c.cellsam_checkpoint, c.sam_size, c.allow_missing_keys)
+        splits = self.splits(pairs)  # too few images for the strategy: also before anything is written
         device = setup_device()
         main_process = is_main()
         root = self.root or (new_experiment_dir(Path(c.output_dir), c.output_name) if main_process else None)
@@ -667,7 +684,7 @@ class ExperimentRunner:
         )
         individual_path = root / "results" / "individual_results.json"
         done = json.loads(individual_path.read_text()) if individual_path.is_file() else []
-        for fold, (train_pairs, val_pairs) in enumerate(self.splits(pairs), start=1):
+        for fold, (train_pairs, val_pairs) in enumerate(splits, start=1):
             if any(r["fold"] == fold for r in done):
                 log(f"fold {fold}: finished in an earlier run, kept")
                 continue

@@ -554,3 +554,61 @@ def test_prompts_pair_each_box_with_its_own_cell_when_a_crop_has_no_background()
     for box, truth in zip(prompts[0], truths[0], strict=True):
         ys, xs = np.nonzero(truth.numpy())
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist()
+
+
+def tiny_argv(data: Path, out: Path, *more: str) -> list[str]:
+    """This folder's tiny shared-encoder model, one epoch per stage."""
+    return ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(out),
+            "--sam_size", "vit_tiny", "--num_workers", "0", "--hidden", "32", "--heads", "2", "--encoder_layers",
+            "1", "--decoder_layers", "1", "--anchor_grid", "4", "--patterns", "1", "--max_prompts", "2",
+            *more]  # fmt: skip
+
+
+def test_validation_prompts_are_the_same_cells_every_epoch(tmp_path, data, monkeypatch):
+    """Early stopping compares validation losses across epochs: each validation pass prompts the same cells (they
+    were drawn from the training stream, so every epoch scored another random subset)."""
+    from cellsam import train
+
+    seen, original = [], train.sample_prompts
+
+    def recording(batch, s2, rng, is_train, device):
+        prompts, truths = original(batch, s2, rng, is_train, device)
+        if not is_train:
+            seen.append([None if p is None else p.tolist() for p in prompts])
+        return prompts, truths
+
+    monkeypatch.setattr(train, "sample_prompts", recording)
+    argv = tiny_argv(data, tmp_path, "--epochs_s1", "1", "--epochs_s2", "3", "--val_fraction", "0.5")
+    train.main(train.get_args_parser().parse_args(argv))
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+
+
+def test_no_mixed_precision_is_read(tmp_path, data, monkeypatch):
+    from cellsam import train
+
+    calls, original = [], train.amp
+    monkeypatch.setattr(train, "amp", lambda device, enabled=True: calls.append(enabled) or original(device, enabled))
+    argv = tiny_argv(data, tmp_path, "--epochs_s1", "1", "--epochs_s2", "1", "--strategy", "full_dataset")
+    train.main(train.get_args_parser().parse_args([*argv, "--no-mixed_precision"]))
+    assert calls and not any(calls)
+
+
+def test_a_mask_without_an_image_and_too_few_images_are_clear_errors(tmp_path, data):
+    import shutil
+
+    from cellsam import train
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    (copy / "images" / "img_0001.tif").unlink()
+    with pytest.raises(SystemExit, match="1 mask\\(s\\) without an image in .*img_0001.png"):
+        train.main(train.get_args_parser().parse_args(tiny_argv(copy, tmp_path / "a")))
+    one = tmp_path / "one"
+    for kind in ("images", "masks"):
+        (one / kind).mkdir(parents=True)
+        shutil.copy(next((data / kind).glob("img_0002.*")), one / kind)
+    with pytest.raises(SystemExit, match="train_val_split needs at least 2 images .* holds 1"):
+        train.main(train.get_args_parser().parse_args(tiny_argv(one, tmp_path / "b")))
+    with pytest.raises(SystemExit, match="--k_folds 5 needs at least 5 images"):
+        train.main(train.get_args_parser().parse_args(tiny_argv(data, tmp_path / "c", "--strategy", "k_fold")))
+    assert not any((tmp_path / n).exists() for n in "abc")
