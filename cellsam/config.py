@@ -35,9 +35,8 @@ class Stage1Config:
     dropout: float = 0.1  # in CellFinder's transformer layers (attention and feed-forward)
     one_to_many: int = 1  # > 1: earlier decoder layers match each cell this many times (hybrid matching)
     score_threshold: float = 0.4  # a query is a cell above this probability (evaluation, stage-2 prompts)
-    cell_class: int = (
-        -1
-    )  # published CellFinder: its score column that learns "cell" (-1: the one the loaded model uses)
+    # published CellFinder: its score column that learns "cell" (-1: the one the loaded model already uses)
+    cell_class: int = -1
     patience: int = 10
 
 

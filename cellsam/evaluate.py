@@ -165,8 +165,7 @@ def main(args) -> Path:
             continue
         predictions.append(labels)
         truths.append(truth)
-        plain = image if model.architecture == "shared_encoder" else read_pair(pair, config.gamma)[0]
-        baselines.append(otsu_watershed(plain))
+        baselines.append(otsu_watershed(read_pair(pair, config.gamma)[0]))  # read_image's scaling, either model
         boxes, scores, (h, w) = model.detect(image, device)
         _, true_boxes = boxes_from_mask(truth[:h, :w])
         detections.append((boxes, scores, torch.from_numpy(true_boxes)))

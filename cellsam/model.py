@@ -150,6 +150,12 @@ def encode(sam: Sam, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features, encoder.neck(features)
 
 
+def stage2_modules(sam: Sam, train_parts: str) -> list:
+    """The modules of a SAM that stage 2 trains: its neck (the paper's choice), its mask decoder, or both."""
+    neck, decoder = sam.image_encoder.neck, sam.mask_decoder
+    return {"neck": [neck], "mask_decoder": [decoder], "both": [neck, decoder]}[train_parts]
+
+
 def decode_masks(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's embedding (1, D, h, w) and its box prompts (N, 4) xyxy in input pixels -> mask logits
     (N, S/4, S/4) (SAM's low-resolution masks) and predicted IoU (N,); one mask per box."""
@@ -541,9 +547,8 @@ class SharedEncoderCellSAM(nn.Module):
     def stage2_parts(self, train_parts: str) -> tuple[list, dict]:
         """(the modules stage 2 trains, the parts it saves: the prompt encoder too, whose random Fourier features
         and point embeddings the masks depend on)."""
-        trained = {"neck": [self.sam.image_encoder.neck], "mask_decoder": [self.sam.mask_decoder],
-                   "both": [self.sam.image_encoder.neck, self.sam.mask_decoder]}[train_parts]  # fmt: skip
-        return trained, {k: self.parts[k] for k in ("image_encoder", "prompt_encoder", "mask_decoder")}
+        saved = ("image_encoder", "prompt_encoder", "mask_decoder")
+        return stage2_modules(self.sam, train_parts), {k: self.parts[k] for k in saved}
 
     def read_image(self, path: Path) -> np.ndarray:
         from cellsam.data import read_image

@@ -20,8 +20,8 @@ Inference, as cellSAM's segment_cellular_image:
    scaled to 0..1, an empty green channel filled from the blue one (and the reverse);
    the masks' input: clipped to the 0th..99.5th percentile of its non-zero values and rescaled, ImageNet's
    normalisation, min-max per channel, then SAM's normalisation in the image encoder of `model_cp`;
-4. boxes: every (query, class) score, most confident first, kept above 0.66 x bbox_threshold + 0.33 x the mean
-   of the two k-means cluster centres of all scores (bbox_threshold alone when k-means fails);
+4. boxes: the Q most confident of the Q x classes (query, class) scores, kept above 0.66 x bbox_threshold + 0.33
+   x the mean of the two k-means cluster centres of those scores (bbox_threshold alone when k-means fails);
 5. one mask per box from `model_cp`, dropped when its predicted IoU is below 0.5; logits upsampled to the image,
    sigmoid > 0.4; the label image numbers the kept masks 1..K in box order and a later (less confident) mask
    wins a pixel two masks claim;
@@ -45,7 +45,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from cellsam.anchor_detr import build_anchor_detr
-from cellsam.model import SAM_SIZES, build_sam, decode_masks, encode, tile_and_stitch
+from cellsam.model import SAM_SIZES, build_sam, decode_masks, encode, stage2_modules, tile_and_stitch
 
 # cellSAM's modelconfig.yaml, and the same layout at vit_tiny's width for CPU tests
 CELLFINDER_SIZES = {
@@ -130,11 +130,8 @@ class CellSAM(nn.Module):
         return trained
 
     def stage2_parts(self, train_parts: str) -> tuple[list, dict]:
-        sam = self.mask_sam
-        trained = {"neck": [sam.image_encoder.neck], "mask_decoder": [sam.mask_decoder],
-                   "both": [sam.image_encoder.neck, sam.mask_decoder]}[train_parts]  # fmt: skip
         saved = ("mask_sam.neck", "mask_sam.prompt_encoder", "mask_sam.mask_decoder")
-        return trained, {name: self.parts[name] for name in saved}
+        return stage2_modules(self.mask_sam, train_parts), {name: self.parts[name] for name in saved}
 
     def read_image(self, path: Path) -> np.ndarray:
         """(H, W, 3) float32: format_image_shape and normalize_image, on a 0..255 scale."""
@@ -171,8 +168,7 @@ class CellSAM(nn.Module):
 
     def kept_boxes(self, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
         """Which of detect's boxes the pipeline keeps (cellSAM's dynamic threshold)."""
-        threshold = box_score_threshold(scores.numpy(), score_threshold)
-        return scores > threshold if threshold > 0 else torch.ones_like(scores, dtype=torch.bool)
+        return kept_scores(scores, score_threshold)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,9 +296,14 @@ def box_score_threshold(scores: np.ndarray, bbox_threshold: float) -> float:
         return bbox_threshold
 
 
-def select_boxes(scores: torch.Tensor, boxes: torch.Tensor, bbox_threshold: float) -> torch.Tensor:
+def kept_scores(scores: torch.Tensor, bbox_threshold: float) -> torch.Tensor:
+    """Which scores pass cellSAM's dynamic threshold (all of them where it is not positive), (N,) bool."""
     threshold = box_score_threshold(scores.cpu().numpy(), bbox_threshold)
-    return boxes[scores > threshold] if threshold > 0 else boxes
+    return scores > threshold if threshold > 0 else torch.ones_like(scores, dtype=torch.bool)
+
+
+def select_boxes(scores: torch.Tensor, boxes: torch.Tensor, bbox_threshold: float) -> torch.Tensor:
+    return boxes[kept_scores(scores, bbox_threshold)]
 
 
 def paint_labels(masks, shape) -> np.ndarray:

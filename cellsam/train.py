@@ -318,8 +318,7 @@ def evaluate_pipeline(model, pairs, config, device, out_dir: Path | None = None)
         image, truth = read_pair(pair, config.gamma, model.read_image)
         labels = model.segment(image, config.stage1.score_threshold, device=device)
         predictions.append(labels)
-        plain = image if model.architecture == "shared_encoder" else read_pair(pair, config.gamma)[0]
-        baselines.append(otsu_watershed(plain))
+        baselines.append(otsu_watershed(read_pair(pair, config.gamma)[0]))  # read_image's scaling, either model
         truths.append(truth)
         if out_dir is not None and i < 4:
             save_prediction_figure(image, truth, labels, out_dir / f"{pair.name}.png")
@@ -699,13 +698,16 @@ class ExperimentRunner:
                 write_json(individual_path, done)  # a finished fold survives a kill
             if dist.is_initialized():
                 dist.barrier()
-        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done) if main_process else {}}
+        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done) if main_process else {},
+                      "scored_on": "each fold's validation images, which also chose its best epochs: score a separate "
+                      "test folder with evaluate.py --images --masks for an unbiased number"}  # fmt: skip
         if main_process:
             write_json(root / "results" / "aggregated_results.json", aggregated)
         if aggregated["metrics"]:
             f1, base = aggregated["metrics"]["f1"], aggregated["metrics"]["baseline_f1"]
             before = aggregated["metrics"].get("before_f1")
-            log(f"F1 at IoU 0.5 on the held-out images: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s)"
+            log(f"F1 at IoU 0.5 on the validation images (they also chose each stage's best epoch): "
+                f"{f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s)"
                 + (f" (before training {before['mean']:.3f})" if before else "")
                 + f"; Otsu + watershed {base['mean']:.3f}")  # fmt: skip
         log(f"wrote {root}")
