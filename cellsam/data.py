@@ -156,6 +156,26 @@ def boxes_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(ids, np.int64), np.array(boxes, np.float32).reshape(-1, 4)
 
 
+def tile_grid(h: int, w: int, size: int, overlap: int) -> list[tuple]:
+    """Tiles of size x size px overlapping by `overlap` px that cover an (h, w) image padded to at least size:
+    (y0, x0, core_y, core_x) each, the core being the tile less half the overlap on the sides it shares with
+    another tile (the cores tile the image without gaps or overlaps)."""
+    ph, pw = max(h, size), max(w, size)
+    step = size - overlap
+
+    def starts(n):
+        points = list(range(0, n - size + 1, step))
+        return points if points[-1] == n - size else [*points, n - size]
+
+    grid = []
+    for y0 in starts(ph):
+        for x0 in starts(pw):
+            core_y = (0 if y0 == 0 else overlap // 2, size if y0 + size >= ph else size - overlap // 2)
+            core_x = (0 if x0 == 0 else overlap // 2, size if x0 + size >= pw else size - overlap // 2)
+            grid.append((y0, x0, core_y, core_x))
+    return grid
+
+
 def xyxy_to_cxcywh(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Pixel xyxy to (cx, cy, w, h) in 0..1 of the image, the DETR head's target."""
     scale = boxes.new_tensor([width, height, width, height])
@@ -207,8 +227,10 @@ def build_augmentation(enabled: bool, size: int, train: bool = True, resize: boo
 
 
 class CellDataset(torch.utils.data.Dataset):
-    """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per image: a crop of S pixels
-    (see build_augmentation). Images and masks are read once and kept: cell datasets are small.
+    """(image (3, S, S) float 0..255, mask (S, S) int64, boxes (K, 4) xyxy pixels) per sample: in training a
+    random crop of S pixels per image (see build_augmentation); in validation (train=False) every tile of the image
+    (tile_grid, no overlap), so the validation loss sees all of each image. Images and masks are read once and
+    kept: cell datasets are small.
     reader: how an image file becomes (H, W, 3) float 0..255 (read_image, or the published CellSAM's
     normalisation); resize_small: an image that fits the window (window px, default S) is resized to S x S whole
     instead of padded (the published CellSAM's rule), a larger one gives crops of window px resized to S."""
@@ -226,17 +248,30 @@ class CellDataset(torch.utils.data.Dataset):
             mask = read_mask(pair.mask, image.shape[:2], pair.image)
             check_cells(mask, pair.mask)
             self.items.append((image, mask))
+        self.index = [(i, None) for i in range(len(self.items))]
+        if not train:  # validation: every tile of each image (one whole image where it is resized whole)
+            self.index = [(i, tile) for i, (image, _) in enumerate(self.items) for tile in self.tiles(image.shape[:2])]
+
+    def tiles(self, shape: tuple[int, int]) -> list:
+        if self.resize is not None and max(shape) <= self.window:
+            return [None]
+        return [(y0, x0) for y0, x0, _, _ in tile_grid(*shape, self.window, 0)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.index)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, k: int) -> dict:
+        i, tile = self.index[k]
         image, mask = self.items[i]
+        whole = self.resize is not None and max(image.shape[:2]) <= self.window  # the published rule, resized whole
+        if tile is not None:
+            (y0, x0), crop = tile, self.window
+            image, mask = image[y0 : y0 + crop, x0 : x0 + crop], mask[y0 : y0 + crop, x0 : x0 + crop]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        transform = self.resize if self.resize is not None and max(image.shape[:2]) <= self.window else self.transform
+        transform = self.resize if whole else self.transform
         transform.set_random_seed(seed)
         if self.stain:
             image = stain_jitter(image, np.random.default_rng(seed))
@@ -299,19 +334,24 @@ def synthetic_cells(size: int = 256, n_cells: int = 30, rng: np.random.Generator
     return np.clip(image, 0, 65535).astype(np.uint16), mask
 
 
-def write_demo_dataset(root: str | Path, n_images: int = 12, size: int = 256, seed: int = 0) -> Path:
-    """root/images/img_0001.tif (16-bit) and root/masks/img_0001.png (16-bit label maps)."""
+def write_demo_dataset(root: str | Path, n_images: int = 12, size: int = 256, seed: int = 0, n_test: int = 0) -> Path:
+    """root/images/img_0001.tif (16-bit) and root/masks/img_0001.png (16-bit label maps); with n_test, also
+    root/test/images and root/test/masks, other fields drawn the same way, for scores that took no part in
+    training or model choice."""
     root = Path(root)
     marker = root / "demo.txt"
-    settings = f"{n_images} {size} {seed} v1"
+    settings = f"{n_images} {size} {seed} {n_test} v2"
     if marker.is_file() and marker.read_text() == settings:
         return root
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for i in range(1, n_images + 1):
-        image, mask = synthetic_cells(size, int(rng.integers(20, 36)), rng)
-        tifffile.imwrite(root / "images" / f"img_{i:04d}.tif", image)
-        Image.fromarray(mask).save(root / "masks" / f"img_{i:04d}.png")
+    for folder, count in ((root, n_images), (root / "test", n_test)):
+        if not count:
+            continue
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(1, count + 1):
+            image, mask = synthetic_cells(size, int(rng.integers(20, 36)), rng)
+            tifffile.imwrite(folder / "images" / f"img_{i:04d}.tif", image)
+            Image.fromarray(mask).save(folder / "masks" / f"img_{i:04d}.png")
     marker.write_text(settings)
     return root

@@ -1,7 +1,7 @@
 """Run the whole CellSAM pipeline (CellFinder boxes -> SAM masks -> one label image) on a folder of images of any
 size, and score it where masks are given.
 
-    python cellsam/evaluate.py output/my_cells                        # each fold's held-out images
+    python cellsam/evaluate.py output/my_cells                        # its test images (else a fold's validation)
     python cellsam/evaluate.py output/my_cells --fold 2 --images NEW/images            # label images only
     python cellsam/evaluate.py output/my_cells --images DATA/images --masks DATA/masks  # with scores
     python cellsam/evaluate.py --cellsam_checkpoint cellsam_general.pt --images DATA/images --masks DATA/masks
@@ -17,7 +17,8 @@ and, with masks, report.json and per_image.csv:
 - average precision over IoU 0.5:0.95 as cell-segmentation papers report it (TP / (TP + FP + FN) at each IoU
   threshold 0.5, 0.55, ..., 0.95, averaged over thresholds and images);
 - box AP at IoU 0.5 of CellFinder alone (stage 1: its scored boxes against the cells' boxes, all-point
-  interpolated precision-recall area, over every image together; on the first window of a larger image);
+  interpolated precision-recall area, over every image together; a larger image in tiles, each box taken from the
+  tile whose core holds its centre, as the pipeline takes cells);
 - the same F1, precision, recall and PQ for Otsu + distance-transform watershed.
 """
 
@@ -38,6 +39,7 @@ from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
+from cellsam.model import detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from common.metrics import instance_overlaps, match_instances
 
@@ -135,8 +137,9 @@ def main(args) -> Path:
         model, config = load_released(args.cellsam_checkpoint, device, args.sam_size, args.allow_missing_keys,
                                       args.window)  # fmt: skip
         fold, experiment, parent = None, Path(args.cellsam_checkpoint), Path("output") / "evaluation"
+        scored_on = f"--images {args.images}"
         if args.bbox_threshold is not None:
-            config.stage1.score_threshold = args.bbox_threshold
+            config.stage1_config.score_threshold = args.bbox_threshold
     else:
         experiment = parent = Path(args.experiment)
         results_file = experiment / "results" / "individual_results.json"
@@ -144,19 +147,22 @@ def main(args) -> Path:
         fold = args.fold or (folds[0]["fold"] if folds else 1)
         model, config = load_fold(experiment, fold, device)
         if args.images:
-            pairs = find_pairs(args.images, args.masks)
+            pairs, scored_on = find_pairs(args.images, args.masks), f"--images {args.images}"
+        elif config.test_img_path:  # images that took no part in training or model choice
+            pairs, scored_on = find_pairs(config.test_img_path, config.test_mask_path), "the experiment's test images"
         else:  # the fold's held-out images
             held_out = next((f["val_images"] for f in folds if f["fold"] == fold), [])
             if not held_out:
                 raise SystemExit(f"fold {fold} held no images out (full_dataset?): give --images (and --masks)")
             pairs = [p for p in find_pairs(config.img_path, config.mask_path) if p.name in held_out]
+            scored_on = f"fold {fold}'s validation images, which also chose its best epochs (optimistic)"
         parent = parent / "evaluation"
     out = new_experiment_dir(Path(args.output_dir or parent), f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}")
     (out / "labels").mkdir()
     print(f"{'fold ' + str(fold) if fold else experiment}: segmenting {len(pairs)} image(s) on {device.type}; "
           f"writing {out}")  # fmt: skip
     rows, predictions, baselines, truths, detections = [], [], [], [], []
-    threshold = config.stage1.score_threshold
+    threshold = config.stage1_config.score_threshold
     for pair in pairs:
         image, truth = read_pair(pair, config.gamma, model.read_image)
         labels = model.segment(image, threshold, args.overlap, device)
@@ -166,21 +172,21 @@ def main(args) -> Path:
         predictions.append(labels)
         truths.append(truth)
         baselines.append(otsu_watershed(read_pair(pair, config.gamma)[0]))  # read_image's scaling, either model
-        boxes, scores, (h, w) = model.detect(image, device)
-        _, true_boxes = boxes_from_mask(truth[:h, :w])
-        detections.append((boxes, scores, torch.from_numpy(true_boxes)))
+        boxes, scores = detect_tiled(model, image, args.overlap, device)
+        detections.append((boxes, scores, torch.from_numpy(boxes_from_mask(truth)[1])))
         match = match_instances(truth, labels, 0.5)
         rows.append({"image": pair.name, "cells": match.tp + match.fn, "predicted": match.tp + match.fp,
                      "f1": match.f1, "precision": match.precision, "recall": match.recall,
                      "ap_50_95": average_precision_over_iou(truth, labels)})  # fmt: skip
     if rows:
-        report = {"experiment": str(experiment), "fold": fold, "images": len(rows),
+        report = {"experiment": str(experiment), "fold": fold, "scored_on": scored_on, "images": len(rows),
                   "image_names": [r["image"] for r in rows], **score_images(predictions, truths)}  # fmt: skip
         report["ap_50_95"] = float(np.nanmean([r["ap_50_95"] for r in rows]))
         report["box_ap_50"] = box_average_precision(detections, 0.5)
         report["baseline_otsu_watershed"] = score_images(baselines, truths)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         pd.DataFrame(rows).to_csv(out / "per_image.csv", index=False)
+        print(f"{len(rows)} image(s), {scored_on}:")
         print(f"F1 {report['f1']:.3f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}  PQ "
               f"{report['pq']:.3f}  AP50:95 {report['ap_50_95']:.3f}  box AP50 {report['box_ap_50']:.3f}  "
               f"(Otsu + watershed F1 {report['baseline_otsu_watershed']['f1']:.3f})")  # fmt: skip
@@ -205,7 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="with --cellsam_checkpoint: load a file that lacks some published keys (the rest as built)",
     )
     p.add_argument("--fold", type=int, help="which fold's models [the first]")
-    p.add_argument("--images", help="image folder [the fold's held-out images]")
+    p.add_argument("--images", help="image folder [the experiment's test images, else the fold's validation images]")
     p.add_argument("--masks", help="their instance masks: adds the scores")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", help="[EXPERIMENT/evaluation]")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels, above the largest cell [64]")

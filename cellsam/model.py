@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, nms, sigmoid_focal_loss
 
+from cellsam.data import tile_grid
 from common.losses import BoundaryLoss, DiceLoss
 
 # the official configurations (segment_anything/build_sam.py), and a tiny one for CPUs
@@ -458,39 +459,56 @@ def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=6
 
 def tile_and_stitch(image: np.ndarray, size: int, overlap: int, segment) -> np.ndarray:
     """One label image (H, W) int32 from `segment(tile) -> labels` on tiles (size, size, C) overlapping by `overlap`
-    px (one padded tile for a small image); each tile keeps the cells whose centre lies in its core (the tile less
-    half the overlap on sides shared with another tile), so a cell cut by one tile's edge is taken whole from its
-    neighbour, and cells are pasted where no earlier cell is."""
+    px (one padded tile for a small image); each tile keeps the cells whose centre lies in its core (tile_grid), so
+    a cell cut by one tile's edge is taken whole from its neighbour, and cells are pasted where no earlier cell
+    is."""
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)))
-    step = size - overlap
-
-    def starts(n):
-        points = list(range(0, max(n - size, 0) + 1, step))
-        return points if points[-1] == max(n - size, 0) else [*points, n - size]
-
     labels, count = np.zeros((h, w), np.int32), 0
-    for y0 in starts(padded.shape[0]):
-        for x0 in starts(padded.shape[1]):
-            tile_labels = segment(padded[y0 : y0 + size, x0 : x0 + size])
-            core_y = (0 if y0 == 0 else overlap // 2, size if y0 + size >= padded.shape[0] else size - overlap // 2)
-            core_x = (0 if x0 == 0 else overlap // 2, size if x0 + size >= padded.shape[1] else size - overlap // 2)
-            for found, box in enumerate(ndimage.find_objects(tile_labels), start=1):
-                if box is None:
-                    continue
-                ys, xs = np.nonzero(tile_labels[box] == found)
-                cy, cx = ys.mean() + box[0].start, xs.mean() + box[1].start
-                if not (core_y[0] <= cy < core_y[1] and core_x[0] <= cx < core_x[1]):
-                    continue
-                gy, gx = ys + box[0].start + y0, xs + box[1].start + x0
-                inside = (gy < h) & (gx < w)
-                gy, gx = gy[inside], gx[inside]
-                free = labels[gy, gx] == 0
-                if free.sum() < 0.5 * len(gy):  # mostly taken by a cell found before
-                    continue
-                count += 1
-                labels[gy[free], gx[free]] = count
+    for y0, x0, core_y, core_x in tile_grid(h, w, size, overlap):
+        tile_labels = segment(padded[y0 : y0 + size, x0 : x0 + size])
+        for found, box in enumerate(ndimage.find_objects(tile_labels), start=1):
+            if box is None:
+                continue
+            ys, xs = np.nonzero(tile_labels[box] == found)
+            cy, cx = ys.mean() + box[0].start, xs.mean() + box[1].start
+            if not (core_y[0] <= cy < core_y[1] and core_x[0] <= cx < core_x[1]):
+                continue
+            gy, gx = ys + box[0].start + y0, xs + box[1].start + x0
+            inside = (gy < h) & (gx < w)
+            gy, gx = gy[inside], gx[inside]
+            free = labels[gy, gx] == 0
+            if free.sum() < 0.5 * len(gy):  # mostly taken by a cell found before
+                continue
+            count += 1
+            labels[gy[free], gx[free]] = count
     return labels
+
+
+@torch.no_grad()
+def detect_tiled(model, image: np.ndarray, overlap: int = 64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """CellFinder's boxes (xyxy image px) and scores on a whole image of any size: one pass where it fits the
+    model's window, else every tile of tile_grid, keeping the boxes whose centre lies in the tile's core (as
+    tile_and_stitch keeps cells), so each cell of the image is counted once."""
+    h, w = image.shape[:2]
+    window = getattr(model, "window", None) or model.input_size
+    if model.architecture == "shared_encoder":
+        window = model.input_size
+    if max(h, w) <= window:
+        boxes, scores, _ = model.detect(image, device)
+        return boxes, scores
+    padded = np.pad(image, ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0)))
+    all_boxes, all_scores = [], []
+    for y0, x0, core_y, core_x in tile_grid(h, w, window, overlap):
+        boxes, scores, _ = model.detect(padded[y0 : y0 + window, x0 : x0 + window], device)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        keep = (cx >= core_x[0]) & (cx < core_x[1]) & (cy >= core_y[0]) & (cy < core_y[1])
+        all_boxes.append(boxes[keep] + boxes.new_tensor([x0, y0, x0, y0]))
+        all_scores.append(scores[keep])
+    boxes = torch.cat(all_boxes)
+    boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                         boxes[:, 3].clamp(0, h)], 1)  # fmt: skip
+    return boxes, torch.cat(all_scores)
 
 
 # ----------------------------------------------------------------------------------------------------------------

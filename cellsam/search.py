@@ -1,142 +1,304 @@
-"""Hyperparameter search for CellSAM: random or grid search over a HyperparameterSpace, trials in parallel worker
-processes (one GPU each where there are several), a results table and the best configuration.
+"""Hyperparameter search for CellSAM on Optuna: random, grid or TPE search over a HyperparameterSpace, each trial a
+whole experiment (train.py's ExperimentRunner: its strategy, both stages), scored by its mean validation F1 at
+IoU 0.5 (the validation images choose; report the chosen setting on test images).
 
     from cellsam import ExperimentConfig, HyperparameterSpace, HyperparameterOptimizer
-    search = HyperparameterOptimizer(base_config, HyperparameterSpace(), "output/search", max_parallel=2)
-    search.run_random_search(20)      # or search.run_grid_search()
-    python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --search random --n_trials 20 --max_parallel 2
+    search = HyperparameterOptimizer(base_config, HyperparameterSpace(), "output/hp_search", max_parallel=2)
+    search.run_random_search(n_trials=20)      # or search.run_grid_search(), search.run_tpe_search(20)
 
-Each trial is a whole experiment (its strategy, both stages) under <search folder>/trials/trial_NNN/; its score is
-the mean validation F1 at IoU 0.5. The search folder gets search_results.csv (one row per trial: its values,
-status, F1, seconds; a failed trial is recorded with its error and the search goes on) and best_config.json.
+    python cellsam/search.py --img_path DATA/images --mask_path DATA/masks --output_name my_search \\
+        --sampler random --n_trials 20 --max_parallel 2 [--prune] [--search_space space.json]
+    python cellsam/search.py ... --storage postgresql://user:pass@host/db    # the same command on several machines
+
+- The study lives in OUTPUT/search.db (SQLite, nothing to set up), or in the database --storage names, so that
+  the same command started on several machines shares one study.
+- Re-running the command on the same output folder resumes the study: it runs until the study holds n_trials
+  finished trials. A trial cut off by a kill is noticed by its missing heartbeat (after about a minute), recorded
+  as failed and run again with the same values.
+- Samplers: random (RandomSampler: values drawn independently, a combination may come twice), grid (GridSampler:
+  every combination of the space exactly once), tpe (TPESampler).
+- max_parallel trials at once on one machine, in worker processes, one GPU each where there are several.
+- Every finished trial is appended to OUTPUT/search_results.csv as it ends (its study, number, state, F1, values,
+  seconds, error, folder); a failed trial is recorded with its error and the search goes on; OUTPUT/trials/
+  trial_NNN/ holds each trial's experiment, OUTPUT/best_config.json the best one.
+- --prune: Optuna's median pruner stops a trial whose validation loss at an epoch is worse than the median of
+  earlier trials at the same epoch (after 4 trials and 3 epochs); it reports minus the loss, as the study
+  maximises F1.
+
+search.py calls the training entry point; train.py knows nothing of the search.
 """
 
-from __future__ import annotations
-
-import copy
-import itertools
-import json
-import os
-import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from multiprocessing import get_context
+import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
+
+import argparse
+import copy
+import csv
+import json
+import multiprocessing
+import os
+import traceback
+from dataclasses import dataclass, field, fields
+
+import optuna
 import pandas as pd
 import torch
 
 from cellsam.config import ExperimentConfig
+from cellsam.train import ExperimentRunner, add_config_flags, config_from_args, set_field, set_up_demo
+
+SAMPLERS = ("random", "grid", "tpe")
+HEARTBEAT_S = 20  # a running trial's heartbeat; one silent for 3 beats was cut off and is run again
+COLUMNS = ["study", "trial", "state", "f1", "seconds", "error", "folder"]
 
 
 @dataclass
 class HyperparameterSpace:
-    """The values each searched setting may take (stage 1 and 2 learning rates and focal gammas, the input gamma,
-    the augmentation flags)."""
+    """The values each searched setting may take. extra: any other setting by its train.py flag name (e.g.
+    {"dice_loss_weight": [1.0, 2.0], "stage1_type": ["cellfinder", "image_encoder"]})."""
 
-    lr_s1: list = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
-    lr_s2: list = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
-    focal_gamma_s1: list = field(default_factory=lambda: [1.5, 2.0, 2.5])
-    focal_gamma_s2: list = field(default_factory=lambda: [1.5, 2.0, 2.5])
-    gamma: list = field(default_factory=lambda: [0.8, 1.0, 1.25])
-    augmentation: list = field(default_factory=lambda: [True, False])
-    stain_transform: list = field(default_factory=lambda: [False])
+    stage1_learning_rates: list = field(default_factory=lambda: [1e-4, 1e-5])
+    stage2_learning_rates: list = field(default_factory=lambda: [1e-4, 5e-5])
+    focal_gammas: list = field(default_factory=lambda: [2.0, 3.0])  # stage 2's focal loss
+    gammas: list = field(default_factory=lambda: [2.1, 2.4])  # the input gamma correction
+    augmentation_flags: list = field(default_factory=lambda: [False, True])
+    extra: dict = field(default_factory=dict)
 
-    def check(self) -> HyperparameterSpace:
-        for f in fields(self):
-            values = getattr(self, f.name)
+    # each field's setting (a train.py flag name)
+    SETTINGS = {"stage1_learning_rates": "learning_rate_s1", "stage2_learning_rates": "learning_rate_s2",
+                "focal_gammas": "focal_gamma_s2", "gammas": "gamma", "augmentation_flags": "augmentation"}  # fmt: skip
+
+    def choices(self) -> dict:
+        """{setting: its values}, checked: every list non-empty, every extra name a setting."""
+        out = {self.SETTINGS[f.name]: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        for name, values in out.items():
             if not isinstance(values, (list, tuple)) or len(values) == 0:
-                raise SystemExit(f"search space: {f.name} has no values (give a non-empty list)")
-        return self
+                raise SystemExit(f"search space: {name} has no values (give a non-empty list)")
+            try:
+                set_field(ExperimentConfig(), name, values[0])
+            except TypeError as error:
+                raise SystemExit(f"search space: {error}".replace("finetune() got an unexpected keyword argument",
+                                                                  "no setting named")) from None  # fmt: skip
+        return {name: list(values) for name, values in out.items()}
 
-    def grid(self) -> list[dict]:
-        names = [f.name for f in fields(self)]
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(getattr(self, n) for n in names))]
-
-    def sample(self, rng: np.random.Generator) -> dict:
-        return {f.name: getattr(self, f.name)[int(rng.integers(len(getattr(self, f.name))))] for f in fields(self)}
+    def size(self) -> int:
+        n = 1
+        for values in self.choices().values():
+            n *= len(values)
+        return n
 
 
 def apply(config: ExperimentConfig, values: dict) -> ExperimentConfig:
-    """A copy of config with the searched values set (lr_s1 -> stage1.lr, focal_gamma_s2 -> stage2.focal_gamma...)."""
+    """A copy of config with the searched settings (train.py flag names: learning_rate_s1, gamma...) set."""
     config = copy.deepcopy(config)
     for name, value in values.items():
-        if name.endswith(("_s1", "_s2")):
-            setattr(config.stage1 if name.endswith("_s1") else config.stage2, name[:-3], value)
-        else:
-            setattr(config, name, value)
+        set_field(config, name, value)
     return config
 
 
-def run_trial(config_dict: dict, trial_dir: str, gpu: int | None) -> dict:
-    """One trial in a worker process: the whole experiment; returns its status, F1 and time. Never raises."""
-    started = time.time()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
-    try:
-        from cellsam.train import ExperimentRunner
-
-        torch.set_num_threads(1)
-        result = ExperimentRunner(ExperimentConfig.from_dict(config_dict), Path(trial_dir)).run()
-        f1 = result["metrics"].get("f1", {}).get("mean", float("nan"))
-        return {"status": "finished", "f1": f1, "seconds": time.time() - started, "error": ""}
-    except BaseException as error:  # a failing trial is recorded, the search goes on
-        message = f"{type(error).__name__}: {error}"
-        (Path(trial_dir) / "error.txt").write_text(traceback.format_exc())
-        return {"status": "failed", "f1": float("nan"), "seconds": time.time() - started, "error": message}
-
-
 class HyperparameterOptimizer:
-    def __init__(self, base_config: ExperimentConfig, param_space: HyperparameterSpace, output_dir, max_parallel=1):
-        self.base, self.space = base_config.check(), param_space.check()
-        self.output_dir, self.max_parallel = Path(output_dir), max(1, int(max_parallel))
+    """A search over param_space around base_config; studies and results in output_dir (see the module
+    docstring). storage: a database URL (default sqlite:///OUTPUT_DIR/search.db); prune: median pruning."""
 
-    def run_random_search(self, n_trials: int, seed: int = 0) -> pd.DataFrame:
-        if n_trials < 1:
-            raise SystemExit(f"--n_trials {n_trials}: at least 1")
-        rng = np.random.default_rng(seed)
-        return self.run([self.space.sample(rng) for _ in range(n_trials)])
+    def __init__(self, base_config: ExperimentConfig, param_space: HyperparameterSpace, output_dir, max_parallel=1,
+                 storage: str | None = None, prune: bool = False, seed: int = 0):  # fmt: skip
+        self.base = copy.deepcopy(base_config)
+        ExperimentRunner(self.base)  # its errors (a missing folder, a bad value) now, before any trial
+        if self.base.strategy == "full_dataset":
+            raise SystemExit("a search chooses by validation F1: --strategy full_dataset holds no image out")
+        self.space, self.choices = param_space, param_space.choices()
+        self.output_dir, self.max_parallel = Path(output_dir), max(1, int(max_parallel))
+        self.storage_url = storage or f"sqlite:///{(self.output_dir / 'search.db').resolve()}"
+        self.prune, self.seed = prune, seed
+
+    def run_random_search(self, n_trials: int = 20) -> pd.DataFrame:
+        return self.run("random", n_trials)
 
     def run_grid_search(self) -> pd.DataFrame:
-        return self.run(self.space.grid())
+        """Every combination of the space exactly once."""
+        return self.run("grid", self.space.size())
 
-    def run(self, trials: list[dict]) -> pd.DataFrame:
-        folder = self.output_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / "search_results.csv").exists():
-            raise SystemExit(f"{folder} holds an earlier search (search_results.csv); give another output folder")
-        gpus = torch.cuda.device_count()
-        jobs = []
-        for i, values in enumerate(trials, start=1):
-            trial_dir = folder / "trials" / f"trial_{i:03d}"
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            config = apply(self.base, values)
-            jobs.append((values, config.to_dict(), str(trial_dir), (i - 1) % gpus if gpus else None))
-        # spawned workers: no CUDA state or open files shared with this process
-        with ProcessPoolExecutor(self.max_parallel, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_trial, config, trial_dir, gpu) for _, config, trial_dir, gpu in jobs]
-            outcomes = [future.result() for future in futures]
-        rows = [
-            {"trial": i, **values, **outcome}
-            for i, ((values, *_), outcome) in enumerate(zip(jobs, outcomes, strict=True), 1)
-        ]
-        table = pd.DataFrame(rows)
-        table.to_csv(folder / "search_results.csv", index=False)
-        finished = table[(table["status"] == "finished") & table["f1"].notna()]
-        if len(finished):
-            best = finished.loc[finished["f1"].idxmax()]
-            values = {k: _plain(best[k]) for k in trials[0]}
-            best_json = {"trial": int(best["trial"]), "f1": float(best["f1"]), "values": values}
-            best_json["config"] = apply(self.base, values).to_dict()
-            (folder / "best_config.json").write_text(json.dumps(best_json, indent=2))
+    def run_tpe_search(self, n_trials: int = 20) -> pd.DataFrame:
+        return self.run("tpe", n_trials)
+
+    def run(self, sampler: str, n_trials: int) -> pd.DataFrame:
+        if sampler not in SAMPLERS:
+            raise SystemExit(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
+        if n_trials < 1:
+            raise SystemExit(f"--n_trials {n_trials}: at least 1")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        results = self.output_dir / "search_results.csv"
+        if not results.is_file():
+            with open(results, "w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS + list(self.choices))
+        job = {"base": self.base.to_dict(), "choices": self.choices, "folder": str(self.output_dir),
+               "storage": self.storage_url, "sampler": sampler, "n_trials": n_trials, "prune": self.prune,
+               "seed": self.seed, "workers": self.max_parallel, "gpus": torch.cuda.device_count()}  # fmt: skip
+        study = open_study(job)  # created here, so workers never race to create it
+        print(f"search {study.study_name} in {self.storage_url}: {count_finished(study)} of {n_trials} trials "
+              f"finished, {self.max_parallel} at a time", flush=True)  # fmt: skip
+        if self.max_parallel == 1:
+            search_worker(job, 0)
+        else:
+            context = multiprocessing.get_context("spawn")  # no CUDA state or open files shared with this process
+            workers = [context.Process(target=search_worker, args=(job, i)) for i in range(self.max_parallel)]
+            for worker in workers:
+                worker.start()
+            try:
+                for worker in workers:
+                    worker.join()
+            finally:  # Ctrl-C or an error here: the workers stop too
+                for worker in workers:
+                    if worker.is_alive():
+                        worker.terminate()
+        return self.summary(sampler)
+
+    def summary(self, sampler: str) -> pd.DataFrame:
+        """The study's trials as a table; the best one's values and whole configuration in best_config.json."""
+        study = open_study({"storage": self.storage_url, "sampler": sampler, "choices": self.choices,
+                            "prune": self.prune, "seed": self.seed})  # fmt: skip
+        rows = [trial_row(study.study_name, t) for t in study.get_trials(deepcopy=False)]
+        table = pd.DataFrame(rows, columns=COLUMNS + list(self.choices))
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            best = max(done, key=lambda t: t.value)
+            best_json = {"study": study.study_name, "trial": best.number, "f1": best.value, "values": best.params,
+                         "config": apply(self.base, best.params).to_dict()}  # fmt: skip
+            (self.output_dir / "best_config.json").write_text(json.dumps(best_json, indent=2))
         return table
 
 
-def _plain(value):
-    """NumPy scalars from a DataFrame row back to Python values (for JSON and dataclasses)."""
-    return value.item() if hasattr(value, "item") else value
+def open_study(job: dict) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(
+        job["storage"],
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=3 * HEARTBEAT_S,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+    )
+    seed = job["seed"]
+    sampler = {
+        "random": lambda: optuna.samplers.RandomSampler(seed),
+        "grid": lambda: optuna.samplers.GridSampler(job["choices"], seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+    }[job["sampler"]]()
+    pruner = optuna.pruners.MedianPruner(4, 3) if job["prune"] else optuna.pruners.NopPruner()
+    return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=f"cellsam_{job['sampler']}",
+                               direction="maximize", load_if_exists=True)  # fmt: skip
 
 
-__all__ = ["HyperparameterSpace", "HyperparameterOptimizer", "apply", "run_trial", "asdict"]
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards n_trials: completed, pruned, or failed with an error of their own (a trial cut off
+    by a kill has no error and is run again)."""
+    states = optuna.trial.TrialState
+    return sum(
+        t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and "error" in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def trial_row(study_name: str, t) -> dict:
+    seconds = (
+        (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    )
+    return {"study": study_name, "trial": t.number, "state": t.state.name.lower(), "f1": t.value, "seconds": seconds,
+            "error": t.user_attrs.get("error", ""), "folder": t.user_attrs.get("folder", ""), **t.params}  # fmt: skip
+
+
+def search_worker(job: dict, index: int) -> None:
+    """One worker: trials until the study holds n_trials finished ones (or the grid is done)."""
+    if job["workers"] > 1:  # a worker process: its own GPU (before CUDA starts here), its share of the cores
+        if job["gpus"] > 1:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(index % job["gpus"])
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job["workers"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(job)
+    base, folder = ExperimentConfig.from_dict(job["base"]), Path(job["folder"])
+    offsets = (base.stage1_config.total_epochs, base.stage1_config.total_epochs + base.stage2_config.total_epochs)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {name: trial.suggest_categorical(name, choices) for name, choices in job["choices"].items()}
+        trial_dir = folder / "trials" / f"trial_{trial.number:03d}"
+        trial.set_user_attr("folder", str(trial_dir))
+
+        def on_epoch(fold, stage, epoch, loss):  # the pruner sees minus the validation loss at each epoch
+            if not job["prune"]:
+                return
+            trial.report(-loss, (fold - 1) * offsets[1] + (offsets[0] if stage == 2 else 0) + epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"stage {stage} epoch {epoch}: validation loss {loss:.4f}")
+
+        try:
+            result = ExperimentRunner(apply(base, values), trial_dir, on_epoch).run()
+            return result["metrics"]["f1"]["mean"]
+        except optuna.TrialPruned:
+            raise
+        except (Exception, SystemExit) as error:  # recorded, and the search goes on
+            message = f"{type(error).__name__}: {error}"
+            trial.set_user_attr("error", message)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            (trial_dir / "error.txt").write_text(traceback.format_exc())
+            raise RuntimeError(message) from None
+
+    def append_row(study, trial) -> None:
+        row = trial_row(study.study_name, trial)
+        with open(folder / "search_results.csv", "a", newline="") as f:
+            csv.writer(f).writerow([row.get(c, "") for c in COLUMNS + list(job["choices"])])
+        print(f"trial {trial.number}: {row['state']}"
+              + (f", validation F1 {row['f1']:.3f}" if row["f1"] is not None else "")
+              + (f" ({row['error']})" if row["error"] else ""), flush=True)  # fmt: skip
+
+    while count_finished(study) < job["n_trials"]:
+        if job["sampler"] == "grid" and study.sampler.is_exhausted(study):
+            break
+        study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[append_row])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python cellsam/search.py",
+        usage="%(prog)s (--img_path DIR --mask_path DIR | --demo) [--sampler random|grid|tpe] [options]",
+        description=__doc__.split("\n\n")[0],
+        epilog="The experiment options are train.py's; the search folder is OUTPUT_DIR/OUTPUT_NAME_search.",
+    )
+    s = p.add_argument_group("search")
+    s.add_argument("--sampler", choices=SAMPLERS, default="random", help="how trials choose values (default: random)")
+    s.add_argument("--n_trials", type=int, default=20, metavar="N", help="random, tpe: trials in all (default: 20)")
+    s.add_argument("--max_parallel", type=int, default=1, metavar="N",
+                   help="trials at once on this machine, one GPU each (default: 1)")  # fmt: skip
+    s.add_argument("--storage", metavar="URL", help="a database URL shared by several machines (default: "
+                   "sqlite:///OUTPUT_DIR/OUTPUT_NAME_search/search.db)")  # fmt: skip
+    s.add_argument("--prune", action="store_true", help="median pruning on the validation loss")
+    s.add_argument("--search_space", metavar="FILE", help="a JSON file of HyperparameterSpace fields (lists of "
+                   "values; extra: {flag name: values}) (default: HyperparameterSpace())")  # fmt: skip
+    s.add_argument("--seed_search", type=int, default=0, metavar="N", help="the sampler's seed (default: 0)")
+    s.add_argument("--demo", action="store_true", help="search on train.py --demo's synthetic cells and settings")
+    add_config_flags(p)
+    return p
+
+
+def main(args) -> pd.DataFrame:
+    config = config_from_args(args)
+    if args.demo:
+        set_up_demo(config, {a.lstrip("-").split("=")[0] for a in sys.argv[1:] if a.startswith("--")})
+    if args.search_space:
+        path = Path(args.search_space)
+        try:
+            space = HyperparameterSpace(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise SystemExit(f"--search_space {path}: {error}") from None
+    else:
+        space = HyperparameterSpace()
+    folder = Path(config.output_dir) / f"{config.output_name}_search"
+    search = HyperparameterOptimizer(config, space, folder, args.max_parallel, args.storage, args.prune,
+                                     args.seed_search)  # fmt: skip
+    table = search.run(args.sampler, space.size() if args.sampler == "grid" else args.n_trials)
+    print(table.to_string(index=False))
+    print(f"wrote {folder / 'search_results.csv'}")
+    return table
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -4,8 +4,11 @@
     python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --output_name my_cells \\
         --cellsam_checkpoint cellsam_general.pt --preeval             # the published CellSAM, fine-tuned
     python cellsam/train.py --img_path DATA/images --mask_path DATA/masks --output_name my_cells \\
-        --sam_size vit_b --sam_checkpoint sam_vit_b_01ec64.pth --strategy k_fold --k_folds 5
+        --sam_size vit_b --sam_checkpoint sam_vit_b_01ec64.pth --strategy k_fold --k_folds 5 \\
+        --total_epochs_s1 200 --learning_rate_s2 5e-5 --test_img_path TEST/images --test_mask_path TEST/masks
     python cellsam/train.py --resume output/my_cells                 # after a kill: finished folds are kept
+    torchrun --nproc_per_node=4 cellsam/train.py ...                 # DDP: one GPU (or CPU process) each
+    python cellsam/search.py ...                                     # a hyperparameter search (Optuna) over this
 
 Two architectures (--architecture; auto: published for vit_b, shared_encoder for the other sizes):
 - published: cellSAM's own module (published.py): CellFinder (AnchorDETR) on its own ViT-B, masks from a second
@@ -20,23 +23,29 @@ giou_loss_weight x GIoU, for every decoder layer. --stage1_type cellfinder: the 
 image_encoder: CellFinder's encoder too; all_backbones: also the encoder the masks come from, which then learns
 from the mask loss of true-box prompts added to the box loss.
 Stage 2 trains SAM prompted by the ground-truth boxes (jittered by --box_jitter): --train_parts neck (the paper's
-choice), mask_decoder or both. Loss: focal + Dice (+ boundary) with optional online hard negative mining, on
-the pixels of each prompt box grown by --loss_margin.
+choice), mask_decoder or both. Loss: focal + Dice + boundary, with optional online hard negative mining, on the
+pixels of each prompt box grown by --loss_margin.
 Both stages: AdamW, cosine annealing (stepped per epoch), AMP on CUDA, early stopping after --patience_s1/_s2
-epochs without a lower validation loss, the best epoch kept.
+epochs without a lower validation loss (the validation loss sees every tile of each validation image, with the
+same prompts each epoch), the best epoch kept.
 
 Strategies: train_val_split (--val_fraction held out), k_fold (--k_folds models; mean, standard deviation and 95 %
 confidence interval of each metric), full_dataset (no validation; trains the set epochs). After each fold the
-whole pipeline (CellFinder boxes -> SAM masks -> label image) is scored on the held-out images: CellSAM's F1 at
-IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall and PQ, beside a classical baseline
-(Otsu threshold + distance-transform watershed) on the same images.
+whole pipeline (CellFinder boxes -> SAM masks -> label image) is scored: CellSAM's F1 at IoU 0.5 (TP / (TP + (FP +
+FN) / 2), averaged per image), precision, recall and PQ, beside a classical baseline (Otsu threshold +
+distance-transform watershed) on the same images. The validation images also chose the best epochs, so their
+score is optimistic; the score to report is the one on --test_img_path / --test_mask_path, images that take no
+part in training or model choice.
+
+--debug: memory and every loss term at each step, step-by-step progress, box and mask figures each epoch.
 
 Output (output/NAME_2, ... when output/NAME holds an earlier experiment):
     output/NAME/experiment_config.json   logs/experiment.log
     models/fold_X/best_model_s1.pth, best_model_s2.pth (and last_s1.pth, last_s2.pth for --resume),
         cellsam_finetuned.pt (published architecture: the fold's model in cellSAM's layout)
     results/individual_results.json, results/aggregated_results.json, results/fold_X/visualizations/
-    metrics/stage1_metrics.json, metrics/stage2_metrics.json   (per fold and epoch)
+        (stage 1 boxes, stage 2 masks, loss curves, loss components, the pipeline on the validation images)
+    metrics/stage1_metrics.json, metrics/stage2_metrics.json   (one row per fold and epoch)
 """
 
 import sys
@@ -45,9 +54,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
+import copy
+import difflib
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -61,13 +71,13 @@ from scipy import ndimage, stats
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
-from sklearn.model_selection import KFold, train_test_split
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
 
-from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config
+from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config, field_names
 from cellsam.data import (
     CellDataset,
+    boxes_from_mask,
     check_pairs,
     collate,
     find_pairs,
@@ -84,7 +94,18 @@ from cellsam.model import (
     build_cellfinder,
     build_sam,
     decode_masks,
+    detect_tiled,
     encode,
+)
+from cellsam.strategies import strategy_for
+from cellsam.utils import (
+    CheckpointManager,
+    EarlyStopping,
+    GPUMonitor,
+    MetricsTracker,
+    TrainingVisualizer,
+    flat_row,
+    write_json,
 )
 from common.metrics import instance_overlaps, match_instances, nanmean, panoptic_quality
 
@@ -92,17 +113,16 @@ from common.metrics import instance_overlaps, match_instances, nanmean, panoptic
 DEMO = {
     "sam_size": "vit_tiny", "batch_size": 2, "strategy": "train_val_split", "val_fraction": 0.25, "num_workers": 0,
     # a query on every token (32 x 32 anchors): dense anchors converge far faster than 8 x 8 from scratch
-    "stage1": {"epochs": 90, "lr": 1e-3, "stage1_type": "image_encoder", "hidden": 64, "heads": 4,
-               "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 32, "patterns": 1, "dropout": 0.0,
-               "score_threshold": 0.3, "patience": 1000},
-    # from scratch, SAM's 20 : 1 focal : Dice first drives every mask to background
-    "stage2": {"epochs": 12, "lr": 4e-3, "train_parts": "both", "patience": 1000, "max_prompts": 16,
-               "focal_loss_weight": 1.0, "loss_margin": 0.25},
+    "stage1_config": {"total_epochs": 90, "learning_rate": 1e-3, "stage1_type": "image_encoder", "hidden": 64,
+                      "heads": 4, "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 32, "patterns": 1,
+                      "dropout": 0.0, "score_threshold": 0.3, "patience": 1000, "ce_loss_weight": 2.0},
+    "stage2_config": {"total_epochs": 12, "learning_rate": 4e-3, "train_parts": "both", "patience": 1000,
+                      "max_prompts": 16, "focal_loss_weight": 1.0, "boundary_loss_weight": 0.0, "loss_margin": 0.25},
 }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 1 and stage 2: one epoch, one validation pass
+# The model, and one pass of each stage over a loader
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -118,7 +138,7 @@ def build_model(config: ExperimentConfig, log=print):
         model.window = config.window
         return model
     sam = build_sam(config.sam_size, config.sam_checkpoint)
-    return SharedEncoderCellSAM(sam, build_cellfinder(sam, config.stage1))
+    return SharedEncoderCellSAM(sam, build_cellfinder(sam, config.stage1_config))
 
 
 def prompted_masks(model, images, prompts: list, encoder_grad: bool = True) -> list:
@@ -204,10 +224,10 @@ def zero_loss(outputs, images):
 
 
 def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool, mask_loss=None, s2=None,
-                 rng=None, mixed_precision: bool = True) -> dict:  # fmt: skip
+                 rng=None, mixed_precision: bool = True, log_step=None) -> dict:  # fmt: skip
     """One pass of CellFinder over a loader (training, or validation with train=False): mean loss and terms over
     every batch of every process. With mask_loss (stage1_type all_backbones) the masks of true-box prompts are
-    scored too and added to the loss."""
+    scored too and added to the loss. log_step(step, steps, terms): called after each step (--debug)."""
     net.train(train)
     sums, count = {}, 0
     for batch in loader:
@@ -219,32 +239,46 @@ def stage1_epoch(net, criterion, optimizer, scaler, loader, device, train: bool,
             out = net(images, prompts)
             loss, terms = criterion(out, targets)
             if mask_loss:
-                losses = mask_loss_terms(out["masks"], truths, prompts, size, mask_loss, s2, sums)
+                step_sums = {}
+                losses = mask_loss_terms(out["masks"], truths, prompts, size, mask_loss, s2, step_sums)
                 loss = loss + (torch.stack(losses).mean() if losses else zero_loss(out["masks"], images))
+                terms = {**terms, **{k: v / max(step_sums.get("mask_count", 0), 1) for k, v in step_sums.items()
+                                     if k != "mask_count"}}  # fmt: skip
         if train:
             step(loss, optimizer, scaler)
         count += 1
-        for name, value in {"loss": float(loss.detach()), **terms}.items():
+        terms = {"loss": float(loss.detach()), **terms}
+        for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
-    return reduce_means(sums, count, device, ("loss", "class", "bbox", "giou"))
+        if log_step:
+            log_step(count, len(loader), terms)
+    names = ("loss", "class", "bbox", "giou") + (("mask_loss", "focal", "dice", "mask_iou") if mask_loss else ())
+    return reduce_means(sums, count, device, names)
 
 
-def stage2_epoch(net, criterion, optimizer, scaler, loader, device, config, rng, train: bool) -> dict:
+def stage2_epoch(net, criterion, optimizer, scaler, loader, device, config, rng, train: bool, log_step=None) -> dict:
     """One pass of box-prompted SAM over a loader: up to max_prompts cells per image, their boxes jittered in
     training, each predicted mask (upsampled to the image) against the cell's mask. Mean loss, terms and the mean
     IoU of the predicted masks, over every process."""
-    s2 = config.stage2
+    s2 = config.stage2_config
     net.train(train)
     sums = {}
-    for batch in loader:
+    for i, batch in enumerate(loader, start=1):
         images = batch["image"].to(device)
         prompts, truths = sample_prompts(batch, s2, rng, train, device)
+        step_sums = {}
         with torch.set_grad_enabled(train), amp(device, config.mixed_precision):
             outputs = net(images, prompts)
-            losses = mask_loss_terms(outputs, truths, prompts, images.shape[-1], criterion, s2, sums)
+            losses = mask_loss_terms(outputs, truths, prompts, images.shape[-1], criterion, s2, step_sums)
             loss = torch.stack(losses).mean() if losses else zero_loss(outputs, images)
         if train:
             step(loss, optimizer, scaler)
+        for name, value in step_sums.items():
+            sums[name] = sums.get(name, 0) + value
+        if log_step:
+            n = max(step_sums.pop("mask_count", 0), 1)
+            step_sums.pop("mask_loss", None)  # the loss itself
+            log_step(i, len(loader), {"loss": float(loss.detach()), **{k: v / n for k, v in step_sums.items()}})
     sums["loss"] = sums.pop("mask_loss", 0.0)
     names = ("loss", "focal", "dice", "mask_iou") + (("boundary",) if s2.boundary_loss_weight else ())
     return reduce_means(sums, sums.get("mask_count", 0), device, names)
@@ -273,7 +307,7 @@ def step(loss, optimizer, scaler) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline on held-out images, and the classical baseline
+# The pipeline on whole images, and the classical baseline
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -309,50 +343,65 @@ def read_pair(pair, gamma: float = 1.0, reader=read_image) -> tuple[np.ndarray, 
 
 
 @torch.no_grad()
-def evaluate_pipeline(model, pairs, config, device, out_dir: Path | None = None) -> dict:
+def evaluate_pipeline(model, pairs, config, device, visualizer: TrainingVisualizer | None = None) -> dict:
     """The whole pipeline on whole images (tiled where larger than the model's window) and the Otsu baseline on
-    the same images (read as read_image reads them); figures of the first four go to out_dir."""
+    the same images (read as read_image reads them); with a visualizer, figures of the first four. The names of
+    the images go into the result, so every score says what it was computed on."""
     model.eval()
     predictions, baselines, truths = [], [], []
     for i, pair in enumerate(pairs):
         image, truth = read_pair(pair, config.gamma, model.read_image)
-        labels = model.segment(image, config.stage1.score_threshold, device=device)
+        labels = model.segment(image, config.stage1_config.score_threshold, device=device)
         predictions.append(labels)
         baselines.append(otsu_watershed(read_pair(pair, config.gamma)[0]))  # read_image's scaling, either model
         truths.append(truth)
-        if out_dir is not None and i < 4:
-            save_prediction_figure(image, truth, labels, out_dir / f"{pair.name}.png")
-    return {**score_images(predictions, truths), "baseline_otsu_watershed": score_images(baselines, truths)}
+        if visualizer is not None and i < 4:
+            visualizer.predictions(image, truth, labels, f"pipeline_{pair.name}")
+    return {**score_images(predictions, truths), "baseline_otsu_watershed": score_images(baselines, truths),
+            "images": [p.name for p in pairs]}  # fmt: skip
 
 
-def save_prediction_figure(image: np.ndarray, truth: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """Image with true (green) and predicted (red) cell outlines, and both label maps in random colours."""
-    import matplotlib
+def true_box_masks(model, image: np.ndarray, true_boxes: np.ndarray, device) -> np.ndarray:
+    """The masks the model draws from the true boxes, (K, h, w) bool: the published CellSAM as cellSAM runs it
+    with given boxes (masks of low predicted IoU dropped), this folder's model on the window padded to SAM's
+    input."""
+    if model.architecture == "published":
+        from cellsam.published import predict
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
+        labels = predict(model, image / 255, true_boxes, device)[0]
+        return np.array([labels == k for k in range(1, labels.max() + 1)]).reshape(-1, *image.shape[:2])
+    sam, size = model.mask_sam, model.input_size
+    padded = np.zeros((size, size, 3), np.float32)
+    padded[: image.shape[0], : image.shape[1]] = image
+    _, embedding = encode(sam, torch.from_numpy(padded.transpose(2, 0, 1))[None].to(device))
+    logits, _ = decode_masks(sam, embedding, torch.from_numpy(true_boxes).to(device))
+    masks = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0] > 0
+    return masks.cpu().numpy()[:, : image.shape[0], : image.shape[1]]
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shown = image / 255
-    shown[find_boundaries(truth, mode="inner")] = (0, 1, 0)
-    shown[find_boundaries(labels, mode="inner")] = (1, 0, 0)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    axes[0].imshow(shown)
-    axes[0].set_title("outlines: true (green), predicted (red)")
-    for ax, mask, title in ((axes[1], truth, "true cells"), (axes[2], labels, "predicted cells")):
-        colours = np.random.default_rng(0).uniform(0.2, 1, (int(mask.max()) + 1, 3))
-        colours[0] = 0
-        ax.imshow(colours[mask])
-        ax.set_title(f"{title} ({len(np.unique(mask)) - 1})")
-    for ax in axes:
-        ax.axis("off")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+
+@torch.no_grad()
+def stage_figures(model, pairs, config, device, visualizer: TrainingVisualizer, stage: int, name: str) -> Path:
+    """Stage 1: CellFinder's kept boxes against the true ones (whole images); stage 2: SAM's masks from the true
+    boxes (the first window of each image); on up to two images."""
+    was_training = model.training
+    model.eval()
+    panels = []
+    for pair in pairs[:2]:
+        image, truth = read_pair(pair, config.gamma, model.read_image)
+        if stage == 1:
+            boxes, scores = detect_tiled(model, image, device=device)
+            keep = model.kept_boxes(scores, config.stage1_config.score_threshold)
+            panels.append((image, boxes_from_mask(truth)[1], boxes[keep].numpy(), pair.name))
+        else:
+            window = (model.window if model.architecture == "published" else None) or model.input_size
+            image, truth = image[:window, :window], truth[:window, :window]
+            panels.append((image, true_box_masks(model, image, boxes_from_mask(truth)[1], device), truth, pair.name))
+    model.train(was_training)
+    return visualizer.boxes(panels, name) if stage == 1 else visualizer.masks(panels, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One fold: stage 1, stage 2, scores
+# The loop both stages share
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -363,50 +412,47 @@ def amp(device, enabled: bool = True):
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, history: list, log, device,
-        mixed_precision: bool = True):  # fmt: skip
-    """The loop both stages share: AdamW, cosine annealing per epoch, early stopping on the validation loss,
-    best_model_s{stage}.pth (the trained modules' weights) and last_s{stage}.pth (everything, for --resume); only
-    the first process writes. run_epoch(optimizer, scaler, epoch, train) -> metrics (None: no validation set)."""
-    optimizer = torch.optim.AdamW(parameters, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage_config.epochs, 1))
+def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir: Path, log, device,
+        mixed_precision: bool = True, tracker: MetricsTracker | None = None, fold: int = 1, on_epoch=None,
+        after_epoch=None) -> list[dict]:  # fmt: skip
+    """AdamW, cosine annealing per epoch, early stopping on the validation loss (the training loss without a
+    validation set), the best epoch's weights loaded at the end; checkpoints by CheckpointManager (only the first
+    process writes), one metrics row per epoch into tracker. run_epoch(optimizer, scaler, epoch, train) ->
+    metrics (None: no validation set). after_epoch(epoch): figures (--debug); on_epoch(fold, stage, epoch, loss):
+    a caller's hook (a search reports to its pruner there). Returns the history, one row per epoch."""
+    optimizer = torch.optim.AdamW(parameters, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage_config.total_epochs, 1))
     fp16 = device.type == "cuda" and mixed_precision and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    state = {"epoch": 0, "best": math.inf, "patience": 0}
-    last_path, best_path = fold_dir / f"last_s{stage}.pth", fold_dir / f"best_model_s{stage}.pth"
-    best_weights = None
-    if last_path.is_file():  # --resume
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
+    checkpoints, stopper, monitor = (
+        CheckpointManager(fold_dir, stage),
+        EarlyStopping(stage_config.patience),
+        GPUMonitor(device),
+    )
+    start, history, best_weights = 0, [], None
+    last = checkpoints.load_last()
+    if last is not None:  # --resume
         for name, module in modules.items():
             if name in last["modules"]:  # runs before the prompt encoder was saved rebuild it from the seed
                 module.load_state_dict(last["modules"][name])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
-        state = last["state"]
-        history[:] = last["history"]
-        if best_path.is_file():
-            best_weights = torch.load(best_path, map_location="cpu", weights_only=True)["modules"]
-        log(f"  stage {stage}: resumed at epoch {state['epoch'] + 1}")
-    stopped = state["patience"] >= stage_config.patience  # it had stopped early before the kill
-    for epoch in range(state["epoch"], 0 if stopped else stage_config.epochs):
+        stopper.load_state_dict(last["state"])
+        start, history = last["state"]["epoch"], [flat_row(h) for h in last["history"]]
+        best_weights = checkpoints.load_best()
+        log(f"  stage {stage}: resumed at epoch {start + 1}")
+    for epoch in range(start, 0 if stopper.should_stop else stage_config.total_epochs):
         started = time.time()
         train_stats = run_epoch(optimizer, scaler, epoch, train=True)
         val_stats = run_epoch(None, None, epoch, train=False)
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         loss = train_stats["loss"] if val_stats is None else val_stats["loss"]
-        improved = loss < state["best"]
-        state = {
-            "epoch": epoch + 1,
-            "best": min(loss, state["best"]),
-            "patience": 0 if improved else state["patience"] + 1,
-        }
-        history.append({"epoch": epoch + 1, "train": train_stats, "val": val_stats, "seconds": time.time() - started})
+        improved = stopper.step(loss)
+        row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_stats.items()},
+               **{f"val_{k}": v for k, v in (val_stats or {}).items()}, "lr": lr,
+               "seconds": time.time() - started}  # fmt: skip
+        history.append(row)
         weights = {
             name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             for name, module in modules.items()
@@ -415,33 +461,28 @@ def fit(stage: int, run_epoch, modules: dict, parameters, stage_config, fold_dir
             best_weights = weights
         if is_main():
             if improved:
-                save_checkpoint(
-                    best_path, {"domain": "cellsam", "stage": stage, "epoch": epoch + 1, "modules": weights}
-                )
-            save_checkpoint(last_path, {"modules": weights, "optimizer": optimizer.state_dict(), "scheduler":
-                                        scheduler.state_dict(), "state": state, "history": history})  # fmt: skip
+                checkpoints.save_best(epoch + 1, weights)
+            checkpoints.save_last({"modules": weights, "optimizer": optimizer.state_dict(), "scheduler":
+                                   scheduler.state_dict(), "state": {"epoch": epoch + 1, **stopper.state_dict()},
+                                   "history": history})  # fmt: skip
+            if tracker is not None:
+                tracker.update({k: v for k, v in row.items() if k != "epoch"}, epoch=epoch + 1, fold=fold)
+                tracker.save_metrics()
         shown = val_stats or train_stats
-        log(f"  stage {stage} epoch {epoch + 1}/{stage_config.epochs}  train loss {train_stats['loss']:.4f}  "
+        log(f"  stage {stage} epoch {epoch + 1}/{stage_config.total_epochs}  train loss {train_stats['loss']:.4f}  "
             f"val loss {shown['loss']:.4f}" + (f" (mask IoU {shown['mask_iou']:.3f})" if "mask_iou" in shown else "")
-            + f"  {memory_summary(device)}" + ("  best" if improved else ""))  # fmt: skip
-        if state["patience"] >= stage_config.patience:
+            + f"  {monitor.summary()}" + ("  best" if improved else ""))  # fmt: skip
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
+        if on_epoch is not None:
+            on_epoch(fold, stage, epoch + 1, loss)
+        if stopper.should_stop:
             log(f"  stage {stage}: early stopping, no lower validation loss for {stage_config.patience} epochs")
             break
     if best_weights is not None:
         for name, module in modules.items():
             module.load_state_dict(best_weights[name])
-
-
-def memory_summary(device) -> str:
-    """Peak GPU memory of this process on CUDA, its peak resident memory (RSS) otherwise."""
-    if device.type == "cuda":
-        return f"GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    try:
-        import resource
-
-        return f"RSS peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"  # Linux: KiB
-    except ImportError:  # Windows
-        return ""
+    return history
 
 
 def distributed(net, device):
@@ -471,7 +512,14 @@ def setup_device() -> torch.device:
     return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
 
 
-def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: Path, log, device) -> dict:
+# ----------------------------------------------------------------------------------------------------------------
+# One fold: stage 1, stage 2, figures, scores
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, test_pairs, root: Path, log, device,
+             on_epoch=None) -> dict:  # fmt: skip
+    """One fold: the model, its data, stage 1, stage 2, figures and scores (validation and test images)."""
     fold_dir = root / "models" / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + fold)  # the same initial weights in every process
@@ -479,95 +527,140 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, root: 
     rng = np.random.default_rng([config.seed, fold, rank])
     model = build_model(config, log if rank == 0 else lambda *_: None).to(device)
     published = model.architecture == "published"
-    size = model.input_size
-    s1, s2 = config.stage1, config.stage2
-    # the published CellSAM resizes an image that fits its window to its input size; this folder's model keeps the
-    # pixel scale and crops
-    data_args = {"reader": model.read_image, "resize_small": published, "window": model.window if published else None}
-    train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed, True,
-                            config.stain_transform, **data_args)  # fmt: skip
-    val_set = CellDataset(val_pairs, size, False, config.gamma, train=False, **data_args) if val_pairs else None
-    loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
-    # under torchrun each process takes its share of the training images, and of the validation images
-    sampler = DistributedSampler(train_set, seed=config.seed + fold) if world > 1 else None
-    generator = torch.Generator().manual_seed(fold)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, shuffle=sampler is None, sampler=sampler, generator=generator, **loader_args
-    )
-    val_share = Subset(val_set, range(rank, len(val_set), world)) if val_set else None
-    val_loader = torch.utils.data.DataLoader(val_share, **loader_args) if val_set else None
-    log(
-        f"fold {fold}: {len(train_pairs)} training and {len(val_pairs)} validation images, "
-        f"{'published CellSAM' if published else 'shared-encoder CellSAM'}, SAM {config.sam_size} ({size} px)"
-    )
+    s1, s2 = config.stage1_config, config.stage2_config
+    train_set, val_set, train_loader, val_loader, sampler = make_loaders(config, model, train_pairs, val_pairs, fold)
+    log(f"fold {fold}: {len(train_pairs)} training and {len(val_pairs)} validation images"
+        + (f", {len(test_pairs)} test images" if test_pairs else "")
+        + f", {'published CellSAM' if published else 'shared-encoder CellSAM'}, SAM {config.sam_size} "
+        f"({model.input_size} px)")  # fmt: skip
     results = {"fold": fold, "train_images": [p.name for p in train_pairs], "val_images": [p.name for p in val_pairs]}
+    visualizer = TrainingVisualizer(root / "results" / f"fold_{fold}" / "visualizations")
+    shown = val_pairs or train_pairs  # the images the figures show
+    debug_log = log if config.debug and rank == 0 else None
+    monitor = GPUMonitor(device)
     if config.preeval and val_set and rank == 0:  # the model as loaded, on the images that will score it after
         results["before_training"] = evaluate_pipeline(model, val_pairs, config, device)
-        log(f"fold {fold}: before training F1 {results['before_training']['f1']:.3f}")
+        log(f"fold {fold}: before training F1 {results['before_training']['f1']:.3f} (validation images)")
 
     # stage 1: CellFinder (and, by stage1_type, its image encoder; all_backbones: the masks' encoder too)
     cell_class = s1.cell_class if s1.cell_class >= 0 else pick_cell_class(model, train_set, config, device, log)
     results["cell_class"] = cell_class
     criterion = SetCriterion(s1.ce_loss_weight, s1.bbox_loss_weight, s1.giou_loss_weight, s1.focal_alpha,
                              s1.focal_gamma, s1.one_to_many, cell_class)  # fmt: skip
-    mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight,
-                         s2.hard_negative_mining, s2.negative_ratio)  # fmt: skip
+    mining = (
+        "weighted" if s2.online_hard_negative_mining_weighted else "plain" if s2.online_hard_negative_mining else "none"
+    )
+    mask_loss = MaskLoss(s2.focal_gamma, s2.focal_loss_weight, s2.dice_loss_weight, s2.boundary_loss_weight, mining,
+                         s2.negative_ratio)  # fmt: skip
     joint = mask_loss if s1.stage1_type == "all_backbones" else None
     trained = model.freeze_for_stage1(s1.stage1_type)
-    history1 = []
     net1 = Stage1Net(model)
     ddp1 = distributed(net1, device)  # after freezing: DDP syncs the parameters that need gradients
 
     def epoch1(optimizer, scaler, epoch, train):
         if not train and val_loader is None:
             return None
-        train_set.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        set_epoch(train_set, sampler, epoch)
         net, loader = (ddp1, train_loader) if train else (net1, val_loader)
         # validation draws the same cells every epoch, so early stopping compares like with like
         draws = rng if train else np.random.default_rng([config.seed, fold, rank, 1])
         return stage1_epoch(net, criterion, optimizer, scaler, loader, device, train, joint, s2, draws,
-                            config.mixed_precision)  # fmt: skip
+                            config.mixed_precision, step_logger(debug_log, 1, epoch, train, monitor))  # fmt: skip
 
     parameters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
-    fit(1, epoch1, trained, parameters, s1, fold_dir, history1, log, device, config.mixed_precision)
+    figures1 = (lambda e: stage_figures(model, shown, config, device, visualizer, 1, f"stage1_boxes_epoch_{e:03d}")
+                ) if debug_log else None  # fmt: skip
+    tracker1 = MetricsTracker(root / "metrics", "stage1_metrics") if rank == 0 else None
+    history1 = fit(1, epoch1, trained, parameters, s1, fold_dir, log, device, config.mixed_precision,
+                   tracker1, fold, on_epoch, figures1)  # fmt: skip
 
     # stage 2: the SAM that draws the masks, prompted by true boxes: its neck, mask decoder or both
     model.requires_grad_(False)
     parts, modules2 = model.stage2_parts(s2.train_parts)
     for part in parts:
         part.requires_grad_(True)
-    history2 = []
     net2 = Stage2Net(model, s2.train_parts)
     ddp2 = distributed(net2, device)
 
     def epoch2(optimizer, scaler, epoch, train):
         if not train and val_loader is None:
             return None
-        train_set.set_epoch(1000 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(1000 + epoch)
+        set_epoch(train_set, sampler, 1000 + epoch)
         net, loader = (ddp2, train_loader) if train else (net2, val_loader)
         draws = rng if train else np.random.default_rng([config.seed, fold, rank, 2])
-        return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, draws, train)
+        return stage2_epoch(net, mask_loss, optimizer, scaler, loader, device, config, draws, train,
+                            step_logger(debug_log, 2, epoch, train, monitor))  # fmt: skip
 
     parameters2 = [p for part in parts for p in part.parameters()]
-    fit(2, epoch2, modules2, parameters2, s2, fold_dir, history2, log, device, config.mixed_precision)
-    results["stage1_history"], results["stage2_history"] = history1, history2
-    if published and rank == 0:  # the best epochs of both stages, in the layout cellSAM loads
-        from cellsam.published import save_published
+    figures2 = (lambda e: stage_figures(model, shown, config, device, visualizer, 2, f"stage2_masks_epoch_{e:03d}")
+                ) if debug_log else None  # fmt: skip
+    tracker2 = MetricsTracker(root / "metrics", "stage2_metrics") if rank == 0 else None
+    history2 = fit(2, epoch2, modules2, parameters2, s2, fold_dir, log, device, config.mixed_precision,
+                   tracker2, fold, on_epoch, figures2)  # fmt: skip
 
-        log(f"fold {fold}: wrote {save_published(model, fold_dir / 'cellsam_finetuned.pt')}")
-    if val_set and rank == 0:  # the pipeline on whole held-out images: the first process alone
-        results["metrics"] = evaluate_pipeline(model, val_pairs, config, device,
-                                               root / "results" / f"fold_{fold}" / "visualizations")  # fmt: skip
-        m, b = results["metrics"], results["metrics"]["baseline_otsu_watershed"]
-        before = results.get("before_training")
-        log(f"fold {fold}: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}, PQ "
-            f"{m['pq']:.3f})" + (f", before training {before['f1']:.3f}" if before else "")
-            + f"; Otsu + watershed F1 {b['f1']:.3f}, PQ {b['pq']:.3f}")  # fmt: skip
+    # outputs and scores: the first process alone
+    if rank == 0:
+        if published:  # the best epochs of both stages, in the layout cellSAM loads
+            from cellsam.published import save_published
+
+            log(f"fold {fold}: wrote {save_published(model, fold_dir / 'cellsam_finetuned.pt')}")
+        stage_figures(model, shown, config, device, visualizer, 1, "stage1_boxes")
+        stage_figures(model, shown, config, device, visualizer, 2, "stage2_masks")
+        stages = {"stage 1 (CellFinder)": history1, "stage 2 (SAM masks)": history2}
+        visualizer.loss_curves(stages)
+        visualizer.loss_components(stages)
+        for key, pairs, what in (("metrics", val_pairs, "validation"), ("test_metrics", test_pairs, "test")):
+            if not pairs:
+                continue
+            results[key] = evaluate_pipeline(model, pairs, config, device, visualizer if key == "metrics" else None)
+            m, b, before = results[key], results[key]["baseline_otsu_watershed"], results.get("before_training")
+            log(f"fold {fold}, {len(pairs)} {what} images: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, "
+                f"recall {m['recall']:.3f}, PQ {m['pq']:.3f})"
+                + (f", before training {before['f1']:.3f}" if before and key == "metrics" else "")
+                + f"; Otsu + watershed F1 {b['f1']:.3f}, PQ {b['pq']:.3f}")  # fmt: skip
     return results
+
+
+def make_loaders(config: ExperimentConfig, model, train_pairs, val_pairs, fold: int) -> tuple:
+    """The training set (random crops, augmented) and validation set (every tile), their loaders; under torchrun
+    each process takes its share of the training images, and of the validation tiles."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    published = model.architecture == "published"
+    # the published CellSAM resizes an image that fits its window to its input size; this folder's model keeps the
+    # pixel scale and crops
+    data_args = {"reader": model.read_image, "resize_small": published, "window": model.window if published else None}
+    size = model.input_size
+    train_set = CellDataset(train_pairs, size, config.augmentation, config.gamma, config.seed, True,
+                            config.stain_transform, **data_args)  # fmt: skip
+    val_set = CellDataset(val_pairs, size, False, config.gamma, train=False, **data_args) if val_pairs else None
+    loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.num_workers}
+    sampler = DistributedSampler(train_set, seed=config.seed + fold) if world > 1 else None
+    generator = torch.Generator().manual_seed(fold)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=sampler is None, sampler=sampler, generator=generator, **loader_args
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = torch.utils.data.DataLoader(Subset(val_set, range(rank, len(val_set), world)), **loader_args)
+    return train_set, val_set, train_loader, val_loader, sampler
+
+
+def set_epoch(train_set, sampler, epoch: int) -> None:
+    train_set.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
+def step_logger(log, stage: int, epoch: int, train: bool, monitor: GPUMonitor):
+    """--debug: a line per training step with every loss term and the memory in use (None: no step lines)."""
+    if log is None or not train:
+        return None
+
+    def log_step(i: int, n: int, terms: dict) -> None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        log(f"    stage {stage} epoch {epoch + 1} step {i}/{n}: {shown}  {monitor.summary()}")
+
+    return log_step
 
 
 @torch.no_grad()
@@ -582,7 +675,7 @@ def pick_cell_class(model, train_set, config, device, log) -> int:
     counts = torch.zeros(2)
     for i in range(min(2, len(train_set))):
         logits = model.finder_forward(train_set[i]["image"][None].to(device))["logits"][0]
-        counts += (logits.sigmoid() > config.stage1.score_threshold).sum(0).cpu().float()
+        counts += (logits.sigmoid() > config.stage1_config.score_threshold).sum(0).cpu().float()
     if dist.is_initialized():  # every process trains the same column
         dist.broadcast(counts, 0)
     column = 0 if counts[0] > counts[1] else 1
@@ -592,28 +685,25 @@ def pick_cell_class(model, train_set, config, device, log) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The experiment: strategies, outputs, aggregation
+# The experiment: strategy, folds, outputs, aggregation
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def aggregate(folds: list[dict]) -> dict:
-    """Mean, standard deviation (n - 1) and 95 % confidence interval (Student's t) of each metric over folds."""
+    """Mean, standard deviation (n - 1) and 95 % confidence interval (Student's t) of each metric over folds:
+    f1, precision, recall, pq on the validation images, baseline_* (Otsu + watershed on them), before_* (--preeval),
+    test_* and test_baseline_* (--test_img_path)."""
     out = {}
     sources = (
         ("", lambda f: f.get("metrics")),
-        ("baseline_", lambda f: f.get("metrics", {}).get("baseline_otsu_watershed")),
-        ("before_", lambda f: f.get("before_training")),  # --preeval: the loaded model on the same images
+        ("baseline_", lambda f: (f.get("metrics") or {}).get("baseline_otsu_watershed")),
+        ("before_", lambda f: f.get("before_training")),
+        ("test_", lambda f: f.get("test_metrics")),
+        ("test_baseline_", lambda f: (f.get("test_metrics") or {}).get("baseline_otsu_watershed")),
     )
     for key in ("f1", "precision", "recall", "pq"):
         for prefix, pick in sources:
-            values = np.array([pick(f)[key] for f in folds if "metrics" in f and pick(f)], float)
+            values = np.array([pick(f)[key] for f in folds if pick(f)], float)
             if not len(values):
                 continue
             mean = float(values.mean())
@@ -624,96 +714,95 @@ def aggregate(folds: list[dict]) -> dict:
 
 
 class ExperimentRunner:
-    """Runs an ExperimentConfig: its strategy's folds, each fold's two stages, the output tree."""
+    """Runs an ExperimentConfig (after the CELLSAM_OVERRIDES environment variable, if set): its strategy's folds,
+    each fold's two stages, the output tree. root: an existing experiment folder to carry on (--resume);
+    on_epoch(fold, stage, epoch, loss): called after every epoch (a search's pruner)."""
 
-    def __init__(self, config: ExperimentConfig, root: Path | None = None):
-        self.config, self.root = config.check(), root
-
-    def splits(self, pairs) -> list[tuple[list, list]]:
-        c = self.config
-        if c.strategy == "full_dataset":
-            return [(pairs, [])]
-        if c.strategy == "train_val_split":
-            if len(pairs) < 2:
-                raise SystemExit(
-                    f"--strategy train_val_split needs at least 2 images (one to train, one to validate); {c.img_path} "
-                    f"holds {len(pairs)}: add images or use --strategy full_dataset"
-                )
-            train, val = train_test_split(pairs, test_size=c.val_fraction, random_state=c.seed)
-            return [(list(train), list(val))]
-        if len(pairs) < c.k_folds:
-            raise SystemExit(
-                f"--k_folds {c.k_folds} needs at least {c.k_folds} images (one held out per fold); {c.img_path} holds "
-                f"{len(pairs)}"
-            )
-        folds = KFold(c.k_folds, shuffle=True, random_state=c.seed).split(pairs)
-        return [([pairs[i] for i in train], [pairs[i] for i in val]) for train, val in folds]
+    def __init__(self, config: ExperimentConfig, root: Path | None = None, on_epoch=None):
+        self.config = copy.deepcopy(config).with_overrides().check()
+        self.root, self.on_epoch = root, on_epoch
 
     def run(self) -> dict:
-        c = self.config
-        pairs = find_pairs(c.img_path, c.mask_path)
-        if c.debug:
-            pairs = pairs[: max(4, c.k_folds if c.strategy == "k_fold" else 4)]
-            c.stage1.epochs, c.stage2.epochs = min(c.stage1.epochs, 2), min(c.stage2.epochs, 2)
-        check_pairs(pairs)  # a bad file stops the run before anything is written
-        if c.cellsam_checkpoint:  # so does a checkpoint of another layout, cut short, or with keys missing or extra
-            from cellsam.published import check_cellsam_checkpoint
+        return run_experiment(self.config, self.root, self.on_epoch)
 
-            check_cellsam_checkpoint(c.cellsam_checkpoint, c.sam_size, c.allow_missing_keys)
-        splits = self.splits(pairs)  # too few images for the strategy: also before anything is written
-        device = setup_device()
-        main_process = is_main()
-        root = self.root or (new_experiment_dir(Path(c.output_dir), c.output_name) if main_process else None)
-        if dist.is_initialized():  # every process writes into the folder the first one made
-            shared = [root]
-            dist.broadcast_object_list(shared)
-            root = shared[0]
-        logger = logging.getLogger(f"cellsam.{root}")
-        logger.handlers.clear()
-        logger.setLevel(logging.INFO)
-        if main_process:
-            write_json(root / "experiment_config.json", c.to_dict())
-            (root / "logs").mkdir(parents=True, exist_ok=True)
-            logger.addHandler(logging.FileHandler(root / "logs" / "experiment.log"))
-            logger.addHandler(logging.StreamHandler(sys.stdout))
-        log = logger.info
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        log(
-            f"CellSAM experiment {root} ({c.strategy}, {len(pairs)} images, device {device.type} x {world} process(es))"
-        )
+
+def run_experiment(c: ExperimentConfig, root: Path | None = None, on_epoch=None) -> dict:
+    # every input checked before anything is written: the files, a published checkpoint, enough images
+    pairs = find_pairs(c.img_path, c.mask_path)
+    test_pairs = find_pairs(c.test_img_path, c.test_mask_path) if c.test_img_path else []
+    check_pairs(pairs + test_pairs)
+    if c.cellsam_checkpoint:  # a checkpoint of another layout, cut short, or with keys missing or extra
+        from cellsam.published import check_cellsam_checkpoint
+
+        check_cellsam_checkpoint(c.cellsam_checkpoint, c.sam_size, c.allow_missing_keys)
+    splits = strategy_for(c).splits(pairs, c.img_path)
+    device = setup_device()
+    root, log, close_log = open_experiment(c, root)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    log(f"CellSAM experiment {root} ({c.strategy}, {len(pairs)} images, device {device.type} x {world} process(es))")
+    try:
         individual_path = root / "results" / "individual_results.json"
         done = json.loads(individual_path.read_text()) if individual_path.is_file() else []
         for fold, (train_pairs, val_pairs) in enumerate(splits, start=1):
             if any(r["fold"] == fold for r in done):
                 log(f"fold {fold}: finished in an earlier run, kept")
                 continue
-            result = run_fold(c, fold, train_pairs, val_pairs, root, log, device)
-            done.append(result)
-            if main_process:
-                stage1 = {f"fold_{fold}": result.pop("stage1_history")}
-                stage2 = {f"fold_{fold}": result.pop("stage2_history")}
-                for name, new in (("stage1_metrics.json", stage1), ("stage2_metrics.json", stage2)):
-                    path = root / "metrics" / name
-                    write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), **new})
+            done.append(run_fold(c, fold, train_pairs, val_pairs, test_pairs, root, log, device, on_epoch))
+            if is_main():
                 write_json(individual_path, done)  # a finished fold survives a kill
             if dist.is_initialized():
                 dist.barrier()
-        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done) if main_process else {},
-                      "scored_on": "each fold's validation images, which also chose its best epochs: score a separate "
-                      "test folder with evaluate.py --images --masks for an unbiased number"}  # fmt: skip
-        if main_process:
+        aggregated = {"strategy": c.strategy, "folds": len(done), "metrics": aggregate(done) if is_main() else {},
+                      "scored_on": "f1, precision, recall, pq: each fold's validation images, which also chose its "
+                      "best epochs (optimistic); test_*: the test images (--test_img_path), which took no part in "
+                      "training or model choice"}  # fmt: skip
+        if is_main():
             write_json(root / "results" / "aggregated_results.json", aggregated)
-        if aggregated["metrics"]:
-            f1, base = aggregated["metrics"]["f1"], aggregated["metrics"]["baseline_f1"]
-            before = aggregated["metrics"].get("before_f1")
-            log(f"F1 at IoU 0.5 on the validation images (they also chose each stage's best epoch): "
-                f"{f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s)"
-                + (f" (before training {before['mean']:.3f})" if before else "")
-                + f"; Otsu + watershed {base['mean']:.3f}")  # fmt: skip
+        report_scores(aggregated["metrics"], log)
         log(f"wrote {root}")
+    finally:
+        close_log()
+    return {"output_dir": str(root), **aggregated}
+
+
+def open_experiment(c: ExperimentConfig, root: Path | None) -> tuple:
+    """(the experiment folder: a new output_dir/output_name (_2, _3... if taken) or the given one, a log function
+    writing to logs/experiment.log and the console, a function that closes the log). Under torchrun every process
+    gets the folder the first one made; only the first one writes."""
+    root = root or (new_experiment_dir(Path(c.output_dir), c.output_name) if is_main() else None)
+    if dist.is_initialized():
+        shared = [root]
+        dist.broadcast_object_list(shared)
+        root = shared[0]
+    logger = logging.getLogger(f"cellsam.{root}")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if is_main():
+        write_json(root / "experiment_config.json", c.to_dict())
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        logger.addHandler(logging.FileHandler(root / "logs" / "experiment.log"))
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+
+    def close():
         for handler in logger.handlers:
             handler.close()
-        return {"output_dir": str(root), **aggregated}
+        logger.handlers.clear()
+
+    return root, logger.info, close
+
+
+def report_scores(metrics: dict, log) -> None:
+    if "test_f1" in metrics:
+        f1, base = metrics["test_f1"], metrics["test_baseline_f1"]
+        log(f"F1 at IoU 0.5 on the test images: {f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold model(s); "
+            f"Otsu + watershed {base['mean']:.3f}")  # fmt: skip
+    if "f1" in metrics:
+        f1, base, before = metrics["f1"], metrics["baseline_f1"], metrics.get("before_f1")
+        log(f"F1 at IoU 0.5 on the validation images (they also chose each stage's best epoch): "
+            f"{f1['mean']:.3f} +- {f1['std']:.3f} over {f1['n']} fold(s)"
+            + (f" (before training {before['mean']:.3f})" if before else "")
+            + f"; Otsu + watershed {base['mean']:.3f}")  # fmt: skip
 
 
 def new_experiment_dir(parent: Path, name: str) -> Path:
@@ -727,63 +816,83 @@ def new_experiment_dir(parent: Path, name: str) -> Path:
     raise SystemExit(f"could not create a new experiment folder in {parent}")
 
 
-def finetune(img_path, mask_path, output_name, total_epochs_s1=50, total_epochs_s2=30, k_fold_training=False,
-             strategy=None, debug=False, **settings) -> dict:  # fmt: skip
-    """Train both stages from Python: `finetune("data/images", "data/masks", "my_cells", 50, 30,
-    k_fold_training=True)`. Other ExperimentConfig fields (and Stage1Config / Stage2Config fields) are keywords."""
-    stage1 = {
-        k: settings.pop(k) for k in list(settings) if k in {f.name for f in fields(Stage1Config)} and k != "epochs"
-    }
-    stage2 = {k: settings.pop(k) for k in list(settings) if k in {f.name for f in fields(Stage2Config)}}
-    config = ExperimentConfig(
-        img_path=str(img_path), mask_path=str(mask_path), output_name=output_name,
-        strategy=strategy or ("k_fold" if k_fold_training else "train_val_split"), debug=debug,
-        stage1=Stage1Config(epochs=total_epochs_s1, **stage1), stage2=Stage2Config(epochs=total_epochs_s2, **stage2),
-        **settings,
-    )  # fmt: skip
+# ----------------------------------------------------------------------------------------------------------------
+# The Python API and the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def finetune(img_path, mask_path, output_name, total_epochs_s1=500, total_epochs_s2=500, k_fold_training=False,
+             **kwargs) -> dict:  # fmt: skip
+    """Train both stages from Python: `finetune("data/images", "data/masks", "my_cells", 100, 100,
+    k_fold_training=True, learning_rate_s2=5e-5, patience=10)`. A keyword is an ExperimentConfig field
+    (strategy, debug, sam_size...), a field of one stage (stage1_type, dice_loss_weight...), or a field both stages
+    have: NAME_s1 or NAME_s2 for one stage (learning_rate_s1, patience_s2, focal_gamma_s2...), the bare NAME for
+    both (patience=10)."""
+    config = ExperimentConfig(img_path=str(img_path), mask_path=str(mask_path), output_name=output_name,
+                              strategy="k_fold" if k_fold_training else "train_val_split")  # fmt: skip
+    config.stage1_config.total_epochs, config.stage2_config.total_epochs = total_epochs_s1, total_epochs_s2
+    for name, value in kwargs.items():
+        set_field(config, name, value)
     return ExperimentRunner(config).run()
+
+
+def set_field(config: ExperimentConfig, name: str, value) -> None:
+    """config.NAME, or a stage's field: NAME_s1 / NAME_s2, or a NAME only one stage has, or both stages' NAME."""
+    if name in field_names(ExperimentConfig):
+        setattr(config, name, value)
+        return
+    stages = {"_s1": [config.stage1_config], "_s2": [config.stage2_config]}.get(name[-3:])
+    base = name[:-3] if stages else name
+    stages = stages or [s for s in (config.stage1_config, config.stage2_config) if base in field_names(type(s))]
+    if not stages or any(base not in field_names(type(s)) for s in stages):
+        known = field_names(ExperimentConfig) + [flag_name(n, 1) for n in field_names(Stage1Config)]
+        known += [flag_name(n, 2) for n in field_names(Stage2Config)]
+        hint = difflib.get_close_matches(name, known, 1)
+        raise TypeError(f"finetune() got an unexpected keyword argument {name!r}"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else ""))  # fmt: skip
+    for stage in stages:
+        setattr(stage, base, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
-SHARED = {f.name for f in fields(Stage1Config)} & {f.name for f in fields(Stage2Config)}
+SHARED = set(field_names(Stage1Config)) & set(field_names(Stage2Config))
 
 
 def flag_name(field_name: str, stage: int | None) -> str:
-    """Stage fields both stages have (epochs, lr, ...) get a _s1 / _s2 suffix; the others keep their names."""
+    """Stage fields both stages have (total_epochs, learning_rate, ...) get a _s1 / _s2 suffix; the others keep
+    their names."""
     return f"{field_name}_s{stage}" if stage and field_name in SHARED else field_name
 
 
 def config_from_args(args) -> ExperimentConfig:
     values = vars(args)
-    top = {f.name: values[f.name] for f in fields(ExperimentConfig) if f.name not in ("stage1", "stage2")}
+    top = {f.name: values[f.name] for f in fields(ExperimentConfig) if f.name not in ("stage1_config", "stage2_config")}
     s1 = {f.name: values[flag_name(f.name, 1)] for f in fields(Stage1Config)}
     s2 = {f.name: values[flag_name(f.name, 2)] for f in fields(Stage2Config)}
-    return ExperimentConfig(**top, stage1=Stage1Config(**s1), stage2=Stage2Config(**s2))
+    return ExperimentConfig(**top, stage1_config=Stage1Config(**s1), stage2_config=Stage2Config(**s2))
+
+
+def set_up_demo(config: ExperimentConfig, given=()) -> None:
+    """--demo: synthetic cells in OUTPUT_DIR/demo_data (training and test folders) and the DEMO settings, except
+    the flags in `given` (the user's own, which win)."""
+    data = write_demo_dataset(Path(config.output_dir) / "demo_data", n_test=6)
+    config.img_path, config.mask_path = str(data / "images"), str(data / "masks")
+    config.test_img_path, config.test_mask_path = str(data / "test" / "images"), str(data / "test" / "masks")
+    config.output_name = config.output_name if "output_name" in given else "cellsam_demo"
+    for key, value in DEMO.items():
+        if isinstance(value, dict):
+            stage = 1 if key == "stage1_config" else 2
+            for name, v in value.items():
+                if flag_name(name, stage) not in given:
+                    setattr(getattr(config, key), name, v)
+        elif key not in given:
+            setattr(config, key, value)
 
 
 def main(args) -> dict:
-    if args.search:
-        from cellsam.search import HyperparameterOptimizer, HyperparameterSpace
-
-        space = (
-            HyperparameterSpace(**json.loads(Path(args.search_space).read_text()))
-            if args.search_space
-            else HyperparameterSpace()
-        )
-        config = config_from_args(args)
-        folder = new_experiment_dir(Path(config.output_dir), f"{config.output_name}_search")
-        search = HyperparameterOptimizer(config, space, folder, args.max_parallel)
-        table = (
-            search.run_random_search(args.n_trials, config.seed)
-            if args.search == "random"
-            else search.run_grid_search()
-        )
-        print(table.to_string(index=False))
-        print(f"wrote {folder / 'search_results.csv'}")
-        return {"output_dir": str(folder), "trials": len(table)}
     if args.resume:
         root = Path(args.resume)
         if not (root / "experiment_config.json").is_file():
@@ -792,51 +901,54 @@ def main(args) -> dict:
         return ExperimentRunner(config, root).run()
     config = config_from_args(args)
     if args.demo:
-        given = {a.lstrip("-").split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-        data = write_demo_dataset(Path(args.output_dir) / "demo_data")
-        config.img_path, config.mask_path = str(data / "images"), str(data / "masks")
-        config.output_name = "cellsam_demo" if "output_name" not in given else config.output_name
-        apply_demo(config, given)
+        set_up_demo(config, {a.lstrip("-").split("=")[0] for a in sys.argv[1:] if a.startswith("--")})
     return ExperimentRunner(config).run()
 
 
-def apply_demo(config: ExperimentConfig, given=()) -> None:
-    """The --demo settings (DEMO) on config, except the flags in `given` (the user's own, which win)."""
-    for key, value in DEMO.items():
-        if isinstance(value, dict):
-            stage = 1 if key == "stage1" else 2
-            for name, v in value.items():
-                if flag_name(name, stage) not in given:
-                    setattr(getattr(config, key), name, v)
-        elif key not in given:
-            setattr(config, key, value)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python cellsam/train.py",
+        usage="%(prog)s (--img_path DIR --mask_path DIR | --demo | --resume FOLDER) [options]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every option is a field of ExperimentConfig, Stage1Config or Stage2Config (cellsam/config.py); a "
+        "field both stages have takes _s1 / _s2. See cellsam/README.md.",
+        add_help=add_help,
+    )
+    run = p.add_argument_group("run")
+    run.add_argument(
+        "--demo", action="store_true", help="synthetic cells in OUTPUT_DIR/demo_data, vit_tiny, both stages"
+    )
+    run.add_argument(
+        "--resume", metavar="FOLDER", help="an experiment folder output/<name>: carries on where it stopped"
+    )
+    add_config_flags(p)
+    return p
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="synthetic cells in OUTPUT_DIR/demo_data, vit_tiny, both stages")
-    p.add_argument("--resume", help="an experiment folder output/<name>: carries on where it stopped")
-    p.add_argument("--search", choices=["random", "grid"], help="hyperparameter search instead of one experiment")
-    p.add_argument("--n_trials", type=int, default=20, help="random search: trials [20]")
-    p.add_argument("--max_parallel", type=int, default=1, help="search: trials at once, one GPU each [1]")
-    p.add_argument("--search_space", help="search: a JSON file of HyperparameterSpace fields (lists of values)")
-    for cls, stage in ((ExperimentConfig, None), (Stage1Config, 1), (Stage2Config, 2)):
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, with its help text (the field's metadata) and default, in three groups."""
+    groups = ((ExperimentConfig, None, "experiment"), (Stage1Config, 1, "stage 1: CellFinder, the boxes"),
+              (Stage2Config, 2, "stage 2: SAM, the masks"))  # fmt: skip
+    for cls, stage, title in groups:
+        group = p.add_argument_group(title)
         defaults = cls()
         for f in fields(cls):
-            if f.name in ("stage1", "stage2"):
+            if f.name in ("stage1_config", "stage2_config"):
                 continue
-            default = getattr(defaults, f.name)
-            name = flag_name(f.name, stage)
-            where = f"stage {stage}: " if stage else ""
+            default, name = getattr(defaults, f.name), flag_name(f.name, stage)
+            shown = "none" if default in ("", None) else default
+            text = f.metadata["help"].replace("%", "%%") + f" (default: {shown})"
             if isinstance(default, bool):
-                p.add_argument(
-                    f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{where}[{default}]"
-                )
+                group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
             else:
                 # a None default (str | None, int | None): the annotated type
                 kind = type(default) if default is not None else int if str(f.type).startswith("int") else str
-                p.add_argument(f"--{name}", type=kind, default=default, help=f"{where}[{default}]")
-    return p
+                metavar = {
+                    int: "N",
+                    float: "X",
+                    str: "DIR" if name.endswith(("_path", "_dir")) else "FILE" if "checkpoint" in name else "TEXT",
+                }[kind]
+                group.add_argument(f"--{name}", type=kind, default=default, metavar=metavar, help=text)
 
 
 if __name__ == "__main__":

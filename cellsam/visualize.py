@@ -23,26 +23,19 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from skimage.segmentation import find_boundaries
 
 from cellsam.data import boxes_from_mask, find_pairs
 from cellsam.evaluate import load_fold
-from cellsam.model import decode_masks, encode
-from cellsam.train import read_pair
+from cellsam.model import detect_tiled
+from cellsam.train import read_pair, true_box_masks
+from cellsam.utils import TrainingVisualizer, read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
 def save(fig, folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
-    path, attempt = folder / f"{stem}.png", 1
-    while path.exists():
-        attempt += 1
-        path = folder / f"{stem}_{attempt}.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    path = TrainingVisualizer(folder).save(fig, f"{name}_{time.strftime('%Y%m%d_%H%M%S')}")
     print(f"wrote {path}")
     return path
 
@@ -55,81 +48,44 @@ def held_out(experiment: Path, fold: int, config, n: int):
 
 @torch.no_grad()
 def plot_boxes_or_masks(args) -> Path:
+    """boxes: the boxes the pipeline keeps on whole images (tiled as it tiles them); masks: SAM's masks from the
+    true boxes on each image's first window."""
     experiment = Path(args.experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_fold(experiment, args.fold, device)
-    pairs = held_out(experiment, args.fold, config, args.n)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 5), squeeze=False)
-    for ax, pair in zip(axes[0], pairs, strict=True):
+    panels = []
+    for pair in held_out(experiment, args.fold, config, args.n):
         image, truth = read_pair(pair, config.gamma, model.read_image)
-        boxes, scores, (h, w) = model.detect(image, device)
-        image, truth = image[:h, :w], truth[:h, :w]  # the first window, as the model sees it
-        _, true_boxes = boxes_from_mask(truth)
-        shown = image / 255
         if args.command == "boxes":
-            keep = model.kept_boxes(scores, config.stage1.score_threshold)  # the boxes the pipeline keeps
-            ax.imshow(shown)
-            for colour, drawn in (("lime", true_boxes), ("red", boxes[keep].numpy())):
-                for x0, y0, x1, y1 in drawn:
-                    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=0.8))
-            ax.set_title(f"{pair.name}: {len(true_boxes)} true (green), {int(keep.sum())} found (red)", fontsize=9)
+            boxes, scores = detect_tiled(model, image, device=device)
+            keep = model.kept_boxes(scores, config.stage1_config.score_threshold)  # the boxes the pipeline keeps
+            panels.append((image, boxes_from_mask(truth)[1], boxes[keep].numpy(), pair.name))
         else:
-            masks = true_box_masks(model, image, true_boxes, device)
-            overlay = shown.copy()
-            colours = np.random.default_rng(0).uniform(0.2, 1, (len(masks), 3))
-            for mask, colour in zip(masks, colours, strict=True):
-                overlay[mask] = 0.5 * overlay[mask] + 0.5 * colour
-            overlay[find_boundaries(truth, mode="inner")] = (0, 1, 0)
-            ax.imshow(overlay)
-            ax.set_title(f"{pair.name}: SAM masks from the true boxes (true outlines green)", fontsize=9)
-        ax.axis("off")
-    return save(fig, Path(args.output_dir or experiment / "figures"), args.command)
-
-
-def true_box_masks(model, image: np.ndarray, true_boxes: np.ndarray, device) -> np.ndarray:
-    """The masks the model draws from the true boxes, (K, h, w) bool: the published CellSAM as cellSAM runs it
-    with given boxes (masks of low predicted IoU dropped), this folder's model on the window padded to SAM's
-    input."""
-    if model.architecture == "published":
-        from cellsam.published import predict
-
-        labels = predict(model, image / 255, true_boxes, device)[0]
-        return np.array([labels == k for k in range(1, labels.max() + 1)]).reshape(-1, *image.shape[:2])
-    sam, size = model.mask_sam, model.input_size
-    padded = np.zeros((size, size, 3), np.float32)
-    padded[: image.shape[0], : image.shape[1]] = image
-    _, embedding = encode(sam, torch.from_numpy(padded.transpose(2, 0, 1))[None].to(device))
-    logits, _ = decode_masks(sam, embedding, torch.from_numpy(true_boxes).to(device))
-    masks = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0] > 0
-    return masks.cpu().numpy()[:, : image.shape[0], : image.shape[1]]
+            window = (model.window if model.architecture == "published" else None) or model.input_size
+            image, truth = image[:window, :window], truth[:window, :window]
+            panels.append((image, true_box_masks(model, image, boxes_from_mask(truth)[1], device), truth, pair.name))
+    figures = TrainingVisualizer(Path(args.output_dir or experiment / "figures"))
+    stamp = f"{args.command}_{time.strftime('%Y%m%d_%H%M%S')}"
+    path = figures.boxes(panels, stamp) if args.command == "boxes" else figures.masks(panels, stamp)
+    print(f"wrote {path}")
+    return path
 
 
 def plot_curves(args) -> Path:
+    """Every loss term per epoch of both stages (train solid, validation dashed), one panel per stage and fold."""
     experiment = Path(args.experiment)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, stage in zip(axes, (1, 2), strict=True):
+    stages = {}
+    for stage in (1, 2):
         path = experiment / "metrics" / f"stage{stage}_metrics.json"
         if not path.is_file():
             raise SystemExit(f"{path}: missing (give output/<name> of cellsam/train.py)")
-        for fold, history in json.loads(path.read_text()).items():
-            epochs = [h["epoch"] for h in history]
-            for key in history[0]["train"]:
-                if key == "mask_iou":
-                    continue
-                line = ax.plot(epochs, [h["train"][key] for h in history], label=f"{fold} train {key}")[0]
-                if history[0]["val"]:
-                    ax.plot(
-                        epochs,
-                        [h["val"][key] for h in history],
-                        "--",
-                        color=line.get_color(),
-                        label=f"{fold} val {key}",
-                    )
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(f"stage {stage}: " + ("CellFinder (focal, L1, GIoU)" if stage == 1 else "SAM masks (focal, Dice)"))
-        ax.legend(fontsize=6, ncol=2)
-    return save(fig, Path(args.output_dir or experiment / "figures"), "curves")
+        rows = read_metrics(path)
+        for fold in sorted({r.get("fold", 1) for r in rows}):
+            stages[f"stage {stage}, fold {fold}"] = [r for r in rows if r.get("fold", 1) == fold]
+    figures = TrainingVisualizer(Path(args.output_dir or experiment / "figures"))
+    path = figures.loss_components(stages, f"curves_{time.strftime('%Y%m%d_%H%M%S')}")
+    print(f"wrote {path}")
+    return path
 
 
 def plot_summary(args) -> Path:
