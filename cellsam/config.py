@@ -121,6 +121,9 @@ class ExperimentConfig:
     stain_transform: bool = setting(False, "H&E stain jitter (for H&E images)")
     gamma: float = setting(1.0, "input gamma correction (intensity ** gamma on 0..1 images)")
     preeval: bool = setting(False, "score the model as loaded on the validation images before training")
+    figures: bool = setting(
+        True, "after each fold: stage 1 boxes, stage 2 masks, loss curves and components, the pipeline's label images"
+    )
     output_dir: str = setting("output", "parent folder of experiments")
     val_fraction: float = setting(0.2, "train_val_split: share of the images held out for validation")
     test_img_path: str | None = setting(
@@ -221,11 +224,11 @@ class ExperimentConfig:
 
 
 # names of earlier versions of experiment_config.json
-_OLD_NAMES = {"epochs": "total_epochs", "lr": "learning_rate"}
+OLD_NAMES = {"epochs": "total_epochs", "lr": "learning_rate"}
 
 
 def _renamed(stage: dict) -> dict:
-    stage = {_OLD_NAMES.get(k, k): v for k, v in stage.items()}
+    stage = {OLD_NAMES.get(k, k): v for k, v in stage.items()}
     mining = stage.pop("hard_negative_mining", None)
     if mining is not None:
         stage["online_hard_negative_mining"] = mining == "plain"

@@ -157,23 +157,21 @@ def boxes_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tile_grid(h: int, w: int, size: int, overlap: int) -> list[tuple]:
-    """Tiles of size x size px overlapping by `overlap` px that cover an (h, w) image padded to at least size:
-    (y0, x0, core_y, core_x) each, the core being the tile less half the overlap on the sides it shares with
-    another tile (the cores tile the image without gaps or overlaps)."""
-    ph, pw = max(h, size), max(w, size)
+    """Tiles of size x size px overlapping by at least `overlap` px that cover an (h, w) image padded to at least
+    size: (y0, x0, core_y, core_x) each, the core (in tile coordinates) reaching on each side shared with a
+    neighbour to the middle of their overlap, so the cores tile the image without gaps or overlaps (the last tile
+    of a row, aligned to the image's end, overlaps its neighbour more)."""
     step = size - overlap
 
-    def starts(n):
-        points = list(range(0, n - size + 1, step))
-        return points if points[-1] == n - size else [*points, n - size]
+    def spans(n):
+        n = max(n, size)
+        starts = list(range(0, n - size + 1, step))
+        if starts[-1] != n - size:
+            starts.append(n - size)
+        bounds = [0] + [(a + size + b) // 2 for a, b in zip(starts, starts[1:], strict=False)] + [n]
+        return [(s, (bounds[i] - s, bounds[i + 1] - s)) for i, s in enumerate(starts)]
 
-    grid = []
-    for y0 in starts(ph):
-        for x0 in starts(pw):
-            core_y = (0 if y0 == 0 else overlap // 2, size if y0 + size >= ph else size - overlap // 2)
-            core_x = (0 if x0 == 0 else overlap // 2, size if x0 + size >= pw else size - overlap // 2)
-            grid.append((y0, x0, core_y, core_x))
-    return grid
+    return [(y0, x0, core_y, core_x) for y0, core_y in spans(h) for x0, core_x in spans(w)]
 
 
 def xyxy_to_cxcywh(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -289,7 +289,9 @@ def hungarian_match(logits, boxes, targets, class_weight=2.0, bbox_weight=5.0, g
             - giou_weight * generalized_box_iou(xyxy(image_boxes), xyxy(target))
         )  # fmt: skip
         if not torch.isfinite(cost).all():
-            raise SystemExit("CellFinder's outputs are not finite (NaN or inf): lower --lr_s1, or check the images")
+            raise SystemExit(
+                "CellFinder's outputs are not finite (NaN or inf): lower --learning_rate_s1, or check the images"
+            )
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
     return matches
@@ -489,7 +491,8 @@ def tile_and_stitch(image: np.ndarray, size: int, overlap: int, segment) -> np.n
 def detect_tiled(model, image: np.ndarray, overlap: int = 64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """CellFinder's boxes (xyxy image px) and scores on a whole image of any size: one pass where it fits the
     model's window, else every tile of tile_grid, keeping the boxes whose centre lies in the tile's core (as
-    tile_and_stitch keeps cells), so each cell of the image is counted once."""
+    tile_and_stitch keeps cells) and that do not touch a side the tile shares with another (a cell cut there is
+    found whole in the neighbour), so each cell of the image is counted once."""
     h, w = image.shape[:2]
     window = getattr(model, "window", None) or model.input_size
     if model.architecture == "shared_encoder":
@@ -503,6 +506,14 @@ def detect_tiled(model, image: np.ndarray, overlap: int = 64, device="cpu") -> t
         boxes, scores, _ = model.detect(padded[y0 : y0 + window, x0 : x0 + window], device)
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         keep = (cx >= core_x[0]) & (cx < core_x[1]) & (cy >= core_y[0]) & (cy < core_y[1])
+        if x0 > 0:  # sides shared with another tile: a box touching one is a cut cell
+            keep &= boxes[:, 0] >= 1
+        if y0 > 0:
+            keep &= boxes[:, 1] >= 1
+        if x0 + window < padded.shape[1]:
+            keep &= boxes[:, 2] <= window - 1
+        if y0 + window < padded.shape[0]:
+            keep &= boxes[:, 3] <= window - 1
         all_boxes.append(boxes[keep] + boxes.new_tensor([x0, y0, x0, y0]))
         all_scores.append(scores[keep])
     boxes = torch.cat(all_boxes)

@@ -13,8 +13,9 @@ IoU 0.5 (the validation images choose; report the chosen setting on test images)
 - The study lives in OUTPUT/search.db (SQLite, nothing to set up), or in the database --storage names, so that
   the same command started on several machines shares one study.
 - Re-running the command on the same output folder resumes the study: it runs until the study holds n_trials
-  finished trials. A trial cut off by a kill is noticed by its missing heartbeat (after about a minute), recorded
-  as failed and run again with the same values.
+  trials (running or finished). A trial cut off by a kill is recorded as failed and run again with the same
+  values: at once when its process was on this machine, after its heartbeat has been silent for a minute when
+  it ran elsewhere.
 - Samplers: random (RandomSampler: values drawn independently, a combination may come twice), grid (GridSampler:
   every combination of the space exactly once), tpe (TPESampler).
 - max_parallel trials at once on one machine, in worker processes, one GPU each where there are several.
@@ -25,7 +26,9 @@ IoU 0.5 (the validation images choose; report the chosen setting on test images)
   earlier trials at the same epoch (after 4 trials and 3 epochs); it reports minus the loss, as the study
   maximises F1.
 
-search.py calls the training entry point; train.py knows nothing of the search.
+Quick checks: the environment variable CELLSAM_MAX_TRIALS=N caps every search at N trials (with
+CELLSAM_OVERRIDES, see config.py, for tiny trials). search.py calls the training entry point; train.py knows
+nothing of the search.
 """
 
 import sys
@@ -39,7 +42,9 @@ import csv
 import json
 import multiprocessing
 import os
+import socket
 import traceback
+import warnings
 from dataclasses import dataclass, field, fields
 
 import optuna
@@ -51,6 +56,7 @@ from cellsam.train import ExperimentRunner, add_config_flags, config_from_args, 
 
 SAMPLERS = ("random", "grid", "tpe")
 HEARTBEAT_S = 20  # a running trial's heartbeat; one silent for 3 beats was cut off and is run again
+MAX_TRIALS = "CELLSAM_MAX_TRIALS"  # environment variable: caps every search at this many trials (quick checks)
 COLUMNS = ["study", "trial", "state", "f1", "seconds", "error", "folder"]
 
 
@@ -129,6 +135,8 @@ class HyperparameterOptimizer:
             raise SystemExit(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
         if n_trials < 1:
             raise SystemExit(f"--n_trials {n_trials}: at least 1")
+        if os.environ.get(MAX_TRIALS):  # a quick check of a script or notebook: every search this short
+            n_trials = min(n_trials, int(os.environ[MAX_TRIALS]))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = self.output_dir / "search_results.csv"
         if not results.is_file():
@@ -137,7 +145,9 @@ class HyperparameterOptimizer:
         job = {"base": self.base.to_dict(), "choices": self.choices, "folder": str(self.output_dir),
                "storage": self.storage_url, "sampler": sampler, "n_trials": n_trials, "prune": self.prune,
                "seed": self.seed, "workers": self.max_parallel, "gpus": torch.cuda.device_count()}  # fmt: skip
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = open_study(job)  # created here, so workers never race to create it
+        fail_dead_trials(study)
         print(f"search {study.study_name} in {self.storage_url}: {count_finished(study)} of {n_trials} trials "
               f"finished, {self.max_parallel} at a time", flush=True)  # fmt: skip
         if self.max_parallel == 1:
@@ -172,12 +182,14 @@ class HyperparameterOptimizer:
 
 
 def open_study(job: dict) -> optuna.Study:
-    storage = optuna.storages.RDBStorage(
-        job["storage"],
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=3 * HEARTBEAT_S,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            job["storage"],
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=3 * HEARTBEAT_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
     seed = job["seed"]
     sampler = {
         "random": lambda: optuna.samplers.RandomSampler(seed),
@@ -189,6 +201,37 @@ def open_study(job: dict) -> optuna.Study:
                                direction="maximize", load_if_exists=True)  # fmt: skip
 
 
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Trials left running by a process of this machine that is gone (a kill): failed now and queued to run
+    again with the same values (trials of other machines wait for their heartbeat to go silent)."""
+    if os.name != "posix":
+        return
+    storage, host = study._storage, socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or "pid" not in t.user_attrs:
+            continue
+        try:
+            os.kill(t.user_attrs["pid"], 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        if storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+            storage.get_heartbeat_stale_trial_callback()(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+
+
+def count_started(study: optuna.Study) -> int:
+    """Trials that count towards n_trials: running, completed, pruned, or failed with an error of their own (a
+    trial cut off by a kill has no error and runs again)."""
+    states = optuna.trial.TrialState
+    return sum(
+        t.state in (states.RUNNING, states.COMPLETE, states.PRUNED)
+        or (t.state == states.FAIL and "error" in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards n_trials: completed, pruned, or failed with an error of their own (a trial cut off
     by a kill has no error and is run again)."""
@@ -197,6 +240,17 @@ def count_finished(study: optuna.Study) -> int:
         t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and "error" in t.user_attrs)
         for t in study.get_trials(deepcopy=False)
     )
+
+
+def grid_points_left(study: optuna.Study, n_points: int) -> bool:
+    """Whether a grid point is neither finished nor running (or a cut-off trial waits to run again): GridSampler
+    itself would start a second run of a point another worker is running."""
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == states.WAITING for t in trials):
+        return True
+    taken = {t.system_attrs.get("grid_id") for t in trials if t.state != states.WAITING}
+    return bool(set(range(n_points)) - taken)
 
 
 def trial_row(study_name: str, t) -> dict:
@@ -213,7 +267,7 @@ def search_worker(job: dict, index: int) -> None:
         if job["gpus"] > 1:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(index % job["gpus"])
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job["workers"]))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's line is printed below
     study = open_study(job)
     base, folder = ExperimentConfig.from_dict(job["base"]), Path(job["folder"])
     offsets = (base.stage1_config.total_epochs, base.stage1_config.total_epochs + base.stage2_config.total_epochs)
@@ -222,6 +276,8 @@ def search_worker(job: dict, index: int) -> None:
         values = {name: trial.suggest_categorical(name, choices) for name, choices in job["choices"].items()}
         trial_dir = folder / "trials" / f"trial_{trial.number:03d}"
         trial.set_user_attr("folder", str(trial_dir))
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
 
         def on_epoch(fold, stage, epoch, loss):  # the pruner sees minus the validation loss at each epoch
             if not job["prune"]:
@@ -250,8 +306,8 @@ def search_worker(job: dict, index: int) -> None:
               + (f", validation F1 {row['f1']:.3f}" if row["f1"] is not None else "")
               + (f" ({row['error']})" if row["error"] else ""), flush=True)  # fmt: skip
 
-    while count_finished(study) < job["n_trials"]:
-        if job["sampler"] == "grid" and study.sampler.is_exhausted(study):
+    while count_started(study) < job["n_trials"]:
+        if job["sampler"] == "grid" and not grid_points_left(study, job["n_trials"]):
             break
         study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[append_row])
 

@@ -7,5 +7,5 @@ set MASKS=data\cells\masks
 set SAM=checkpoints\sam_vit_b_01ec64.pth
 set PY=python
 if exist .venv\Scripts\python.exe set PY=.venv\Scripts\python.exe
-%PY% cellsam\train.py --img_path "%IMAGES%" --mask_path "%MASKS%" --output_name my_cells --strategy k_fold --k_folds 5 --sam_size vit_b --sam_checkpoint "%SAM%" --epochs_s1 50 --epochs_s2 30 --batch_size 2 %*
+%PY% cellsam\train.py --img_path "%IMAGES%" --mask_path "%MASKS%" --output_name my_cells --strategy k_fold --k_folds 5 --sam_size vit_b --sam_checkpoint "%SAM%" --total_epochs_s1 50 --total_epochs_s2 30 --batch_size 2 %*
 pause

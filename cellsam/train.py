@@ -74,7 +74,7 @@ from skimage.segmentation import watershed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
 
-from cellsam.config import ExperimentConfig, Stage1Config, Stage2Config, field_names
+from cellsam.config import OLD_NAMES, ExperimentConfig, Stage1Config, Stage2Config, field_names
 from cellsam.data import (
     CellDataset,
     boxes_from_mask,
@@ -297,7 +297,9 @@ def step(loss, optimizer, scaler) -> None:
     if dist.is_initialized():  # every process stops together
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite:
-        raise SystemExit("the training loss is not finite: lower the learning rate (--lr_s1 / --lr_s2)")
+        raise SystemExit(
+            "the training loss is not finite: lower the learning rate (--learning_rate_s1 / --learning_rate_s2)"
+        )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -604,15 +606,17 @@ def run_fold(config: ExperimentConfig, fold: int, train_pairs, val_pairs, test_p
             from cellsam.published import save_published
 
             log(f"fold {fold}: wrote {save_published(model, fold_dir / 'cellsam_finetuned.pt')}")
-        stage_figures(model, shown, config, device, visualizer, 1, "stage1_boxes")
-        stage_figures(model, shown, config, device, visualizer, 2, "stage2_masks")
-        stages = {"stage 1 (CellFinder)": history1, "stage 2 (SAM masks)": history2}
-        visualizer.loss_curves(stages)
-        visualizer.loss_components(stages)
+        if config.figures:
+            stage_figures(model, shown, config, device, visualizer, 1, "stage1_boxes")
+            stage_figures(model, shown, config, device, visualizer, 2, "stage2_masks")
+            stages = {"stage 1 (CellFinder)": history1, "stage 2 (SAM masks)": history2}
+            visualizer.loss_curves(stages)
+            visualizer.loss_components(stages)
         for key, pairs, what in (("metrics", val_pairs, "validation"), ("test_metrics", test_pairs, "test")):
             if not pairs:
                 continue
-            results[key] = evaluate_pipeline(model, pairs, config, device, visualizer if key == "metrics" else None)
+            drawn = visualizer if key == "metrics" and config.figures else None
+            results[key] = evaluate_pipeline(model, pairs, config, device, drawn)
             m, b, before = results[key], results[key]["baseline_otsu_watershed"], results.get("before_training")
             log(f"fold {fold}, {len(pairs)} {what} images: F1 {m['f1']:.3f} (precision {m['precision']:.3f}, "
                 f"recall {m['recall']:.3f}, PQ {m['pq']:.3f})"
@@ -847,7 +851,8 @@ def set_field(config: ExperimentConfig, name: str, value) -> None:
     if not stages or any(base not in field_names(type(s)) for s in stages):
         known = field_names(ExperimentConfig) + [flag_name(n, 1) for n in field_names(Stage1Config)]
         known += [flag_name(n, 2) for n in field_names(Stage2Config)]
-        hint = difflib.get_close_matches(name, known, 1)
+        old = {f"{k}{suffix}": f"{v}{suffix}" for k, v in OLD_NAMES.items() for suffix in ("", "_s1", "_s2")}
+        hint = [old[name]] if name in old else difflib.get_close_matches(name, known, 1)
         raise TypeError(f"finetune() got an unexpected keyword argument {name!r}"
                         + (f" (did you mean {hint[0]!r}?)" if hint else ""))  # fmt: skip
     for stage in stages:

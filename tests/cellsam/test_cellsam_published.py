@@ -396,7 +396,7 @@ def test_fine_tune_a_published_file_and_get_it_back_in_its_layout(tmp_path, tiny
 
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
             "--output_name", "tuned", "--architecture", "published", "--sam_size", "vit_tiny", "--cellsam_checkpoint",
-            str(tiny_file), "--epochs_s1", "2", "--epochs_s2", "1", "--num_workers", "0", "--preeval",
+            str(tiny_file), "--total_epochs_s1", "2", "--total_epochs_s2", "1", "--num_workers", "0", "--preeval",
             "--max_prompts", "4", "--val_fraction", "0.25"]  # fmt: skip
     result = train.main(train.get_args_parser().parse_args(argv))
     root = Path(result["output_dir"])
@@ -442,8 +442,9 @@ def test_released_size_random_file_fine_tunes_one_step_per_stage_and_segments(tm
     start = tmp_path / "random_vit_b.pt"
     torch.save(CellSAM("vit_b").state_dict(), start)
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
-            "--cellsam_checkpoint", str(start), "--strategy", "full_dataset", "--epochs_s1", "1", "--epochs_s2", "1",
-            "--batch_size", "1", "--num_workers", "0", "--max_prompts", "2", "--cell_class", "1"]  # fmt: skip
+            "--cellsam_checkpoint", str(start), "--strategy", "full_dataset", "--total_epochs_s1", "1",
+            "--total_epochs_s2", "1", "--batch_size", "1", "--no-figures",
+            "--num_workers", "0", "--max_prompts", "2", "--cell_class", "1"]  # fmt: skip
     root = Path(train.main(train.get_args_parser().parse_args(argv))["output_dir"])
     exported = torch.load(root / "models" / "fold_1" / "cellsam_finetuned.pt", weights_only=True)
     original = torch.load(start, weights_only=True)
@@ -466,7 +467,7 @@ def test_torchrun_fine_tunes_the_published_layout_on_two_cpu_processes(tmp_path,
 
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
             "--output_name", "ddp", "--architecture", "published", "--sam_size", "vit_tiny", "--cellsam_checkpoint",
-            str(tiny_file), "--stage1_type", "all_backbones", "--epochs_s1", "1", "--epochs_s2", "1",
+            str(tiny_file), "--stage1_type", "all_backbones", "--total_epochs_s1", "1", "--total_epochs_s2", "1",
             "--num_workers", "0", "--max_prompts", "4", "--batch_size", "1"]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(REPO / "cellsam" / "train.py"), *argv]
@@ -490,7 +491,7 @@ def test_resume_after_a_kill_in_stage_2_keeps_stage_1_and_exports(tmp_path, tiny
 
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path),
             "--output_name", "killed", "--architecture", "published", "--sam_size", "vit_tiny", "--cellsam_checkpoint",
-            str(tiny_file), "--epochs_s1", "2", "--epochs_s2", "2", "--num_workers", "0",
+            str(tiny_file), "--total_epochs_s1", "2", "--total_epochs_s2", "2", "--num_workers", "0",
             "--max_prompts", "4"]  # fmt: skip
     original_fit = train.fit
 
@@ -578,7 +579,7 @@ def test_validation_prompts_are_the_same_cells_every_epoch(tmp_path, data, monke
         return prompts, truths
 
     monkeypatch.setattr(train, "sample_prompts", recording)
-    argv = tiny_argv(data, tmp_path, "--epochs_s1", "1", "--epochs_s2", "3", "--val_fraction", "0.5")
+    argv = tiny_argv(data, tmp_path, "--total_epochs_s1", "1", "--total_epochs_s2", "3", "--val_fraction", "0.5")
     train.main(train.get_args_parser().parse_args(argv))
     assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
 
@@ -588,7 +589,7 @@ def test_no_mixed_precision_is_read(tmp_path, data, monkeypatch):
 
     calls, original = [], train.amp
     monkeypatch.setattr(train, "amp", lambda device, enabled=True: calls.append(enabled) or original(device, enabled))
-    argv = tiny_argv(data, tmp_path, "--epochs_s1", "1", "--epochs_s2", "1", "--strategy", "full_dataset")
+    argv = tiny_argv(data, tmp_path, "--total_epochs_s1", "1", "--total_epochs_s2", "1", "--strategy", "full_dataset")
     train.main(train.get_args_parser().parse_args([*argv, "--no-mixed_precision"]))
     assert calls and not any(calls)
 

@@ -23,12 +23,13 @@ def data(tmp_path_factory):
 
 
 def tiny_config(data: Path, out: Path, **settings) -> ExperimentConfig:
-    stage1 = Stage1Config(epochs=1, hidden=32, heads=2, encoder_layers=1, decoder_layers=2, anchor_grid=4, patterns=1)
-    stage2 = Stage2Config(epochs=1, max_prompts=4, train_parts=settings.pop("train_parts", "neck"))
+    stage1 = Stage1Config(total_epochs=1, hidden=32, heads=2, encoder_layers=1, decoder_layers=2, anchor_grid=4,
+                          patterns=1)  # fmt: skip
+    stage2 = Stage2Config(total_epochs=1, max_prompts=4, train_parts=settings.pop("train_parts", "neck"))
     base = {"img_path": str(data / "images"), "mask_path": str(data / "masks"), "output_dir": str(out)}
     base.update({"sam_size": "vit_tiny", "batch_size": 2, "num_workers": 0, "output_name": "exp"})
     base.update(settings)
-    return ExperimentConfig(**base, stage1=stage1, stage2=stage2)
+    return ExperimentConfig(**base, stage1_config=stage1, stage2_config=stage2)
 
 
 def tree(root: Path) -> set[str]:
@@ -60,9 +61,11 @@ def test_k_fold_writes_exactly_the_documented_tree(tmp_path, data):
     assert aggregated["f1"]["ci95"] == pytest.approx([np.mean(f1) - half, np.mean(f1) + half])
     assert 0 < aggregated["baseline_f1"]["mean"] <= 1  # Otsu + watershed finds the synthetic cells
     stage1 = json.loads((root / "metrics" / "stage1_metrics.json").read_text())
-    assert set(stage1) == {"fold_1", "fold_2"} and np.isfinite(stage1["fold_1"][0]["train"]["giou"])
+    assert [(r["fold"], r["epoch"]) for r in stage1] == [(1, 1), (2, 1)] and np.isfinite(stage1[0]["train_giou"])
     config = json.loads((root / "experiment_config.json").read_text())
-    assert config["strategy"] == "k_fold" and config["stage1"]["anchor_grid"] == 4
+    assert config["strategy"] == "k_fold" and config["stage1_config"]["anchor_grid"] == 4
+    figures = {f.split("/")[-1] for f in files if f.startswith("results/fold_1/visualizations/")}
+    assert {"stage1_boxes.png", "stage2_masks.png", "loss_curves.png", "loss_components.png"} <= figures
     # the same name again: a new folder, the first untouched
     again = cellsam_train.ExperimentRunner(tiny_config(data, tmp_path, strategy="full_dataset")).run()
     assert Path(again["output_dir"]) == tmp_path / "exp_2" and tree(root) == files
@@ -109,7 +112,7 @@ def test_finetune_api_and_command_line_agree(tmp_path, data):
                             max_prompts=4)  # fmt: skip
     saved = json.loads((Path(result["output_dir"]) / "experiment_config.json").read_text())
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_name", "api"]
-    argv += ["--strategy", "full_dataset", "--epochs_s1", "1", "--epochs_s2", "1", "--sam_size", "vit_tiny"]
+    argv += ["--strategy", "full_dataset", "--total_epochs_s1", "1", "--total_epochs_s2", "1", "--sam_size", "vit_tiny"]
     argv += ["--num_workers", "0", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
     argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4", "--output_dir", str(tmp_path)]
     config = cellsam_train.config_from_args(cellsam_train.get_args_parser().parse_args(argv))
@@ -136,61 +139,98 @@ def test_bad_inputs_give_clear_errors(tmp_path, data):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_search_space_grid_sampling_and_errors():
+def test_search_space_settings_and_errors():
     from cellsam import HyperparameterSpace
     from cellsam.search import apply
 
-    space = HyperparameterSpace(lr_s1=[1e-4, 1e-3], gamma=[1.0, 0.8, 1.2], augmentation=[True])
-    grid = space.grid()
-    assert len(grid) == 2 * 3 * 3 * 3 * 3 * 1 * 1 and grid[0]["lr_s1"] == 1e-4
-    config = apply(ExperimentConfig(), {"lr_s1": 1e-3, "focal_gamma_s2": 3.0, "gamma": 0.8})
-    assert (config.stage1.lr, config.stage2.focal_gamma, config.gamma) == (1e-3, 3.0, 0.8)
-    assert ExperimentConfig().stage1.lr == 1e-4  # the base is not changed
-    with pytest.raises(SystemExit, match="search space: lr_s2 has no values"):
-        HyperparameterSpace(lr_s2=[]).check()
+    space = HyperparameterSpace(stage1_learning_rates=[1e-4, 1e-3], gammas=[1.0, 0.8, 1.2], augmentation_flags=[True],
+                                extra={"dice_loss_weight": [1.0, 2.0]})  # fmt: skip
+    choices = space.choices()
+    assert choices["learning_rate_s1"] == [1e-4, 1e-3] and choices["focal_gamma_s2"] == [2.0, 3.0]
+    assert space.size() == 2 * 2 * 2 * 3 * 1 * 2
+    config = apply(ExperimentConfig(), {"learning_rate_s1": 1e-3, "focal_gamma_s2": 3.0, "gamma": 0.8,
+                                        "dice_loss_weight": 2.0})  # fmt: skip
+    s1, s2 = config.stage1_config, config.stage2_config
+    assert (s1.learning_rate, s2.focal_gamma, s1.focal_gamma, config.gamma, s2.dice_loss_weight) == (
+        1e-3, 3.0, 2.0, 0.8, 2.0)  # fmt: skip
+    assert ExperimentConfig().stage1_config.learning_rate == 1e-4  # the base is not changed
+    with pytest.raises(SystemExit, match="search space: learning_rate_s2 has no values"):
+        HyperparameterSpace(stage2_learning_rates=[]).choices()
+    with pytest.raises(SystemExit, match="search space: no setting named 'dice_weight'"):
+        HyperparameterSpace(extra={"dice_weight": [1.0]}).choices()
 
 
-def test_two_trials_in_parallel_one_failing(tmp_path, data):
-    """A grid of two trials on two worker processes; the trial with an impossible input gamma is recorded as
-    failed, the other finishes and is the best."""
+def test_grid_search_runs_every_combination_once_and_records_a_failure(tmp_path, data):
+    """A 2 x 2 grid on two worker processes: each combination exactly once; the trials with an impossible input
+    gamma are recorded as failed with their error, the others finish, the best is kept."""
+    import pandas as pd
+
     from cellsam import HyperparameterOptimizer, HyperparameterSpace
 
-    space = HyperparameterSpace(lr_s1=[1e-3], lr_s2=[1e-3], focal_gamma_s1=[2.0], focal_gamma_s2=[2.0],
-                                gamma=[1.0, -1.0], augmentation=[False], stain_transform=[False])  # fmt: skip
+    space = HyperparameterSpace(stage1_learning_rates=[1e-3], stage2_learning_rates=[1e-3], focal_gammas=[2.0],
+                                gammas=[1.0, -1.0], augmentation_flags=[False, True])  # fmt: skip
     base = tiny_config(data, tmp_path / "unused")
     table = HyperparameterOptimizer(base, space, tmp_path / "search", max_parallel=2).run_grid_search()
-    assert table["status"].tolist() == ["finished", "failed"] and table["gamma"].tolist() == [1.0, -1.0]
-    assert table["error"][1] == "SystemExit: --gamma -1.0: the input gamma correction must be positive"
+    combos = sorted(zip(table["gamma"], table["augmentation"], strict=True))
+    assert combos == [(-1.0, False), (-1.0, True), (1.0, False), (1.0, True)]
+    states = dict(zip(table["gamma"].astype(str) + table["augmentation"].astype(str), table["state"], strict=True))
+    assert states == {"1.0False": "complete", "1.0True": "complete", "-1.0False": "fail", "-1.0True": "fail"}
+    assert set(table.loc[table["state"] == "fail", "error"]) == {
+        "SystemExit: --gamma -1.0: the input gamma correction must be positive"
+    }
+    rows = pd.read_csv(tmp_path / "search" / "search_results.csv")  # appended as each trial ended
+    assert sorted(rows["trial"]) == [0, 1, 2, 3] and (rows["study"] == "cellsam_grid").all()
     saved = json.loads((tmp_path / "search" / "best_config.json").read_text())
-    assert saved["trial"] == 1 and saved["values"]["gamma"] == 1.0 and saved["config"]["stage1"]["lr"] == 1e-3
-    assert (tmp_path / "search" / "trials" / "trial_001" / "results" / "aggregated_results.json").is_file()
-    assert (tmp_path / "search" / "trials" / "trial_002" / "error.txt").is_file()
-    with pytest.raises(SystemExit, match="holds an earlier search"):
-        HyperparameterOptimizer(base, space, tmp_path / "search").run_grid_search()
+    assert saved["values"]["gamma"] == 1.0 and saved["config"]["stage1_config"]["learning_rate"] == 1e-3
+    assert (tmp_path / "search" / "search.db").is_file()
+    finished = table.loc[table["state"] == "complete", "folder"]
+    assert all((Path(f) / "results" / "aggregated_results.json").is_file() for f in finished)
+    # the same grid again on the same folder: the study is complete, nothing runs twice
+    again = HyperparameterOptimizer(base, space, tmp_path / "search", max_parallel=1).run_grid_search()
+    assert len(again) == 4
 
 
-def test_random_search_from_the_command_line(tmp_path, data):
+def test_search_killed_and_resumed_from_the_command_line(tmp_path, data):
+    """python cellsam/search.py killed after 2 of 4 random trials; the same command again resumes the SQLite study
+    and ends with 4 finished trials, each run once, in folders of their own."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pandas as pd
+
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path)]
-    argv += ["--output_name", "cli", "--sam_size", "vit_tiny", "--num_workers", "0", "--epochs_s1", "1"]
-    argv += ["--epochs_s2", "1", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
-    argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4"]
-    (tmp_path / "space.json").write_text(json.dumps({"lr_s1": [1e-3, 3e-4], "lr_s2": [1e-3], "gamma": [1.0]}))
-    argv += [
-        "--search",
-        "random",
-        "--n_trials",
-        "2",
-        "--max_parallel",
-        "2",
-        "--search_space",
-        str(tmp_path / "space.json"),
-    ]
-    result = cellsam_train.main(cellsam_train.get_args_parser().parse_args(argv))
-    folder = Path(result["output_dir"])
-    assert folder == tmp_path / "cli_search" and result["trials"] == 2
-    table = (folder / "search_results.csv").read_text().splitlines()
-    assert len(table) == 3 and all(",finished," in row for row in table[1:])
-    assert (folder / "best_config.json").is_file()
+    argv += ["--output_name", "cli", "--sam_size", "vit_tiny", "--num_workers", "0", "--total_epochs_s1", "1"]
+    argv += ["--total_epochs_s2", "1", "--hidden", "32", "--heads", "2", "--encoder_layers", "1"]
+    argv += ["--decoder_layers", "1", "--anchor_grid", "4", "--max_prompts", "4", "--no-figures"]
+    space = {
+        "stage1_learning_rates": [1e-3, 3e-4, 1e-4, 3e-5],
+        "gammas": [1.0, 0.9, 1.1],
+        "augmentation_flags": [False],
+    }
+    (tmp_path / "space.json").write_text(json.dumps(space))
+    argv += ["--sampler", "random", "--n_trials", "4", "--search_space", str(tmp_path / "space.json")]
+    command = [sys.executable, str(REPO / "cellsam" / "search.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = tmp_path / "cli_search" / "search_results.csv"
+    first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 3:  # the header and 2 trials
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, first.stderr.read().decode()[-2000:]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert len(pd.read_csv(results)) == 2
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 4 trials finished" in again.stdout
+    rows = pd.read_csv(results)
+    complete = rows[rows["state"] == "complete"]
+    assert len(complete) == 4 and complete["trial"].is_unique and complete["folder"].is_unique
+    assert all((Path(f) / "results" / "aggregated_results.json").is_file() for f in complete["folder"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,7 +292,7 @@ def test_windows_wrappers_use_flags_that_exist(name):
     args = parser.parse_args(words)
     if name == "train.bat":
         config = cellsam_train.config_from_args(args)
-        assert config.strategy == "k_fold" and config.k_folds == 5 and config.stage1.epochs == 50
+        assert config.strategy == "k_fold" and config.k_folds == 5 and config.stage1_config.total_epochs == 50
     else:
         assert args.experiment == "%EXPERIMENT%" and args.fold == 1
 
@@ -275,8 +315,19 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     import sys
 
     argv = ["--img_path", str(data / "images"), "--mask_path", str(data / "masks"), "--output_dir", str(tmp_path)]
-    argv += ["--output_name", "ddp", "--sam_size", "vit_tiny", "--num_workers", "0", "--epochs_s1", "2"]
-    argv += ["--epochs_s2", "1", "--hidden", "32", "--heads", "2", "--encoder_layers", "1", "--decoder_layers", "1"]
+    argv += ["--output_name", "ddp", "--sam_size", "vit_tiny", "--num_workers", "0", "--total_epochs_s1", "2"]
+    argv += [
+        "--total_epochs_s2",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--encoder_layers",
+        "1",
+        "--decoder_layers",
+        "1",
+    ]
     argv += ["--anchor_grid", "4", "--patterns", "1", "--max_prompts", "4", "--train_parts", "both"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(REPO / "cellsam" / "train.py"), *argv]
@@ -286,8 +337,8 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one experiment folder, made by the first process
     root = tmp_path / "ddp"
     assert "x 2 process(es)" in (root / "logs" / "experiment.log").read_text()
-    history = json.loads((root / "metrics" / "stage1_metrics.json").read_text())["fold_1"]
-    assert len(history) == 2 and all(np.isfinite(h["val"]["loss"]) for h in history)
+    history = json.loads((root / "metrics" / "stage1_metrics.json").read_text())
+    assert len(history) == 2 and all(np.isfinite(h["val_loss"]) for h in history)
     folds = json.loads((root / "results" / "individual_results.json").read_text())
     assert len(folds) == 1 and 0 <= folds[0]["metrics"]["f1"] <= 1
 
@@ -295,7 +346,8 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
 def test_demo_flag_writes_the_real_layout_and_keeps_given_flags(tmp_path, monkeypatch):
     """--demo --debug: synthetic images and masks in the folder layout users bring, the demo's settings where
     the command line gave none, the user's where it did."""
-    argv = ["--demo", "--debug", "--output_dir", str(tmp_path), "--epochs_s2", "1", "--anchor_grid", "4"]
+    argv = ["--demo", "--debug", "--output_dir", str(tmp_path), "--total_epochs_s1", "2", "--total_epochs_s2", "1"]
+    argv += ["--anchor_grid", "4"]
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     result = cellsam_train.main(cellsam_train.get_args_parser().parse_args(argv))
     root = Path(result["output_dir"])
@@ -304,8 +356,14 @@ def test_demo_flag_writes_the_real_layout_and_keeps_given_flags(tmp_path, monkey
     masks = sorted(p.name for p in (tmp_path / "demo_data" / "masks").iterdir())
     assert images[0] == "img_0001.tif" and masks[0] == "img_0001.png" and len(images) == len(masks) == 12
     config = json.loads((root / "experiment_config.json").read_text())
-    assert config["sam_size"] == "vit_tiny" and config["stage1"]["stage1_type"] == "image_encoder"  # the demo's
-    assert config["stage1"]["anchor_grid"] == 4 and config["stage2"]["epochs"] == 1  # the user's
+    assert config["sam_size"] == "vit_tiny" and config["stage1_config"]["stage1_type"] == "image_encoder"  # the demo's
+    assert config["stage1_config"]["anchor_grid"] == 4 and config["stage2_config"]["total_epochs"] == 1  # the user's
+    assert config["test_img_path"] == str(tmp_path / "demo_data" / "test" / "images")
+    log = (root / "logs" / "experiment.log").read_text()
+    assert "stage 1 epoch 2 step 1/" in log and "process memory" in log  # --debug: every step, with memory
+    assert "on the test images" in log
+    figures = {p.name for p in (root / "results" / "fold_1" / "visualizations").iterdir()}
+    assert {"stage1_boxes_epoch_001.png", "stage1_boxes_epoch_002.png", "stage2_masks_epoch_001.png"} <= figures
     assert json.loads((root / "results" / "aggregated_results.json").read_text())["folds"] == 1
 
 
