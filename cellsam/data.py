@@ -303,33 +303,54 @@ def collate(batch: list[dict]) -> dict:
 
 
 def synthetic_cells(size: int = 256, n_cells: int = 30, rng: np.random.Generator | None = None):
-    """(image uint16 (H, W), mask uint16 (H, W)): a fluorescence-like field of cells of varied size and shape, many
-    touching. Cells grow from random seeds by a distance-limited Voronoi split (so neighbours share borders), are
-    irregular (noisy radii), bright in the cytoplasm with a brighter nucleus, on a dim uneven background with
-    Poisson noise."""
+    """(image uint16 (H, W), mask uint16 (H, W)): a widefield fluorescence field as a camera records it, with what
+    makes real cells hard to threshold:
+    - cells of varied size and irregular outline grown from random seeds by a distance-limited Voronoi split, so
+      neighbours touch along shared borders with no dark gap between them;
+    - brightness varying about six-fold from cell to cell (log-uniform), dim cells beside bright ones, a brighter
+      nucleus off the centre and a mottled cytoplasm (smooth multiplicative texture);
+    - uneven illumination (a vignette and a tilt: the corners get about half the centre's light);
+    - about one cell in eight out of focus (blurred, spread wider and dimmer);
+    - the microscope's blur, autofluorescent background, shot noise (Poisson on photon counts), camera gain,
+      offset and read noise."""
     rng = rng or np.random.default_rng(0)
-    seeds = rng.uniform(12, size - 12, (n_cells, 2))
-    radii = rng.uniform(7, 20, n_cells)
+    seeds = rng.uniform(10, size - 10, (n_cells, 2))
+    radii = rng.uniform(7, 18, n_cells)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    angle = np.arctan2(yy[None] - seeds[:, 0, None, None], xx[None] - seeds[:, 1, None, None])
-    distance = np.hypot(yy[None] - seeds[:, 0, None, None], xx[None] - seeds[:, 1, None, None])
-    wobble = 1 + 0.18 * np.sin(3 * angle + rng.uniform(0, 6, (n_cells, 1, 1))) * rng.uniform(0.3, 1, (n_cells, 1, 1))
+    dy, dx = yy[None] - seeds[:, 0, None, None], xx[None] - seeds[:, 1, None, None]
+    angle, distance = np.arctan2(dy, dx), np.hypot(dy, dx)
+    phase = rng.uniform(0, 6.3, (n_cells, 2, 1, 1))
+    strength = rng.uniform(0.05, 0.2, (n_cells, 2, 1, 1))
+    wobble = 1 + strength[:, 0] * np.sin(2 * angle + phase[:, 0]) + strength[:, 1] * np.sin(3 * angle + phase[:, 1])
     reach = distance / (radii[:, None, None] * wobble)  # < 1 inside each cell's own outline
     nearest = reach.argmin(0)
-    mask = np.where(reach.min(0) < 1, nearest + 1, 0).astype(np.uint16)
-    # drop cells cut to slivers by their neighbours
+    mask = np.where(reach.min(0) < 1, nearest + 1, 0)
     sizes = np.bincount(mask.ravel(), minlength=n_cells + 1)
-    mask[sizes[mask] < 40] = 0
-    mask = np.unique(mask, return_inverse=True)[1].reshape(mask.shape).astype(np.uint16)
-    brightness = rng.uniform(0.5, 1.0, n_cells + 1)
-    cell_reach = np.take_along_axis(reach, nearest[None], 0)[0]
-    signal = np.where(mask > 0, 900 * brightness[nearest + 1] * (1 + 0.8 * (cell_reach < 0.4)), 0.0)
-    edges = (ndimage.grey_dilation(mask, size=3) != ndimage.grey_erosion(mask, size=3)) & (mask > 0)
-    signal[edges] *= 0.55  # dimmer membranes: touching cells stay separable
-    background = 120 + 60 * np.sin(xx / size * 2.5 + rng.uniform(0, 3)) * np.cos(yy / size * 2)
-    image = ndimage.gaussian_filter(signal, 1.0) + background
-    image = rng.poisson(np.clip(image, 0, None)).astype(np.float64) + rng.normal(0, 8, image.shape)
-    return np.clip(image, 0, 65535).astype(np.uint16), mask
+    mask[sizes[mask] < 40] = 0  # cells cut to slivers by their neighbours
+    # each cell's own brightness, nucleus and texture
+    brightness = np.exp(rng.uniform(np.log(0.25), np.log(1.5), n_cells + 1))
+    offset = rng.uniform(-0.25, 0.25, (n_cells, 2)) * radii[:, None]
+    nucleus_reach = np.hypot(dy - offset[:, 0, None, None], dx - offset[:, 1, None, None]) / (
+        0.45 * radii[:, None, None]
+    )
+    in_nucleus = np.take_along_axis(nucleus_reach, nearest[None], 0)[0] < 1
+    texture = 1 + 0.25 * ndimage.gaussian_filter(rng.normal(size=(size, size)), 2.0) / 0.14
+    cells = np.where(mask > 0, brightness[mask] * (1 + 0.7 * in_nucleus) * np.clip(texture, 0.3, None), 0.0)
+    # out of focus: about one cell in eight blurred (drawn into its own layer)
+    blurred_ids = np.flatnonzero(rng.random(n_cells + 1) < 0.125)
+    blurred_ids = blurred_ids[blurred_ids > 0]
+    defocused = np.isin(mask, blurred_ids)
+    layer = ndimage.gaussian_filter(np.where(defocused, cells, 0.0), 3.5) * 0.8
+    signal = ndimage.gaussian_filter(np.where(defocused, 0.0, cells), 1.2) + layer
+    # uneven illumination: a vignette and a tilt
+    r2 = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size / 2) ** 2
+    tilt = rng.uniform(-0.2, 0.2, 2)
+    illumination = (1 - 0.3 * r2) * (1 + tilt[0] * (yy / size - 0.5) + tilt[1] * (xx / size - 0.5))
+    background = 0.06 * (1 + 0.5 * ndimage.gaussian_filter(rng.normal(size=(size, size)), 20) / 0.02)
+    photons = 300 * illumination * (signal + np.clip(background, 0.01, None))
+    image = rng.poisson(np.clip(photons, 0, None)) * 2.0 + 100 + rng.normal(0, 6, photons.shape)  # gain, offset, read
+    mask = np.unique(mask, return_inverse=True)[1].reshape(mask.shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), mask.astype(np.uint16)
 
 
 def write_demo_dataset(root: str | Path, n_images: int = 12, size: int = 256, seed: int = 0, n_test: int = 0) -> Path:
@@ -338,7 +359,7 @@ def write_demo_dataset(root: str | Path, n_images: int = 12, size: int = 256, se
     training or model choice."""
     root = Path(root)
     marker = root / "demo.txt"
-    settings = f"{n_images} {size} {seed} {n_test} v2"
+    settings = f"{n_images} {size} {seed} {n_test} v3"
     if marker.is_file() and marker.read_text() == settings:
         return root
     rng = np.random.default_rng(seed)

@@ -113,10 +113,10 @@ from common.metrics import instance_overlaps, match_instances, nanmean, panoptic
 DEMO = {
     "sam_size": "vit_tiny", "batch_size": 2, "strategy": "train_val_split", "val_fraction": 0.25, "num_workers": 0,
     # a query on every token (32 x 32 anchors): dense anchors converge far faster than 8 x 8 from scratch
-    "stage1_config": {"total_epochs": 90, "learning_rate": 1e-3, "stage1_type": "image_encoder", "hidden": 64,
+    "stage1_config": {"total_epochs": 40, "learning_rate": 1e-3, "stage1_type": "image_encoder", "hidden": 64,
                       "heads": 4, "encoder_layers": 1, "decoder_layers": 2, "anchor_grid": 32, "patterns": 1,
                       "dropout": 0.0, "score_threshold": 0.3, "patience": 1000, "ce_loss_weight": 2.0},
-    "stage2_config": {"total_epochs": 12, "learning_rate": 4e-3, "train_parts": "both", "patience": 1000,
+    "stage2_config": {"total_epochs": 8, "learning_rate": 4e-3, "train_parts": "both", "patience": 1000,
                       "max_prompts": 16, "focal_loss_weight": 1.0, "boundary_loss_weight": 0.0, "loss_margin": 0.25},
 }  # fmt: skip
 
@@ -366,7 +366,7 @@ def evaluate_pipeline(model, pairs, config, device, visualizer: TrainingVisualiz
 def true_box_masks(model, image: np.ndarray, true_boxes: np.ndarray, device) -> np.ndarray:
     """The masks the model draws from the true boxes, (K, h, w) bool: the published CellSAM as cellSAM runs it
     with given boxes (masks of low predicted IoU dropped), this folder's model on the window padded to SAM's
-    input."""
+    input, each mask cut to its box (grown by 2 px) as its pipeline cuts it."""
     if model.architecture == "published":
         from cellsam.published import predict
 
@@ -376,8 +376,10 @@ def true_box_masks(model, image: np.ndarray, true_boxes: np.ndarray, device) -> 
     padded = np.zeros((size, size, 3), np.float32)
     padded[: image.shape[0], : image.shape[1]] = image
     _, embedding = encode(sam, torch.from_numpy(padded.transpose(2, 0, 1))[None].to(device))
-    logits, _ = decode_masks(sam, embedding, torch.from_numpy(true_boxes).to(device))
+    boxes = torch.from_numpy(true_boxes).to(device)
+    logits, _ = decode_masks(sam, embedding, boxes)
     masks = torch.nn.functional.interpolate(logits[:, None], size=(size, size), mode="bilinear")[:, 0] > 0
+    masks &= box_region(boxes, size, 0.0, 2)  # each mask inside its box, as the pipeline keeps it
     return masks.cpu().numpy()[:, : image.shape[0], : image.shape[1]]
 
 
@@ -887,6 +889,11 @@ def set_up_demo(config: ExperimentConfig, given=()) -> None:
     config.img_path, config.mask_path = str(data / "images"), str(data / "masks")
     config.test_img_path, config.test_mask_path = str(data / "test" / "images"), str(data / "test" / "masks")
     config.output_name = config.output_name if "output_name" in given else "cellsam_demo"
+    apply_demo_settings(config, given)
+
+
+def apply_demo_settings(config: ExperimentConfig, given=()) -> None:
+    """The DEMO settings on config, except the flags in `given`."""
     for key, value in DEMO.items():
         if isinstance(value, dict):
             stage = 1 if key == "stage1_config" else 2

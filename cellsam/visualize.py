@@ -94,9 +94,10 @@ def plot_summary(args) -> Path:
     if search.is_file():
         table = pd.read_csv(search)
         fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table)), 4))
-        colours = ["tab:blue" if s == "finished" else "tab:red" for s in table["status"]]
-        ax.bar(table["trial"].astype(str), table["f1"].fillna(0), color=colours)
-        ax.set_xlabel("trial (red: failed)")
+        colours = ["tab:blue" if s == "complete" else "tab:red" for s in table["state"]]
+        ax.bar(table["study"].str.replace("cellsam_", "") + " " + table["trial"].astype(str), table["f1"].fillna(0),
+               color=colours)  # fmt: skip
+        ax.set_xlabel("study and trial (red: failed or pruned)")
         ax.set_ylabel("validation F1 at IoU 0.5")
     else:
         results_file = folder / "results" / "individual_results.json"
