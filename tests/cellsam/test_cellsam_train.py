@@ -436,3 +436,42 @@ def test_the_demo_learns_and_beats_otsu_watershed_on_test_images(tmp_path):
     assert test["f1"] > test["baseline_otsu_watershed"]["f1"] + 0.02, test
     assert ap_trained > ap_untrained + 0.2 and ap_trained > 0.3, (ap_trained, ap_untrained)
     assert iou_trained > iou_untrained + 0.15 and iou_trained > 0.5, (iou_trained, iou_untrained)
+
+
+def test_median_pruning_stops_trials_whose_validation_loss_lags(tmp_path, data, monkeypatch):
+    """--prune: each epoch's validation loss reaches Optuna's median pruner; a trial worse than the median of the
+    earlier ones at the same epoch stops there and is recorded as pruned (training replaced by a stand-in whose
+    loss is its stage-1 learning rate)."""
+    import pandas as pd
+
+    from cellsam import HyperparameterOptimizer, HyperparameterSpace, search
+
+    epochs_run = []
+
+    class StandIn:
+        def __init__(self, config, root, on_epoch):
+            self.config, self.on_epoch = config, on_epoch
+
+        def run(self):
+            lr = self.config.stage1_config.learning_rate
+            for epoch in range(1, 6):
+                epochs_run.append(lr)
+                self.on_epoch(1, 1, epoch, lr)  # a larger learning rate: a larger loss at every epoch
+            return {"metrics": {"f1": {"mean": 1 - lr}}}
+
+    monkeypatch.setattr(
+        search, "ExperimentRunner", lambda config, root=None, on_epoch=None: StandIn(config, root, on_epoch)
+    )
+    space = HyperparameterSpace(stage1_learning_rates=[0.1, 0.2, 0.3, 0.4, 0.9], stage2_learning_rates=[1e-4],
+                                focal_gammas=[2.0], gammas=[1.0], augmentation_flags=[False])  # fmt: skip
+    base = tiny_config(data, tmp_path / "unused")
+    monkeypatch.setattr(search.HyperparameterOptimizer, "__init__", lambda self, *a, **k: None)
+    optimizer = HyperparameterOptimizer(base, space, tmp_path / "search")
+    optimizer.base, optimizer.space, optimizer.choices = base, space, space.choices()
+    optimizer.output_dir, optimizer.max_parallel, optimizer.prune, optimizer.seed = tmp_path / "search", 1, True, 0
+    optimizer.storage_url = f"sqlite:///{tmp_path / 'search' / 'search.db'}"
+    table = optimizer.run_grid_search()  # the seeded grid order runs 0.9 last, after the pruner's 4 startup trials
+    states = dict(zip(table["learning_rate_s1"], table["state"], strict=True))
+    assert states == {0.1: "complete", 0.2: "complete", 0.3: "complete", 0.4: "complete", 0.9: "pruned"}
+    assert epochs_run.count(0.9) == 3  # stopped at the first epoch after the pruner's warm-up
+    assert (pd.read_csv(tmp_path / "search" / "search_results.csv")["state"] == "pruned").sum() == 1
