@@ -273,11 +273,11 @@ def search_worker(job: dict, index: int) -> None:
     offsets = (base.stage1_config.total_epochs, base.stage1_config.total_epochs + base.stage2_config.total_epochs)
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())  # first: a kill from here on is noticed at once
+        trial.set_user_attr("pid", os.getpid())
         values = {name: trial.suggest_categorical(name, choices) for name, choices in job["choices"].items()}
         trial_dir = folder / "trials" / f"trial_{trial.number:03d}"
         trial.set_user_attr("folder", str(trial_dir))
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
 
         def on_epoch(fold, stage, epoch, loss):  # the pruner sees minus the validation loss at each epoch
             if not job["prune"]:

@@ -197,8 +197,8 @@ def test_grid_search_runs_every_combination_once_and_records_a_failure(tmp_path,
 
 
 def test_search_killed_and_resumed_from_the_command_line(tmp_path, data):
-    """python cellsam/search.py killed after 2 of 4 random trials; the same command again resumes the SQLite study
-    and ends with 4 finished trials, each run once, in folders of their own."""
+    """python cellsam/search.py killed after 2 of 4 random trials, in the third; the same command again resumes the
+    SQLite study, runs the cut-off trial again and ends with 4 finished trials, in folders of their own."""
     import os
     import signal
     import subprocess
@@ -223,8 +223,9 @@ def test_search_killed_and_resumed_from_the_command_line(tmp_path, data):
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        if results.is_file() and len(results.read_text().splitlines()) >= 3:  # the header and 2 trials
-            break
+        third = tmp_path / "cli_search" / "trials" / "trial_002"
+        if results.is_file() and len(results.read_text().splitlines()) >= 3 and third.is_dir():
+            break  # 2 trials finished (the header and 2 rows), the third under way
         time.sleep(0.2)
     assert first.poll() is None, first.stderr.read().decode()[-2000:]
     first.send_signal(signal.SIGKILL)
@@ -236,6 +237,13 @@ def test_search_killed_and_resumed_from_the_command_line(tmp_path, data):
     rows = pd.read_csv(results)
     complete = rows[rows["state"] == "complete"]
     assert len(complete) == 4 and complete["trial"].is_unique and complete["folder"].is_unique
+    import optuna
+
+    study = optuna.load_study(study_name="cellsam_random", storage=f"sqlite:///{tmp_path / 'cli_search' / 'search.db'}")
+    cut_off = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.number for t in cut_off] == [2] and "error" not in cut_off[0].user_attrs
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 2]
+    assert len(retried) == 1 and retried[0].params == cut_off[0].params and retried[0].state.name == "COMPLETE"
     assert all((Path(f) / "results" / "aggregated_results.json").is_file() for f in complete["folder"])
 
 
@@ -465,11 +473,7 @@ def test_median_pruning_stops_trials_whose_validation_loss_lags(tmp_path, data, 
     space = HyperparameterSpace(stage1_learning_rates=[0.1, 0.2, 0.3, 0.4, 0.9], stage2_learning_rates=[1e-4],
                                 focal_gammas=[2.0], gammas=[1.0], augmentation_flags=[False])  # fmt: skip
     base = tiny_config(data, tmp_path / "unused")
-    monkeypatch.setattr(search.HyperparameterOptimizer, "__init__", lambda self, *a, **k: None)
-    optimizer = HyperparameterOptimizer(base, space, tmp_path / "search")
-    optimizer.base, optimizer.space, optimizer.choices = base, space, space.choices()
-    optimizer.output_dir, optimizer.max_parallel, optimizer.prune, optimizer.seed = tmp_path / "search", 1, True, 0
-    optimizer.storage_url = f"sqlite:///{tmp_path / 'search' / 'search.db'}"
+    optimizer = HyperparameterOptimizer(base, space, tmp_path / "search", prune=True)
     table = optimizer.run_grid_search()  # the seeded grid order runs 0.9 last, after the pruner's 4 startup trials
     states = dict(zip(table["learning_rate_s1"], table["state"], strict=True))
     assert states == {0.1: "complete", 0.2: "complete", 0.3: "complete", 0.4: "complete", 0.9: "pruned"}
