@@ -32,8 +32,6 @@ OVERRIDES = "CELLSAM_OVERRIDES"
 
 def setting(default, help: str):  # noqa: A002 - argparse's word
     """A dataclass field with its command-line help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

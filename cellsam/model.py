@@ -487,6 +487,12 @@ def tile_and_stitch(image: np.ndarray, size: int, overlap: int, segment) -> np.n
     return labels
 
 
+def window_size(model) -> int:
+    """The pixels one pass of a model sees: the published CellSAM's window (resized to its input), this folder's
+    model's input size (images at their own pixel scale)."""
+    return (model.window if model.architecture == "published" else None) or model.input_size
+
+
 @torch.no_grad()
 def detect_tiled(model, image: np.ndarray, overlap: int = 64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """CellFinder's boxes (xyxy image px) and scores on a whole image of any size: one pass where it fits the
@@ -494,9 +500,7 @@ def detect_tiled(model, image: np.ndarray, overlap: int = 64, device="cpu") -> t
     tile_and_stitch keeps cells) and that do not touch a side the tile shares with another (a cell cut there is
     found whole in the neighbour), so each cell of the image is counted once."""
     h, w = image.shape[:2]
-    window = getattr(model, "window", None) or model.input_size
-    if model.architecture == "shared_encoder":
-        window = model.input_size
+    window = window_size(model)
     if max(h, w) <= window:
         boxes, scores, _ = model.detect(image, device)
         return boxes, scores

@@ -96,6 +96,7 @@ from cellsam.model import (
     decode_masks,
     detect_tiled,
     encode,
+    window_size,
 )
 from cellsam.strategies import strategy_for
 from cellsam.utils import (
@@ -397,7 +398,7 @@ def stage_figures(model, pairs, config, device, visualizer: TrainingVisualizer, 
             keep = model.kept_boxes(scores, config.stage1_config.score_threshold)
             panels.append((image, boxes_from_mask(truth)[1], boxes[keep].numpy(), pair.name))
         else:
-            window = (model.window if model.architecture == "published" else None) or model.input_size
+            window = window_size(model)
             image, truth = image[:window, :window], truth[:window, :window]
             panels.append((image, true_box_masks(model, image, boxes_from_mask(truth)[1], device), truth, pair.name))
     model.train(was_training)

@@ -26,7 +26,7 @@ import torch
 
 from cellsam.data import boxes_from_mask, find_pairs
 from cellsam.evaluate import load_fold
-from cellsam.model import detect_tiled
+from cellsam.model import detect_tiled, window_size
 from cellsam.train import read_pair, true_box_masks
 from cellsam.utils import TrainingVisualizer, read_metrics
 
@@ -61,7 +61,7 @@ def plot_boxes_or_masks(args) -> Path:
             keep = model.kept_boxes(scores, config.stage1_config.score_threshold)  # the boxes the pipeline keeps
             panels.append((image, boxes_from_mask(truth)[1], boxes[keep].numpy(), pair.name))
         else:
-            window = (model.window if model.architecture == "published" else None) or model.input_size
+            window = window_size(model)
             image, truth = image[:window, :window], truth[:window, :window]
             panels.append((image, true_box_masks(model, image, boxes_from_mask(truth)[1], device), truth, pair.name))
     figures = TrainingVisualizer(Path(args.output_dir or experiment / "figures"))
