@@ -67,6 +67,9 @@ def test_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("CELLSAM_OVERRIDES", json.dumps({"sam_size": "vit_tiny", "stage2_config": {"total_epochs": 2}}))
     runner = train.ExperimentRunner(ExperimentConfig(img_path="i", mask_path="m"))
     assert runner.config.sam_size == "vit_tiny" and runner.config.stage2_config.total_epochs == 2
+    monkeypatch.delenv("CELLSAM_OVERRIDES")
+    with pytest.raises(SystemExit, match="give --test_img_path and --test_mask_path together"):
+        train.ExperimentRunner(ExperimentConfig(img_path="i", mask_path="m", test_img_path="t"))
     monkeypatch.setenv("CELLSAM_OVERRIDES", json.dumps({"epochs": 2}))
     with pytest.raises(SystemExit, match="CELLSAM_OVERRIDES: epochs is not a field of ExperimentConfig"):
         train.ExperimentRunner(ExperimentConfig(img_path="i", mask_path="m"))
