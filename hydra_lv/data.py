@@ -13,6 +13,7 @@ RAM trains. Files are opened lazily in each loader worker (h5py handles do not p
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import glob
@@ -29,6 +30,7 @@ import yaml
 from scipy import ndimage
 from skimage.segmentation import find_boundaries, relabel_sequential
 
+DOMAIN = "hydra_lv"  # checkpoints carry it; a copy of the folder renames it with the folder
 DEFAULT_CONFIG = Path(__file__).with_name("hydra-lv.yaml")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -89,6 +91,56 @@ def apply_overrides(config: dict, overrides: list[str], source: str = "the confi
             value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; everyone means the number
         node[last] = value
     return config
+
+
+def as_overrides(settings: dict) -> list[str]:
+    """{"model.filters": [8, 16]} as ["model.filters=[8, 16]"]: what apply_overrides reads."""
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+
+
+def describe_config(path: str | Path, settings: dict, note: str = "") -> str:
+    """Every key of the YAML file with its value, read now (the settings over it), for --help."""
+    try:
+        config = load_config(path, as_overrides(settings))
+    except SystemExit as error:
+        return f"settings: {error}"
+    lines = [f"settings, each one to set as dotted.key=value: the values of {path}{note}"]
+    for key in dotted_keys(config):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not isinstance(node, dict):
+            lines.append(
+                f"  {key}: {yaml.safe_dump(node, default_flow_style=True).strip().removesuffix('...').strip()}"
+            )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data) -> None:
+    """Written to a temporary file, then renamed: a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as a user reads it: the description as written, each flag under one name (its other spelling, - or
+    _, works too), and each default as the parser holds it, after a recipe, preset or --demo has set it."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            shown = action.option_strings[: 2 if isinstance(action, argparse.BooleanOptionalAction) else 1]
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False)
+        if "%(default)" in text or not action.option_strings or quiet:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def new_folder(root: Path, name: str) -> Path:

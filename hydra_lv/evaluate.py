@@ -1,7 +1,7 @@
 """Test mode for hydra_lv: sliding-window inference over whole volumes, watershed decoding, and scores.
 
     python hydra_lv/evaluate.py --checkpoint outputs/hydra_lv_rsunet/checkpoints/best.ckpt
-    python hydra_lv/train.py --mode test --checkpoint outputs/hydra_lv_rsunet/checkpoints/best.ckpt   # the same
+    python hydra_lv/train.py --mode test --checkpoint outputs/hydra_lv_rsunet/checkpoints/best.ckpt   # calls this
     python hydra_lv/evaluate.py --checkpoint best.ckpt data.test_image=DATA/vol5_im.h5 data.test_label=null
     python hydra_lv/evaluate.py --checkpoint best.ckpt inference.tta=true decoding.seed_binary=0.8
 
@@ -26,27 +26,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
-import json
-import os
 import time
 
 import h5py
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.metrics import adapted_rand, match_instances, variation_of_information
-from hydra_lv.data import DataError, apply_overrides, find_volumes, new_folder, open_dataset
+from hydra_lv.data import (
+    DOMAIN,
+    DataError,
+    HelpFormatter,
+    apply_overrides,
+    find_volumes,
+    new_folder,
+    open_dataset,
+    write_json,
+)
 from hydra_lv.model import (
-    amp_dtype,
     build_model,
     connected_components_baseline,
     decode_instances,
+    pick_device,
+    precision_setting,
     sliding_window_inference,
 )
+from hydra_lv.train import mixed_precision
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
-    """The network of a hydra_lv checkpoint, rebuilt from the config stored in it."""
+    """The network of a checkpoint of this domain, rebuilt from the config stored in it."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"--checkpoint {path}: no such file")
@@ -54,8 +64,8 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise SystemExit(f"--checkpoint {path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != "hydra_lv":
-        raise SystemExit(f"--checkpoint {path}: not a hydra_lv checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != DOMAIN:
+        raise SystemExit(f"--checkpoint {path}: not a {DOMAIN} checkpoint")
     m = checkpoint["config"]["model"]
     model = build_model(m["architecture"], m["in_channels"], m["out_channels"], m["filters"])
     model.load_state_dict(checkpoint["model"])
@@ -99,7 +109,7 @@ def test_volumes(cfg: dict, overrides: list[str]):
 
 
 def main(args) -> Path:
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = pick_device()
     model, checkpoint = load_model(args.checkpoint, device)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
     volumes = test_volumes(cfg, args.overrides)
@@ -110,10 +120,10 @@ def main(args) -> Path:
     out = new_folder(Path(args.output_dir) if args.output_dir else run_dir, "results")
     window = cfg["model"]["input_size"]
     inference, decoding = cfg["inference"], cfg["decoding"]
-    dtype = amp_dtype(device, cfg)
+    ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
     report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
     report["volumes"] = {}
-    for volume, name in zip(volumes, names, strict=True):
+    for volume, name in tqdm(list(zip(volumes, names, strict=True)), desc="volumes", disable=len(volumes) == 1):
         started = time.time()
         prefix = "" if len(volumes) == 1 else f"{name}_"
         image = open_dataset(volume.image)
@@ -132,7 +142,7 @@ def main(args) -> Path:
         with f:
             sliding_window_inference(
                 model, image, window, inference["overlap"], cfg["system"]["inference"]["batch_size"],
-                inference["tta"], inference["blending"], device, write, dtype,
+                inference["tta"], inference["blending"], device, write, ctx, progress=True,
             )  # fmt: skip
         # decoding and scoring hold the whole volume's maps in memory (the watershed needs them all)
         with h5py.File(files["predictions"], "r") as f:
@@ -174,23 +184,27 @@ def main(args) -> Path:
     if len(scored) > 1:
         keys = [k for k, v in scored[0].items() if isinstance(v, float)]
         report["mean"] = {k: float(np.mean([v[k] for v in scored])) for k in keys}
-    tmp = out / "test_results.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "test_results.json")
+    write_json(out / "test_results.json", report)
     print(f"wrote {out}")
     return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "overrides", nargs="*", help="dotted.key=value over the checkpoint's config, e.g. inference.tta=true"
     )
     p.add_argument("--checkpoint", required=True, help="outputs/<experiment_name>/checkpoints/best.ckpt")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="results/ goes in here [the run folder]")
+    p.add_argument(
+        "--output-dir", "--output_dir", dest="output_dir", help="results/ goes in here; unset: the run folder"
+    )
     p.add_argument("--fast-dev-run", "--fast_dev_run", dest="fast_dev_run", action="store_true", help="one window only")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

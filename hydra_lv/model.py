@@ -18,6 +18,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from common.losses import DiceLoss
 
@@ -124,16 +125,31 @@ def build_model(architecture: str, in_channels: int = 1, out_channels: int = 3, 
     return UNet3D(in_channels, out_channels, filters)
 
 
-def amp_dtype(device, cfg) -> torch.dtype | None:
-    """optimization.precision: auto (bf16 on GPUs that have it, fp16 on other GPUs and MPS, fp32 on CPU), 32,
-    bf16 or 16."""
-    precision = str(cfg["optimization"]["precision"]).lower()
-    if precision in ("32", "fp32") or (precision == "auto" and device.type == "cpu"):
-        return None
-    if precision in ("bf16", "bf16-mixed") or (precision == "auto" and device.type == "cuda"):
-        if device.type != "cuda" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-    return torch.float16
+def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+PRECISIONS = ("auto", "32", "bf16", "16")
+
+
+def precision_setting(device, precision) -> tuple[bool, torch.dtype | None]:
+    """optimization.precision as (autocast on, dtype) for train.mixed_precision: auto (on for GPUs, bf16 where the
+    GPU has it, else fp16 with the loss scaler; off on the CPU), 32 (off), bf16 (fp16 on a GPU without bf16), 16
+    (fp16 with the loss scaler)."""
+    precision = str(precision).lower().removesuffix("-mixed")
+    if precision not in PRECISIONS:
+        raise SystemExit(f"optimization.precision={precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return device.type != "cpu", None
+    if precision == "bf16":
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        return True, torch.bfloat16 if bf16 else torch.float16
+    return precision == "16", torch.float16 if precision == "16" else None
 
 
 def use_channels_last(device, cfg) -> bool:
@@ -206,15 +222,15 @@ def blending_weights(window, mode: str = "gaussian") -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_windows(model, windows: torch.Tensor, tta: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+def predict_windows(model, windows: torch.Tensor, tta: bool, ctx=None) -> torch.Tensor:
     """Sigmoid of binary and boundary, tanh of distance; tta: the mean over flips of x, y, z and x+y (and none).
-    dtype: autocast to bf16/fp16 (None: fp32)."""
+    ctx: train.mixed_precision's autocast context (None: fp32)."""
     flips = [()] + ([(-1,), (-2,), (-3,), (-1, -2)] if tta else [])
-    autocast = torch.autocast(windows.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    ctx = nullcontext() if ctx is None else ctx
     total = 0
     for dims in flips:
         view = windows.flip(dims) if dims else windows
-        with autocast:
+        with ctx:
             out = model(view).float()
         out = out.flip(dims) if dims else out
         total = total + torch.cat([torch.sigmoid(out[:, :2]), torch.tanh(out[:, 2:3])], 1)
@@ -223,7 +239,7 @@ def predict_windows(model, windows: torch.Tensor, tta: bool, dtype: torch.dtype 
 
 def sliding_window_inference(
     model, volume, window, overlap=0.25, batch_size=4, tta=False, blending="gaussian", device="cpu", write=None,
-    dtype=None,
+    ctx=None, progress=False,
 ):  # fmt: skip
     """Predict a whole (z, y, x) volume (a NumPy array or an h5py dataset, uint8 or float in 0..1) window by
     window; overlapping windows are averaged with `blending` weights.
@@ -233,7 +249,8 @@ def sliding_window_inference(
     `write(z0, z1, output)` (output (3, z1 - z0, y, x) float32) and leave memory. So every window runs once, and
     memory holds one window-depth slab of input and of the accumulated output (about 20 bytes per voxel of a
     window-deep slab, on the CPU) however deep the volume is. Without `write`, the whole output is returned.
-    A volume smaller than the window is mirrored up to it."""
+    A volume smaller than the window is mirrored up to it. ctx: the autocast context (None: fp32); progress: a
+    tqdm bar over the windows."""
     if not 0 <= overlap < 1:
         raise SystemExit(f"inference.overlap={overlap}: must be at least 0 and below 1")
     shape = tuple(volume.shape)
@@ -247,6 +264,8 @@ def sliding_window_inference(
     done = 0  # sections [0, done) are written; the accumulators hold sections [done, done + their depth)
     accumulated = np.zeros((3, 0, *plane), np.float32)
     norm = np.zeros((0, *plane), np.float32)
+    positions = list(product(starts[1], starts[2]))
+    bar = tqdm(total=len(z_starts) * len(positions), desc="windows", unit="window", disable=not progress, leave=False)
     for row, z in enumerate(z_starts):
         slab = np.asarray(volume[z : min(z + window[0], shape[0])], dtype=np.float32)
         if np.issubdtype(volume.dtype, np.integer):
@@ -259,11 +278,11 @@ def sliding_window_inference(
             accumulated = np.concatenate([accumulated, np.zeros((3, grow, *plane), np.float32)], 1)
             norm = np.concatenate([norm, np.zeros((grow, *plane), np.float32)], 0)
         slab = torch.from_numpy(slab).to(device)
-        positions = list(product(starts[1], starts[2]))
         for b in range(0, len(positions), batch_size):
             batch = positions[b : b + batch_size]
             windows = torch.stack([slab[:, y : y + window[1], x : x + window[2]] for y, x in batch])[:, None]
-            out = predict_windows(model, windows, tta, dtype).cpu().numpy()
+            out = predict_windows(model, windows, tta, ctx).cpu().numpy()
+            bar.update(len(batch))
             for (y, x), o in zip(batch, out, strict=True):
                 box = (slice(z - done, z - done + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
                 accumulated[(slice(None), *box)] += o * weights
@@ -276,6 +295,7 @@ def sliding_window_inference(
             write(done, final, output)
         accumulated, norm = accumulated[:, final - done :], norm[final - done :]
         done = final
+    bar.close()
     return result
 
 

@@ -25,7 +25,7 @@ import time
 import matplotlib
 import numpy as np
 
-from hydra_lv.data import DataError, open_dataset
+from hydra_lv.data import DataError, HelpFormatter, open_dataset
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -177,20 +177,29 @@ def serve_neuroglancer(volumes: dict) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = p.add_argument
     add("--results", help="a results folder of test mode: its predictions, segmentation, image and ground truth")
-    add("--volume", help="with --results holding several volumes: which one [the first]")
+    add("--volume", help="with --results holding several volumes: which one; unset: the first")
     add("--image", help="EM volume (.h5), or a predictions.h5")
     add("--predictions", help="predictions.h5 (3 channels)")
     add("--label", help="segmentation.h5 (instance ids)")
     add("--ground-truth", "--ground_truth", dest="ground_truth", help="true instance ids (.h5)")
-    add("--slices", type=int, nargs="+", help="z indices for the montage [five spread over the volume]")
-    add("--y", type=int, help="y of the xz view [the middle]")
-    add("--output-dir", "--output_dir", dest="output_dir", help="where figures go [figures/ beside the first file]")
+    add("--slices", type=int, nargs="+", help="z indices for the montage; unset: five spread over the volume")
+    add("--y", type=int, help="y of the xz view; unset: the middle")
+    add(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        help="where figures go; unset: figures/ beside the first file",
+    )
     add("--neuroglancer", action="store_true", help="also serve the volumes on localhost (needs neuroglancer)")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

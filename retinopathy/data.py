@@ -17,6 +17,8 @@ radius-normalised photos).
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
 import os
@@ -170,9 +172,29 @@ def new_folder(parent: Path, name: str) -> Path:
 
 def write_json(path: Path, data) -> None:
     """Written to a temporary file, then renamed: a killed run never leaves half a file."""
+    path = Path(path)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, path)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as a user reads it: the description as written, each flag under one name (its other spelling, - or
+    _, works too), and each default as the parser holds it, after a recipe, preset or --demo has set it."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            shown = action.option_strings[: 2 if isinstance(action, argparse.BooleanOptionalAction) else 1]
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False)
+        if "%(default)" in text or not action.option_strings or quiet:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def validation_records(trained: dict, run_dir: Path, num_classes: int, settings: dict, cache_dir: Path) -> list[Record]:

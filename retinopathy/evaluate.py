@@ -38,11 +38,13 @@ from sklearn.metrics import (
     roc_curve,
 )
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from common.metrics import quadratic_weighted_kappa, roc_auc_one_vs_rest
 from retinopathy.data import (
     GRADES,
     FundusDataset,
+    HelpFormatter,
     cache_settings,
     new_folder,
     prepare_images,
@@ -67,7 +69,8 @@ def predict(model, records, settings, cache_dir, device, batch_size=32, num_work
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    return torch.cat([predict_probabilities(model, batch["image"].to(device), tta).cpu() for batch in loader]).numpy()
+    batches = tqdm(loader, desc="grading", leave=False, dynamic_ncols=True)
+    return torch.cat([predict_probabilities(model, batch["image"].to(device), tta).cpu() for batch in batches]).numpy()
 
 
 def grading_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
@@ -213,7 +216,7 @@ def main(args) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--model-path", "--model_path", dest="model_path", required=True, help="best_model.pth or its run folder")
     add("--labels-csv", "--labels_csv", dest="labels_csv", help="CSV with id_code,diagnosis (leave out: no labels)")
@@ -223,11 +226,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         dest="img_dir",
         help="the photos (leave out, with --labels-csv too: the run's val split)",
     )
-    add("--output-dir", "--output_dir", dest="output_dir", help="results go to a new folder in here [RUN/evaluation]")
-    add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed image cache [the training run's]")
+    add(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        help="results go to a new folder in here; without it RUN/evaluation",
+    )
+    add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos; without it the training run's cache")
     add("--tta", action="store_true", help="average over the photo and its three flips")
-    add("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="images per batch [32]")
-    add("--num-workers", "--num_workers", dest="num_workers", type=int, default=2, help="loader workers [2]")
+    add("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="images per batch")
+    add("--num-workers", "--num_workers", dest="num_workers", type=int, default=2, help="loader workers")
     add(
         "--skip-bad-rows",
         "--skip_bad_rows",
@@ -235,8 +243,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip rows and images that cannot be used (the count is reported)",
     )
-    return p
+    return p  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

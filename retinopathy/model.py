@@ -49,6 +49,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 
 def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

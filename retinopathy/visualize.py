@@ -34,6 +34,7 @@ from retinopathy.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FundusDataset,
+    HelpFormatter,
     Record,
     cache_settings,
     find_image,
@@ -231,36 +232,44 @@ def main(args) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
 
     def command(name, help, run=True):
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=help, formatter_class=HelpFormatter)
         if run:
             sub.add_argument("run", help="a run folder of retinopathy/train.py, or a checkpoint in it")
-        sub.add_argument("--output-dir", "--output_dir", dest="output_dir", help="figures go here [RUN/figures]")
+        sub.add_argument(
+            "--output-dir", "--output_dir", dest="output_dir", help="figures go here; without it RUN/figures"
+        )
         return sub
 
     command("curves", "training curves of a run")
     for name, help in (("grid", "photos per grade with predictions"), ("gradcam", "Grad-CAM heat maps")):
         sub = command(name, help)
         sub.add_argument(
-            "--labels-csv", "--labels_csv", dest="labels_csv", help="labelled photos [the run's val split]"
+            "--labels-csv", "--labels_csv", dest="labels_csv", help="labelled photos; without it the run's val split"
         )
         sub.add_argument("--img-dir", "--img_dir", dest="img_dir", help="their folder")
         sub.add_argument("--tta", action="store_true", help="average the prediction over the photo's flips")
-        sub.add_argument("--seed", type=int, default=0, help="which photos are drawn [0]")
-        sub.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos [the run's cache]")
+        sub.add_argument("--seed", type=int, default=0, help="which photos are drawn")
+        sub.add_argument(
+            "--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos; without it the run's cache"
+        )
     grid = commands.choices["grid"]
-    grid.add_argument("--per-grade", "--per_grade", dest="per_grade", type=int, default=4, help="photos per grade [4]")
+    grid.add_argument("--per-grade", "--per_grade", dest="per_grade", type=int, default=4, help="photos per grade")
     gradcam = commands.choices["gradcam"]
     gradcam.add_argument("--images", nargs="+", help="photo files or id_codes of the run's image folder")
-    gradcam.add_argument("--n", type=int, default=4, help="without --images: this many validation photos [4]")
+    gradcam.add_argument("--n", type=int, default=4, help="without --images: this many validation photos")
     pre = command("preprocessing", "preprocessing steps of one or more photos", run=False)
     pre.add_argument("images", nargs="+", help="fundus photos")
-    pre.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=512, help="[512]")
+    pre.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=512, help="size in pixels")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from retinopathy import train as fundus_train
 from retinopathy.data import write_demo_dataset
@@ -42,7 +43,7 @@ def train(tmp_path, data, *extra):
         *TINY,
         *extra,
     ]
-    return fundus_train.main(fundus_train.get_args_parser().parse_args(argv))
+    return fundus_train.main(fundus_train.parse_args(argv))
 
 
 def test_stage_one_trains_only_the_head():
@@ -58,23 +59,33 @@ def test_stage_one_trains_only_the_head():
     assert [n for n, p in effnet.named_parameters() if p.requires_grad] == ["classifier.1.weight", "classifier.1.bias"]
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data):
+    """One stage-1 epoch and two stage-2 epochs with focal loss: the outputs test and the resume test share it."""
+    return train(tmp_path_factory.mktemp("full"), data, "--loss", "focal", "--epochs-stage2", "2", "--save-freq", "1")
+
+
 @pytest.mark.parametrize("loss", ["ce", "weighted_ce", "focal"])
-def test_two_stage_run_with_each_loss(tmp_path, data, loss):
-    run = train(tmp_path, data, "--loss", loss, "--save-freq", "1")
+def test_two_stage_run_with_each_loss(tmp_path, data, full_run, loss):
+    # ce and weighted_ce also run the advanced augmentation and both preprocessing filters
+    extra = ["--advanced-aug", "--medical-preprocess", "--ben-graham", "--epochs-stage2", "2", "--save-freq", "1"]
+    run = full_run if loss == "focal" else train(tmp_path, data, "--loss", loss, *extra)
     for name in (
         "config.json",
         "best_model.pth",
         "best_stage1.pth",
         "last.pth",
         "checkpoint_epoch_1.pth",
-        "checkpoint_epoch_2.pth",
+        "checkpoint_epoch_3.pth",
         "training_history.json",
         "train.log",
     ):
         assert (run / name).is_file(), name
     history = json.loads((run / "training_history.json").read_text())
-    assert [h["stage"] for h in history] == ["stage1", "stage2"]
-    assert all(-1 <= h["val"]["qwk"] <= 1 and 0 <= h["val"]["accuracy"] <= 1 for h in history)
+    assert [h["stage"] for h in history] == ["stage1", "stage2", "stage2"]
+    assert all(
+        -1 <= h["val"]["qwk"] <= 1 and 0 <= h["val"]["accuracy"] <= 1 and h["val"]["images"] == 8 for h in history
+    )
     stage1 = torch.load(run / "best_stage1.pth", weights_only=True)
     last = torch.load(run / "last.pth", weights_only=True)
     assert stage1["domain"] == "retinopathy" and last["args"]["loss"] == loss
@@ -83,11 +94,28 @@ def test_two_stage_run_with_each_loss(tmp_path, data, loss):
     fresh = build_classifier("resnet18", 5).state_dict()
     assert torch.equal(stage1["model"]["layer1.0.bn1.running_mean"], fresh["layer1.0.bn1.running_mean"])
     assert not torch.equal(last["model"]["layer1.0.bn1.running_mean"], fresh["layer1.0.bn1.running_mean"])
+    if loss != "focal":
+        config = json.loads((run / "config.json").read_text())
+        assert config["advanced_aug"] and config["medical_preprocess"] and config["ben_graham"]
+        assert len(list((tmp_path / "models" / "cache").glob("*.png"))) == 40  # each photo preprocessed once, first
+        return
+
+    # TensorBoard: per epoch the training terms, the learning rate, the validation metrics, prediction images
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    tags = {"train/loss", "train/accuracy", "lr", "val/loss", "val/accuracy", "val/qwk"}
+    assert set(ea.Tags()["scalars"]) == tags
+    for tag in tags:
+        logged = {e.step: e.value for e in ea.Scalars(tag)}
+        section, _, name = tag.rpartition("/")
+        expected = {h["epoch"]: h[section][name] if section else h[name] for h in history}
+        assert logged == pytest.approx(expected, rel=1e-6), tag
+    images = ea.Images("val/predictions")
+    assert [e.step for e in images] == [1, 2, 3] and images[0].width > images[0].height > 0  # photo | grade bars
 
 
-def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data, monkeypatch):
-    full = train(tmp_path / "full", data, "--epochs-stage2", "2")
-    expected = json.loads((full / "training_history.json").read_text())
+def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data, full_run, monkeypatch, capsys):
+    expected = json.loads((full_run / "training_history.json").read_text())
     original, calls = fundus_train.train_one_epoch, []
 
     def interrupted(*args, **kwargs):
@@ -98,14 +126,20 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
 
     monkeypatch.setattr(fundus_train, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "cut", data, "--epochs-stage2", "2")
+        train(tmp_path / "cut", data, "--loss", "focal", "--epochs-stage2", "2", "--save-freq", "1")
     monkeypatch.setattr(fundus_train, "train_one_epoch", original)
-    (cut,) = (tmp_path / "cut" / "models").glob("resnet18_*")
-    fundus_train.main(fundus_train.get_args_parser().parse_args(["--resume", str(cut), "--num-workers", "0"]))
+    (cut,) = (tmp_path / "cut" / "models").glob("retinopathy_resnet18_*")
+    fundus_train.main(fundus_train.parse_args(["--resume", str(cut), "--num-workers", "0", "--loss", "ce"]))
     resumed = json.loads((cut / "training_history.json").read_text())
     assert [h["stage"] for h in resumed] == ["stage1", "stage2", "stage2"]
     assert resumed[2]["train"]["loss"] == pytest.approx(expected[2]["train"]["loss"], rel=1e-6)
     assert resumed[2]["val"]["qwk"] == pytest.approx(expected[2]["val"]["qwk"], abs=1e-9)
+    assert "stored settings win; ignoring --loss" in capsys.readouterr().out
+    # the resumed run appends to the same TensorBoard folder: one value per epoch, the resumed one included
+    ea = EventAccumulator(str(cut / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
+    assert ea.Scalars("train/loss")[2].value == pytest.approx(expected[2]["train"]["loss"], rel=1e-6)
 
 
 def test_class_weights_are_balanced_and_cover_absent_grades():
