@@ -101,7 +101,7 @@ def build_pannuke(workdir: Path, quick: bool) -> DomainBench:
 
     root = write_demo_dataset(workdir / "data", (16, 2, 2) if quick else (128, 32, 32))
     flags = ["--data_dir", str(root), "--encoder_weights", "none", *(["--demo"] if quick else [])]
-    args = train.resolve_args(train.get_args_parser().parse_args(flags), torch.device("cpu"))
+    args = train.parse_args(flags)
     cache = workdir / "cache"
     train_fold = load_fold(root, args.train_fold, cache, log=quiet)
     load_fold(root, args.val_fold, cache, log=quiet)  # train.py caches the validation fold before training too
@@ -273,7 +273,7 @@ def build_retinopathy(workdir: Path, quick: bool) -> DomainBench:
 
     root = write_demo_dataset(workdir / "data", n_images=40 if quick else 240)
     flags = ["--labels-csv", str(root / "train.csv"), "--img-dir", str(root / "train_images"), "--no-pretrained"]
-    args = train.resolve_args(train.get_args_parser().parse_args(flags + (["--demo"] if quick else [])))
+    args = train.parse_args(flags + (["--demo"] if quick else []))
     settings = cache_settings(args)
     records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, quiet)
     records = prepare_images(records, settings, workdir / "cache", args.skip_bad_rows, quiet, show=False)

@@ -17,6 +17,8 @@ once. The cache is keyed by the fold's paths, sizes and modification times.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from common.losses import signed_distance_map
 from common.metrics import PANNUKE_CLASSES, PANNUKE_TISSUES
@@ -296,7 +299,7 @@ def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int
         source_masks = NpyRows(files.masks) if masks.flags.c_contiguous else masks
         class_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
         try:
-            for start in range(0, n, chunk):
+            for start in tqdm(range(0, n, chunk), desc=f"caching fold {fold}, {chunk} tiles a step", leave=False):
                 stop = min(start + chunk, n)
                 block = np.asarray(source_images[start:stop])
                 if not np.isfinite(block).all():
@@ -530,6 +533,11 @@ def write_demo_dataset(root: str | Path, tiles: tuple[int, int, int] = (128, 48,
     return root
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs and --help (shared by train.py, evaluate.py, visualize.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def new_folder(parent: Path, name: str) -> Path:
     """A new folder parent/<timestamp>_<name> (with _2, _3, ... if that exists): outputs never overwrite others."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -541,6 +549,33 @@ def new_folder(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise SystemExit(f"could not create a new folder in {parent}")
+
+
+def write_json(path: Path, data) -> None:
+    """Written to a temporary file, then renamed: a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as a user reads it: the description as written, each flag under one name (its other spelling, - or
+    _, works too), and each default as the parser holds it, after a recipe, preset or --demo has set it."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            shown = action.option_strings[: 2 if isinstance(action, argparse.BooleanOptionalAction) else 1]
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False)
+        if "%(default)" in text or not action.option_strings or quiet:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # ----------------------------------------------------------------------------------------------------------------

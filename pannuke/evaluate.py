@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 
 import argparse
 import csv
-import json
 import time
 
 import cv2
 import numpy as np
 import tifffile
 import torch
+from tqdm import tqdm
 
 from common.metrics import (
     PANNUKE_CLASSES,
@@ -44,11 +44,13 @@ from pannuke.data import (
     CLASS_NAMES,
     NUM_CLASSES,
     DataError,
+    HelpFormatter,
     PanNukeDataset,
     load_fold,
     new_folder,
     overlay,
     preprocess_image,
+    write_json,
 )
 from pannuke.model import (
     find_checkpoint,
@@ -74,7 +76,7 @@ def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
         pred_masks = np.lib.format.open_memmap(out_dir / "masks.npy", mode="w+", dtype=np.int32, shape=(n, h, w, 6))
     matrix = ConfusionMatrix(NUM_CLASSES, device=device)
     class_pq, binary_pq, aji = np.full((n, 5), np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    for batch in loader:
+    for batch in tqdm(loader, desc=f"fold {fold.files.fold}", unit="batch", leave=False):
         probs, distance = predict(model, batch["image"].to(device), tta=args.tta)
         matrix.update(probs.argmax(1), batch["semantic"].to(device))
         probs, distance = probs.cpu().numpy(), distance[:, 0].cpu().numpy()
@@ -154,7 +156,7 @@ def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
     if not paths:
         raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     rows = []
-    for path in paths:
+    for path in tqdm(paths, desc=str(image_dir), unit="image", leave=False):
         image = read_image(path)
         clahe_image = torch.from_numpy(preprocess_image(image)).permute(2, 0, 1)[None]
         probs, distance = predict_tiled(model, clahe_image, args.tile_size, args.overlap, tta=args.tta)
@@ -173,7 +175,7 @@ def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
                 **{name: int(counts[c + 1]) for c, name in enumerate(PANNUKE_CLASSES)},
             }
         )
-        print(f"{path.name}: {len(classes)} nuclei")
+        tqdm.write(f"{path.name}: {len(classes)} nuclei")
     with open(out_dir / "nuclei.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -223,43 +225,37 @@ def main(args):
         if report["predictions"]:
             print(f"predicted instances in PanNuke layout: {report['predictions']}")
     report["seconds"] = time.time() - started
-    (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "evaluation_report.json", report)
     print(f"report: {out_dir / 'evaluation_report.json'}")
     return out_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("checkpoint", help="a run folder (uses its best.pth) or a .pth file")
-    add("--data_dir", "--data-dir", help="PanNuke folder (default: the one the run trained on)")
-    add("--fold", type=int, help="fold to score (default: the run's --test_fold)")
-    add("--cache_dir", "--cache-dir", help="preprocessed fold cache (default: the run's)")
+    add("--data_dir", "--data-dir", help="PanNuke folder; unless given, the one the run trained on")
+    add("--fold", type=int, help="fold to score; unless given, the run's --test_fold")
+    add("--cache_dir", "--cache-dir", help="preprocessed fold cache; unless given, the run's")
     add("--images", help="instead of a fold: a folder of H&E images (PNG/TIF/JPG) of any size, tiled")
-    add(
-        "--output_dir", "--output-dir", help="a new timestamped folder is made in here (default: inside the run folder)"
-    )
+    add("--output_dir", "--output-dir", help="a new timestamped folder is made in here; unless given, inside the run "
+        "folder")  # fmt: skip
     add("--tta", action="store_true", help="average predictions over flips")
-    add(
-        "--save_predictions",
-        "--save-predictions",
-        action="store_true",
-        help="write the predicted instances as masks.npy in PanNuke's (N, 256, 256, 6) layout",
-    )
-    add(
-        "--seed_threshold",
-        "--seed-threshold",
-        type=float,
-        default=0.5,
-        help="distance-map level above which a nucleus seed starts (0.5)",
-    )
-    add("--min_size", "--min-size", type=int, default=10, help="smallest nucleus kept, in pixels (10)")
-    add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size, multiple of 32 (256)")
-    add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px (64)")
-    add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass (8)")
-    add("--num_workers", "--num-workers", type=int, default=0, help="loader workers (0)")
+    add("--save_predictions", "--save-predictions", action="store_true", help="write the predicted instances as "
+        "masks.npy in PanNuke's (N, 256, 256, 6) layout")  # fmt: skip
+    add("--seed_threshold", "--seed-threshold", type=float, default=0.5, help="distance-map level above which a "
+        "nucleus seed starts")  # fmt: skip
+    add("--min_size", "--min-size", type=int, default=10, help="smallest nucleus kept, in pixels")
+    add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size, multiple of 32")
+    add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px")
+    add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass")
+    add("--num_workers", "--num-workers", type=int, default=0, help="loader workers")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import urllib.error
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torchvision
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 from torch import Tensor, nn
+from tqdm import tqdm
 
 NUM_CLASSES = 6  # background + the five PanNuke nucleus types
 ARCHITECTURE = "attention_unet"
@@ -194,12 +196,14 @@ TTA_FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, tta: bool = False) -> tuple[Tensor, Tensor]:
-    """Class probabilities (N, 6, H, W) and distance map (N, 1, H, W) in 0..1; with tta, averaged over flips."""
+def predict(model: nn.Module, images: Tensor, tta: bool = False, ctx=None) -> tuple[Tensor, Tensor]:
+    """Class probabilities (N, 6, H, W) and distance map (N, 1, H, W) in 0..1; with tta, averaged over flips.
+    ctx: the autocast context each forward pass runs in (train.py's mixed_precision); None: full precision."""
     flips = TTA_FLIPS if tta else ((),)
     probs = dist = 0
     for dims in flips:
-        out = model(images.flip(dims) if dims else images)
+        with nullcontext() if ctx is None else ctx:
+            out = model(images.flip(dims) if dims else images)
         seg, d = out["seg"].float().softmax(1), out["dist"].float().sigmoid()
         probs = probs + (seg.flip(dims) if dims else seg)
         dist = dist + (d.flip(dims) if dims else d)
@@ -221,13 +225,15 @@ def predict_tiled(
     tta: bool = False,
     batch_size: int = 8,
     zscore_tiles: bool = True,
+    ctx=None,
 ) -> tuple[Tensor, Tensor]:
     """predict() on an image of any size (1, 3, H, W) by overlapping tiles blended with cosine weights.
 
     With zscore_tiles, each tile is z-scored per channel on its own, as training tiles are (pannuke/data.py),
     so `image` is the CLAHE'd image as float 0..255. Tiles run on the model's device; the blended
     (1, 6, H, W) probabilities and (1, 1, H, W) distance map are accumulated on the CPU, so GPU memory does not
-    limit the image size (CPU memory does: about 40 bytes per pixel, 16 GB for a 20,000 px square).
+    limit the image size (CPU memory does: about 40 bytes per pixel, 16 GB for a 20,000 px square). ctx: as in
+    predict(). A progress bar counts the tiles of an image that needs more than one batch of them.
     """
     if tile % 32 or not 0 <= overlap < tile:
         raise ValueError(f"tile {tile} must be a multiple of 32 and overlap {overlap} in 0..tile-1")
@@ -251,18 +257,21 @@ def predict_tiled(
     probs = torch.zeros((1, NUM_CLASSES, ph, pw))
     dist = torch.zeros((1, 1, ph, pw))
     norm = torch.zeros((1, 1, ph, pw))
+    bar = tqdm(total=len(corners), desc="tiles", unit="tile", leave=False, disable=len(corners) <= batch_size)
     for start in range(0, len(corners), batch_size):
         batch = corners[start : start + batch_size]
         crops = torch.cat([image[..., y : y + tile, x : x + tile] for y, x in batch])
         if zscore_tiles:
             mean = crops.mean((-2, -1), keepdim=True)
             crops = (crops - mean) / crops.std((-2, -1), keepdim=True, unbiased=False).clamp_min(1e-6)
-        p, d = predict(model, crops.to(device), tta)
+        p, d = predict(model, crops.to(device), tta, ctx)
         p, d = p.cpu(), d.cpu()
         for i, (y, x) in enumerate(batch):
             probs[..., y : y + tile, x : x + tile] += p[i] * weight
             dist[..., y : y + tile, x : x + tile] += d[i] * weight
             norm[..., y : y + tile, x : x + tile] += weight
+        bar.update(len(batch))
+    bar.close()
     return (probs / norm)[..., :h, :w], (dist / norm)[..., :h, :w]
 
 
@@ -330,6 +339,7 @@ def pannuke_masks(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -5,19 +5,22 @@
     python pannuke/train.py --data_dir DATA --recipe backup          # Adam, warm-up + cosine, weighted Dice, fp32
     python pannuke/train.py --resume runs/pannuke/<run>              # continue a run exactly where it stopped
     torchrun --nproc_per_node=4 pannuke/train.py --data_dir DATA --epochs 60 --use_mixed_precision
+    tensorboard --logdir runs/pannuke                                # losses, lr, validation Dice, predictions
 
 DATA holds PanNuke's "Fold 1", "Fold 2", "Fold 3" folders (or fold1/ fold2/ fold3/ with images.npy, masks.npy and
 types.npy); train on --train_fold, validate on --val_fold (early stopping and best.pth), and test on --test_fold
 with evaluate.py. Each run writes runs/pannuke/<timestamp>_<recipe>/: config.json, last.pth (resume), best.pth
-(by validation mean foreground Dice), swa.pth (--use_swa), training_history.json, train.log, curves.png.
+(by validation mean foreground Dice), swa.pth (--use_swa), training_history.json, train.log, curves.png,
+final_report.json and tensorboard/.
 
-Recipes (a flag given on the command line wins over the recipe):
+Recipes (each sets the defaults listed below; a flag given on the command line wins over the recipe):
     sota    AdamW; OneCycleLR; EMA of the weights (validated and saved as best); Dice + focal + boundary loss
             (boundary weight ramped up, Kervadec et al.); MixUp; progressive augmentation and crop size
             128 -> --image_size; AMP on CUDA; flip TTA in validation; optional SWA (--use_swa).
     backup  Adam; linear warm-up + cosine to lr * min_lr_factor; inverse-frequency weighted Dice; fp32; no
             MixUp, EMA or SWA.
-Both also regress the distance-to-boundary map that splits touching nuclei (see model.py).
+Both also regress the distance-to-boundary map that splits touching nuclei (see model.py). --demo writes small
+synthetic folds and trains briefly on them: `train.py --demo -h` lists its values.
 """
 
 import sys
@@ -26,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,7 +37,6 @@ import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 
-import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -43,24 +44,26 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.losses import BoundaryLoss, CombinedLoss, DiceLoss, FocalLoss, FrequencyWeightedDiceLoss
 from common.metrics import ConfusionMatrix
 from pannuke.data import (
     AUG_STAGES,
+    CLASS_COLORS,
     CLASS_NAMES,
     DEMO_VERSION,
     NUM_CLASSES,
+    HelpFormatter,
     PanNukeDataset,
     load_fold,
     new_folder,
     write_demo_dataset,
+    write_json,
 )
 from pannuke.model import ARCHITECTURE, build_model, pick_device, predict
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from pannuke.visualize import plot_curves
 
 DOMAIN = "pannuke"
 RECIPES = {
@@ -68,7 +71,7 @@ RECIPES = {
         "optimizer": "adamw",
         "scheduler": "onecycle",
         "use_ema": True,
-        "use_mixed_precision": True,
+        "use_mixed_precision": True,  # on CUDA; see parse_args
         "mixup_alpha": 0.2,
         "progressive_aug": True,
         "progressive_resize": True,
@@ -89,6 +92,7 @@ RECIPES = {
 }
 # --demo: a small synthetic fold set and settings that finish in about two minutes on two CPU cores
 DEMO = {"epochs": 5, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3}
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,10 +123,9 @@ def mixup(batch: dict, alpha: float, rng: np.random.Generator) -> tuple[dict, to
     return mixed, lam * onehot + (1 - lam) * onehot[perm]
 
 
-def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader, device, epoch, args, state):
+def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, ctx, loader, device, epoch, args, state):
     """One pass over the training fold; the scheduler steps per batch. Returns the mean loss and its terms."""
     model.train()
-    autocast = amp_context(device, args)
     rng = np.random.default_rng(args.seed * 1000 + epoch)  # MixUp draws, reproducible per epoch
     sums, count = {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False, dynamic_ncols=True)
@@ -131,7 +134,7 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader,
         soft_target = None
         if args.mixup_alpha > 0 and rng.random() < args.mixup_prob:
             batch, soft_target = mixup(batch, args.mixup_alpha, rng)
-        with autocast:
+        with ctx:
             outputs = model(batch["image"])
         loss, terms = compute_loss(criterion, args.dist_weight, outputs, batch, soft_target)
 
@@ -177,20 +180,19 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, loader,
 
 
 @torch.no_grad()
-def validate(model, criterion, loader, device, args):
+def validate(model, criterion, loader, device, args, ctx):
     """Validation loss and per-class Dice (confusion matrix reduced over ranks). With tta, on flip-averaged
     probabilities; the loss takes their log as logits."""
     model.eval()
     matrix = ConfusionMatrix(NUM_CLASSES, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) on the CPU: MPS has no float64
-    with amp_context(device, args):
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            probs, distance = predict(model, batch["image"], tta=args.tta)
-            outputs = {"seg": probs.clamp_min(1e-8).log(), "dist": torch.logit(distance, eps=1e-6)}
-            loss, _ = compute_loss(criterion, args.dist_weight, outputs, batch)
-            loss_sum += torch.tensor([loss.item() * len(probs), len(probs)], dtype=torch.float64)
-            matrix.update(probs.argmax(1), batch["semantic"])
+    for batch in tqdm(loader, desc="validation", disable=not is_main(), leave=False, dynamic_ncols=True):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        probs, distance = predict(model, batch["image"], tta=args.tta, ctx=ctx)
+        outputs = {"seg": probs.clamp_min(1e-8).log(), "dist": torch.logit(distance, eps=1e-6)}
+        loss, _ = compute_loss(criterion, args.dist_weight, outputs, batch)
+        loss_sum += torch.tensor([loss.item() * len(probs), len(probs)], dtype=torch.float64)
+        matrix.update(probs.argmax(1), batch["semantic"])
     matrix.all_reduce()
     if dist.is_initialized():
         loss_sum = loss_sum.to(device)
@@ -206,7 +208,7 @@ def validate(model, criterion, loader, device, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Set-up: devices, DDP, data, loss, optimizer, schedules
+# Set-up: devices, DDP, mixed precision, loss, schedules, progressive training
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -216,7 +218,7 @@ def setup_device() -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 caches a fold on first use
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 builds a cache on first use
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return pick_device()
@@ -230,17 +232,23 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def amp_context(device, args):
-    """bf16 autocast where the device supports it, fp16 (with the GradScaler) on older GPUs; off unless asked."""
-    if not args.use_mixed_precision:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype(device))
+def mixed_precision(device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
+    """nanoGPT's set-up, made once in main and passed to every loop: one autocast context (nullcontext when off)
+    and one GradScaler, which scales only fp16 losses. dtype None: bf16 on the CPU and on GPUs that have it; fp16
+    with the scaler on older GPUs and on Apple MPS (not measured here: fp16 is the type MPS autocast has long had)."""
+    if dtype is None:
+        bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    ctx = torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+    return ctx, scaler
 
 
-def amp_dtype(device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.float16 if device.type == "mps" else torch.bfloat16
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Atomic: write a temp file, then rename over the old one, so a kill never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
 
 def build_loss(args, class_pixels: np.ndarray, validation: bool = False):
@@ -312,6 +320,119 @@ def aug_stage_for(epoch: int, args) -> int:
     return min(len(AUG_STAGES) - 1, epoch * len(AUG_STAGES) // max(args.epochs, 1))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The phases of main, in the order it calls them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+
+
+def resume_or_start(args) -> tuple[argparse.Namespace, dict | None]:
+    """A new run: its checked arguments and no checkpoint. --resume: the run's last.pth, and the run's stored
+    arguments (they win; flags given with --resume are named and ignored, except the worker count)."""
+    if not args.resume:
+        return check_args(args), None
+    path = Path(args.resume)
+    path = path / "last.pth" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--resume {args.resume}: no last.pth there")
+    resume = torch.load(path, map_location="cpu", weights_only=True)
+    if resume.get("domain") != DOMAIN or "optimizer" not in resume:
+        raise SystemExit(f"--resume {path}: not a pannuke training checkpoint (last.pth of a pannuke run)")
+    ignored = ignored_flags(args)
+    if ignored and is_main():
+        logging.warning("--resume continues with the run's stored settings; ignoring --%s", ", --".join(ignored))
+    stored = argparse.Namespace(**resume["args"])
+    stored.resume, stored.num_workers = str(path), args.num_workers
+    return stored, resume
+
+
+def ignored_flags(args) -> list[str]:
+    """The flags of a --resume command line that differ from what parse_args gives for its recipe and --demo."""
+    selectors = ["--recipe", args.recipe, *(["--demo"] if args.demo else [])]
+    plain, reference = vars(parse_args([])), {**vars(parse_args(selectors)), **derived_defaults(args)}
+    given = [k for k, v in vars(args).items() if k not in ("resume", "num_workers") and v != reference.get(k)]
+    return [k for k in ("recipe", "demo") if vars(args)[k] != plain[k]] + given
+
+
+def already_finished(resume: dict, args) -> bool:
+    done = resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience
+    if done:
+        logging.info(f"{args.resume} finished already (epoch {resume['epoch']} of {args.epochs}); nothing to resume")
+    return done
+
+
+def load_data(args):
+    """The training and validation folds, checked, and cached by rank 0 (the others wait, then read the cache);
+    --demo first writes its synthetic folds. Paths become absolute, so evaluate.py finds the data from anywhere."""
+    if args.demo and args.data_dir is None:
+        tiles = (args.demo_tiles, *(2 * [max(2, args.demo_tiles // 4)]))
+        # one folder per demo size, so a later demo never rewrites the data an earlier run was trained on
+        args.data_dir = str(Path(args.output_dir) / "demo_data" / "v{}_tiles_{}_{}_{}".format(DEMO_VERSION, *tiles))
+        if is_main():
+            write_demo_dataset(args.data_dir, tiles)
+        if dist.is_initialized():
+            dist.barrier()
+    args.data_dir, args.output_dir = str(Path(args.data_dir).resolve()), str(Path(args.output_dir).resolve())
+    args.cache_dir = str(Path(args.cache_dir).resolve())
+    if is_main():  # rank 0 builds the cache, the others read it
+        train_fold = load_fold(args.data_dir, args.train_fold, args.cache_dir, log=logging.info)
+        val_fold = load_fold(args.data_dir, args.val_fold, args.cache_dir, log=logging.info)
+    if dist.is_initialized():
+        dist.barrier()
+        if not is_main():
+            train_fold = load_fold(args.data_dir, args.train_fold, args.cache_dir)
+            val_fold = load_fold(args.data_dir, args.val_fold, args.cache_dir)
+    tile_size = min(train_fold.images.shape[1:3])
+    if args.image_size > tile_size:
+        raise SystemExit(
+            f"--image_size {args.image_size} is larger than the tiles of {train_fold.files.images} ({tile_size} px)"
+        )
+    return train_fold, val_fold
+
+
+def create_model(args, device):
+    """The network, and the constructor arguments stored with it (evaluate.py rebuilds it from them and loads
+    the trained weights, so it never downloads the encoder's ImageNet weights)."""
+    model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
+    model = build_model(model_args).to(device)
+    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
+        model = model.to(memory_format=torch.channels_last)
+    return model, {**model_args, "encoder_weights": "none"}
+
+
+def start_run(args, resume, device) -> Path | None:
+    """The run folder (a new one, or the resumed run's) with its train.log and config.json; None on ranks > 0."""
+    run_dir = None
+    if resume is not None:
+        run_dir = Path(args.resume).parent
+    elif is_main():
+        run_dir = new_folder(Path(args.output_dir), args.recipe)
+    setup_logging(run_dir if is_main() else None)
+    if is_main():
+        processes = dist.get_world_size() if dist.is_initialized() else 1
+        logging.info("run folder %s on %s (%d process(es))", run_dir, device, processes)
+        if resume is None:
+            write_json(run_dir / "config.json", vars(args))
+    return run_dir
+
+
+def average_and_distribute(model, args, device):
+    """EMA and SWA copies of the weights (each where asked), then the model wrapped for DDP under torchrun."""
+    ema = AveragedModel(model, multi_avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.use_ema else None
+    swa = AveragedModel(model) if args.use_swa else None
+    if dist.is_initialized():
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ema, swa
+
+
 def make_loaders(args, train_fold, val_fold, device):
     train_set = PanNukeDataset(train_fold, train=True, boundary_maps=args.loss == "hybrid")
     val_set = PanNukeDataset(val_fold)
@@ -337,83 +458,106 @@ def make_loaders(args, train_fold, val_fold, device):
     return train_set, train_loader, val_loader, generator
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder, checkpoints, history
-# ----------------------------------------------------------------------------------------------------------------
+def restore(resume: dict | None, parts: dict, args) -> tuple[int, float, int, list]:
+    """Load the states of a resumed run into parts (model, optimizer, scheduler, scaler, ema, swa); returns the
+    epoch to start from, the best score, the patience counter and the history."""
+    if resume is None:
+        return 0, -math.inf, 0, []
+    for name, part in parts.items():
+        if part is not None:
+            (unwrap(part) if name == "model" else part).load_state_dict(resume[name])
+    logging.info("resumed from %s at epoch %d", args.resume, resume["epoch"] + 1)
+    return resume["epoch"], resume["best"], resume["patience"], resume["history"]
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Atomic: write a temp file, then rename over the old one, so a kill never leaves half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+def configure_epoch(epoch, args, rank, train_set, train_loader, generator, criterion) -> None:
+    """Everything random in an epoch derives from (seed, epoch, rank), so a resumed run repeats it exactly; the
+    crop size, augmentation stage and boundary-loss weight follow the epoch."""
+    epoch_seed = args.seed * 1000 + epoch + 100_003 * rank
+    torch.manual_seed(epoch_seed)
+    generator.manual_seed(epoch_seed)  # shuffling
+    train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args), seed=epoch_seed)
+    if isinstance(train_loader.sampler, DistributedSampler):
+        train_loader.sampler.set_epoch(epoch)
+    if "boundary" in criterion.weights:
+        criterion.weights["boundary"] = boundary_weight(epoch, args)
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+def log_epoch(record: dict, args, improved: bool) -> None:
+    loss, val, best = record["train"].get("loss", math.nan), record["val"], "  (best)" if improved else ""
+    line = f"epoch {record['epoch']}/{args.epochs}  train loss {loss:.4f}  val loss {val['loss']:.4f}  val Dice"
+    logging.info(f"{line} (fg mean) {val['fg_mean_dice']:.4f}{best}  lr {record['lr']:.2e}  {record['seconds']:.0f}s")
 
 
-def plot_curves(history: list, path: Path) -> None:
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(epochs, [h["train"]["loss"] for h in history], label="train")
-    axes[0].plot(epochs, [h["val"]["loss"] for h in history], label="validation")
-    axes[0].set_title("loss")
-    for name in CLASS_NAMES[1:]:
-        axes[1].plot(epochs, [h["val"]["dice"][name] for h in history], label=name, alpha=0.6)
-    axes[1].plot(epochs, [h["val"]["fg_mean_dice"] for h in history], "k-", lw=2, label="mean (foreground)")
-    axes[1].set_title("validation Dice")
-    axes[2].plot(epochs, [h["lr"] for h in history])
-    axes[2].set_title("learning rate (end of epoch)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
+def checkpoint_dict(args, model_args: dict, model: dict, **more) -> dict:
+    """Plain data: evaluate.py and visualize.py rebuild the network from domain, arch and model_args."""
+    stored = {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "model": model}
+    return {**stored, **more, "args": vars(args)}
 
 
-def setup_logging(run_dir: Path | None) -> None:
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if run_dir is not None:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+def save_epoch(run_dir: Path, args, model_args: dict, parts: dict, evaluated, history: list, best, patience, improved):
+    """best.pth (the validated weights, when they improved), last.pth (everything --resume needs), the history
+    and its curves."""
+    record = history[-1]
+    if improved:
+        metric = {"fg_mean_dice": record["val"]["fg_mean_dice"]}
+        weights = evaluated.state_dict()
+        save_checkpoint(
+            run_dir / "best.pth",
+            checkpoint_dict(args, model_args, weights, epoch=record["epoch"], metric=metric, val=record["val"]),
+        )
+    states = {name: part.state_dict() if part is not None else None for name, part in parts.items() if name != "model"}
+    last = checkpoint_dict(args, model_args, unwrap(parts["model"]).state_dict(), epoch=record["epoch"], **states)
+    save_checkpoint(run_dir / "last.pth", {**last, "best": best, "patience": patience, "history": history})
+    write_json(run_dir / "training_history.json", history)
+    plot_curves(history, run_dir / "curves.png")
 
 
-def resolve_args(args, device: torch.device) -> argparse.Namespace:
-    """Fill the options left unset (None) from --demo and the recipe, and check them."""
-    if args.demo:
-        for key, value in DEMO.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    defaults = {"epochs": 20, "batch_size": 16, "image_size": 256, "encoder_weights": "imagenet", "lr": 1e-3}
-    if args.use_mixed_precision is None:  # the recipe's AMP is for CUDA; CPU and MPS train in fp32 unless asked
-        args.use_mixed_precision = RECIPES[args.recipe]["use_mixed_precision"] and device.type == "cuda"
-    if args.channels_last is None:  # faster convolutions on the CPU (benchmarks/RESULTS.md) and CUDA; MPS unmeasured
-        args.channels_last = device.type in ("cpu", "cuda")
-    for key, value in {**defaults, **RECIPES[args.recipe]}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.swa_start_epoch is None:
-        args.swa_start_epoch = max(1, int(0.75 * args.epochs))
-    if args.use_swa and not 1 <= args.swa_start_epoch <= args.epochs:
-        raise SystemExit(f"--swa_start_epoch {args.swa_start_epoch} is outside 1..--epochs ({args.epochs})")
-    if args.epochs < 1:
-        raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
-    if args.image_size % 32:
-        raise SystemExit(f"--image_size {args.image_size} must be a multiple of 32")
-    if args.scheduler not in ("onecycle", "cosine"):
-        raise SystemExit(f"--scheduler {args.scheduler}: choose onecycle or cosine")
-    if args.data_dir is None and not args.demo and args.resume is None:
-        raise SystemExit("give --data_dir (a folder with PanNuke's Fold 1/2/3) or --demo")
-    if len({args.train_fold, args.val_fold}) < 2:
-        raise SystemExit(f"--train_fold and --val_fold must differ (both {args.train_fold})")
-    return args
+@torch.no_grad()
+def prediction_strips(model, fold, device, ctx, n: int = 3) -> np.ndarray:
+    """(n, H, 3W, 3) uint8: the CLAHE'd image | ground-truth classes | predicted classes of the first n tiles."""
+    model.eval()
+    tiles = PanNukeDataset(fold)
+    picked = range(min(n, len(fold)))
+    probs, _ = predict(model, torch.stack([tiles[i]["image"] for i in picked]).to(device), ctx=ctx)
+    predicted = probs.argmax(1).cpu().numpy()
+    rows = [(fold.images[i], CLASS_COLORS[fold.semantic[i]], CLASS_COLORS[predicted[k]]) for k, i in enumerate(picked)]
+    return np.stack([np.concatenate(row, axis=1) for row in rows])
+
+
+def log_tensorboard(writer: SummaryWriter, record: dict, strips: np.ndarray) -> None:
+    """One epoch of the history: every training loss term, the learning rate, every validation metric, and a
+    few validation tiles with their predictions."""
+    step = record["epoch"]
+    for name, value in record["train"].items():
+        writer.add_scalar(f"train/{name}", value, step)
+    writer.add_scalar("lr", record["lr"], step)
+    for name in ("loss", "mean_dice", "fg_mean_dice"):
+        writer.add_scalar(f"val/{name}", record["val"][name], step)
+    for name, value in record["val"]["dice"].items():
+        writer.add_scalar(f"val/dice_{name}", value, step)
+    writer.add_images("val/image_truth_prediction", strips, step, dataformats="NHWC")
+    writer.flush()
+
+
+def finish_swa(swa, train_loader, val_loader, val_criterion, device, args, ctx, run_dir, model_args, epochs: int):
+    """SWA's weights get BatchNorm statistics of their own (one pass over the training data), are validated, and
+    saved as swa.pth. Returns their validation mean foreground Dice."""
+    update_bn((batch["image"] for batch in train_loader), swa, device=device)
+    if dist.is_initialized():  # each rank saw its own shard: average the statistics so all ranks agree
+        for name, buffer in swa.module.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                dist.all_reduce(buffer)
+                buffer /= dist.get_world_size()
+    stats = validate(swa.module, val_criterion, val_loader, device, args, ctx)
+    if is_main():
+        logging.info("SWA (%d epochs averaged): val Dice (fg mean) %.4f", swa.n_averaged.item(), stats["fg_mean_dice"])
+        metric = {"fg_mean_dice": stats["fg_mean_dice"]}
+        weights = swa.module.state_dict()
+        save_checkpoint(
+            run_dir / "swa.pth", checkpoint_dict(args, model_args, weights, epoch=epochs, metric=metric, val=stats)
+        )
+    return stats["fg_mean_dice"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,142 +569,40 @@ def main(args):
     device = setup_device()
     rank = dist.get_rank() if dist.is_initialized() else 0
     setup_logging(None)
-    resume = None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.pth" if path.is_dir() else path
-        if not path.is_file():
-            raise SystemExit(f"--resume {args.resume}: no last.pth there")
-        resume = torch.load(path, map_location="cpu", weights_only=True)
-        if resume.get("domain") != DOMAIN or "optimizer" not in resume:
-            raise SystemExit(f"--resume {path}: not a pannuke training checkpoint (last.pth of a pannuke run)")
-        # The run continues with its own settings; only the worker count comes from this command line.
-        defaults = vars(get_args_parser().parse_args([]))
-        ignored = [k for k, v in vars(args).items() if k not in ("resume", "num_workers") and v != defaults.get(k)]
-        if ignored and is_main():
-            logging.warning("--resume continues with the run's stored settings; ignoring --%s", ", --".join(ignored))
-        stored = argparse.Namespace(**resume["args"])
-        stored.resume, stored.num_workers = str(path), args.num_workers
-        args = stored
-        if resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience:
-            logging.info(
-                "%s finished already (epoch %d of %d); nothing to resume", path.parent, resume["epoch"], args.epochs
-            )
-            return path.parent
-    else:
-        args = resolve_args(args, device)
+    args, resume = resume_or_start(args)
+    if resume is not None and already_finished(resume, args):
+        return Path(args.resume).parent
+    ctx, scaler = mixed_precision(device, args.use_mixed_precision)
     torch.manual_seed(args.seed)
 
-    # Data first: a bad fold stops the run before any folder is created.
-    if args.demo and args.data_dir is None:
-        tiles = (args.demo_tiles, *(2 * [max(2, args.demo_tiles // 4)]))
-        # one folder per demo size, so a later demo never rewrites the data an earlier run was trained on
-        args.data_dir = str(Path(args.output_dir) / "demo_data" / "v{}_tiles_{}_{}_{}".format(DEMO_VERSION, *tiles))
-        if is_main():
-            write_demo_dataset(args.data_dir, tiles)
-        if dist.is_initialized():
-            dist.barrier()
-    # Absolute paths in config.json, so evaluate.py and visualize.py find the data from any folder.
-    args.data_dir, args.output_dir = str(Path(args.data_dir).resolve()), str(Path(args.output_dir).resolve())
-    args.cache_dir = str(Path(args.cache_dir or Path(args.output_dir) / "cache").resolve())
-    cache_dir = args.cache_dir
-    if is_main():  # rank 0 builds the cache, the others read it
-        train_fold = load_fold(args.data_dir, args.train_fold, cache_dir, log=logging.info)
-        val_fold = load_fold(args.data_dir, args.val_fold, cache_dir, log=logging.info)
-    if dist.is_initialized():
-        dist.barrier()
-        if not is_main():
-            train_fold = load_fold(args.data_dir, args.train_fold, cache_dir)
-            val_fold = load_fold(args.data_dir, args.val_fold, cache_dir)
-    tile_size = min(train_fold.images.shape[1:3])
-    if args.image_size > tile_size:
-        raise SystemExit(
-            f"--image_size {args.image_size} is larger than the tiles of {train_fold.files.images} ({tile_size} px)"
-        )
-
-    # The network next (ImageNet weights may need a download that can fail), then the run folder.
-    model_args = {"encoder": args.encoder, "encoder_weights": args.encoder_weights, "dropout": args.dropout}
-    model = build_model(model_args).to(device)
-    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
-        model = model.to(memory_format=torch.channels_last)
-    model_args["encoder_weights"] = "none"  # evaluate.py rebuilds the network and loads the trained weights
-
-    run_dir = None
-    if resume is not None:
-        run_dir = Path(args.resume).parent
-    elif is_main():
-        run_dir = new_folder(Path(args.output_dir), args.recipe)
-    setup_logging(run_dir if is_main() else None)
-    if is_main():
-        logging.info(
-            "run folder %s on %s (%d process(es))",
-            run_dir,
-            device,
-            dist.get_world_size() if dist.is_initialized() else 1,
-        )
-        if resume is None:
-            write_json(run_dir / "config.json", vars(args))
-
-    ema = AveragedModel(model, multi_avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.use_ema else None
-    swa = AveragedModel(model) if args.use_swa else None
-    if dist.is_initialized():
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Data first: a bad fold stops the run before any folder is created. The network next (ImageNet weights may
+    # need a download that can fail), then the run folder.
+    train_fold, val_fold = load_data(args)
+    model, model_args = create_model(args, device)
+    run_dir = start_run(args, resume, device)
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if is_main() else None  # a resumed run appends
+    model, ema, swa = average_and_distribute(model, args, device)
 
     criterion = build_loss(args, train_fold.class_pixels).to(device)
     val_criterion = build_loss(args, train_fold.class_pixels, validation=True).to(device)
     train_set, train_loader, val_loader, generator = make_loaders(args, train_fold, val_fold, device)
-    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = OPTIMIZERS[args.optimizer](unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args, len(train_loader))
-    use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)  # fp16 needs loss scaling, bf16 does not
-
-    start_epoch, best, patience, history = 0, -math.inf, 0, []
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema, "swa": swa}
+    start_epoch, best, patience, history = restore(resume, parts, args)
     state = {"nan_steps": 0}
-    if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        if swa is not None:
-            swa.load_state_dict(resume["swa"])
-        start_epoch, best, patience, history = resume["epoch"], resume["best"], resume["patience"], resume["history"]
-        logging.info("resumed from %s at epoch %d", args.resume, start_epoch + 1)
-
-    def checkpoint(weights: dict, **extra) -> dict:
-        return {
-            "domain": DOMAIN,
-            "arch": ARCHITECTURE,
-            "model_args": model_args,
-            "model": weights,
-            "args": vars(args),
-            **extra,
-        }
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
-        # Everything random in an epoch derives from (seed, epoch, rank), so a resumed run repeats it exactly.
-        epoch_seed = args.seed * 1000 + epoch + 100_003 * rank
-        torch.manual_seed(epoch_seed)
-        generator.manual_seed(epoch_seed)  # shuffling
-        train_set.configure(crop_size_for(epoch, args), aug_stage_for(epoch, args), seed=epoch_seed)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        if "boundary" in criterion.weights:
-            criterion.weights["boundary"] = boundary_weight(epoch, args)
-
+        configure_epoch(epoch, args, rank, train_set, train_loader, generator, criterion)
         train_stats = train_one_epoch(
-            model, ema, criterion, optimizer, scheduler, scaler, train_loader, device, epoch, args, state
+            model, ema, criterion, optimizer, scheduler, scaler, ctx, train_loader, device, epoch, args, state
         )
         evaluated = ema.module if ema is not None else unwrap(model)
         if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
             for buffer in evaluated.buffers():
                 dist.broadcast(buffer, 0)
-        val_stats = validate(evaluated, val_criterion, val_loader, device, args)
+        val_stats = validate(evaluated, val_criterion, val_loader, device, args, ctx)
         if swa is not None and epoch + 1 >= args.swa_start_epoch:
             swa.update_parameters(unwrap(model))
 
@@ -579,68 +621,21 @@ def main(args):
             }
         )
         if is_main():
-            logging.info(
-                "epoch %d/%d  train loss %.4f  val loss %.4f  val Dice (fg mean) %.4f%s  lr %.2e  %.0fs",
-                epoch + 1,
-                args.epochs,
-                train_stats.get("loss", float("nan")),
-                val_stats["loss"],
-                score,
-                "  (best)" if improved else "",
-                history[-1]["lr"],
-                history[-1]["seconds"],
-            )
-            if improved:
-                save_checkpoint(
-                    run_dir / "best.pth",
-                    checkpoint(evaluated.state_dict(), epoch=epoch + 1, metric={"fg_mean_dice": score}, val=val_stats),
-                )
-            save_checkpoint(
-                run_dir / "last.pth",
-                checkpoint(
-                    unwrap(model).state_dict(),
-                    epoch=epoch + 1,
-                    best=best,
-                    patience=patience,
-                    history=history,
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(),
-                    ema=ema.state_dict() if ema is not None else None,
-                    swa=swa.state_dict() if swa is not None else None,
-                ),
-            )
-            write_json(run_dir / "training_history.json", history)
-            plot_curves(history, run_dir / "curves.png")
+            log_epoch(history[-1], args, improved)
+            save_epoch(run_dir, args, model_args, parts, evaluated, history, best, patience, improved)
+            log_tensorboard(writer, history[-1], prediction_strips(evaluated, val_fold, device, ctx))
         if patience >= args.early_stopping_patience:
             logging.info("early stopping: no improvement for %d epochs", patience)
             break
 
     report = {"best_fg_mean_dice": best, "epochs_run": len(history), "run_dir": str(run_dir)}
     if swa is not None and swa.n_averaged.item() > 0:
-        # SWA weights need BatchNorm statistics of their own: one pass over the training data.
-        update_bn((batch["image"] for batch in train_loader), swa, device=device)
-        if dist.is_initialized():  # each rank saw its own shard: average the statistics so all ranks agree
-            for name, buffer in swa.module.named_buffers():
-                if name.endswith(("running_mean", "running_var")):
-                    dist.all_reduce(buffer)
-                    buffer /= dist.get_world_size()
-        swa_stats = validate(swa.module, val_criterion, val_loader, device, args)
-        report["swa_fg_mean_dice"] = swa_stats["fg_mean_dice"]
-        if is_main():
-            logging.info(
-                "SWA (%d epochs averaged): val Dice (fg mean) %.4f", swa.n_averaged.item(), swa_stats["fg_mean_dice"]
-            )
-            save_checkpoint(
-                run_dir / "swa.pth",
-                checkpoint(
-                    swa.module.state_dict(),
-                    epoch=len(history),
-                    metric={"fg_mean_dice": swa_stats["fg_mean_dice"]},
-                    val=swa_stats,
-                ),
-            )
+        swa_score = finish_swa(
+            swa, train_loader, val_loader, val_criterion, device, args, ctx, run_dir, model_args, len(history)
+        )
+        report["swa_fg_mean_dice"] = swa_score
     if is_main():
+        writer.close()
         write_json(run_dir / "final_report.json", report)
         logging.info("best validation Dice (fg mean) %.4f; run folder %s", best, run_dir)
         logging.info("next: python pannuke/evaluate.py %s", run_dir)
@@ -649,79 +644,112 @@ def main(args):
     return run_dir
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    """Options left at None are filled from --demo and --recipe (see resolve_args)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    flag = argparse.BooleanOptionalAction
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_args(args) -> argparse.Namespace:
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
+    if args.use_swa and not 1 <= args.swa_start_epoch <= args.epochs:
+        raise SystemExit(f"--swa_start_epoch {args.swa_start_epoch} is outside 1..--epochs ({args.epochs})")
+    if args.image_size % 32:
+        raise SystemExit(f"--image_size {args.image_size} must be a multiple of 32")
+    if args.data_dir is None and not args.demo:
+        raise SystemExit("give --data_dir (a folder with PanNuke's Fold 1/2/3) or --demo")
+    if len({args.train_fold, args.val_fold}) < 2:
+        raise SystemExit(f"--train_fold and --val_fold must differ (both {args.train_fold})")
+    return args
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Every default here is the sota recipe's on real data; parse_args lets --recipe and --demo change them."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     add = p.add_argument
+
+    def switch(name: str, help: str) -> None:
+        """An on/off flag, --name and --no-name. Its - spelling is a hidden twin: the usage line would list all
+        four names of one BooleanOptionalAction."""
+        add(name, action=argparse.BooleanOptionalAction, default=False, help=help)
+        if "_" in name:
+            add(name.replace("_", "-"), dest=name[2:], action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+
     add("--data_dir", "--data-dir", help="folder with PanNuke's Fold 1/2/3 (or fold1/2/3) folders")
     add("--demo", action="store_true", help="write synthetic PanNuke folds into OUTPUT_DIR/demo_data and train on them")
-    add(
-        "--demo_tiles",
-        "--demo-tiles",
-        type=int,
-        default=128,
-        help="--demo: synthetic tiles in fold 1 (128); folds 2 and 3 get a quarter of that",
-    )
-    add("--output_dir", "--output-dir", default="runs/pannuke", help="each run gets a new folder in here")
-    add("--cache_dir", "--cache-dir", default=None, help="preprocessed fold cache (default OUTPUT_DIR/cache)")
+    add("--demo_tiles", "--demo-tiles", type=int, default=128, help="--demo: synthetic tiles in fold 1; folds 2 "
+        "and 3 get a quarter of that")  # fmt: skip
+    add("--output_dir", "--output-dir", default="runs/pannuke", help="a new folder per run in here")
+    add("--cache_dir", "--cache-dir", help="preprocessed fold cache; follows --output_dir unless given")
     add("--resume", help="a run folder or its last.pth: continue that run where it stopped")
-    add("--train_fold", "--train-fold", type=int, default=1, help="fold to train on (1)")
-    add("--val_fold", "--val-fold", type=int, default=2, help="fold to validate on (2)")
-    add("--test_fold", "--test-fold", type=int, default=3, help="fold evaluate.py scores by default (3)")
-    add("--recipe", choices=sorted(RECIPES), default="sota", help="sota (default) or backup, see above")
+    add("--train_fold", "--train-fold", type=int, default=1, help="fold to train on")
+    add("--val_fold", "--val-fold", type=int, default=2, help="fold to validate on")
+    add("--test_fold", "--test-fold", type=int, default=3, help="fold evaluate.py scores unless told otherwise")
+    add("--recipe", choices=sorted(RECIPES), default="sota", help="the settings the flags below start from, see above")
     add("--encoder", choices=["resnet18", "resnet34", "resnet50"], default="resnet34", help="ResNet encoder")
-    add("--encoder_weights", "--encoder-weights", help="imagenet (default; --demo: none), none, or a .pth path")
-    add("--dropout", type=float, default=0.1, help="dropout in the decoder (0.1)")
-    add("--epochs", type=int, help="epochs (20; --demo: 5)")
-    add("--batch_size", "--batch-size", type=int, help="tiles per batch and process (16; --demo: 8)")
-    add("--image_size", "--image-size", type=int, help="training crop size in px, multiple of 32 (256)")
-    add("--lr", type=float, help="peak learning rate (1e-3)")
-    add("--weight_decay", "--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
-    add("--optimizer", choices=["adamw", "adam"], help="optimizer (sota: adamw, backup: adam)")
-    add("--scheduler", help="onecycle (sota) or cosine: linear warm-up + cosine (backup); steps per batch")
-    add("--warmup_epochs", "--warmup-epochs", type=int, default=5, help="warm-up epochs (5)")
-    add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="final lr = lr * this (0.01)")
-    add(
-        "--early_stopping_patience",
-        "--early-stopping-patience",
-        type=int,
-        default=10,
-        help="stop after this many epochs without a better validation Dice (10)",
-    )
-    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest Dice gain that counts (0)")
-    add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off (1.0)")
-    add(
-        "--use_mixed_precision",
-        "--use-mixed-precision",
-        action=flag,
-        help="autocast (bf16, or fp16 + GradScaler); sota: on for CUDA; on the CPU only when given",
-    )
-    add(
-        "--channels_last",
-        "--channels-last",
-        action=flag,
-        help="channels-last memory format for the convolutions; default: on for CPU and CUDA",
-    )
-    add("--use_ema", "--use-ema", action=flag, help="EMA of the weights, validated and saved (sota: on)")
-    add("--ema_decay", "--ema-decay", type=float, default=0.999, help="EMA decay (0.999)")
+    add("--encoder_weights", "--encoder-weights", default="imagenet", help="imagenet, none, or a .pth path")
+    add("--dropout", type=float, default=0.1, help="dropout in the decoder")
+    add("--epochs", type=int, default=20, help="epochs")
+    add("--batch_size", "--batch-size", type=int, default=16, help="tiles per batch and process")
+    add("--image_size", "--image-size", type=int, default=256, help="training crop in px, multiple of 32")
+    add("--lr", type=float, default=1e-3, help="peak learning rate")
+    add("--weight_decay", "--weight-decay", type=float, default=1e-4, help="weight decay")
+    add("--optimizer", choices=sorted(OPTIMIZERS), help="optimizer")
+    add("--scheduler", choices=["onecycle", "cosine"], help="onecycle, or cosine: linear warm-up + cosine; both "
+        "step per batch")  # fmt: skip
+    add("--warmup_epochs", "--warmup-epochs", type=int, default=5, help="warm-up epochs")
+    add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="final lr = lr * this")
+    add("--early_stopping_patience", "--early-stopping-patience", type=int, default=10, help="stop after this "
+        "many epochs without a better validation Dice")  # fmt: skip
+    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest Dice gain that counts")
+    add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off")
+    switch("--use_mixed_precision", "autocast (bf16, or fp16 + GradScaler); the recipe's AMP is on for CUDA only, "
+           "on the CPU (bf16) and MPS only when given")  # fmt: skip
+    switch("--channels_last", "channels-last memory format for the convolutions; on for CPU and CUDA")
+    switch("--use_ema", "EMA of the weights, validated and saved")
+    add("--ema_decay", "--ema-decay", type=float, default=0.999, help="EMA decay")
     add("--use_swa", "--use-swa", action="store_true", help="stochastic weight averaging, saved as swa.pth")
-    add("--swa_start_epoch", "--swa-start-epoch", type=int, help="first epoch averaged by SWA (75%% of --epochs)")
-    add(
-        "--loss", choices=["hybrid", "weighted_dice"], help="hybrid: Dice+focal+boundary (sota); weighted_dice (backup)"
-    )
-    add("--boundary_weight", "--boundary-weight", type=float, default=0.1, help="largest boundary-loss weight (0.1)")
-    add("--dist_weight", "--dist-weight", type=float, default=1.0, help="weight of the distance-map loss (1.0)")
-    add("--mixup_alpha", "--mixup-alpha", type=float, help="MixUp Beta(alpha, alpha); 0 = off (sota: 0.2)")
-    add("--mixup_prob", "--mixup-prob", type=float, default=0.5, help="share of batches mixed (0.5)")
-    add("--progressive_aug", "--progressive-aug", action=flag, help="augmentations switched on by epoch (sota: on)")
-    add("--progressive_resize", "--progressive-resize", action=flag, help="crops 128 -> --image_size (sota: on)")
-    add("--tta", action=flag, help="flip test-time augmentation in validation (sota: on; --demo: off)")
-    add("--seed", type=int, default=42, help="random seed (42)")
+    add("--swa_start_epoch", "--swa-start-epoch", type=int, help="first epoch averaged by SWA; unless given, 75%% "
+        "of --epochs")  # fmt: skip
+    add("--loss", choices=["hybrid", "weighted_dice"], help="hybrid: Dice + focal + boundary; weighted_dice")
+    add("--boundary_weight", "--boundary-weight", type=float, default=0.1, help="largest boundary-loss weight")
+    add("--dist_weight", "--dist-weight", type=float, default=1.0, help="weight of the distance-map loss")
+    add("--mixup_alpha", "--mixup-alpha", type=float, help="MixUp Beta(alpha, alpha); 0 = off")
+    add("--mixup_prob", "--mixup-prob", type=float, default=0.5, help="share of batches mixed")
+    switch("--progressive_aug", "augmentations switched on by epoch")
+    switch("--progressive_resize", "crops 128 -> --image_size")
+    switch("--tta", "flip test-time augmentation in validation")
+    add("--seed", type=int, default=42, help="random seed")
     add("--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader workers")
     add("--max_nan_steps", "--max-nan-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     return p
 
 
+def derived_defaults(args) -> dict:
+    """Defaults that follow other values: the fold cache sits in --output_dir, SWA averages the last quarter."""
+    return {"cache_dir": str(Path(args.output_dir) / "cache"), "swa_start_epoch": max(1, int(0.75 * args.epochs))}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """timm's pattern: read --recipe and --demo first, make the recipe's and the demo's values the parser's
+    defaults (then those that follow from them), and parse for real, so --help shows what a run will use."""
+    first = get_args_parser(add_help=False)
+    chosen, _ = first.parse_known_args(argv)  # the selectors: --recipe, --demo
+    device = pick_device()
+    defaults = {
+        **RECIPES[chosen.recipe],
+        # the recipe's AMP is for CUDA: CPU and MPS train in fp32 unless --use_mixed_precision is given
+        "use_mixed_precision": RECIPES[chosen.recipe]["use_mixed_precision"] and device.type == "cuda",
+        # faster convolutions on the CPU (benchmarks/RESULTS.md) and CUDA; MPS unmeasured
+        "channels_last": device.type in ("cpu", "cuda"),
+        **(DEMO if chosen.demo else {}),
+    }
+    first.set_defaults(**defaults)
+    defaults.update(derived_defaults(first.parse_known_args(argv)[0]))
+    parser = get_args_parser()
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

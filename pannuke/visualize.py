@@ -9,7 +9,8 @@ predictions: a grid per tile of image / ground truth / prediction / predicted nu
 dataset:     nuclei per class in each fold, nuclei per class and tissue, tiles per tissue, and sample tiles.
 compare:     training curves of several runs in one figure, and a table (CSV and Markdown) of their best scores
              (with mPQ / bPQ where a run has been evaluated).
-Figures go to <run>/figures/ (compare: runs/pannuke/comparisons/<timestamp>_compare/), timestamped.
+Figures go to <run>/figures/ (compare: runs/pannuke/comparisons/<timestamp>_compare/), timestamped. A run's
+curves.png (losses, validation Dice per class, learning rate) is drawn by train.py with plot_curves after each epoch.
 """
 
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 import argparse
 import csv
 import json
+import os
 import time
 
 import matplotlib
@@ -27,7 +29,16 @@ import numpy as np
 import torch
 
 from common.metrics import PANNUKE_CLASSES
-from pannuke.data import CLASS_COLORS, CLASS_NAMES, PanNukeDataset, load_fold, new_folder, overlay, to_display
+from pannuke.data import (
+    CLASS_COLORS,
+    CLASS_NAMES,
+    HelpFormatter,
+    PanNukeDataset,
+    load_fold,
+    new_folder,
+    overlay,
+    to_display,
+)
 from pannuke.model import find_checkpoint, instances_from_outputs, load_checkpoint, pick_device, predict
 
 matplotlib.use("Agg")
@@ -177,6 +188,30 @@ def plot_dataset(args) -> Path:
     return written
 
 
+def plot_curves(history: list, path: Path) -> None:
+    """curves.png of one run, redrawn by train.py after each epoch: losses, validation Dice per class, lr."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [h["train"]["loss"] for h in history], label="train")
+    axes[0].plot(epochs, [h["val"]["loss"] for h in history], label="validation")
+    axes[0].set_title("loss")
+    for name in CLASS_NAMES[1:]:
+        axes[1].plot(epochs, [h["val"]["dice"][name] for h in history], label=name, alpha=0.6)
+    axes[1].plot(epochs, [h["val"]["fg_mean_dice"] for h in history], "k-", lw=2, label="mean (foreground)")
+    axes[1].set_title("validation Dice")
+    axes[2].plot(epochs, [h["lr"] for h in history])
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
 def plot_compare(args) -> Path:
     runs = [Path(r) for r in args.runs]
     rows, histories = [], {}
@@ -237,34 +272,40 @@ def main(args):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    pred = sub.add_parser("predictions", help="image / ground truth / prediction / overlay grid")
-    pred.add_argument("run", nargs="?", help="run folder or checkpoint (default: the newest run in --runs_dir)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    pred = command("predictions", "image / ground truth / prediction / overlay grid")
+    pred.add_argument("run", nargs="?", help="run folder or checkpoint; unless given, the newest run in --runs_dir")
     pred.add_argument("--runs_dir", "--runs-dir", default="runs/pannuke", help="where to look for the newest run")
-    pred.add_argument("--fold", type=int, help="fold to show (default: the run's --test_fold)")
-    pred.add_argument("--n", type=int, default=6, help="tiles to show (6)")
+    pred.add_argument("--fold", type=int, help="fold to show; unless given, the run's --test_fold")
+    pred.add_argument("--n", type=int, default=6, help="tiles to show")
     pred.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    data = sub.add_parser("dataset", help="class distribution per fold and tissue, sample tiles")
+    data = command("dataset", "class distribution per fold and tissue, sample tiles")
     data.add_argument("run", nargs="?", help="a run folder: show the folds it used")
-    data.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3], help="folds to count (1 2 3)")
-    data.add_argument("--n", type=int, default=6, help="sample tiles to show (6)")
+    data.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3], help="folds to count")
+    data.add_argument("--n", type=int, default=6, help="sample tiles to show")
     data.add_argument("--output_dir", "--output-dir", help="where figures go without a run folder")
-    comp = sub.add_parser("compare", help="curves and best scores of several runs")
+    comp = command("compare", "curves and best scores of several runs")
     comp.add_argument("runs", nargs="+", help="run folders")
-    comp.add_argument(
-        "--output_dir",
-        "--output-dir",
-        help="a new timestamped folder is made in here (default: runs/pannuke/comparisons)",
-    )
+    comp.add_argument("--output_dir", "--output-dir", help="a new timestamped folder is made in here; unless given, "
+                      "in the comparisons/ folder next to the first run")  # fmt: skip
     for parser in (pred, data):
-        parser.add_argument("--data_dir", "--data-dir", help="PanNuke folder (default: the run's)")
-        parser.add_argument("--cache_dir", "--cache-dir", help="fold cache (default: the run's)")
+        parser.add_argument("--data_dir", "--data-dir", help="PanNuke folder; unless given, the run's")
+        parser.add_argument("--cache_dir", "--cache-dir", help="fold cache; unless given, the run's")
     return p
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+def parse_args(argv=None) -> argparse.Namespace:
+    """`visualize.py RUN` is short for `visualize.py predictions RUN`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["predictions", *argv]  # `visualize.py RUN` shows that run's predictions
-    main(get_args_parser().parse_args(argv))
+        argv = ["predictions", *argv]
+    return get_args_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

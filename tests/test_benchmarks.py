@@ -4,6 +4,8 @@ item of --quick writes its report, and our metrics equal the per-instance-pair r
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -31,7 +33,12 @@ def test_channels_last_is_the_default_where_the_benchmark_found_it_faster():
     import stress_granules.train as stress_train
 
     cpu, mps = torch.device("cpu"), torch.device("mps")
-    for train in (pannuke_train, stress_train):
+    for device, expected in ((cpu, True), (mps, False)):  # pannuke decides it in parse_args, from pick_device()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pannuke_train, "pick_device", lambda device=device: device)
+            assert pannuke_train.parse_args(["--demo"]).channels_last is expected
+            assert pannuke_train.parse_args(["--demo", "--no-channels_last"]).channels_last is False
+    for train in (stress_train,):
         assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), cpu).channels_last is True
         assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), mps).channels_last is False
         off = train.get_args_parser().parse_args(["--demo", "--no-channels_last"])
