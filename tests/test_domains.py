@@ -140,7 +140,7 @@ def readme_copy_recipe() -> list[str]:
 
 # One short epoch of each domain's demo, for the copy (the README recipe's last line runs the whole demo).
 TINY = {
-    "pannuke": [],
+    "pannuke": ["--epochs", "1", "--demo_tiles", "16", "--num_workers", "0"],
     "stress_granules": [],
     "retinopathy": ["--epochs-stage2", "1", "--image-size", "64", "--num-workers", "0"],
     "hydra_lv": [
