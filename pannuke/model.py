@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 NUM_CLASSES = 6  # background + the five PanNuke nucleus types
+DOMAIN = "pannuke"  # the tag of this folder's checkpoints
 ARCHITECTURE = "attention_unet"
 ENCODERS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
@@ -357,6 +358,12 @@ def find_checkpoint(path: str | Path, name: str = "best.pth") -> Path:
     return path
 
 
+def checkpoint_dict(args, model_args: dict, model: dict, **more) -> dict:
+    """What train.py saves, as plain data: load_checkpoint rebuilds the network from domain, arch and model_args."""
+    stored = {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "model": model}
+    return {**stored, **more, "args": vars(args)}
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the network from the arguments stored in a pannuke checkpoint and load its weights (weights_only)."""
     path = Path(path)
@@ -364,7 +371,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise SystemExit(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != "pannuke":
+    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != DOMAIN:
         found = checkpoint.get("domain", "no domain recorded") if isinstance(checkpoint, dict) else type(checkpoint)
         raise SystemExit(f"{path} is not a pannuke checkpoint (domain: {found})")
     if checkpoint.get("arch") != ARCHITECTURE:

@@ -62,10 +62,9 @@ from pannuke.data import (
     write_demo_dataset,
     write_json,
 )
-from pannuke.model import ARCHITECTURE, build_model, pick_device, predict
+from pannuke.model import DOMAIN, build_model, checkpoint_dict, pick_device, predict
 from pannuke.visualize import plot_curves
 
-DOMAIN = "pannuke"
 RECIPES = {
     "sota": {
         "optimizer": "adamw",
@@ -487,12 +486,6 @@ def log_epoch(record: dict, args, improved: bool) -> None:
     loss, val, best = record["train"].get("loss", math.nan), record["val"], "  (best)" if improved else ""
     line = f"epoch {record['epoch']}/{args.epochs}  train loss {loss:.4f}  val loss {val['loss']:.4f}  val Dice"
     logging.info(f"{line} (fg mean) {val['fg_mean_dice']:.4f}{best}  lr {record['lr']:.2e}  {record['seconds']:.0f}s")
-
-
-def checkpoint_dict(args, model_args: dict, model: dict, **more) -> dict:
-    """Plain data: evaluate.py and visualize.py rebuild the network from domain, arch and model_args."""
-    stored = {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "model": model}
-    return {**stored, **more, "args": vars(args)}
 
 
 def save_epoch(run_dir: Path, args, model_args: dict, parts: dict, evaluated, history: list, best, patience, improved):
