@@ -91,7 +91,7 @@ def help_text(module, argv: list[str]) -> str:
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
         module.parse_args([*argv, "--help"])
     assert stop.value.code == 0
-    return out.getvalue()
+    return " ".join(out.getvalue().split())  # argparse wraps at the terminal's width: "(default:\n 0.1)" counts too
 
 
 HAND_WRITTEN_DEFAULT = re.compile(r"\bdefaults?\b|\(\s*[-+]?\.?\d[\w.%+-]*\s*\)", re.IGNORECASE)
