@@ -165,7 +165,7 @@ def build_stress_granules(workdir: Path, quick: bool) -> DomainBench:
 
     root = write_demo_dataset(workdir / "data", *((10, (256, 256)) if quick else ()))
     flags = ["--images", str(root / "images"), "--masks", str(root / "masks"), *(["--demo"] if quick else [])]
-    args = train.resolve_args(train.get_args_parser().parse_args(flags), torch.device("cpu"))
+    args = train.parse_args(flags)
     train_pairs, val_pairs = train.split_pairs(args, quiet)
 
     def prepare(cache_dir: Path) -> EpochItems:

@@ -16,6 +16,8 @@ percentile: granule borders are its ridges, which helps the network place bounda
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
 import os
@@ -125,6 +127,19 @@ def pair_files(image_dir: Path, mask_dir: Path, skip_unpaired: bool = False, log
     if not pairs:
         raise DataError(f"no image in {image_dir} has a mask in {mask_dir}")
     return pairs
+
+
+def split_pairs(args, log=print) -> tuple[list, list]:
+    """(training, validation) pairs: --val_images/--val_masks, or --val_fraction of the pairs (at least one, and
+    one left to train on) drawn with --seed."""
+    pairs = pair_files(Path(args.images), Path(args.masks), args.skip_unpaired, log)
+    if args.val_images:
+        return pairs, pair_files(Path(args.val_images), Path(args.val_masks), args.skip_unpaired, log)
+    if len(pairs) < 2:
+        raise SystemExit(f"{args.images} holds one image: give at least two, or --val_images and --val_masks")
+    order = np.random.default_rng(args.seed).permutation(len(pairs))
+    n_val = min(len(pairs) - 1, max(1, round(args.val_fraction * len(pairs))))
+    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
 
 
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:
@@ -466,6 +481,38 @@ def write_demo_dataset(root: str | Path, n_images: int = 16, size: tuple[int, in
         cv2.imwrite(str(root / "masks" / f"cell_{i + 1:03d}.png"), mask)
     marker.write_text(json.dumps(settings))
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders, JSON files and --help (train.py, evaluate.py and visualize.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data) -> None:
+    """Written to a temporary file, then renamed: a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as a user reads it: the description as written, each flag under one name (its other spelling, - or
+    _, works too), and each default as the parser holds it, after a recipe, preset or --demo has set it."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            shown = action.option_strings[: 2 if isinstance(action, argparse.BooleanOptionalAction) else 1]
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False)
+        if "%(default)" in text or not action.option_strings or quiet:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def new_folder(parent: Path, name: str) -> Path:

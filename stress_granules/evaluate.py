@@ -13,6 +13,9 @@ Whole images of any size go through tiled inference (overlapping tiles, cosine b
   with masks);
 - evaluation_report.json: settings, totals and, with --masks, pixel scores (Dice, precision, recall, F1,
   accuracy, specificity) and granule scores (matched at IoU 0.5: precision, recall, F1).
+
+--run_report (what train.py runs at its end) scores the run's validation images instead, beside Otsu's threshold on
+the same images, and writes the run's own evaluation_report.json and validation_predictions.png into the run folder.
 """
 
 import sys
@@ -24,12 +27,27 @@ import argparse
 import csv
 import json
 import time
+from typing import NamedTuple
 
 import numpy as np
 import tifffile
+from skimage.filters import threshold_otsu
 from skimage.measure import regionprops_table
+from tqdm import tqdm
 
-from stress_granules.data import DataError, compute_features, list_images, new_folder, read_image, read_mask
+from common.preprocessing import percentile_normalize
+from stress_granules.data import (
+    DataError,
+    HelpFormatter,
+    compute_features,
+    list_images,
+    load_features,
+    new_folder,
+    plot_predictions,
+    read_image,
+    read_mask,
+    write_json,
+)
 from stress_granules.model import (
     GranuleScores,
     find_checkpoint,
@@ -38,6 +56,7 @@ from stress_granules.model import (
     pick_device,
     predict_probability,
 )
+from stress_granules.train import mixed_precision
 
 
 def image_list(args, checkpoint: dict) -> list[tuple[Path, Path | None]]:
@@ -50,11 +69,87 @@ def image_list(args, checkpoint: dict) -> list[tuple[Path, Path | None]]:
             raise DataError(f"{missing[0]} has no mask in {args.masks} (masks pair with images by basename)")
         return [(images[s], masks.get(s)) for s in images]
     train_args = checkpoint.get("args", {})
-    report = Path(train_args.get("run_dir", "")) / "evaluation_report.json"
-    if not report.is_file():
+    run_dir = Path(train_args["run_dir"]) if train_args.get("run_dir") else None
+    if run_dir is not None and (run_dir / "split.json").is_file():
+        names = json.loads((run_dir / "split.json").read_text())["val"]
+    elif run_dir is not None and (run_dir / "evaluation_report.json").is_file():  # runs from before split.json
+        names = json.loads((run_dir / "evaluation_report.json").read_text())["validation_images"]
+    else:
         raise SystemExit("give --images (this checkpoint's run has no validation list to fall back on)")
     masks = list_images(Path(train_args["val_masks"] or train_args["masks"]))
-    return [(Path(p), masks.get(Path(p).stem)) for p in json.loads(report.read_text())["validation_images"]]
+    return [(Path(p), masks.get(Path(p).stem)) for p in names]
+
+
+class Segmented(NamedTuple):
+    path: Path
+    image: np.ndarray  # as read
+    mask: np.ndarray | None  # the true mask, when there is one
+    features: np.ndarray  # the network's input (C, H, W)
+    probability: np.ndarray
+    labels: np.ndarray  # granule ids, 0 = background
+
+
+def segment(model, pairs, features: str, tile, overlap, threshold, min_size, ctx, skipped, cache_dir=None):
+    """Each readable image segmented by tiled inference, with a bar over the images; an image that cannot be read
+    is named on the console and in `skipped`, and the others go on. cache_dir: the features from training's cache
+    (float16, as training validated), not computed again."""
+    for image_path, mask_path in tqdm(pairs, desc="images", disable=len(pairs) < 2):
+        try:
+            image = read_image(image_path)
+            mask = read_mask(mask_path, image.shape, image_path) if mask_path else None
+        except DataError as error:
+            tqdm.write(f"skipped: {error}")
+            skipped.append(str(error))
+            continue
+        if cache_dir is None:
+            stack = compute_features(image, features)
+        else:
+            stack = np.load(load_features(image_path, features, cache_dir), mmap_mode="r")
+        probability = predict_probability(model, stack, tile, overlap, ctx=ctx, progress=True)
+        labels = granules_from_probability(probability, threshold, min_size)
+        yield Segmented(image_path, image, mask, stack, probability, labels)
+
+
+def figure_row(item: Segmented) -> dict:
+    """One row of data.plot_predictions."""
+    name, image, mask = item.path.stem, np.asarray(item.features[0], np.float32), item.mask
+    return {"name": name, "image": image, "mask": mask, "probability": item.probability, "labels": item.labels}
+
+
+def otsu_labels(image: np.ndarray, min_size: int) -> np.ndarray:
+    """The classical baseline: Otsu's threshold on the percentile-normalised image, objects of at least min_size
+    pixels."""
+    normalized = percentile_normalize(image, 1.0, 99.8)
+    binary = (normalized > threshold_otsu(normalized)).astype(np.float32)
+    return granules_from_probability(binary, 0.5, min_size)
+
+
+def write_run_report(model, checkpoint: dict, run_dir: Path, pairs, ctx, args) -> Path:
+    """The run's evaluation_report.json (the best model's scores on the validation images beside Otsu's) and
+    validation_predictions.png of the first four images. The features come from the run's cache, so the scores
+    are those of the best epoch's validation."""
+    model_scores, otsu = GranuleScores(min_size=args.min_size), GranuleScores(min_size=args.min_size)
+    rows, skipped = [], []
+    train_args = checkpoint["args"]
+    settings = (train_args["features"], args.tile_size, args.overlap, args.threshold, args.min_size, ctx, skipped)
+    for item in segment(model, pairs, *settings, Path(train_args["cache_dir"])):
+        model_scores.update(item.labels, item.mask)
+        otsu.update(otsu_labels(item.image, args.min_size), item.mask)
+        if len(rows) < 4:
+            rows.append(figure_row(item))
+    if skipped:
+        raise SystemExit(f"the validation images must all be readable: {skipped[0]}")
+    report = {
+        "selection_metric": train_args["selection_metric"],
+        "best_epoch": checkpoint["epoch"],
+        "validation_images": [str(p) for p, _ in pairs],
+        "model": model_scores.compute(),
+        "otsu_baseline": otsu.compute(),
+    }
+    write_json(run_dir / "evaluation_report.json", report)
+    plot_predictions(rows, run_dir / "validation_predictions.png")
+    print(f"wrote {run_dir / 'evaluation_report.json'} and validation_predictions.png")
+    return run_dir
 
 
 def measure(labels: np.ndarray, image: np.ndarray, name: str, pixel_size: float | None) -> list[dict]:
@@ -91,25 +186,21 @@ def main(args):
             f"--tile_size {args.tile_size} must be a multiple of 16 and --overlap {args.overlap} smaller than it"
         )
     device = pick_device()
+    ctx, _ = mixed_precision(device, args.use_mixed_precision)
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
-    features = checkpoint["args"]["features"]
+    if args.run_report and args.images:
+        raise SystemExit("--run_report scores the run's own validation images: leave out --images")
     pairs = image_list(args, checkpoint)
+    if args.run_report:
+        return write_run_report(model, checkpoint, checkpoint_path.parent, pairs, ctx, args)
     out_dir = new_folder(Path(args.output_dir) if args.output_dir else checkpoint_path.parent, "predictions")
     (out_dir / "masks").mkdir()
     started = time.time()
     granule_rows, summary_rows = [], []
     scores, skipped = GranuleScores(min_size=args.min_size), []
-    for image_path, mask_path in pairs:
-        try:
-            image = read_image(image_path)
-            mask = read_mask(mask_path, image.shape, image_path) if mask_path else None
-        except DataError as error:  # the other images are still measured; the run ends with an error
-            print(f"skipped: {error}")
-            skipped.append(str(error))
-            continue
-        probability = predict_probability(model, compute_features(image, features), args.tile_size, args.overlap)
-        labels = granules_from_probability(probability, args.threshold, args.min_size)
+    settings = (checkpoint["args"]["features"], args.tile_size, args.overlap, args.threshold, args.min_size, ctx)
+    for image_path, image, mask, _, _, labels in segment(model, pairs, *settings, skipped):
         tifffile.imwrite(
             out_dir / "masks" / f"{image_path.stem}.tif", ((labels > 0) * 255).astype(np.uint8), compression="zlib"
         )
@@ -134,7 +225,7 @@ def main(args):
                 granule_f1=result["object"]["f1"],
             )
         summary_rows.append(summary)
-        print(f"{image_path.name}: {len(rows)} granules")
+        tqdm.write(f"{image_path.name}: {len(rows)} granules")
     area_columns = ["area_px", "area_um2"] if args.pixel_size else ["area_px"]
     write_csv(
         out_dir / "granules.csv",
@@ -163,7 +254,7 @@ def main(args):
         )
     report["skipped"] = skipped
     report["seconds"] = time.time() - started
-    (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "evaluation_report.json", report)
     print(f"wrote {out_dir}")
     if skipped:
         raise SystemExit(
@@ -173,24 +264,33 @@ def main(args):
     return out_dir
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     add = p.add_argument
     add("checkpoint", help="a run folder (its best_model.pth) or a .pth file")
-    add("--images", help="folder of images (default: the run's validation images)")
+    add("--images", help="folder of images; without it, the run's validation images")
     add("--masks", help="folder of masks with the same basenames: adds scores")
     add("--pixel_size", "--pixel-size", type=float, help="pixel size in micrometres: adds areas in um^2")
-    add("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
-    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")
-    add("--tile_size", "--tile-size", type=int, default=256, help="inference tile, multiple of 16 (256)")
-    add("--overlap", type=int, default=64, help="overlap of neighbouring tiles in px (64)")
-    add(
-        "--output_dir",
-        "--output-dir",
-        help="a new predictions_<timestamp> folder is made in here (default: the checkpoint's folder)",
-    )
+    add("--threshold", type=float, default=0.5, help="granule probability threshold")
+    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
+    add("--tile_size", "--tile-size", type=int, default=256, help="inference tile, multiple of 16")
+    add("--overlap", type=int, default=64, help="overlap of neighbouring tiles in px")
+    add("--output_dir", "--output-dir", help="a new predictions_<timestamp> folder is made in here; without it, the "
+        "checkpoint's folder")  # fmt: skip
+    flag = argparse.BooleanOptionalAction
+    add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); on for CUDA")
+    add("--use-mixed-precision", dest="use_mixed_precision", action=flag, help=argparse.SUPPRESS)  # hidden twin
+    add("--run_report", "--run-report", action="store_true",
+        help="write the run's evaluation_report.json and validation_predictions.png, see above")  # fmt: skip
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Autocast is on where train.py turns it on by default: CUDA."""
+    parser = get_args_parser()
+    parser.set_defaults(use_mixed_precision=pick_device().type == "cuda")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

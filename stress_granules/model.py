@@ -4,6 +4,7 @@ and checkpoint loading shared by train.py, evaluate.py and visualize.py."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from common.metrics import ConfusionMatrix, match_instances
 
 ARCHITECTURE = "unet"
+DOMAIN = "stress_granules"  # the tag of this folder's checkpoints
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -57,6 +60,7 @@ class UNet(nn.Module):
 
 
 def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -81,9 +85,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise SystemExit(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != "stress_granules":
+    if not isinstance(checkpoint, dict) or checkpoint.get("domain") != DOMAIN:
         found = checkpoint.get("domain", "no domain recorded") if isinstance(checkpoint, dict) else type(checkpoint)
-        raise SystemExit(f"{path} is not a stress_granules checkpoint (domain: {found})")
+        raise SystemExit(f"{path} is not a {DOMAIN} checkpoint (domain: {found})")
     if checkpoint.get("arch") != ARCHITECTURE:
         raise SystemExit(f"{path} holds a {checkpoint.get('arch')!r} network; this script builds {ARCHITECTURE!r}")
     model = UNet(**checkpoint["model_args"])
@@ -102,10 +106,17 @@ def _window_weights(size: int) -> Tensor:
 
 @torch.no_grad()
 def predict_probability(
-    model: nn.Module, features: np.ndarray, tile: int = 256, overlap: int = 64, batch_size: int = 4
+    model: nn.Module,
+    features: np.ndarray,
+    tile: int = 256,
+    overlap: int = 64,
+    batch_size: int = 4,
+    ctx=None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Granule probability (H, W) of a whole image from its features (C, H, W): overlapping tiles blended with
-    cosine weights, accumulated on the CPU. Images smaller than a tile are reflect-padded."""
+    cosine weights, accumulated on the CPU. Images smaller than a tile are reflect-padded. ctx: the caller's
+    autocast context (None: full precision); progress: a bar over the tiles of a large image."""
     if tile % 16 or not 0 <= overlap < tile:
         raise ValueError(f"tile {tile} must be a multiple of 16 and overlap {overlap} in 0..tile-1")
     device = next(model.parameters()).device
@@ -120,10 +131,14 @@ def predict_probability(
     corners = [(y, x) for y in ys for x in xs]
     weight = _window_weights(tile)
     total, norm = torch.zeros(ph, pw), torch.zeros(ph, pw)
-    for start in range(0, len(corners), batch_size):
+    starts = range(0, len(corners), batch_size)
+    # a bar only where it helps: an image of many tiles (a few tiles pass too quickly to watch)
+    for start in tqdm(starts, desc="tiles", leave=False, disable=not progress or len(starts) < 16):
         batch = corners[start : start + batch_size]
         crops = torch.cat([image[..., y : y + tile, x : x + tile] for y, x in batch]).to(device)
-        probs = model(crops).float().sigmoid()[:, 0].cpu()
+        with ctx or nullcontext():
+            logits = model(crops)
+        probs = logits.float().sigmoid()[:, 0].cpu()
         for p, (y, x) in zip(probs, batch, strict=True):
             total[y : y + tile, x : x + tile] += p * weight
             norm[y : y + tile, x : x + tile] += weight

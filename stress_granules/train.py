@@ -5,6 +5,7 @@
     python stress_granules/train.py --images DIR --masks DIR --preset improved --epochs 100
     python stress_granules/train.py --resume metrics/robust_gpu_20260101_120000
     torchrun --nproc_per_node=2 stress_granules/train.py --images DIR --masks DIR
+    tensorboard --logdir metrics/
 
 Images and masks pair by basename (8/16-bit TIFF or PNG, any size). Unless --val_images/--val_masks are given,
 --val_fraction of the images (at least one) is held out for validation, chosen with --seed.
@@ -15,12 +16,15 @@ Presets (a flag given on the command line wins over the preset):
     improved  single-scale CLAHE + edge channel; light augmentation; 75 epochs, patience 15; 3 crops; by Dice
 Both: weighted BCE (pos_weight 10) + Focal Tversky + Dice; AdamW; cosine annealing with warm restarts (stepped
 per batch); AMP on CUDA; crops drawn by strategy (granule 30 %, granule edge 20 %, background 15 %, mixed 20 %,
-random 15 %) from a sampler that balances images by granule content.
+random 15 %) from a sampler that balances images by granule content. --demo: a small synthetic set and a small
+network.
 
-Each run writes metrics/<preset>_<gpu|cpu|mps>_<YYYYmmdd_HHMMSS>/: config.json, best_model.pth, last.pth
-(resume), checkpoint_epoch_N.pth (every --save_every epochs), training_history.json, evaluation_report.json
-(validation scores of the best model beside an Otsu-threshold baseline), training_curves.png,
-validation_predictions.png, and <preset>_stress_granule_model.pth (a copy of the best model; --model_path).
+Each run writes metrics/<preset>_<gpu|cpu|mps>_<YYYYmmdd_HHMMSS>/: config.json, split.json (the training and
+validation images), best_model.pth, last.pth (resume), checkpoint_epoch_N.pth (every --save_every epochs),
+training_history.json, training_curves.png, train.log, tensorboard/ (losses, learning rate, validation scores and
+predictions per epoch) and, at the end, from evaluate.py --run_report: evaluation_report.json (validation scores
+of the best model beside an Otsu-threshold baseline) and validation_predictions.png; then
+<preset>_stress_granule_model.pth (a copy of the best model; --model_path).
 """
 
 import sys
@@ -42,39 +46,37 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-from skimage.filters import threshold_otsu
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.losses import CombinedLoss, DiceLoss, FocalTverskyLoss, WeightedBCELoss
-from common.preprocessing import percentile_normalize
 from stress_granules.data import (
     BalancedEpochSampler,
     CropDataset,
+    HelpFormatter,
     feature_channels,
     granule_balance_weights,
     load_features,
     make_sample,
     new_folder,
-    pair_files,
     plot_history,
-    plot_predictions,
-    read_image,
     read_mask,
+    split_pairs,
     write_demo_dataset,
+    write_json,
 )
 from stress_granules.model import (
     ARCHITECTURE,
+    DOMAIN,
     GranuleScores,
     UNet,
     granules_from_probability,
-    load_checkpoint,
     pick_device,
     predict_probability,
 )
 
-DOMAIN = "stress_granules"
 PRESETS = {
     "robust": {
         "features": "multiscale",
@@ -94,6 +96,7 @@ PRESETS = {
 SCHEDULERS = ("CosineAnnealingWarmRestarts", "CosineAnnealingLR")  # from torch.optim.lr_scheduler, by name
 # --demo: small synthetic set and a small network, about two minutes on two CPU cores
 DEMO = {"epochs": 24, "image_size": 128, "base_channels": 16, "batch_size": 8, "lr": 2e-3, "restart_epochs": 24}
+SHOWN_IMAGES = 3  # validation images logged to TensorBoard each epoch (image | truth | prediction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ DEMO = {"epochs": 24, "image_size": 128, "base_channels": 16, "batch_size": 8, "
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, device, epoch, args, state):
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, ctx, loader, device, epoch, args, state):
     """One pass over the crops; the scheduler steps per batch (fractional epochs for warm restarts)."""
     model.train()
     sums, count = {}, 0
@@ -109,7 +112,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
-        with amp_context(device, args):
+        with ctx:
             logits = model(images)
         loss, terms = criterion(logits.float(), masks)
 
@@ -152,29 +155,21 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, devi
 
 
 @torch.no_grad()
-def validate(model, samples, device, args) -> dict:
+def validate(model, samples, ctx, device, args) -> tuple[dict, list]:
     """Whole validation images by tiled inference: pixel scores and granule-level scores (IoU 0.5), summed over
-    images (and over ranks: each rank takes every world_size-th image)."""
+    images (and over ranks: each rank takes every world_size-th image); and the first SHOWN_IMAGES of this rank
+    as (name, image, truth, prediction) for TensorBoard."""
     model.eval()
-    scores = GranuleScores(device, args.min_size)
+    scores, shown = GranuleScores(device, args.min_size), []
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    with amp_context(device, args):
-        for sample in samples[rank::world]:
-            probability = predict_probability(model, sample.features, args.image_size, args.image_size // 4)
-            scores.update(granules_from_probability(probability, args.threshold, args.min_size), sample.mask)
+    for sample in tqdm(samples[rank::world], desc="validation", disable=not is_main(), leave=False):
+        probability = predict_probability(model, sample.features, args.image_size, args.image_size // 4, ctx=ctx)
+        labels = granules_from_probability(probability, args.threshold, args.min_size)
+        scores.update(labels, sample.mask)
+        if len(shown) < SHOWN_IMAGES:
+            shown.append((sample.name, np.asarray(sample.features[0], np.float32), sample.mask > 0, labels > 0))
     scores.all_reduce()
-    return scores.compute()
-
-
-def otsu_baseline(image_paths: list[Path], samples, args) -> dict:
-    """The classical baseline on the same validation images: Otsu's threshold on the percentile-normalised
-    image, objects of at least --min_size pixels."""
-    scores = GranuleScores("cpu", args.min_size)
-    for path, sample in zip(image_paths, samples, strict=True):
-        normalized = percentile_normalize(read_image(path), 1.0, 99.8)
-        binary = (normalized > threshold_otsu(normalized)).astype(np.float32)
-        scores.update(granules_from_probability(binary, 0.5, args.min_size), sample.mask)
-    return scores.compute()
+    return scores.compute(), shown
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,6 +183,7 @@ def setup_device() -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 builds a cache on first use
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return pick_device()
@@ -201,15 +197,23 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def amp_dtype(device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.float16 if device.type == "mps" else torch.bfloat16
+def mixed_precision(device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
+    """nanoGPT's set-up, made once in main and passed to every loop: one autocast context (nullcontext when off)
+    and one GradScaler, which scales only fp16 losses. dtype None: bf16 on the CPU and on GPUs that have it; fp16
+    with the scaler on older GPUs and on Apple MPS (not measured here: fp16 is the type MPS autocast has long had)."""
+    if dtype is None:
+        bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    ctx = torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+    return ctx, scaler
 
 
-def amp_context(device, args):
-    """bf16 autocast where supported, fp16 (with the GradScaler) elsewhere; off unless on."""
-    return torch.autocast(device.type, dtype=amp_dtype(device)) if args.use_mixed_precision else nullcontext()
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Atomic: write a temp file, then rename over the old one, so a kill never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
 
 def build_loss(args) -> CombinedLoss:
@@ -225,8 +229,9 @@ def build_loss(args) -> CombinedLoss:
 
 
 def load_samples(pairs, args, cache_dir: Path, log) -> list:
+    """The images' features, computed once and cached (a bar while the cache fills), with their masks."""
     samples = []
-    for image_path, mask_path in pairs:
+    for image_path, mask_path in tqdm(pairs, desc="features", disable=not is_main(), leave=False):
         feature_path = load_features(image_path, args.features, cache_dir)
         mask = read_mask(mask_path, np.load(feature_path, mmap_mode="r").shape[1:], image_path)
         samples.append(make_sample(image_path.stem, feature_path, mask, args.image_size))
@@ -234,31 +239,377 @@ def load_samples(pairs, args, cache_dir: Path, log) -> list:
     return samples
 
 
-def split_pairs(args, log) -> tuple[list, list]:
-    pairs = pair_files(Path(args.images), Path(args.masks), args.skip_unpaired, log)
-    if args.val_images:
-        return pairs, pair_files(Path(args.val_images), Path(args.val_masks), args.skip_unpaired, log)
-    if len(pairs) < 2:
-        raise SystemExit(f"{args.images} holds one image: give at least two, or --val_images and --val_masks")
-    order = np.random.default_rng(args.seed).permutation(len(pairs))
-    n_val = min(len(pairs) - 1, max(1, round(args.val_fraction * len(pairs))))
-    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+# ----------------------------------------------------------------------------------------------------------------
+# The phases of main, in the order main runs them
+# ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_args(args, device) -> argparse.Namespace:
-    """Fill the options left unset (None) from --demo and the preset, and check them."""
-    if args.demo:
-        for key, value in DEMO.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    defaults = {"image_size": 256, "batch_size": 4, "lr": 1e-4, "base_channels": 32, "restart_epochs": 10}
-    for key, value in {**defaults, **PRESETS[args.preset]}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.use_mixed_precision is None:
-        args.use_mixed_precision = device.type == "cuda"
-    if args.channels_last is None:  # faster convolutions on the CPU (benchmarks/RESULTS.md) and CUDA; MPS unmeasured
-        args.channels_last = device.type in ("cpu", "cuda")
+def resume_or_start(args, log) -> tuple[argparse.Namespace, dict | None]:
+    """A new run: its checked arguments and no checkpoint. --resume: the run's last.pth and its stored arguments
+    (they win; the flags given with --resume are named and ignored, except --num_workers, and --epochs and
+    --early_stopping_patience, which may extend the run)."""
+    if not args.resume:
+        return check_args(args), None
+    path = Path(args.resume)
+    path = path / "last.pth" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--resume {args.resume}: no last.pth there")
+    if path.name != "last.pth":
+        raise SystemExit(
+            f"--resume {path}: resume from a run's last.pth (continuing from an older checkpoint "
+            f"would overwrite the later files of that run)"
+        )
+    resume = torch.load(path, map_location="cpu", weights_only=True)
+    if resume.get("domain") != DOMAIN or "optimizer" not in resume:
+        raise SystemExit(f"--resume {path}: not a {DOMAIN} training checkpoint (last.pth of a run)")
+    given = given_flags(args)
+    extendable = ("epochs", "early_stopping_patience")
+    ignored = [k for k in given if k not in extendable]
+    if ignored:
+        log(f"--resume continues with the run's stored settings; ignoring --{', --'.join(ignored)}")
+    stored = argparse.Namespace(**resume["args"])
+    for key in extendable:
+        if key in given:
+            setattr(stored, key, getattr(args, key))
+    stored.resume, stored.num_workers = str(path), args.num_workers
+    return stored, resume
+
+
+def given_flags(args) -> list[str]:
+    """The flags of a --resume command line that differ from what parse_args gives for its --preset and --demo
+    (a value equal to that default cannot be told from an absent flag)."""
+    selectors = ["--preset", args.preset, *(["--demo"] if args.demo else [])]
+    plain, reference = vars(parse_args([])), vars(parse_args(selectors))
+    changed = [k for k, v in vars(args).items() if k not in ("resume", "num_workers") and v != reference.get(k)]
+    return [k for k in ("preset", "demo") if vars(args)[k] != plain[k]] + changed
+
+
+def load_data(args, log) -> tuple[list, list, list, list]:
+    """The image/mask pairs (the demo's synthetic set written first), their train/validation split and the
+    samples with cached features, rank 0 first (the others then read the cache). Bad input stops the run here,
+    before any folder is made."""
+    if args.demo and args.images is None:
+        root = Path(args.output_dir) / "demo_data" / "v2_16_images"
+        if is_main():
+            write_demo_dataset(root)
+        if dist.is_initialized():
+            dist.barrier()
+        args.images, args.masks = str(root / "images"), str(root / "masks")
+    args.output_dir = str(Path(args.output_dir).resolve())
+    args.cache_dir = str(Path(args.cache_dir or Path(args.output_dir) / "cache").resolve())
+    for key in ("images", "masks", "val_images", "val_masks"):
+        if getattr(args, key):
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    train_pairs, val_pairs = split_pairs(args, log)
+    if is_main():  # rank 0 computes the feature cache, the others read it
+        samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
+    if dist.is_initialized():
+        dist.barrier()
+        if not is_main():
+            samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
+    train_samples, val_samples = samples
+    if not any(s.mask.any() for s in train_samples):
+        raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
+    if not any(s.mask.any() for s in val_samples):
+        raise SystemExit(
+            "no validation mask contains a granule, so no model can be selected: give --val_images "
+            "and --val_masks, or another --seed for the random split"
+        )
+    return train_pairs, val_pairs, train_samples, val_samples
+
+
+def start_run(args, resume, device, train_pairs, val_pairs) -> Path | None:
+    """The run folder (rank 0; a resumed run keeps its own) with config.json and split.json, and train.log."""
+    if resume is not None:
+        run_dir = Path(args.resume).parent
+    elif is_main():
+        device_name = "gpu" if device.type == "cuda" else device.type
+        run_dir = new_folder(Path(args.output_dir), f"{args.preset}_{device_name}")
+        args.run_dir = str(run_dir)
+        write_json(run_dir / "config.json", vars(args))
+        split = {"train": [str(p) for p, _ in train_pairs], "val": [str(p) for p, _ in val_pairs]}
+        write_json(run_dir / "split.json", split)  # evaluate.py and visualize.py score exactly these images
+    else:
+        return None
+    if is_main():
+        logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
+    return run_dir
+
+
+def build_model(args, device) -> tuple[torch.nn.Module, dict]:
+    """The U-Net (channels-last, SyncBatchNorm and DDP where they apply) and its constructor arguments."""
+    model_args = {"in_channels": feature_channels(args.features), "base_channels": args.base_channels}
+    model_args["dropout"] = args.dropout
+    model = UNet(**model_args).to(device)
+    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
+        model = model.to(memory_format=torch.channels_last)
+    if dist.is_initialized():
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model_args
+
+
+def make_loader(train_samples, args, device) -> tuple[DataLoader, BalancedEpochSampler]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    train_set = CropDataset(train_samples, args.image_size, args.crops_per_image, args.preset, args.augment)
+    weights = granule_balance_weights(train_samples, args.crops_per_image)
+    sampler = BalancedEpochSampler(weights, args.seed, rank, world)
+    # persistent workers: the dataset goes to each worker once per run, not once per epoch
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator(),  # its own: creating the iterator must not consume the global RNG (dropout)
+        pin_memory=device.type == "cuda",
+        drop_last=len(sampler) > args.batch_size,  # keeps BatchNorm away from a last batch of one
+    )
+    return loader, sampler
+
+
+def make_scheduler(optimizer, args):
+    """Stepped per batch with fractional epochs. CosineAnnealingWarmRestarts (SGDR, Loshchilov & Hutter 2017):
+    cosine from lr to lr * min_lr_factor over restart_epochs, then again over a period restart_mult times longer.
+    CosineAnnealingLR: one cosine over all epochs."""
+    if args.scheduler == "CosineAnnealingWarmRestarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=args.restart_epochs, T_mult=args.restart_mult, eta_min=args.lr * args.min_lr_factor
+        )
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=args.epochs, eta_min=args.lr * args.min_lr_factor
+    )
+
+
+def log_banner(log, args, device, run_dir, train_samples, val_samples) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    log(f"run folder {run_dir} on {device} ({world} process(es)); {len(train_samples)} training and "
+        f"{len(val_samples)} validation images")  # fmt: skip
+    log(f"preset {args.preset}: features {args.features}, {args.crops_per_image} crops of {args.image_size} px per "
+        f"image, batch {args.batch_size}, lr {args.lr:g}, best model by {args.selection_metric}, mixed precision "
+        f"{args.use_mixed_precision}")  # fmt: skip
+
+
+def select(state: dict, val_stats: dict, args) -> bool:
+    """The selection metric of this epoch against the best so far; updates best and the patience counter."""
+    score = val_stats["object"]["f1"] if args.selection_metric == "f1" else val_stats["pixel"]["dice"]
+    score = -math.inf if math.isnan(score) else score
+    improved = score > state["best"] + args.min_delta or state["best"] == -math.inf  # the first epoch gives a best
+    state["best"], state["patience"] = (score, 0) if improved else (state["best"], state["patience"] + 1)
+    return improved
+
+
+def checkpoint(model, model_args, args, **extra) -> dict:
+    """Plain data: evaluate.py and visualize.py rebuild the U-Net from model_args."""
+    return {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "args": vars(args),
+            "model": unwrap(model).state_dict(), **extra}  # fmt: skip
+
+
+def save_epoch(run_dir, model, model_args, args, state, optimizer, scheduler, scaler, val_stats, improved) -> None:
+    """best_model.pth (by --selection_metric), last.pth, checkpoint_epoch_N.pth, the history and its figure."""
+    epoch = state["epoch"]
+    if improved:
+        metric = {args.selection_metric: state["best"]}
+        save_checkpoint(run_dir / "best_model.pth", checkpoint(model, model_args, args, epoch=epoch, val=val_stats,
+                                                               metric=metric))  # fmt: skip
+    progress = {k: state[k] for k in ("epoch", "best", "patience", "history")}
+    optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+    last = checkpoint(model, model_args, args, **progress, **optim)
+    save_checkpoint(run_dir / "last.pth", last)
+    if epoch % args.save_every == 0:
+        save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pth", last)
+    write_json(run_dir / "training_history.json", state["history"])
+    plot_history(state["history"], run_dir / "training_curves.png")
+
+
+def log_tensorboard(writer: SummaryWriter, entry: dict, shown: list) -> None:
+    """Every loss term, the learning rate, the validation scores (granule counts left out) and the shown
+    validation images as image | truth | prediction, at step = epoch."""
+    step = entry["epoch"]
+    for name, value in entry["train"].items():
+        writer.add_scalar(f"train/{name}", value, step)
+    writer.add_scalar("lr", entry["lr"], step)
+    for group, prefix in (("pixel", "pixel_"), ("object", "granule_")):
+        for name, value in entry["val"][group].items():
+            if name not in ("tp", "fp", "fn"):
+                writer.add_scalar(f"val/{prefix}{name}", value, step)
+    for name, image, truth, prediction in shown:
+        gap = np.ones((image.shape[0], 4), np.float32)
+        panel = np.concatenate([np.clip(image, 0, 1), gap, truth, gap, prediction], axis=1).astype(np.float32)
+        writer.add_image(f"val/{name}", panel, step, dataformats="HW")
+    writer.flush()
+
+
+def final_report(run_dir: Path, args, log) -> None:
+    """evaluate.py --run_report scores the best model on the validation images beside Otsu's threshold and draws
+    them (evaluation_report.json, validation_predictions.png); then the copy of the best model."""
+    from stress_granules import evaluate  # imported here: evaluate imports this module
+
+    flags = [str(run_dir), "--run_report", "--tile_size", str(args.image_size), "--overlap", str(args.image_size // 4)]
+    flags += ["--threshold", str(args.threshold), "--min_size", str(args.min_size)]
+    flags.append("--use_mixed_precision" if args.use_mixed_precision else "--no-use_mixed_precision")
+    evaluate.main(evaluate.parse_args(flags))
+    report = json.loads((run_dir / "evaluation_report.json").read_text())
+    model_path = Path(args.model_path) if args.model_path else run_dir / f"{args.preset}_stress_granule_model.pth"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "best_model.pth", model_path.with_suffix(".tmp"))
+    os.replace(model_path.with_suffix(".tmp"), model_path)
+    log(
+        f"validation granule F1 {report['model']['object']['f1']:.4f} (Otsu baseline "
+        f"{report['otsu_baseline']['object']['f1']:.4f}), Dice {report['model']['pixel']['dice']:.4f} (Otsu "
+        f"{report['otsu_baseline']['pixel']['dice']:.4f}); best model copied to {model_path}"
+    )
+    log(f"next: python stress_granules/evaluate.py {run_dir} --images NEW_IMAGES")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    device = setup_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", handlers=[logging.StreamHandler(sys.stdout)], force=True
+    )
+    log = logging.info if is_main() else (lambda *a: None)
+    args, resume = resume_or_start(args, log)
+    if resume is not None and (resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience):
+        log(
+            f"{Path(args.resume).parent} finished already (epoch {resume['epoch']} of {args.epochs}); nothing to resume"
+        )
+        return Path(args.resume).parent
+    torch.manual_seed(args.seed)
+    ctx, scaler = mixed_precision(device, args.use_mixed_precision)
+
+    train_pairs, val_pairs, train_samples, val_samples = load_data(args, log)
+    run_dir = start_run(args, resume, device, train_pairs, val_pairs)
+    if is_main():
+        log_banner(log, args, device, run_dir, train_samples, val_samples)
+    model, model_args = build_model(args, device)
+    criterion = build_loss(args).to(device)
+    loader, sampler = make_loader(train_samples, args, device)
+    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args)
+
+    state = {"epoch": 0, "best": -math.inf, "patience": 0, "history": [], "nan_steps": 0}
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        state.update({k: resume[k] for k in ("epoch", "best", "patience", "history")})
+        log(f"resumed from {args.resume} at epoch {state['epoch'] + 1}")
+    writer = None
+    if is_main():  # a resumed run appends to its own folder, dropping what the killed run logged after last.pth
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state["epoch"] + 1)
+
+    for epoch in range(state["epoch"], args.epochs):
+        started = time.time()
+        # Everything random in an epoch derives from (seed, epoch), so a resumed run repeats it exactly.
+        torch.manual_seed(args.seed * 1000 + epoch + 100_003 * rank)  # dropout; the crops follow the sampler
+        sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, optimizer, scheduler, scaler, ctx, loader, device, epoch, args, state
+        )
+        if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
+            for buffer in unwrap(model).buffers():
+                dist.broadcast(buffer, 0)
+        val_stats, shown = validate(unwrap(model), val_samples, ctx, device, args)
+        improved = select(state, val_stats, args)
+        lr, seconds = optimizer.param_groups[0]["lr"], time.time() - started
+        entry = {"epoch": epoch + 1, "lr": lr, "train": train_stats, "val": val_stats, "seconds": seconds}
+        state["history"].append(entry)
+        state["epoch"] = epoch + 1
+        if is_main():
+            log(
+                f"epoch {epoch + 1}/{args.epochs}  loss {train_stats.get('loss', float('nan')):.4f}  "
+                f"val Dice {val_stats['pixel']['dice']:.4f}  granule F1 {val_stats['object']['f1']:.4f}"
+                f"{'  (best)' if improved else ''}  lr {lr:.2e}  {seconds:.0f}s"
+            )
+            save_epoch(run_dir, model, model_args, args, state, optimizer, scheduler, scaler, val_stats, improved)
+            log_tensorboard(writer, entry, shown)
+        if state["patience"] >= args.early_stopping_patience:
+            log(f"early stopping: no better validation {args.selection_metric} for {state['patience']} epochs")
+            break
+
+    if writer is not None:
+        writer.close()
+    # The final report is rank 0's alone: leave the process group first, so evaluate.py scores every image itself.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if run_dir is not None and rank == 0:
+        final_report(run_dir, args, log)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
+    add = p.add_argument
+    flag = argparse.BooleanOptionalAction
+    add("--images", help="folder of images (8/16-bit TIFF or PNG)")
+    add("--masks", help="folder of masks with the same basenames (0 = background, >0 = granule)")
+    add("--val_images", "--val-images", help="validation images; without them --val_fraction of --images")
+    add("--val_masks", "--val-masks", help="validation masks for --val_images")
+    add("--val_fraction", "--val-fraction", type=float, default=0.2, help="share of images held out")
+    add("--skip_unpaired", "--skip-unpaired", action="store_true",
+        help="skip images without a mask (and masks without an image) instead of stopping")  # fmt: skip
+    add("--demo", action="store_true", help="write synthetic 16-bit cell images into OUTPUT_DIR/demo_data and train")
+    add("--preset", choices=sorted(PRESETS), default="robust", help="sets --epochs, --features and the rest, see above")
+    add("--epochs", type=int, help="epochs")
+    add("--early_stopping_patience", "--early-stopping-patience", "--patience", type=int,
+        help="epochs without a better validation score before stopping")  # fmt: skip
+    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest gain that counts as better")
+    add("--selection_metric", "--selection-metric", choices=["f1", "dice"],
+        help="best model by granule F1 or pixel Dice")  # fmt: skip
+    add("--crops_per_image", "--crops-per-image", type=int, help="crops per image and epoch")
+    add("--augment", action=flag, default=True, help="the augmentations of the preset")
+    add("--features", choices=["multiscale", "clahe", "raw"],
+        help="input channels: CLAHE x3 + edge, CLAHE + edge, or the normalised image alone")  # fmt: skip
+    add("--scheduler", default="CosineAnnealingWarmRestarts", help=f"{' or '.join(SCHEDULERS)}; steps per batch")
+    add("--image_size", "--image-size", type=int, default=256, help="crop size, multiple of 16")
+    add("--batch_size", "--batch-size", type=int, default=4, help="crops per batch and process")
+    add("--lr", type=float, default=1e-4, help="learning rate")
+    add("--weight_decay", "--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--restart_epochs", "--restart-epochs", type=int, default=10, help="epochs of the first cosine cycle")
+    add("--restart_mult", "--restart-mult", type=int, default=2, help="each cycle this many times longer")
+    add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="lowest lr = lr * this")
+    add("--base_channels", "--base-channels", type=int, default=32, help="U-Net width of the first level")
+    add("--dropout", type=float, default=0.1, help="dropout at the U-Net bottleneck")
+    add("--pos_weight", "--pos-weight", type=float, default=10.0, help="BCE weight of granule pixels")
+    add("--bce_weight", "--bce-weight", type=float, default=1.0, help="weight of the BCE term")
+    add("--focal_tversky_weight", "--focal-tversky-weight", type=float, default=1.0, help="Focal Tversky weight")
+    add("--dice_weight", "--dice-weight", type=float, default=1.0, help="weight of the Dice term")
+    add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off")
+    add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 + GradScaler); on for CUDA")
+    add("--channels_last", action=flag, help="channels-last memory format for the convolutions; on for CPU and CUDA")
+    for name in ("use_mixed_precision", "channels_last"):  # the - spelling: a hidden twin, off the usage line
+        add(f"--{name.replace('_', '-')}", dest=name, action=flag, help=argparse.SUPPRESS)
+    add("--threshold", type=float, default=0.5, help="granule probability threshold")
+    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
+    add("--output_dir", "--output-dir", default="metrics", help="each run gets a new folder in here")
+    add("--model_path", "--model-path", help="where the copy of the best model goes; without it, the run folder")
+    add("--cache_dir", "--cache-dir", help="feature cache; without it OUTPUT_DIR/cache")
+    add("--save_every", "--save-every", type=int, default=10, help="keep checkpoint_epoch_N.pth every N epochs")
+    add("--resume", help="a run folder or its last.pth: continue that run")
+    add("--seed", type=int, default=42, help="random seed")
+    add("--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader workers")
+    add("--max_nan_steps", "--max-nan-steps", type=int, default=5, help="stop after this many NaN losses in a row")
+    # the robust preset's values (parse_args sets the chosen preset's), and the CPU's: fp32, channels-last
+    p.set_defaults(**PRESETS["robust"], use_mixed_precision=False, channels_last=True)
+    return p
+
+
+def check_args(args) -> argparse.Namespace:
     if args.image_size % 16:
         raise SystemExit(f"--image_size {args.image_size} must be a multiple of 16")
     for key in ("save_every", "crops_per_image", "batch_size", "restart_epochs"):
@@ -275,347 +626,17 @@ def resolve_args(args, device) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Atomic: a temp file, then a rename, so a kill never leaves half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def main(args):
-    device = setup_device()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", handlers=[logging.StreamHandler(sys.stdout)], force=True
-    )
-    log = logging.info if is_main() else (lambda *a: None)
-    resume = None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.pth" if path.is_dir() else path
-        if not path.is_file():
-            raise SystemExit(f"--resume {args.resume}: no last.pth there")
-        if path.name != "last.pth":
-            raise SystemExit(
-                f"--resume {path}: resume from a run's last.pth (continuing from an older checkpoint "
-                f"would overwrite the later files of that run)"
-            )
-        resume = torch.load(path, map_location="cpu", weights_only=True)
-        if resume.get("domain") != DOMAIN or "optimizer" not in resume:
-            raise SystemExit(f"--resume {path}: not a stress_granules training checkpoint (last.pth of a run)")
-        # The run continues with its own settings; --epochs and --early_stopping_patience may extend it.
-        defaults = vars(get_args_parser().parse_args([]))
-        extendable = ("epochs", "early_stopping_patience")
-        ignored = [
-            k for k, v in vars(args).items() if k not in ("resume", "num_workers", *extendable) and v != defaults.get(k)
-        ]
-        if ignored:
-            log(f"--resume continues with the run's stored settings; ignoring --{', --'.join(ignored)}")
-        stored = argparse.Namespace(**resume["args"])
-        for key in extendable:
-            if getattr(args, key) is not None:
-                setattr(stored, key, getattr(args, key))
-        stored.resume, stored.num_workers = str(path), args.num_workers
-        args = stored
-        if resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience:
-            log(f"{path.parent} finished already (epoch {resume['epoch']} of {args.epochs}); nothing to resume")
-            return path.parent
-    else:
-        args = resolve_args(args, device)
-    torch.manual_seed(args.seed)
-
-    # Data first: bad input stops the run before any folder is created.
-    if args.demo and args.images is None:
-        root = Path(args.output_dir) / "demo_data" / "v2_16_images"
-        if is_main():
-            write_demo_dataset(root)
-        if dist.is_initialized():
-            dist.barrier()
-        args.images, args.masks = str(root / "images"), str(root / "masks")
-    args.output_dir = str(Path(args.output_dir).resolve())
-    args.cache_dir = str(Path(args.cache_dir or Path(args.output_dir) / "cache").resolve())
-    for key in ("images", "masks", "val_images", "val_masks"):
-        if getattr(args, key):
-            setattr(args, key, str(Path(getattr(args, key)).resolve()))
-    train_pairs, val_pairs = split_pairs(args, log)
-    if is_main():  # rank 0 computes the feature cache, the others read it
-        train_samples = load_samples(train_pairs, args, Path(args.cache_dir), log)
-        val_samples = load_samples(val_pairs, args, Path(args.cache_dir), log)
-    if dist.is_initialized():
-        dist.barrier()
-        if not is_main():
-            train_samples = load_samples(train_pairs, args, Path(args.cache_dir), log)
-            val_samples = load_samples(val_pairs, args, Path(args.cache_dir), log)
-    if not any(s.mask.any() for s in train_samples):
-        raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
-    if not any(s.mask.any() for s in val_samples):
-        raise SystemExit(
-            "no validation mask contains a granule, so no model can be selected: give --val_images "
-            "and --val_masks, or another --seed for the random split"
-        )
-
-    run_dir = None
-    if resume is not None:
-        run_dir = Path(args.resume).parent
-    elif is_main():
-        device_name = "gpu" if device.type == "cuda" else device.type
-        run_dir = new_folder(Path(args.output_dir), f"{args.preset}_{device_name}")
-        args.run_dir = str(run_dir)
-        write_json(run_dir / "config.json", vars(args))
-    if is_main():
-        logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
-        log(
-            f"run folder {run_dir} on {device} ({world} process(es)); {len(train_samples)} training and "
-            f"{len(val_samples)} validation images"
-        )
-
-    model_args = {
-        "in_channels": feature_channels(args.features),
-        "base_channels": args.base_channels,
-        "dropout": args.dropout,
-    }
-    model = UNet(**model_args).to(device)
-    if getattr(args, "channels_last", False):  # runs stored before the flag resume without it
-        model = model.to(memory_format=torch.channels_last)
-    if dist.is_initialized():
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    criterion = build_loss(args).to(device)
-    train_set = CropDataset(train_samples, args.image_size, args.crops_per_image, args.preset, args.augment)
-    weights = granule_balance_weights(train_samples, args.crops_per_image)
-    sampler = BalancedEpochSampler(weights, args.seed, rank, world)
-    per_rank = len(sampler)
-    # persistent workers: the dataset goes to each worker once per run, not once per epoch
-    loader = DataLoader(
-        train_set,
-        args.batch_size,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator(),  # its own: creating the iterator must not consume the global RNG (dropout)
-        pin_memory=device.type == "cuda",
-        drop_last=per_rank > args.batch_size,  # keeps BatchNorm away from a last batch of one
-    )
-    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # Stepped per batch with fractional epochs. CosineAnnealingWarmRestarts (SGDR, Loshchilov & Hutter 2017):
-    # cosine from lr to lr * min_lr_factor over restart_epochs, then again over a period restart_mult times
-    # longer. CosineAnnealingLR: one cosine over all epochs.
-    if args.scheduler == "CosineAnnealingWarmRestarts":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=args.restart_epochs, T_mult=args.restart_mult, eta_min=args.lr * args.min_lr_factor
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=args.epochs, eta_min=args.lr * args.min_lr_factor
-        )
-    use_fp16 = args.use_mixed_precision and amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
-
-    start_epoch, best, patience, history = 0, -math.inf, 0, []
-    state = {"nan_steps": 0}
-    if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        start_epoch, best, patience, history = resume["epoch"], resume["best"], resume["patience"], resume["history"]
-        log(f"resumed from {args.resume} at epoch {start_epoch + 1}")
-
-    def checkpoint(**extra) -> dict:
-        return {
-            "domain": DOMAIN,
-            "arch": ARCHITECTURE,
-            "model_args": model_args,
-            "args": vars(args),
-            "model": unwrap(model).state_dict(),
-            **extra,
-        }
-
-    for epoch in range(start_epoch, args.epochs):
-        started = time.time()
-        # Everything random in an epoch derives from (seed, epoch), so a resumed run repeats it exactly.
-        torch.manual_seed(args.seed * 1000 + epoch + 100_003 * rank)  # dropout; the crops follow the sampler
-        sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, optimizer, scheduler, scaler, loader, device, epoch, args, state
-        )
-        if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
-            for buffer in unwrap(model).buffers():
-                dist.broadcast(buffer, 0)
-        val_stats = validate(unwrap(model), val_samples, device, args)
-        score = val_stats["object"]["f1"] if args.selection_metric == "f1" else val_stats["pixel"]["dice"]
-        score = -math.inf if math.isnan(score) else score
-        improved = score > best + args.min_delta or best == -math.inf  # the first epoch always gives a best
-        best, patience = (score, 0) if improved else (best, patience + 1)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train": train_stats,
-                "val": val_stats,
-                "seconds": time.time() - started,
-            }
-        )
-        if is_main():
-            log(
-                f"epoch {epoch + 1}/{args.epochs}  loss {train_stats.get('loss', float('nan')):.4f}  "
-                f"val Dice {val_stats['pixel']['dice']:.4f}  granule F1 {val_stats['object']['f1']:.4f}"
-                f"{'  (best)' if improved else ''}  lr {history[-1]['lr']:.2e}  {history[-1]['seconds']:.0f}s"
-            )
-            if improved:
-                save_checkpoint(
-                    run_dir / "best_model.pth",
-                    checkpoint(epoch=epoch + 1, val=val_stats, metric={args.selection_metric: score}),
-                )
-            state_dict = checkpoint(
-                epoch=epoch + 1,
-                best=best,
-                patience=patience,
-                history=history,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-            )
-            save_checkpoint(run_dir / "last.pth", state_dict)
-            if (epoch + 1) % args.save_every == 0:
-                save_checkpoint(run_dir / f"checkpoint_epoch_{epoch + 1}.pth", state_dict)
-            write_json(run_dir / "training_history.json", history)
-            plot_history(history, run_dir / "training_curves.png")
-        if patience >= args.early_stopping_patience:
-            log(f"early stopping: no better validation {args.selection_metric} for {patience} epochs")
-            break
-
-    # The final report is rank 0's alone: leave the process group first, so validate() scores every image itself.
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    if run_dir is not None and rank == 0:
-        best_model, best_checkpoint = load_checkpoint(run_dir / "best_model.pth", device)
-        report = {
-            "selection_metric": args.selection_metric,
-            "best_epoch": best_checkpoint["epoch"],
-            "validation_images": [str(p) for p, _ in val_pairs],
-            "model": validate(best_model, val_samples, device, args),
-            "otsu_baseline": otsu_baseline([p for p, _ in val_pairs], val_samples, args),
-        }
-        write_json(run_dir / "evaluation_report.json", report)
-        rows = []
-        for sample in val_samples[:4]:
-            probability = predict_probability(best_model, sample.features, args.image_size, args.image_size // 4)
-            rows.append(
-                {
-                    "name": sample.name,
-                    "image": np.asarray(sample.features[0], np.float32),
-                    "mask": sample.mask,
-                    "probability": probability,
-                    "labels": granules_from_probability(probability, args.threshold, args.min_size),
-                }
-            )
-        plot_predictions(rows, run_dir / "validation_predictions.png")
-        model_path = Path(args.model_path) if args.model_path else run_dir / f"{args.preset}_stress_granule_model.pth"
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "best_model.pth", model_path.with_suffix(".tmp"))
-        os.replace(model_path.with_suffix(".tmp"), model_path)
-        log(
-            f"validation granule F1 {report['model']['object']['f1']:.4f} (Otsu baseline "
-            f"{report['otsu_baseline']['object']['f1']:.4f}), Dice {report['model']['pixel']['dice']:.4f} (Otsu "
-            f"{report['otsu_baseline']['pixel']['dice']:.4f}); best model copied to {model_path}"
-        )
-        log(f"next: python stress_granules/evaluate.py {run_dir} --images NEW_IMAGES")
-    return run_dir
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Options left at None are filled from --demo and --preset."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add = p.add_argument
-    add("--images", help="folder of images (8/16-bit TIFF or PNG)")
-    add("--masks", help="folder of masks with the same basenames (0 = background, >0 = granule)")
-    add("--val_images", "--val-images", help="validation images (default: --val_fraction of --images)")
-    add("--val_masks", "--val-masks", help="validation masks for --val_images")
-    add("--val_fraction", "--val-fraction", type=float, default=0.2, help="share of images held out (0.2)")
-    add(
-        "--skip_unpaired",
-        "--skip-unpaired",
-        action="store_true",
-        help="skip images without a mask (and masks without an image) instead of stopping",
-    )
-    add("--demo", action="store_true", help="write synthetic 16-bit cell images into OUTPUT_DIR/demo_data and train")
-    add("--preset", choices=sorted(PRESETS), default="robust", help="robust (default) or improved, see above")
-    add("--epochs", type=int, help="epochs (robust 200, improved 75; --demo 24)")
-    add(
-        "--early_stopping_patience",
-        "--early-stopping-patience",
-        "--patience",
-        type=int,
-        help="epochs without a better validation score before stopping (robust 30, improved 15)",
-    )
-    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest gain that counts as better (0)")
-    add(
-        "--selection_metric",
-        "--selection-metric",
-        choices=["f1", "dice"],
-        help="best model by granule F1 (robust) or pixel Dice (improved)",
-    )
-    add("--crops_per_image", "--crops-per-image", type=int, help="crops per image and epoch (robust 5, improved 3)")
-    add("--augment", action=argparse.BooleanOptionalAction, default=True, help="augmentations of the preset (on)")
-    add(
-        "--features",
-        choices=["multiscale", "clahe", "raw"],
-        help="input channels: CLAHE x3 + edge (robust), CLAHE + edge (improved), or the normalised image alone",
-    )
-    add("--scheduler", default="CosineAnnealingWarmRestarts", help=f"{' or '.join(SCHEDULERS)}; steps per batch")
-    add("--image_size", "--image-size", type=int, help="crop size, multiple of 16 (256; --demo 128)")
-    add("--batch_size", "--batch-size", type=int, help="crops per batch and process (4)")
-    add("--lr", type=float, help="learning rate (1e-4)")
-    add("--weight_decay", "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (1e-4)")
-    add("--restart_epochs", "--restart-epochs", type=int, help="epochs of the first cosine cycle (10)")
-    add("--restart_mult", "--restart-mult", type=int, default=2, help="each cycle this many times longer (2)")
-    add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="lowest lr = lr * this (0.01)")
-    add("--base_channels", "--base-channels", type=int, help="U-Net width of the first level (32; --demo 16)")
-    add("--dropout", type=float, default=0.1, help="dropout at the U-Net bottleneck (0.1)")
-    add("--pos_weight", "--pos-weight", type=float, default=10.0, help="BCE weight of granule pixels (10)")
-    add("--bce_weight", "--bce-weight", type=float, default=1.0, help="weight of the BCE term (1)")
-    add("--focal_tversky_weight", "--focal-tversky-weight", type=float, default=1.0, help="Focal Tversky weight (1)")
-    add("--dice_weight", "--dice-weight", type=float, default=1.0, help="weight of the Dice term (1)")
-    add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off (1)")
-    add(
-        "--use_mixed_precision",
-        "--use-mixed-precision",
-        action=argparse.BooleanOptionalAction,
-        help="autocast (bf16, or fp16 + GradScaler); default: on for CUDA only",
-    )
-    add(
-        "--channels_last",
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        help="channels-last memory format for the convolutions; default: on for CPU and CUDA",
-    )
-    add("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
-    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")
-    add("--output_dir", "--output-dir", default="metrics", help="each run gets a new folder in here (metrics)")
-    add("--model_path", "--model-path", help="where the copy of the best model goes (default: inside the run folder)")
-    add("--cache_dir", "--cache-dir", help="feature cache (default OUTPUT_DIR/cache)")
-    add("--save_every", "--save-every", type=int, default=10, help="keep checkpoint_epoch_N.pth every N epochs (10)")
-    add("--resume", help="a run folder or its last.pth: continue that run")
-    add("--seed", type=int, default=42, help="random seed (42)")
-    add("--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader workers")
-    add("--max_nan_steps", "--max-nan-steps", type=int, default=5, help="stop after this many NaN losses in a row")
-    return p
+def parse_args(argv=None) -> argparse.Namespace:
+    """timm's pattern: --preset and --demo are read first and set the parser's defaults, so --help shows what a run
+    will use. AMP is on for CUDA (the CPU and MPS train in fp32 unless --use_mixed_precision is given); channels-last
+    convolutions are faster on the CPU (benchmarks/RESULTS.md) and CUDA, MPS is unmeasured."""
+    chosen, _ = get_args_parser(add_help=False).parse_known_args(argv)
+    device = pick_device()
+    parser = get_args_parser()
+    devices = {"use_mixed_precision": device.type == "cuda", "channels_last": device.type in ("cpu", "cuda")}
+    parser.set_defaults(**{**PRESETS[chosen.preset], **devices, **(DEMO if chosen.demo else {})})
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

@@ -24,15 +24,9 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from stress_granules.data import compute_features, list_images, plot_history, plot_predictions, read_image, read_mask
-from stress_granules.evaluate import image_list
-from stress_granules.model import (
-    find_checkpoint,
-    granules_from_probability,
-    load_checkpoint,
-    pick_device,
-    predict_probability,
-)
+from stress_granules.data import HelpFormatter, list_images, plot_history, plot_predictions
+from stress_granules.evaluate import figure_row, image_list, segment
+from stress_granules.model import find_checkpoint, load_checkpoint, pick_device
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -76,21 +70,12 @@ def show_predictions(args) -> Path:
     else:
         rng = np.random.default_rng(args.seed)
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), min(args.n, len(pairs)), replace=False))]
-    tile = checkpoint["args"]["image_size"]
-    rows = []
-    for image_path, mask_path in pairs:
-        image = read_image(image_path)
-        features = compute_features(image, checkpoint["args"]["features"])
-        probability = predict_probability(model, features, tile, tile // 4)
-        rows.append(
-            {
-                "name": image_path.stem,
-                "image": features[0],
-                "probability": probability,
-                "labels": granules_from_probability(probability, args.threshold, args.min_size),
-                "mask": read_mask(mask_path, image.shape, image_path) if mask_path else None,
-            }
-        )
+    tile, skipped = checkpoint["args"]["image_size"], []
+    found = segment(model, pairs, checkpoint["args"]["features"], tile, tile // 4, args.threshold, args.min_size,
+                    None, skipped)  # fmt: skip
+    rows = [figure_row(item) for item in found]
+    if not rows:
+        raise SystemExit(f"none of the images could be read: {skipped[0]}")
     path = plot_predictions(rows, figure_path(checkpoint_path.parent / "figures", "predictions"))
     print(f"wrote {path}")
     return path
@@ -126,24 +111,29 @@ def main(args):
     return {"history": show_history, "predictions": show_predictions, "sizes": show_sizes}[args.command](args)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     sub = p.add_subparsers(dest="command", required=True)
-    history = sub.add_parser("history", help="training curves of a run")
+    history = sub.add_parser("history", help="training curves of a run", formatter_class=HelpFormatter)
     history.add_argument("run", help="run folder")
-    pred = sub.add_parser("predictions", help="image / truth / prediction / probability / overlay grid")
+    pred = sub.add_parser("predictions", help="image / truth / prediction / probability / overlay grid",
+                          formatter_class=HelpFormatter)  # fmt: skip
     pred.add_argument("run", help="run folder or checkpoint")
-    pred.add_argument("--images", help="folder of images (default: the run's validation images)")
+    pred.add_argument("--images", help="folder of images; without it, the run's validation images")
     pred.add_argument("--masks", help="their masks (optional)")
-    pred.add_argument("--names", nargs="+", help="basenames to show (default: --n random ones)")
-    pred.add_argument("--n", type=int, default=4, help="random images to show (4)")
-    pred.add_argument("--seed", type=int, default=0, help="which random images (0)")
-    pred.add_argument("--threshold", type=float, default=0.5, help="granule probability threshold (0.5)")
-    pred.add_argument("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels (15)")
-    sizes = sub.add_parser("sizes", help="granule size histogram from granules.csv")
+    pred.add_argument("--names", nargs="+", help="basenames to show; without them, --n random ones")
+    pred.add_argument("--n", type=int, default=4, help="random images to show")
+    pred.add_argument("--seed", type=int, default=0, help="which random images")
+    pred.add_argument("--threshold", type=float, default=0.5, help="granule probability threshold")
+    pred.add_argument("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
+    sizes = sub.add_parser("sizes", help="granule size histogram from granules.csv", formatter_class=HelpFormatter)
     sizes.add_argument("csv", help="granules.csv or the predictions folder holding it")
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

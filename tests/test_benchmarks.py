@@ -38,11 +38,11 @@ def test_channels_last_is_the_default_where_the_benchmark_found_it_faster():
             patch.setattr(pannuke_train, "pick_device", lambda device=device: device)
             assert pannuke_train.parse_args(["--demo"]).channels_last is expected
             assert pannuke_train.parse_args(["--demo", "--no-channels_last"]).channels_last is False
-    for train in (stress_train,):
-        assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), cpu).channels_last is True
-        assert train.resolve_args(train.get_args_parser().parse_args(["--demo"]), mps).channels_last is False
-        off = train.get_args_parser().parse_args(["--demo", "--no-channels_last"])
-        assert train.resolve_args(off, cpu).channels_last is False
+    for device, expected in ((cpu, True), (mps, False)):  # stress_granules too
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stress_train, "pick_device", lambda device=device: device)
+            assert stress_train.parse_args(["--demo"]).channels_last is expected
+            assert stress_train.parse_args(["--demo", "--no-channels_last"]).channels_last is False
     for setting, expected in (("auto", True), (True, True), (False, False)):
         assert hydra_model.use_channels_last(cpu, {"optimization": {"channels_last": setting}}) is expected
     assert hydra_model.use_channels_last(cpu, {"optimization": {}})  # a config from before the key: auto
