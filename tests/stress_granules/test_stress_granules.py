@@ -417,7 +417,7 @@ def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
     (run,) = (tmp_path / "metrics").glob("robust_*")
     report = json.loads((run / "evaluation_report.json").read_text())
     model, otsu = report["model"], report["otsu_baseline"]
-    # measured: granule F1 0.88 against Otsu's 0.37, Dice 0.84 against 0.43 (all 24 epochs: 0.92 and 0.88)
+    # measured: granule F1 0.88 against Otsu's 0.37, Dice 0.84 against 0.43 (all 24 epochs: 0.91 and 0.87)
     assert model["object"]["f1"] > otsu["object"]["f1"] + 0.3, (model, otsu)
     assert model["pixel"]["dice"] > otsu["pixel"]["dice"] + 0.2
     script(str(REPO / "stress_granules" / "evaluate.py"), str(run))  # the run's validation images
