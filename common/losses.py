@@ -83,18 +83,22 @@ def soft_dice(probs: Tensor, target: Tensor, smooth: float = 1.0, batch: bool = 
     return (2.0 * intersection + smooth) / (denominator + smooth)
 
 
-def inverse_frequency_weights(class_counts: Tensor) -> Tensor:
-    """Class weights 1 / count, normalised to sum to 1.
+def inverse_frequency_weights(class_counts: Tensor, power: float = 1.0, max_ratio: float | None = None) -> Tensor:
+    """Class weights 1 / count ** power, normalised to sum to 1.
 
+    power 0.5 (square-root inverse frequency) tempers the weight of very rare classes; max_ratio caps every weight
+    at max_ratio times the smallest one. Together they keep one rare class from taking most of the loss.
     A class with count 0 would get an infinite weight; it gets the largest finite weight instead (as MONAI's
     GeneralizedDiceLoss does), so a class absent from a batch still counts but does not dominate.
     """
     counts = class_counts.float()
-    weights = 1.0 / counts
+    weights = counts.pow(-power)
     finite = torch.isfinite(weights)
     if not finite.any():
         return torch.full_like(weights, 1.0 / weights.numel())
     weights = torch.where(finite, weights, weights[finite].max())
+    if max_ratio is not None:
+        weights = weights.clamp(max=max_ratio * float(weights.min()))
     return weights / weights.sum()
 
 
@@ -135,8 +139,9 @@ class DiceLoss(nn.Module):
 
 
 class FrequencyWeightedDiceLoss(DiceLoss):
-    """Dice loss with class weights 1 / frequency: from given class_counts (e.g. pixel counts over the training
-    set), or, when none are given, from the pixel counts of each batch's target."""
+    """Dice loss with class weights 1 / frequency ** power (inverse_frequency_weights, optionally capped at
+    max_ratio times the smallest): from given class_counts (e.g. pixel counts over the training set), or, when none
+    are given, from the pixel counts of each batch's target."""
 
     def __init__(
         self,
@@ -144,16 +149,20 @@ class FrequencyWeightedDiceLoss(DiceLoss):
         smooth: float = 1.0,
         include_background: bool = True,
         batch: bool = True,
+        power: float = 1.0,
+        max_ratio: float | None = None,
     ):
         super().__init__(smooth=smooth, include_background=include_background, batch=batch)
+        self.power, self.max_ratio = power, max_ratio
         if class_counts is not None:
-            self.class_weights = inverse_frequency_weights(torch.as_tensor(class_counts, dtype=torch.float32))
+            counts = torch.as_tensor(class_counts, dtype=torch.float32)
+            self.class_weights = inverse_frequency_weights(counts, power, max_ratio)
 
     def class_weights_for(self, target_onehot: Tensor) -> Tensor:
         if self.class_weights is not None:
             return self.class_weights
         counts = target_onehot.detach().sum(dim=(0, *range(2, target_onehot.ndim)))
-        return inverse_frequency_weights(counts)
+        return inverse_frequency_weights(counts, self.power, self.max_ratio)
 
 
 def softmax_focal_loss(

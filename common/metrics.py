@@ -24,7 +24,6 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.metrics import adapted_rand_error as _skimage_adapted_rand_error
 from skimage.metrics import variation_of_information as _skimage_variation_of_information
-from skimage.segmentation import relabel_sequential
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 # Tissue names of PanNuke's types.npy, in the order PanNuke-metrics reports them.
@@ -410,10 +409,11 @@ def pannuke_binarize(masks: np.ndarray) -> np.ndarray:
     out = np.zeros(masks.shape[:2], dtype=np.int64)
     offset = 0
     for channel in range(masks.shape[2]):
-        labels, _, _ = relabel_sequential(np.asarray(masks[..., channel]).astype(np.int64))
+        labels, areas, _ = _sequential(_label_image(np.asarray(masks[..., channel]), "mask"))  # ids 1..n by id
+        labels = labels.reshape(out.shape)
         inside = labels > 0
         out[inside] = labels[inside] + offset
-        offset += int(labels.max(initial=0))
+        offset += areas.size
     return out
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import difflib
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -121,6 +123,16 @@ def write_json(path: Path, data) -> None:
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    columns = list(history[0])
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(history)
     os.replace(tmp, path)
 
 
@@ -391,7 +403,7 @@ class PatchDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, key) -> dict:
-        """key: an index, or (index, epoch seed) from train.py's EpochSampler."""
+        """key: an index, or (index, epoch seed) from EpochSampler."""
         return self.item(*key) if isinstance(key, tuple) else self.item(key, self.epoch_seed)
 
     def item(self, i: int, epoch_seed: int) -> dict:
@@ -423,6 +435,24 @@ class PatchDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Synthetic EM volumes for --demo and tests
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of an epoch as (index, epoch seed) keys. The seed travels with each index, so persistent
+    loader workers (which hold their own copy of the dataset) draw exactly the patches of this epoch, and a resumed
+    run repeats an interrupted epoch. Every rank gets the same number of patches (DDP steps in lockstep)."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1):
+        self.per_rank, self.rank, self.world, self.seed = math.ceil(length / world), rank, world, 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        return iter([(self.rank + k * self.world, self.seed) for k in range(self.per_rank)])
 
 
 def synthetic_em_volume(shape=(24, 160, 160), n_vesicles: int = 30, rng: np.random.Generator | None = None):

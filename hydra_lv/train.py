@@ -31,7 +31,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
-import csv
 import itertools
 import logging
 import math
@@ -52,6 +51,7 @@ from hydra_lv.data import (
     DEFAULT_CONFIG,
     DOMAIN,
     DataError,
+    EpochSampler,
     HelpFormatter,
     PatchDataset,
     apply_overrides,
@@ -61,6 +61,7 @@ from hydra_lv.data import (
     load_config,
     new_folder,
     write_demo_volumes,
+    write_metrics_csv,
 )
 from hydra_lv.model import (
     HydraLoss,
@@ -134,16 +135,6 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Atomic: write a temp file, then rename over the old one, so a kill never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    columns = list(history[0])
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(history)
     os.replace(tmp, path)
 
 
@@ -453,24 +444,6 @@ def log_tensorboard(writer, row: dict, model, ctx, batch, device) -> None:
     writer.add_images("val/predictions", torch.cat(columns, dim=-1)[:, None].clamp(0, 1), epoch)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's share of an epoch as (index, epoch seed) keys. The seed travels with each index, so persistent
-    loader workers (which hold their own copy of the dataset) draw exactly the patches of this epoch, and a resumed
-    run repeats an interrupted epoch. Every rank gets the same number of patches (DDP steps in lockstep)."""
-
-    def __init__(self, length: int, rank: int = 0, world: int = 1):
-        self.per_rank, self.rank, self.world, self.seed = math.ceil(length / world), rank, world, 0
-
-    def set_epoch_seed(self, seed: int) -> None:
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self):
-        return iter([(self.rank + k * self.world, self.seed) for k in range(self.per_rank)])
-
-
 def main(args):
     if args.mode == "test":
         if not args.checkpoint:
@@ -510,7 +483,8 @@ def main(args):
     writer = None
     if is_main():
         log_banner(log, run_dir, state, resume is not None, cfg, device, world, ctx, train_volumes, val_volumes)
-        writer = SummaryWriter(run_dir / "tensorboard")  # a resumed run appends to the same folder
+        # a resumed run appends to its own events, dropping what the killed run logged after its last.ckpt
+        writer = SummaryWriter(run_dir / "tensorboard", purge_step=state["epoch"] + 1)
     optimization, seed = cfg["optimization"], int(cfg["seed"])
     stop = optimization["early_stopping"]
 

@@ -3,7 +3,7 @@ augmentations, the synthetic demo folds, and class colours for figures.
 
 On disk (both layouts are accepted, see ../shared/DATA_FORMATS.md):
     DATA/Fold 1/images/fold1/images.npy   (N, 256, 256, 3) RGB, uint8 or float64 holding 0..255
-    DATA/Fold 1/images/fold1/types.npy    (N,) tissue name per tile
+    DATA/Fold 1/images/fold1/types.npy    (N,) tissue name per tile (optional: without it, one tissue)
     DATA/Fold 1/masks/fold1/masks.npy     (N, 256, 256, 6) instance ids per class channel, channel 5 background
 or  DATA/fold1/{images,masks,types}.npy
 
@@ -21,6 +21,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.color import hed2rgb, rgb2hed
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -45,6 +47,8 @@ CLASS_COLORS = np.array(
     [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 165, 0]], dtype=np.uint8
 )
 CACHE_VERSION = 1
+ONE_TISSUE = "all tiles"  # the tissue of every tile in a fold without types.npy
+DEFAULT_DATA_DIR = "data/pannuke"  # where train.py, train_backup.py, visualize.py and the .bat wrappers look
 DEMO_VERSION = 2  # of the synthetic tile generator; part of the demo folder name, so old demo data stays as it was
 
 
@@ -82,10 +86,10 @@ def find_fold(data_dir: str | Path, fold: int) -> FoldFiles:
     ]
     for files in candidates:
         if files.images.parent.is_dir() or files.masks.parent.is_dir():
-            missing = [str(p) for p in (files.images, files.masks, files.types) if not p.is_file()]
+            missing = [str(p) for p in (files.images, files.masks) if not p.is_file()]
             if missing:
                 raise DataError(f"fold {fold} is incomplete: missing {', '.join(missing)}")
-            return files
+            return files  # types.npy may be missing: see open_fold
     raise DataError(
         f"fold {fold} not found in {root}: expected '{official}/images/fold{fold}/images.npy' (official layout) "
         f"or '{root / f'fold{fold}'}/images.npy' (flat layout); found {sorted(p.name for p in root.iterdir())[:10]}"
@@ -106,10 +110,20 @@ def _load(path: Path, mmap: bool = True) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file ({error})") from None
 
 
-def open_fold(files: FoldFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Memory-mapped images and masks, and the tissue names, after checking shapes and channel counts."""
+def open_fold(files: FoldFiles, warn=logging.warning) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory-mapped images and masks, and the tissue names, after checking shapes and channel counts.
+
+    PanNuke-format conversions of other datasets often have no types.npy: their tiles are then all one tissue,
+    ONE_TISSUE, and `warn` says that mPQ and bPQ are then means over tiles, not over tissues."""
     images, masks = _load(files.images), _load(files.masks)
-    types = np.asarray(_load(files.types, mmap=False)).astype(str).reshape(-1)
+    if files.types.is_file():
+        types = np.asarray(_load(files.types, mmap=False)).astype(str).reshape(-1)
+    else:
+        types = np.full(len(images), ONE_TISSUE)
+        warn(
+            f"{files.types} not found: the {len(images)} tiles of fold {files.fold} are scored as one tissue "
+            f"('{ONE_TISSUE}'), so mPQ and bPQ are means over tiles, not PanNuke's mean over tissues"
+        )
     if images.ndim != 4 or images.shape[3] != 3:
         raise DataError(f"{files.images} has shape {images.shape}; expected (N, H, W, 3) RGB tiles")
     if masks.ndim != 4 or masks.shape[3] != 6:
@@ -266,19 +280,30 @@ class Fold:
     def __len__(self) -> int:
         return len(self.types)
 
+    def class_masks(self, index: int) -> np.ndarray:
+        """Tile `index` as PanNuke's five class channels (H, W, 5) of instance ids, from the cached maps: what
+        PanNuke's metrics read (training's validation scores with them; evaluate.py reads the original masks)."""
+        semantic, instances = np.asarray(self.semantic[index]), np.asarray(self.instances[index])
+        return np.stack([np.where(semantic == c + 1, instances, 0) for c in range(5)], axis=-1)
+
 
 def _cache_key(files: FoldFiles) -> str:
     parts = [f"v{CACHE_VERSION}"]
     for path in (files.images, files.masks, files.types):
+        if not path.is_file():  # a fold without types.npy
+            parts.append(f"{path.resolve()}:none")
+            continue
         stat = path.stat()
         parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def load_fold(data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int = 64, log=print) -> Fold:
+def load_fold(
+    data_dir: str | Path, fold: int, cache_dir: str | Path, chunk: int = 64, log=print, warn=logging.warning
+) -> Fold:
     """Find, check and (on first use) cache fold `fold`; returns the cached arrays, read a tile at a time."""
     files = find_fold(data_dir, fold)
-    images, masks, types = open_fold(files)
+    images, masks, types = open_fold(files, warn)
     folder = Path(cache_dir) / f"fold{fold}_{_cache_key(files)}"
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
@@ -352,21 +377,52 @@ def distance_target(instances: np.ndarray) -> np.ndarray:
 
 
 AUG_STAGES = ("geometric", "colour", "noise", "distortion")
+# What a rotation, zoom-out or warp uncovers at the tile's edges: empty glass (white) and background in the targets.
+# A mirrored border would copy the nuclei next to the edge, and a copy keeps its original's instance id.
+EMPTY_BORDER = {"border_mode": cv2.BORDER_CONSTANT, "fill": 255, "fill_mask": 0}
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """H&E stain augmentation in HED space (Tellez et al. 2018): colour deconvolution into haematoxylin, eosin
+    and residual (DAB) amounts with Ruifrok and Johnston's stain vectors (skimage's rgb2hed), then the haematoxylin
+    and eosin amounts of the whole tile scaled by U(1 - scale, 1 + scale) and shifted by U(-shift, shift), and back.
+    The residual is kept, so no jitter gives the tile back (within about 2 grey levels: rgb2hed clips negative
+    amounts); the defaults change a tile by about 10 grey levels on average (skimage's amounts are about 0 to 0.1
+    on H&E tiles, so a shift of 0.01 is already a visible tint)."""
+
+    def __init__(self, scale: float = 0.25, shift: float = 0.01, p: float = 0.5):
+        super().__init__(p=p)
+        self.scale, self.shift = scale, shift
+
+    def get_params(self) -> dict:
+        alpha = np.array([self.py_random.uniform(1 - self.scale, 1 + self.scale) for _ in range(2)] + [1.0])
+        beta = np.array([self.py_random.uniform(-self.shift, self.shift) for _ in range(2)] + [0.0])
+        return {"alpha": alpha, "beta": beta}
+
+    def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params) -> np.ndarray:
+        rgb = hed2rgb(rgb2hed(img) * alpha + beta)
+        return np.clip(rgb * 255, 0, 255).round().astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple:
+        return ("scale", "shift")
 
 
 def build_augmentation(crop_size: int, stage: int, seed: int | None = None) -> A.Compose:
     """Augmentations up to `stage` (0 = geometric only, 3 = everything), then a random crop of crop_size.
 
-    Colour: H&E stains differ between labs (hue/saturation, brightness, gamma). Noise: scanner noise and focus.
-    Distortion: elastic and grid warps of tissue. Masks follow with nearest-neighbour interpolation.
+    Colour: H&E stains differ between labs (stain amounts in HED space, HEDJitter; hue/saturation, brightness,
+    gamma). Noise: scanner noise and focus.
+    Distortion: elastic and grid warps of tissue. Masks follow with nearest-neighbour interpolation; what a
+    transform uncovers at the edges is empty (EMPTY_BORDER), never mirrored tissue.
     """
     transforms: list = [
         A.RandomRotate90(p=1.0),
         A.HorizontalFlip(p=0.5),
-        A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), **EMPTY_BORDER, p=0.5),
     ]
     if stage >= 1:
         transforms += [
+            HEDJitter(p=0.5),
             A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
             A.RandomGamma(gamma_limit=(85, 115), p=0.3),
@@ -375,8 +431,8 @@ def build_augmentation(crop_size: int, stage: int, seed: int | None = None) -> A
         transforms += [A.GaussNoise(std_range=(0.01, 0.05), p=0.3), A.GaussianBlur(blur_limit=(3, 5), p=0.2)]
     if stage >= 3:
         transforms += [
-            A.ElasticTransform(alpha=30, sigma=6, border_mode=cv2.BORDER_REFLECT_101, p=0.2),
-            A.GridDistortion(distort_limit=0.2, border_mode=cv2.BORDER_REFLECT_101, p=0.2),
+            A.ElasticTransform(alpha=30, sigma=6, **EMPTY_BORDER, p=0.2),
+            A.GridDistortion(distort_limit=0.2, **EMPTY_BORDER, p=0.2),
         ]
     transforms.append(A.RandomCrop(crop_size, crop_size))
     return A.Compose(transforms, seed=seed)

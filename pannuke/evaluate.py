@@ -4,6 +4,7 @@
     python pannuke/evaluate.py runs/pannuke/<run> --fold 1 --tta --save_predictions
     python pannuke/evaluate.py runs/pannuke/<run>/swa.pth --data_dir DATA --fold 3
     python pannuke/evaluate.py runs/pannuke/<run> --images slides/     # PNG/TIF images of any size, tiled
+    python pannuke/evaluate.py runs/pannuke/<run> --images scans20x/ --mpp 0.5 --stain_norm
 
 Fold mode writes <run>/evaluation/<timestamp>_fold<k>/evaluation_report.json with
 - Dice per class (background and the five nucleus types), their means, and binary (nucleus vs background) Dice;
@@ -13,7 +14,8 @@ Fold mode writes <run>/evaluation/<timestamp>_fold<k>/evaluation_report.json wit
 plus per_tissue.csv, and with --save_predictions masks.npy: the predicted instances in PanNuke's layout
 (N, 256, 256, 6), which the official PanNuke-metrics `run.py` scores against the fold's masks.npy.
 
-Image mode writes, per image, <name>_instances.tif (int32 nucleus ids), <name>_classes.png (0 = background,
+Image mode (--mpp for images at another scale than PanNuke's 0.25 um/px, --stain_norm for Macenko stain
+normalisation) writes, per image, <name>_instances.tif (int32 nucleus ids), <name>_classes.png (0 = background,
 1-5 = Neoplastic, Inflammatory, Connective, Dead, Epithelial), <name>_overlay.png, and nuclei.csv (counts).
 """
 
@@ -63,6 +65,7 @@ from pannuke.model import (
 )
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+PANNUKE_MPP = 0.25  # um per pixel of PanNuke's tiles (40x), the scale the model learned
 
 
 @torch.no_grad()
@@ -110,6 +113,8 @@ def evaluate_fold(model, fold, args, out_dir: Path, device) -> dict:
         "binary_dice": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan"),
         "mpq": pq["mpq"],
         "bpq": pq["bpq"],
+        # False for a fold without types.npy: its tiles are one tissue, so mPQ and bPQ are means over tiles
+        "tissue_averaged": fold.files.types.is_file(),
         "pq_per_class": pq["pq_per_class"],
         "aji": nanmean(aji),
         "per_tissue": per_tissue,
@@ -150,19 +155,68 @@ def read_image(path: Path) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def stain_normalizer(reference: str | None):
+    """Macenko stain normalisation (MONAI's NormalizeHEStains) to the stains of a reference H&E image (its stain
+    vectors, and the 99th percentiles of its stain amounts, as the normaliser measures them), or to MONAI's
+    default reference (Macenko et al.'s) without one. Returns (normalise, description)."""
+    try:
+        from monai.apps.pathology.transforms import ExtractHEStains, NormalizeHEStains
+    except ImportError:
+        raise SystemExit("--stain_norm needs MONAI: pip install monai (it is in requirements.txt)") from None
+    if reference is None:
+        return NormalizeHEStains(), "MONAI's default H&E reference (Macenko et al.)"
+    image = read_image(Path(reference))
+    try:
+        target_he = ExtractHEStains()(image)
+    except ValueError as error:
+        raise DataError(f"--stain_reference {reference}: {error} (is it an H&E image?)") from None
+    absorbance = -np.log(np.minimum(image.reshape(-1, 3).astype(np.float32) + 1, 240) / 240).T
+    amounts = np.linalg.lstsq(target_he, absorbance, rcond=None)[0]
+    max_cref = np.percentile(amounts, 99, axis=1)
+    return NormalizeHEStains(target_he=target_he, max_cref=max_cref), f"the stains of {reference}"
+
+
+def normalize_stains(image: np.ndarray, normalise, name: str) -> np.ndarray:
+    try:
+        return normalise(image)
+    except ValueError:  # no stained pixel at all (blank glass)
+        print(f"{name}: no stained tissue found, stain normalisation skipped")
+        return image
+
+
 @torch.no_grad()
 def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
     paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    scale = (args.mpp or PANNUKE_MPP) / PANNUKE_MPP  # pixels at PanNuke's scale per pixel of these images
+    if args.mpp is None:
+        print(f"assuming the images are at PanNuke's scale, {PANNUKE_MPP} um/px (40x); give --mpp otherwise")
+    else:
+        print(f"--mpp {args.mpp}: images are resized by {scale:.3g} to PanNuke's {PANNUKE_MPP} um/px, and back")
+    normalise = None
+    if args.stain_norm:
+        normalise, target = stain_normalizer(args.stain_reference)
+        print(f"stain normalisation (Macenko) to {target}")
     rows = []
     for path in tqdm(paths, desc=str(image_dir), unit="image", leave=False):
         image = read_image(path)
-        clahe_image = torch.from_numpy(preprocess_image(image)).permute(2, 0, 1)[None]
+        at_scale = image if normalise is None else normalize_stains(image, normalise, path.name)
+        if scale != 1:  # area averaging when shrinking, linear when enlarging
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            at_scale = cv2.resize(at_scale, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        clahe_image = torch.from_numpy(preprocess_image(at_scale)).permute(2, 0, 1)[None]
         probs, distance = predict_tiled(model, clahe_image, args.tile_size, args.overlap, tta=args.tta)
         instances, classes = instances_from_outputs(
             probs[0].cpu().numpy(), distance[0, 0].cpu().numpy(), args.seed_threshold, args.min_size
         )
+        if scale != 1:  # the instance map back on the image's own pixels (nearest neighbour keeps the ids)
+            rows_at = ((np.arange(image.shape[0]) + 0.5) * instances.shape[0] / image.shape[0]).astype(int)
+            cols_at = ((np.arange(image.shape[1]) + 0.5) * instances.shape[1] / image.shape[1]).astype(int)
+            instances = instances[np.ix_(rows_at, cols_at)]
+            kept = np.unique(instances[instances > 0])  # a nucleus may be too small to survive the resize
+            classes = classes[kept - 1]
+            instances = np.searchsorted(np.concatenate([[0], kept]), instances).astype(np.int32)
         class_map = np.concatenate([[0], classes])[instances].astype(np.uint8)
         tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", instances, compression="zlib")
         cv2.imwrite(str(out_dir / f"{path.stem}_classes.png"), class_map)
@@ -188,6 +242,8 @@ def main(args):
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     train_args = checkpoint.get("args", {})
+    if args.tta is None:  # score as training's validation did
+        args.tta = bool(train_args.get("tta", False))
     run_dir = checkpoint_path.parent
     started = time.time()
     report = {
@@ -206,6 +262,9 @@ def main(args):
             raise DataError(f"--images {image_dir}: no such folder")
         out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "predictions", image_dir.name)
         report.update(images=str(image_dir.resolve()), tile_size=args.tile_size, overlap=args.overlap)
+        report.update(mpp=args.mpp if args.mpp else f"{PANNUKE_MPP} (assumed)", model_mpp=PANNUKE_MPP)
+        args.stain_norm = args.stain_norm or args.stain_reference is not None  # a reference implies --stain_norm
+        report.update(stain_norm=args.stain_norm, stain_reference=args.stain_reference)
         report.update(predict_folder(model, image_dir, args, out_dir, device))
     else:
         data_dir = args.data_dir or train_args.get("data_dir")
@@ -240,13 +299,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--images", help="instead of a fold: a folder of H&E images (PNG/TIF/JPG) of any size, tiled")
     add("--output_dir", "--output-dir", help="a new timestamped folder is made in here; unless given, inside the run "
         "folder")  # fmt: skip
-    add("--tta", action="store_true", help="average predictions over flips")
+    add("--tta", action=argparse.BooleanOptionalAction, help="average predictions over the 8 flips and quarter "
+        "turns; unless given, as the run validated (the checkpoint's --tta)")  # fmt: skip
     add("--save_predictions", "--save-predictions", action="store_true", help="write the predicted instances as "
         "masks.npy in PanNuke's (N, 256, 256, 6) layout")  # fmt: skip
     add("--seed_threshold", "--seed-threshold", type=float, default=0.5, help="distance-map level above which a "
         "nucleus seed starts")  # fmt: skip
     add("--min_size", "--min-size", type=int, default=10, help="smallest nucleus kept, in pixels")
-    add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size, multiple of 32")
+    add("--mpp", type=float, help="--images: microns per pixel of the images (20x scans are about 0.5); they are "
+        f"resized to PanNuke's {PANNUKE_MPP} and the masks back. Unless given, {PANNUKE_MPP} is assumed")  # fmt: skip
+    add("--stain_norm", "--stain-norm", action="store_true", help="--images: Macenko stain normalisation (for "
+        "scans from another lab or scanner) before segmenting; the overlays show the original colours")  # fmt: skip
+    add("--stain_reference", "--stain-reference", help="--stain_norm: an H&E image whose stains the images are "
+        "given (e.g. a tile of the training data); unless given, MONAI's built-in H&E stain matrix")  # fmt: skip
+    add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size (at PanNuke's scale), "
+        "multiple of 32")  # fmt: skip
     add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px")
     add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass")
     add("--num_workers", "--num-workers", type=int, default=0, help="loader workers")

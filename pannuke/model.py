@@ -190,25 +190,36 @@ def build_model(model_args: dict) -> AttentionUNet:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inference: flip TTA, tiled prediction, instances
+# Inference: TTA, tiled prediction, instances
 # ----------------------------------------------------------------------------------------------------------------
 
-TTA_FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
+# The eight symmetries of a square tile, as training augments (RandomRotate90, HorizontalFlip): k quarter turns,
+# each without and with a horizontal flip.
+TTA_TRANSFORMS = tuple((k, flip) for k in range(4) for flip in (False, True))
+
+
+def _forward_transform(x: Tensor, k: int, flip: bool) -> Tensor:
+    return torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+
+
+def _inverse_transform(y: Tensor, k: int, flip: bool) -> Tensor:
+    y = torch.rot90(y, -k, dims=(-2, -1))
+    return y.flip(-1) if flip else y
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, tta: bool = False, ctx=None) -> tuple[Tensor, Tensor]:
-    """Class probabilities (N, 6, H, W) and distance map (N, 1, H, W) in 0..1; with tta, averaged over flips.
-    ctx: the autocast context each forward pass runs in (train.py's mixed_precision); None: full precision."""
-    flips = TTA_FLIPS if tta else ((),)
+    """Class probabilities (N, 6, H, W) and distance map (N, 1, H, W) in 0..1; with tta, averaged over the eight
+    flips and quarter turns of TTA_TRANSFORMS. ctx: the autocast context each forward pass runs in (train.py's
+    mixed_precision); None: full precision."""
+    transforms = TTA_TRANSFORMS if tta else ((0, False),)
     probs = dist = 0
-    for dims in flips:
+    for k, flip in transforms:
         with nullcontext() if ctx is None else ctx:
-            out = model(images.flip(dims) if dims else images)
-        seg, d = out["seg"].float().softmax(1), out["dist"].float().sigmoid()
-        probs = probs + (seg.flip(dims) if dims else seg)
-        dist = dist + (d.flip(dims) if dims else d)
-    return probs / len(flips), dist / len(flips)
+            out = model(_forward_transform(images, k, flip))
+        probs = probs + _inverse_transform(out["seg"].float().softmax(1), k, flip)
+        dist = dist + _inverse_transform(out["dist"].float().sigmoid(), k, flip)
+    return probs / len(transforms), dist / len(transforms)
 
 
 def _window_weights(size: int) -> np.ndarray:
@@ -337,6 +348,22 @@ def pannuke_masks(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # Devices and checkpoints (shared by train.py, evaluate.py, visualize.py)
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def ema_average(decay: float):
+    """EMA for AveragedModel's multi_avg_fn, with timm's warm-up decay min(decay, (1 + n) / (10 + n)) so early
+    averages are not dominated by the random initial weights."""
+
+    def update(ema_params, current_params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for ema, current in zip(ema_params, current_params, strict=True):
+            if ema.is_floating_point():
+                ema.lerp_(current, 1.0 - d)  # ema += (1 - d) * (current - ema)
+            else:  # BatchNorm's num_batches_tracked: copied
+                ema.copy_(current)
+
+    return update
 
 
 def pick_device() -> torch.device:

@@ -1,24 +1,27 @@
 """Train an Attention U-Net (ResNet34 encoder) for 6-class nucleus segmentation on PanNuke.
 
-    python pannuke/train.py --demo                                   # synthetic folds, about 2 minutes on a CPU
+    python pannuke/train.py --demo                                   # synthetic folds, 2-3 minutes on 2 CPU cores
     python pannuke/train.py --data_dir DATA --epochs 60 --batch_size 16 --use_mixed_precision
     python pannuke/train.py --data_dir DATA --recipe backup          # Adam, warm-up + cosine, weighted Dice, fp32
+    python pannuke/train_backup.py --lr 2e-4 --epochs 50 --batch_size 16   # the same recipe, data in data/pannuke
     python pannuke/train.py --resume runs/pannuke/<run>              # continue a run exactly where it stopped
     torchrun --nproc_per_node=4 pannuke/train.py --data_dir DATA --epochs 60 --use_mixed_precision
     tensorboard --logdir runs/pannuke                                # losses, lr, validation Dice, predictions
 
-DATA holds PanNuke's "Fold 1", "Fold 2", "Fold 3" folders (or fold1/ fold2/ fold3/ with images.npy, masks.npy and
-types.npy); train on --train_fold, validate on --val_fold (early stopping and best.pth), and test on --test_fold
-with evaluate.py. Each run writes runs/pannuke/<timestamp>_<recipe>/: config.json, last.pth (resume), best.pth
-(by validation mean foreground Dice), swa.pth (--use_swa), training_history.json, train.log, curves.png,
-final_report.json and tensorboard/.
+DATA (data/pannuke unless --data_dir is given) holds PanNuke's "Fold 1", "Fold 2", "Fold 3" folders (or fold1/
+fold2/ fold3/ with images.npy, masks.npy and types.npy, which may be missing); train on --train_fold, validate on
+--val_fold (early stopping and best.pth), and test on --test_fold with evaluate.py. Each run writes
+runs/pannuke/<timestamp>_<recipe>/: config.json, last.pth (resume), best.pth (by validation mPQ, --selection_metric),
+swa.pth (--use_swa), training_history.json, train.log, curves.png, final_report.json and tensorboard/.
 
 Recipes (each sets the defaults listed below; a flag given on the command line wins over the recipe):
     sota    AdamW; OneCycleLR; EMA of the weights (validated and saved as best); Dice + focal + boundary loss
-            (boundary weight ramped up, Kervadec et al.); MixUp; progressive augmentation and crop size
-            128 -> --image_size; AMP on CUDA; flip TTA in validation; optional SWA (--use_swa).
-    backup  Adam; linear warm-up + cosine to lr * min_lr_factor; inverse-frequency weighted Dice; fp32; no
-            MixUp, EMA or SWA.
+            (boundary weight ramped up, Kervadec et al.); MixUp; progressive augmentation and crop sizes
+            (128 px up to --image_size in steps of 32 over the first half; the colour stage jitters the H&E stains
+            in HED space); AMP on CUDA; TTA (8 flips and turns) in validation; optional SWA (--use_swa: from
+            --swa_start_epoch on SWALR, the per-batch schedule stopped; early stopping before it starts SWA early).
+    backup  Adam; linear warm-up + cosine to lr * min_lr_factor; frequency-weighted Dice (1 / sqrt of the
+            class's pixel share, at most 5x the background's weight); fp32; no MixUp, EMA or SWA.
 Both also regress the distance-to-boundary map that splits touching nuclei (see model.py). --demo writes small
 synthetic folds and trains briefly on them: `train.py --demo -h` lists its values.
 """
@@ -42,17 +45,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.losses import BoundaryLoss, CombinedLoss, DiceLoss, FocalLoss, FrequencyWeightedDiceLoss
-from common.metrics import ConfusionMatrix
+from common.metrics import ConfusionMatrix, pannuke_aggregate, pannuke_tile_pq
 from pannuke.data import (
     AUG_STAGES,
-    CLASS_COLORS,
     CLASS_NAMES,
+    DEFAULT_DATA_DIR,
     DEMO_VERSION,
     NUM_CLASSES,
     HelpFormatter,
@@ -62,8 +65,17 @@ from pannuke.data import (
     write_demo_dataset,
     write_json,
 )
-from pannuke.model import DOMAIN, build_model, checkpoint_dict, pick_device, predict
-from pannuke.visualize import plot_curves
+from pannuke.model import (
+    DOMAIN,
+    build_model,
+    checkpoint_dict,
+    ema_average,
+    instances_from_outputs,
+    pannuke_masks,
+    pick_device,
+    predict,
+)
+from pannuke.visualize import plot_curves, prediction_strips
 
 RECIPES = {
     "sota": {
@@ -89,8 +101,9 @@ RECIPES = {
         "loss": "weighted_dice",
     },
 }
-# --demo: a small synthetic fold set and settings that finish in about two minutes on two CPU cores
-DEMO = {"epochs": 5, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3}
+# --demo: a small synthetic fold set and settings that finish in two to three minutes on two CPU cores
+DEMO = {"epochs": 8, "batch_size": 8, "image_size": 128, "tta": False, "encoder_weights": "none", "lr": 2e-3,
+        "data_dir": None}  # fmt: skip
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
@@ -123,7 +136,8 @@ def mixup(batch: dict, alpha: float, rng: np.random.Generator) -> tuple[dict, to
 
 
 def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, ctx, loader, device, epoch, args, state):
-    """One pass over the training fold; the scheduler steps per batch. Returns the mean loss and its terms."""
+    """One pass over the training fold; the scheduler steps per batch (None in the SWA phase, where SWALR steps
+    per epoch). Returns the mean loss and its terms."""
     model.train()
     rng = np.random.default_rng(args.seed * 1000 + epoch)  # MixUp draws, reproducible per epoch
     sums, count = {}, 0
@@ -153,7 +167,8 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, ctx, lo
             logging.warning("non-finite loss at epoch %d: step skipped", epoch + 1)
             with warnings.catch_warnings():  # the schedule advances over the skipped step on purpose
                 warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
+                if scheduler is not None:
+                    scheduler.step()
             continue
         state["nan_steps"] = 0
         scaler.scale(loss).backward()
@@ -162,7 +177,8 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, ctx, lo
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_val)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
 
@@ -180,11 +196,14 @@ def train_one_epoch(model, ema, criterion, optimizer, scheduler, scaler, ctx, lo
 
 @torch.no_grad()
 def validate(model, criterion, loader, device, args, ctx):
-    """Validation loss and per-class Dice (confusion matrix reduced over ranks). With tta, on flip-averaged
-    probabilities; the loss takes their log as logits."""
+    """Validation loss, per-class Dice (a confusion matrix reduced over ranks) and PanNuke's bPQ and mPQ: each
+    tile's output decoded into nuclei as evaluate.py decodes it, scored per tile and averaged per tissue
+    (common.metrics, the PanNuke protocol). With tta, on TTA-averaged probabilities; the loss takes their log."""
     model.eval()
+    fold = loader.dataset.fold
     matrix = ConfusionMatrix(NUM_CLASSES, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) on the CPU: MPS has no float64
+    pq = torch.zeros(2, len(fold), 6, dtype=torch.float64)  # (value, scored) per tile: 5 class PQs, binary PQ
     for batch in tqdm(loader, desc="validation", disable=not is_main(), leave=False, dynamic_ncols=True):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         probs, distance = predict(model, batch["image"], tta=args.tta, ctx=ctx)
@@ -192,18 +211,36 @@ def validate(model, criterion, loader, device, args, ctx):
         loss, _ = compute_loss(criterion, args.dist_weight, outputs, batch)
         loss_sum += torch.tensor([loss.item() * len(probs), len(probs)], dtype=torch.float64)
         matrix.update(probs.argmax(1), batch["semantic"])
+        probs, distance = probs.float().cpu().numpy(), distance[:, 0].float().cpu().numpy()
+        for i, index in enumerate(batch["index"].tolist()):
+            predicted = pannuke_masks(*instances_from_outputs(probs[i], distance[i]))
+            class_pq, binary_pq = pannuke_tile_pq(fold.class_masks(index), predicted)
+            scores = torch.from_numpy(np.append(class_pq, binary_pq))
+            pq[0, index], pq[1, index] = scores.nan_to_num(0.0), (~scores.isnan()).double()
     matrix.all_reduce()
-    if dist.is_initialized():
-        loss_sum = loss_sum.to(device)
+    if dist.is_initialized():  # each tile was scored by one rank
+        loss_sum, pq = loss_sum.to(device), pq.to(device)
         dist.all_reduce(loss_sum)
+        dist.all_reduce(pq)
+    pq = torch.where(pq[1] > 0, pq[0], torch.nan).cpu().numpy()  # NaN: class absent from the tile (PanNuke's rule)
+    panoptic = pannuke_aggregate(pq[:, :5], pq[:, 5], fold.types)
     scores = matrix.compute()
     return {
         "loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
         "dice": dict(zip(CLASS_NAMES, scores["dice"], strict=True)),
         "mean_dice": scores["mean_dice"],
         "fg_mean_dice": scores["fg_mean_dice"],
+        "mpq": panoptic["mpq"],
+        "bpq": panoptic["bpq"],
         "pixels": scores["num_pixels"],
     }
+
+
+def selection_score(val_stats: dict, args) -> float:
+    """The number best.pth and early stopping follow: validation mPQ (PanNuke's metric), bPQ or foreground Dice;
+    a NaN (no nucleus in the validation fold) counts as the worst score."""
+    score = val_stats["fg_mean_dice" if args.selection_metric == "dice" else args.selection_metric]
+    return -math.inf if math.isnan(score) else score
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +295,10 @@ def build_loss(args, class_pixels: np.ndarray, validation: bool = False):
         if not validation:
             terms["boundary"] = (BoundaryLoss(), 0.0)  # ramped up per epoch, see boundary_weight()
         return CombinedLoss(terms)
-    return CombinedLoss({"dice": (FrequencyWeightedDiceLoss(class_counts=class_pixels), 1.0)})
+    # Square-root inverse frequency, capped at 5x the background's weight: plain 1 / frequency gave the rare
+    # Dead class 0.76-0.80 of the weight, so every batch without a dead nucleus pushed Dead towards zero.
+    weighted = FrequencyWeightedDiceLoss(class_counts=class_pixels, power=0.5, max_ratio=5.0)
+    return CombinedLoss({"dice": (weighted, 1.0)})
 
 
 def boundary_weight(epoch: int, args) -> float:
@@ -288,27 +328,56 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-def ema_average(decay: float):
-    """EMA for AveragedModel's multi_avg_fn, with timm's warm-up decay min(decay, (1 + n) / (10 + n)) so early
-    averages are not dominated by the random initial weights."""
+def start_plan(args) -> dict:
+    """The epochs a run will train: all of --epochs, SWA's phase (0-based first epoch) from --swa_start_epoch.
+    Early stopping may end the run sooner or start SWA's phase sooner (stop_early); last.pth keeps the plan."""
+    return {"end": args.epochs, "swa_from": args.swa_start_epoch - 1 if args.use_swa else None, "stopped_early": None}
 
-    def update(ema_params, current_params, num_averaged):
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        if ema_params[0].is_floating_point():
-            torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
-        else:  # BatchNorm's num_batches_tracked: copied
-            torch._foreach_copy_(ema_params, current_params)
 
-    return update
+def start_swa_phase(optimizer, args, plan: dict, state=None) -> SWALR:
+    """From SWA's first epoch the per-batch schedule stops and SWALR takes the learning rate from where that
+    schedule left it to --swa_lr (cosine, over --swa_anneal_epochs), then holds it, as Izmailov et al. do;
+    early stopping pauses, SWA averages every epoch up to the plan's end."""
+    swa_scheduler = SWALR(optimizer, swa_lr=args.swa_lr, anneal_epochs=args.swa_anneal_epochs, anneal_strategy="cos")
+    if state is not None:  # a resumed run in its SWA phase
+        swa_scheduler.load_state_dict(state)
+    else:
+        logging.info(
+            "SWA phase, epochs %d-%d: lr %.2e -> %.2e over %d epochs (SWALR), then constant; weights averaged every "
+            "epoch; early stopping paused",
+            plan["swa_from"] + 1, plan["end"], optimizer.param_groups[0]["lr"], args.swa_lr, args.swa_anneal_epochs,
+        )  # fmt: skip
+    return swa_scheduler
+
+
+def stop_early(plan: dict, epoch: int, args, optimizer, patience: int) -> dict:
+    """No better validation score for --early_stopping_patience epochs. Without SWA the run ends here, and the
+    log says how much of the learning-rate schedule did not run; with --use_swa its phase starts now instead (the
+    epochs it had planned, so swa.pth is always written), unless it has started already."""
+    done = (epoch + 1) / args.epochs  # the per-batch schedule spans all --epochs
+    record = {"epoch": epoch + 1, "of": args.epochs, "lr": optimizer.param_groups[0]["lr"], "schedule_done": done}
+    plan = {**plan, "stopped_early": record}
+    reason = f"early stopping at epoch {epoch + 1} of {args.epochs}: no better validation {args.selection_metric} "
+    reason += (
+        f"for {patience} epochs; the {args.scheduler} schedule ran {done:.0%} of its steps (lr now {record['lr']:.2e})"
+    )
+    if plan["swa_from"] is None:
+        logging.warning("%s; the rest of it does not run", reason)
+        return {**plan, "end": epoch + 1}
+    swa_epochs = args.epochs - args.swa_start_epoch + 1
+    logging.warning("%s; SWA's %d epochs start now instead of at epoch %d", reason, swa_epochs, args.swa_start_epoch)
+    return {**plan, "swa_from": epoch + 1, "end": epoch + 1 + swa_epochs}
 
 
 def crop_size_for(epoch: int, args) -> int:
-    """Progressive resizing: random crops of 128 px in the first half, --image_size after. Crops (not
+    """Progressive resizing: random crops grow from 128 px to --image_size in steps of 32 px (128, 160, 192, 224
+    for 256), each step an equal share of the first half of the epochs, then --image_size. Crops (not
     downscaling) keep nuclei at the scanner's magnification, so the model sees one scale throughout."""
-    if args.progressive_resize and epoch < args.epochs // 2:
-        return min(128, args.image_size)
-    return args.image_size
+    smaller = list(range(min(128, args.image_size), args.image_size, 32))
+    half = args.epochs // 2
+    if not args.progressive_resize or not smaller or epoch >= half:
+        return args.image_size
+    return smaller[epoch * len(smaller) // half]
 
 
 def aug_stage_for(epoch: int, args) -> int:
@@ -346,7 +415,8 @@ def resume_or_start(args) -> tuple[argparse.Namespace, dict | None]:
     ignored = ignored_flags(args)
     if ignored and is_main():
         logging.warning("--resume continues with the run's stored settings; ignoring --%s", ", --".join(ignored))
-    stored = argparse.Namespace(**resume["args"])
+    before = {"selection_metric": "dice", "swa_lr": resume["args"]["lr"] / 4, "swa_anneal_epochs": 2}
+    stored = argparse.Namespace(**{**before, **resume["args"]})  # runs from before these flags
     stored.resume, stored.num_workers = str(path), args.num_workers
     return stored, resume
 
@@ -360,7 +430,7 @@ def ignored_flags(args) -> list[str]:
 
 
 def already_finished(resume: dict, args) -> bool:
-    done = resume["epoch"] >= args.epochs or resume["patience"] >= args.early_stopping_patience
+    done = resume["epoch"] >= stored_plan(resume, args)["end"]
     if done:
         logging.info(f"{args.resume} finished already (epoch {resume['epoch']} of {args.epochs}); nothing to resume")
     return done
@@ -457,16 +527,28 @@ def make_loaders(args, train_fold, val_fold, device):
     return train_set, train_loader, val_loader, generator
 
 
-def restore(resume: dict | None, parts: dict, args) -> tuple[int, float, int, list]:
-    """Load the states of a resumed run into parts (model, optimizer, scheduler, scaler, ema, swa); returns the
-    epoch to start from, the best score, the patience counter and the history."""
+def stored_plan(resume: dict, args) -> dict:
+    """The plan in last.pth; runs from before it had one ended at --epochs, or where early stopping hit."""
+    if "plan" in resume:
+        return resume["plan"]
+    stopped = resume["patience"] >= args.early_stopping_patience
+    return {**start_plan(args), "end": resume["epoch"] if stopped else args.epochs}
+
+
+def restore(resume: dict | None, parts: dict, args) -> tuple[int, float, int, list, dict]:
+    """Load the states of a resumed run into parts (model, optimizer, scheduler, scaler, ema, swa and, in SWA's
+    phase, its SWALR); returns the epoch to start from, the best score, the patience counter, the history and the
+    plan of epochs."""
     if resume is None:
-        return 0, -math.inf, 0, []
+        return 0, -math.inf, 0, [], start_plan(args)
     for name, part in parts.items():
         if part is not None:
             (unwrap(part) if name == "model" else part).load_state_dict(resume[name])
+    plan = stored_plan(resume, args)
+    if resume.get("swa_scheduler") is not None:
+        parts["swa_scheduler"] = start_swa_phase(parts["optimizer"], args, plan, resume["swa_scheduler"])
     logging.info("resumed from %s at epoch %d", args.resume, resume["epoch"] + 1)
-    return resume["epoch"], resume["best"], resume["patience"], resume["history"]
+    return resume["epoch"], resume["best"], resume["patience"], resume["history"], plan
 
 
 def configure_epoch(epoch, args, rank, train_set, train_loader, generator, criterion) -> None:
@@ -485,15 +567,17 @@ def configure_epoch(epoch, args, rank, train_set, train_loader, generator, crite
 def log_epoch(record: dict, args, improved: bool) -> None:
     loss, val, best = record["train"].get("loss", math.nan), record["val"], "  (best)" if improved else ""
     line = f"epoch {record['epoch']}/{args.epochs}  train loss {loss:.4f}  val loss {val['loss']:.4f}  val Dice"
-    logging.info(f"{line} (fg mean) {val['fg_mean_dice']:.4f}{best}  lr {record['lr']:.2e}  {record['seconds']:.0f}s")
+    line += f" (fg mean) {val['fg_mean_dice']:.4f}  bPQ {val['bpq']:.4f}  mPQ {val['mpq']:.4f}{best}"
+    share = record["val_seconds"] / max(record["seconds"], 1e-9)
+    logging.info(f"{line}  lr {record['lr']:.2e}  {record['seconds']:.0f}s ({share:.0%} validation)")
 
 
-def save_epoch(run_dir: Path, args, model_args: dict, parts: dict, evaluated, history: list, best, patience, improved):
+def save_epoch(run_dir: Path, args, model_args: dict, parts: dict, evaluated, history, best, patience, improved, plan):
     """best.pth (the validated weights, when they improved), last.pth (everything --resume needs), the history
     and its curves."""
     record = history[-1]
     if improved:
-        metric = {"fg_mean_dice": record["val"]["fg_mean_dice"]}
+        metric = {args.selection_metric: best}
         weights = evaluated.state_dict()
         save_checkpoint(
             run_dir / "best.pth",
@@ -501,21 +585,11 @@ def save_epoch(run_dir: Path, args, model_args: dict, parts: dict, evaluated, hi
         )
     states = {name: part.state_dict() if part is not None else None for name, part in parts.items() if name != "model"}
     last = checkpoint_dict(args, model_args, unwrap(parts["model"]).state_dict(), epoch=record["epoch"], **states)
-    save_checkpoint(run_dir / "last.pth", {**last, "best": best, "patience": patience, "history": history})
+    save_checkpoint(
+        run_dir / "last.pth", {**last, "best": best, "patience": patience, "history": history, "plan": plan}
+    )
     write_json(run_dir / "training_history.json", history)
     plot_curves(history, run_dir / "curves.png")
-
-
-@torch.no_grad()
-def prediction_strips(model, fold, device, ctx, n: int = 3) -> np.ndarray:
-    """(n, H, 3W, 3) uint8: the CLAHE'd image | ground-truth classes | predicted classes of the first n tiles."""
-    model.eval()
-    tiles = PanNukeDataset(fold)
-    picked = range(min(n, len(fold)))
-    probs, _ = predict(model, torch.stack([tiles[i]["image"] for i in picked]).to(device), ctx=ctx)
-    predicted = probs.argmax(1).cpu().numpy()
-    rows = [(fold.images[i], CLASS_COLORS[fold.semantic[i]], CLASS_COLORS[predicted[k]]) for k, i in enumerate(picked)]
-    return np.stack([np.concatenate(row, axis=1) for row in rows])
 
 
 def log_tensorboard(writer: SummaryWriter, record: dict, strips: np.ndarray) -> None:
@@ -525,17 +599,18 @@ def log_tensorboard(writer: SummaryWriter, record: dict, strips: np.ndarray) -> 
     for name, value in record["train"].items():
         writer.add_scalar(f"train/{name}", value, step)
     writer.add_scalar("lr", record["lr"], step)
-    for name in ("loss", "mean_dice", "fg_mean_dice"):
+    for name in ("loss", "mean_dice", "fg_mean_dice", "bpq", "mpq"):
         writer.add_scalar(f"val/{name}", record["val"][name], step)
     for name, value in record["val"]["dice"].items():
         writer.add_scalar(f"val/dice_{name}", value, step)
+    writer.add_scalar("time/val_share", record["val_seconds"] / max(record["seconds"], 1e-9), step)
     writer.add_images("val/image_truth_prediction", strips, step, dataformats="NHWC")
     writer.flush()
 
 
 def finish_swa(swa, train_loader, val_loader, val_criterion, device, args, ctx, run_dir, model_args, epochs: int):
     """SWA's weights get BatchNorm statistics of their own (one pass over the training data), are validated, and
-    saved as swa.pth. Returns their validation mean foreground Dice."""
+    saved as swa.pth. Returns their validation score (--selection_metric)."""
     update_bn((batch["image"] for batch in train_loader), swa, device=device)
     if dist.is_initialized():  # each rank saw its own shard: average the statistics so all ranks agree
         for name, buffer in swa.module.named_buffers():
@@ -544,13 +619,16 @@ def finish_swa(swa, train_loader, val_loader, val_criterion, device, args, ctx, 
                 buffer /= dist.get_world_size()
     stats = validate(swa.module, val_criterion, val_loader, device, args, ctx)
     if is_main():
-        logging.info("SWA (%d epochs averaged): val Dice (fg mean) %.4f", swa.n_averaged.item(), stats["fg_mean_dice"])
-        metric = {"fg_mean_dice": stats["fg_mean_dice"]}
+        logging.info(
+            "SWA (%d epochs averaged): val Dice (fg mean) %.4f, bPQ %.4f, mPQ %.4f",
+            swa.n_averaged.item(), stats["fg_mean_dice"], stats["bpq"], stats["mpq"],
+        )  # fmt: skip
+        metric = {args.selection_metric: selection_score(stats, args)}
         weights = swa.module.state_dict()
         save_checkpoint(
             run_dir / "swa.pth", checkpoint_dict(args, model_args, weights, epoch=epochs, metric=metric, val=stats)
         )
-    return stats["fg_mean_dice"]
+    return selection_score(stats, args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -573,7 +651,6 @@ def main(args):
     train_fold, val_fold = load_data(args)
     model, model_args = create_model(args, device)
     run_dir = start_run(args, resume, device)
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if is_main() else None  # a resumed run appends
     model, ema, swa = average_and_distribute(model, args, device)
 
     criterion = build_loss(args, train_fold.class_pixels).to(device)
@@ -581,56 +658,90 @@ def main(args):
     train_set, train_loader, val_loader, generator = make_loaders(args, train_fold, val_fold, device)
     optimizer = OPTIMIZERS[args.optimizer](unwrap(model).parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args, len(train_loader))
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema, "swa": swa}
-    start_epoch, best, patience, history = restore(resume, parts, args)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema, "swa": swa,
+             "swa_scheduler": None}  # fmt: skip
+    start_epoch, best, patience, history, plan = restore(resume, parts, args)
+    # a resumed run appends to its own events, dropping what the killed run logged after its last.pth
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1) if is_main() else None
     state = {"nan_steps": 0}
 
-    for epoch in range(start_epoch, args.epochs):
+    epoch = start_epoch
+    while epoch < plan["end"]:  # --epochs, unless early stopping ends the run or brings SWA's phase forward
         started = time.time()
+        in_swa = plan["swa_from"] is not None and epoch >= plan["swa_from"]
+        if in_swa and parts["swa_scheduler"] is None:
+            parts["swa_scheduler"] = start_swa_phase(optimizer, args, plan)
         configure_epoch(epoch, args, rank, train_set, train_loader, generator, criterion)
+        batch_scheduler = None if in_swa else scheduler
         train_stats = train_one_epoch(
-            model, ema, criterion, optimizer, scheduler, scaler, ctx, train_loader, device, epoch, args, state
+            model, ema, criterion, optimizer, batch_scheduler, scaler, ctx, train_loader, device, epoch, args, state
         )
         evaluated = ema.module if ema is not None else unwrap(model)
         if dist.is_initialized():  # BatchNorm statistics differ a little between ranks: validate rank 0's
             for buffer in evaluated.buffers():
                 dist.broadcast(buffer, 0)
+        val_started = time.time()
         val_stats = validate(evaluated, val_criterion, val_loader, device, args, ctx)
-        if swa is not None and epoch + 1 >= args.swa_start_epoch:
+        val_seconds = time.time() - val_started
+        if in_swa:
             swa.update_parameters(unwrap(model))
+            parts["swa_scheduler"].step()
 
-        score = val_stats["fg_mean_dice"]
-        improved = score > best + args.min_delta
+        score = selection_score(val_stats, args)
+        improved = score > best + args.min_delta or (best == -math.inf and not history)  # epoch 1 is a best
         best, patience = (score, 0) if improved else (best, patience + 1)
         history.append(
             {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
+                "phase": "swa" if in_swa else "train",
                 "crop_size": train_set.crop_size,
                 "aug_stage": AUG_STAGES[train_set.stage],
                 "train": train_stats,
                 "val": val_stats,
                 "seconds": time.time() - started,
+                "val_seconds": val_seconds,  # validation's part of it: inference, decoding nuclei, scoring
             }
         )
         if is_main():
             log_epoch(history[-1], args, improved)
-            save_epoch(run_dir, args, model_args, parts, evaluated, history, best, patience, improved)
+        if patience >= args.early_stopping_patience and not in_swa and plan["stopped_early"] is None:
+            plan = stop_early(plan, epoch, args, optimizer, patience)
+        if is_main():
+            save_epoch(run_dir, args, model_args, parts, evaluated, history, best, patience, improved, plan)
             log_tensorboard(writer, history[-1], prediction_strips(evaluated, val_fold, device, ctx))
-        if patience >= args.early_stopping_patience:
-            logging.info("early stopping: no improvement for %d epochs", patience)
-            break
+        epoch += 1
 
-    report = {"best_fg_mean_dice": best, "epochs_run": len(history), "run_dir": str(run_dir)}
+    chosen = next((h for h in history if selection_score(h["val"], args) == best), None)
+    report = {
+        "selection_metric": args.selection_metric,
+        "best": best,
+        "epochs_run": len(history),
+        "stopped_early": plan["stopped_early"],  # None: the whole schedule ran
+        "run_dir": str(run_dir),
+        # these scores chose the model; evaluate.py scores the held-out --test_fold
+        "scored_on": f"validation fold {args.val_fold} (the tiles that chose best.pth)",
+        "tissue_averaged": val_fold.files.types.is_file(),  # False: no types.npy, mPQ and bPQ are means over tiles
+    }
+    if chosen is not None:  # the scores of the epoch best.pth holds
+        report["best_epoch"] = chosen["epoch"]
+        report.update({f"best_{k}": chosen["val"][k] for k in ("fg_mean_dice", "bpq", "mpq")})
     if swa is not None and swa.n_averaged.item() > 0:
         swa_score = finish_swa(
             swa, train_loader, val_loader, val_criterion, device, args, ctx, run_dir, model_args, len(history)
         )
-        report["swa_fg_mean_dice"] = swa_score
+        report[f"swa_{args.selection_metric}"] = swa_score
+        report["swa_epochs"] = [plan["swa_from"] + 1, plan["end"]]
+    elif swa is not None:  # not reached by the plan; said so rather than left out silently
+        logging.warning("--use_swa: no epoch was averaged, so no swa.pth")
     if is_main():
         writer.close()
         write_json(run_dir / "final_report.json", report)
-        logging.info("best validation Dice (fg mean) %.4f; run folder %s", best, run_dir)
+        logging.info(
+            "best.pth holds epoch %s: validation mPQ %.4f, bPQ %.4f, Dice (fg mean) %.4f (chosen by %s); run folder %s",
+            report.get("best_epoch"), report.get("best_mpq", math.nan), report.get("best_bpq", math.nan),
+            report.get("best_fg_mean_dice", math.nan), args.selection_metric, run_dir,
+        )  # fmt: skip
         logging.info("next: python pannuke/evaluate.py %s", run_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -649,8 +760,11 @@ def check_args(args) -> argparse.Namespace:
         raise SystemExit(f"--swa_start_epoch {args.swa_start_epoch} is outside 1..--epochs ({args.epochs})")
     if args.image_size % 32:
         raise SystemExit(f"--image_size {args.image_size} must be a multiple of 32")
-    if args.data_dir is None and not args.demo:
-        raise SystemExit("give --data_dir (a folder with PanNuke's Fold 1/2/3) or --demo")
+    if not args.demo and not Path(args.data_dir or "").is_dir():
+        raise SystemExit(
+            f"--data_dir {args.data_dir}: no such folder; put PanNuke's Fold 1/2/3 there, give --data_dir DIR "
+            "(the folder that holds them), or try --demo"
+        )
     if len({args.train_fold, args.val_fold}) < 2:
         raise SystemExit(f"--train_fold and --val_fold must differ (both {args.train_fold})")
     return args
@@ -668,7 +782,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         if "_" in name:
             add(name.replace("_", "-"), dest=name[2:], action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
 
-    add("--data_dir", "--data-dir", help="folder with PanNuke's Fold 1/2/3 (or fold1/2/3) folders")
+    add("--data_dir", "--data-dir", default=DEFAULT_DATA_DIR, help="folder with PanNuke's Fold 1/2/3 (or fold1/2/3)")
     add("--demo", action="store_true", help="write synthetic PanNuke folds into OUTPUT_DIR/demo_data and train on them")
     add("--demo_tiles", "--demo-tiles", type=int, default=128, help="--demo: synthetic tiles in fold 1; folds 2 "
         "and 3 get a quarter of that")  # fmt: skip
@@ -693,8 +807,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--warmup_epochs", "--warmup-epochs", type=int, default=5, help="warm-up epochs")
     add("--min_lr_factor", "--min-lr-factor", type=float, default=0.01, help="final lr = lr * this")
     add("--early_stopping_patience", "--early-stopping-patience", type=int, default=10, help="stop after this "
-        "many epochs without a better validation Dice")  # fmt: skip
-    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest Dice gain that counts")
+        "many epochs without a better validation score")  # fmt: skip
+    add("--selection_metric", "--selection-metric", choices=["mpq", "bpq", "dice"], default="mpq",
+        help="the validation score that picks best.pth and drives early stopping: PanNuke's mPQ, bPQ, or the mean "
+        "foreground Dice")  # fmt: skip
+    add("--min_delta", "--min-delta", type=float, default=0.0, help="smallest gain of that score that counts")
     add("--grad_clip_val", "--grad-clip-val", type=float, default=1.0, help="L2 gradient clipping, 0 = off")
     switch("--use_mixed_precision", "autocast (bf16, or fp16 + GradScaler); the recipe's AMP is on for CUDA only, "
            "on the CPU (bf16) and MPS only when given")  # fmt: skip
@@ -702,16 +819,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     switch("--use_ema", "EMA of the weights, validated and saved")
     add("--ema_decay", "--ema-decay", type=float, default=0.999, help="EMA decay")
     add("--use_swa", "--use-swa", action="store_true", help="stochastic weight averaging, saved as swa.pth")
-    add("--swa_start_epoch", "--swa-start-epoch", type=int, help="first epoch averaged by SWA; unless given, 75%% "
-        "of --epochs")  # fmt: skip
-    add("--loss", choices=["hybrid", "weighted_dice"], help="hybrid: Dice + focal + boundary; weighted_dice")
+    add(
+        "--swa_start_epoch",
+        "--swa-start-epoch",
+        type=int,
+        help="first epoch of SWA's phase (SWALR, weights "
+        "averaged per epoch, no early stopping; brought forward if early stopping hits before it); unless given, 75%% "
+        "of --epochs",
+    )
+    add(
+        "--swa_lr",
+        "--swa-lr",
+        type=float,
+        help="SWA's constant learning rate; unless given, a quarter of --lr "
+        "(about where OneCycle is at 75%% of the epochs)",
+    )
+    add("--swa_anneal_epochs", "--swa-anneal-epochs", type=int, default=2, help="epochs SWALR takes from the "
+        "schedule's learning rate to --swa_lr")  # fmt: skip
+    add("--loss", choices=["hybrid", "weighted_dice"], help="hybrid: Dice + focal + boundary; weighted_dice: "
+        "Dice weighted by 1 / sqrt(class frequency)")  # fmt: skip
     add("--boundary_weight", "--boundary-weight", type=float, default=0.1, help="largest boundary-loss weight")
     add("--dist_weight", "--dist-weight", type=float, default=1.0, help="weight of the distance-map loss")
     add("--mixup_alpha", "--mixup-alpha", type=float, help="MixUp Beta(alpha, alpha); 0 = off")
     add("--mixup_prob", "--mixup-prob", type=float, default=0.5, help="share of batches mixed")
     switch("--progressive_aug", "augmentations switched on by epoch")
-    switch("--progressive_resize", "crops 128 -> --image_size")
-    switch("--tta", "flip test-time augmentation in validation")
+    switch("--progressive_resize", "crops grow from 128 px to --image_size, 32 px a step, over the first half")
+    switch("--tta", "test-time augmentation in validation: the 8 flips and quarter turns")
     add("--seed", type=int, default=42, help="random seed")
     add("--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="loader workers")
     add("--max_nan_steps", "--max-nan-steps", type=int, default=5, help="stop after this many NaN losses in a row")
@@ -719,8 +852,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def derived_defaults(args) -> dict:
-    """Defaults that follow other values: the fold cache sits in --output_dir, SWA averages the last quarter."""
-    return {"cache_dir": str(Path(args.output_dir) / "cache"), "swa_start_epoch": max(1, int(0.75 * args.epochs))}
+    """Defaults that follow other values: the fold cache sits in --output_dir, SWA averages the last quarter at a
+    quarter of the peak learning rate."""
+    return {
+        "cache_dir": str(Path(args.output_dir) / "cache"),
+        "swa_start_epoch": max(1, int(0.75 * args.epochs)),
+        "swa_lr": args.lr / 4,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,8 +1,8 @@
 @echo off
-rem The backup recipe: Adam, linear warm-up + cosine, frequency-weighted Dice, fp32.
+rem The design document's backup training: Adam, linear warm-up + cosine, frequency-weighted Dice, fp32.
 cd /d "%~dp0.."
 set DATA=data\pannuke
 set PY=python
 if exist .venv\Scripts\python.exe set PY=.venv\Scripts\python.exe
-%PY% pannuke\train.py --data_dir "%DATA%" --recipe backup --epochs 60 --batch_size 16 --lr 1e-3 --warmup_epochs 5 --min_lr_factor 0.01 %*
+%PY% pannuke\train_backup.py --data_dir "%DATA%" --lr 2e-4 --epochs 50 --batch_size 16 %*
 pause

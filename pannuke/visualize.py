@@ -1,6 +1,7 @@
 """Figures for PanNuke runs: predictions, the dataset, and a comparison of runs.
 
-    python pannuke/visualize.py predictions                      # newest run under runs/pannuke, its test fold
+    python pannuke/visualize.py                                  # the newest run's predictions on its test fold
+    python pannuke/visualize.py dataset                          # the folds in data/pannuke
     python pannuke/visualize.py predictions runs/pannuke/<run> --fold 2 --n 8 --tta
     python pannuke/visualize.py dataset runs/pannuke/<run>       # the folds that run used (or --data_dir DATA)
     python pannuke/visualize.py compare runs/pannuke/<run1> runs/pannuke/<run2> ...
@@ -32,6 +33,7 @@ from common.metrics import PANNUKE_CLASSES
 from pannuke.data import (
     CLASS_COLORS,
     CLASS_NAMES,
+    DEFAULT_DATA_DIR,
     HelpFormatter,
     PanNukeDataset,
     load_fold,
@@ -129,9 +131,9 @@ def plot_dataset(args) -> Path:
         cache_dir = args.cache_dir or config.get("cache_dir")
         out_dir = Path(args.run) / "figures"
     else:
-        if not args.data_dir:
-            raise SystemExit("give a run folder or --data_dir")
-        data_dir, cache_dir = args.data_dir, args.cache_dir
+        data_dir, cache_dir = args.data_dir or DEFAULT_DATA_DIR, args.cache_dir  # where train.py looks too
+        if not Path(data_dir).is_dir():
+            raise SystemExit(f"no PanNuke folder at {data_dir}: give a run folder or --data_dir")
         out_dir = Path(args.output_dir or "runs/pannuke/figures")
     cache_dir = cache_dir or "runs/pannuke/cache"
     folds = {k: load_fold(data_dir, k, cache_dir) for k in args.folds}
@@ -186,6 +188,18 @@ def plot_dataset(args) -> Path:
             ax.axis("off")
     save(fig, out_dir, "dataset_samples")
     return written
+
+
+@torch.no_grad()
+def prediction_strips(model, fold, device, ctx, n: int = 3) -> np.ndarray:
+    """(n, H, 3W, 3) uint8: the CLAHE'd image | ground-truth classes | predicted classes of the first n tiles."""
+    model.eval()
+    tiles = PanNukeDataset(fold)
+    picked = range(min(n, len(fold)))
+    probs, _ = predict(model, torch.stack([tiles[i]["image"] for i in picked]).to(device), ctx=ctx)
+    predicted = probs.argmax(1).cpu().numpy()
+    rows = [(fold.images[i], CLASS_COLORS[fold.semantic[i]], CLASS_COLORS[predicted[k]]) for k, i in enumerate(picked)]
+    return np.stack([np.concatenate(row, axis=1) for row in rows])
 
 
 def plot_curves(history: list, path: Path) -> None:
@@ -283,9 +297,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     pred.add_argument("--runs_dir", "--runs-dir", default="runs/pannuke", help="where to look for the newest run")
     pred.add_argument("--fold", type=int, help="fold to show; unless given, the run's --test_fold")
     pred.add_argument("--n", type=int, default=6, help="tiles to show")
-    pred.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    pred.add_argument("--tta", action="store_true", help="test-time augmentation: the 8 flips and quarter turns")
     data = command("dataset", "class distribution per fold and tissue, sample tiles")
-    data.add_argument("run", nargs="?", help="a run folder: show the folds it used")
+    data.add_argument("run", nargs="?", help="a run folder: show the folds it used; unless given, data/pannuke")
     data.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3], help="folds to count")
     data.add_argument("--n", type=int, default=6, help="sample tiles to show")
     data.add_argument("--output_dir", "--output-dir", help="where figures go without a run folder")
@@ -300,9 +314,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """`visualize.py RUN` is short for `visualize.py predictions RUN`."""
+    """`visualize.py RUN` is short for `visualize.py predictions RUN`, and `visualize.py` alone for `visualize.py
+    predictions` (the newest run's predictions, as the design document's visualize_predictions.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if not argv or (argv[0] not in COMMANDS and not argv[0].startswith("-")):
         argv = ["predictions", *argv]
     return get_args_parser().parse_args(argv)
 

@@ -225,6 +225,30 @@ def plot_gradcam(args) -> Path:
     return save(fig, Path(args.output_dir or run_folder(args.run) / "figures"), "gradcam")
 
 
+@torch.no_grad()
+def prediction_images(model, ctx, dataset, device, n: int = 4) -> torch.Tensor:
+    """(n, 3, S, 3S/2) for TensorBoard: the first n validation photos, each beside a bar per grade, as tall as its
+    predicted probability; the true grade's bar green, a wrong prediction's red, the others grey."""
+    model.eval()
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    images = torch.stack([item["image"] for item in items])
+    with ctx:
+        probs = model(images.to(device)).float().softmax(1).cpu()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    photos = (images * std + mean).clamp(0, 1)
+    size, grades = photos.shape[-1], probs.shape[1]
+    panel, width = torch.ones(len(items), 3, size, size // 2), max(size // 2 // grades, 2)
+    colours = {"truth": torch.tensor([0.1, 0.7, 0.2]), "wrong": torch.tensor([0.85, 0.1, 0.1])}
+    for k, item in enumerate(items):
+        predicted = int(probs[k].argmax())
+        for c in range(grades):
+            colour = colours["truth"] if c == item["label"] else colours["wrong"] if c == predicted else None
+            height = max(int(round(float(probs[k, c]) * size)), 1)
+            bar = panel[k, :, size - height :, c * width : (c + 1) * width - 1]
+            bar[:] = (torch.full((3,), 0.6) if colour is None else colour).view(3, 1, 1)
+    return torch.cat([photos, panel], dim=3)
+
+
 def main(args) -> Path:
     return {"curves": plot_curves, "grid": plot_grid, "preprocessing": plot_preprocessing, "gradcam": plot_gradcam}[
         args.command

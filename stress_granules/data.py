@@ -32,6 +32,7 @@ import tifffile
 import torch
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize
 
@@ -247,6 +248,18 @@ def make_sample(name: str, feature_path: Path, mask: np.ndarray, crop_size: int)
         background=coordinates(far),
         mixed=coordinates((distance >= quarter * 0.75) & (distance <= quarter * 1.25)),
     )
+
+
+def load_samples(pairs, args, cache_dir: Path, log=print, progress: bool = True) -> list:
+    """A Sample per (image, mask) pair: the image's features, computed once and cached (with a bar while the cache
+    fills), and its mask."""
+    samples = []
+    for image_path, mask_path in tqdm(pairs, desc="features", disable=not progress, leave=False):
+        feature_path = load_features(image_path, args.features, cache_dir)
+        mask = read_mask(mask_path, np.load(feature_path, mmap_mode="r").shape[1:], image_path)
+        samples.append(make_sample(image_path.stem, feature_path, mask, args.image_size))
+    log(f"{len(samples)} images, {sum(int(s.mask.any()) for s in samples)} with granules")
+    return samples
 
 
 def draw_strategy(rng: np.random.Generator) -> str:

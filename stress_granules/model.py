@@ -78,6 +78,12 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def checkpoint_dict(args, model_args: dict, weights: dict, **extra) -> dict:
+    """Plain data: evaluate.py and visualize.py rebuild the U-Net from model_args (load_checkpoint)."""
+    return {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "args": vars(args), "model": weights,
+            **extra}  # fmt: skip
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the U-Net from the arguments stored in a stress_granules checkpoint and load its weights."""
     path = Path(path)

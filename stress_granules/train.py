@@ -58,20 +58,18 @@ from stress_granules.data import (
     HelpFormatter,
     feature_channels,
     granule_balance_weights,
-    load_features,
-    make_sample,
+    load_samples,
     new_folder,
     plot_history,
-    read_mask,
     split_pairs,
     write_demo_dataset,
     write_json,
 )
 from stress_granules.model import (
-    ARCHITECTURE,
     DOMAIN,
     GranuleScores,
     UNet,
+    checkpoint_dict,
     granules_from_probability,
     pick_device,
     predict_probability,
@@ -226,17 +224,6 @@ def build_loss(args) -> CombinedLoss:
             "dice": (DiceLoss(), args.dice_weight),
         }
     )
-
-
-def load_samples(pairs, args, cache_dir: Path, log) -> list:
-    """The images' features, computed once and cached (a bar while the cache fills), with their masks."""
-    samples = []
-    for image_path, mask_path in tqdm(pairs, desc="features", disable=not is_main(), leave=False):
-        feature_path = load_features(image_path, args.features, cache_dir)
-        mask = read_mask(mask_path, np.load(feature_path, mmap_mode="r").shape[1:], image_path)
-        samples.append(make_sample(image_path.stem, feature_path, mask, args.image_size))
-    log(f"{len(samples)} images, {sum(int(s.mask.any()) for s in samples)} with granules")
-    return samples
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,22 +388,16 @@ def select(state: dict, val_stats: dict, args) -> bool:
     return improved
 
 
-def checkpoint(model, model_args, args, **extra) -> dict:
-    """Plain data: evaluate.py and visualize.py rebuild the U-Net from model_args."""
-    return {"domain": DOMAIN, "arch": ARCHITECTURE, "model_args": model_args, "args": vars(args),
-            "model": unwrap(model).state_dict(), **extra}  # fmt: skip
-
-
 def save_epoch(run_dir, model, model_args, args, state, optimizer, scheduler, scaler, val_stats, improved) -> None:
     """best_model.pth (by --selection_metric), last.pth, checkpoint_epoch_N.pth, the history and its figure."""
     epoch = state["epoch"]
     if improved:
         metric = {args.selection_metric: state["best"]}
-        save_checkpoint(run_dir / "best_model.pth", checkpoint(model, model_args, args, epoch=epoch, val=val_stats,
-                                                               metric=metric))  # fmt: skip
+        best = checkpoint_dict(args, model_args, unwrap(model).state_dict(), epoch=epoch, val=val_stats, metric=metric)
+        save_checkpoint(run_dir / "best_model.pth", best)
     progress = {k: state[k] for k in ("epoch", "best", "patience", "history")}
     optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-    last = checkpoint(model, model_args, args, **progress, **optim)
+    last = checkpoint_dict(args, model_args, unwrap(model).state_dict(), **progress, **optim)
     save_checkpoint(run_dir / "last.pth", last)
     if epoch % args.save_every == 0:
         save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pth", last)

@@ -412,3 +412,14 @@ def test_focal_loss_on_image_classification_logits():
     p = logits.softmax(1)[torch.arange(16), labels]
     by_hand = (-alpha[labels] * (1 - p) ** 2 * p.log()).mean()
     assert FocalLoss(gamma=2.0, alpha=alpha.tolist())(logits, labels) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_inverse_frequency_weights_square_root_and_cap_by_hand():
+    # counts 1, 4, 100: 1 / sqrt = 1, 0.5, 0.1
+    w = inverse_frequency_weights(torch.tensor([1.0, 4.0, 100.0]), power=0.5)
+    assert w.tolist() == pytest.approx([1 / 1.6, 0.5 / 1.6, 0.1 / 1.6])
+    # capped at 3x the smallest weight: 0.3, 0.3, 0.1
+    w = inverse_frequency_weights(torch.tensor([1.0, 4.0, 100.0]), power=0.5, max_ratio=3.0)
+    assert w.tolist() == pytest.approx([0.3 / 0.7, 0.3 / 0.7, 0.1 / 0.7])
+    given = FrequencyWeightedDiceLoss(class_counts=[1.0, 4.0, 100.0], power=0.5, max_ratio=3.0)
+    assert given.class_weights.tolist() == pytest.approx([0.3 / 0.7, 0.3 / 0.7, 0.1 / 0.7])
