@@ -329,6 +329,8 @@ def test_sota_epoch_writes_a_complete_run(sota_run):
     expected["lr"] = record["lr"]
     expected |= {f"val/{name}": record["val"][name] for name in ("loss", "mean_dice", "fg_mean_dice", "bpq", "mpq")}
     expected |= {f"val/dice_{name}": value for name, value in record["val"]["dice"].items()}
+    expected["time/val_share"] = record["val_seconds"] / record["seconds"]
+    assert 0 < expected["time/val_share"] < 1
     assert set(ea.Tags()["scalars"]) == set(expected)
     for tag, value in expected.items():
         (event,) = ea.Scalars(tag)
