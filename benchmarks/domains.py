@@ -15,8 +15,8 @@ calls the functions train.py calls, with train.py's argparse defaults; quick=Tru
 Where train.py does a step inline in main() rather than in a function, the few lines are repeated here and say so.
 
 step_loss is forward + loss only (no clipping, optimizer, EMA) and runs in the caller's precision: train.py's
-defaults train in fp32 on the CPU, while on CUDA pannuke, stress_granules, cellsam and hydra_lv autocast (bf16 where
-the GPU has it) and retinopathy stays fp32. run.py chooses the precision (its fp32 and bf16 variants), so step_loss
+defaults train in fp32 on the CPU (retinopathy autocasts to bf16 there too), while on CUDA every domain autocasts
+(bf16 where the GPU has it). run.py chooses the precision (its fp32 and bf16 variants), so step_loss
 adds no autocast of its own; the losses take `.float()` logits, as in train.py.
 """
 
@@ -258,15 +258,15 @@ def build_cellsam(workdir: Path, quick: bool) -> DomainBench:
 
 
 def build_retinopathy(workdir: Path, quick: bool) -> DomainBench:
-    """FundusDataset of the training split on the preprocessing cache, train.py's augmentation ("flips" unless
-    --advanced-aug); the classifier in its last stage (the whole network trains); focal loss with class weights."""
+    """FundusDataset of the training split on the preprocessing cache, train.py's augmentation (advanced unless
+    --no-advanced-aug); the classifier in its last stage (the whole network trains); focal loss with class weights."""
     from retinopathy import train
     from retinopathy.data import (
         FundusDataset,
         cache_settings,
         prepare_images,
         read_labels,
-        stratified_split,
+        split_records,
         write_demo_dataset,
     )
     from retinopathy.model import build_classifier, set_backbone_trainable
@@ -277,7 +277,7 @@ def build_retinopathy(workdir: Path, quick: bool) -> DomainBench:
     settings = cache_settings(args)
     records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, quiet)
     records = prepare_images(records, settings, workdir / "cache", args.skip_bad_rows, quiet, show=False)
-    train_records, _ = stratified_split(records, args.val_split, args.random_seed)
+    train_records = split_records(records, args.val_split, args.test_split, args.random_seed)["train"]
     plan = train.stage_plan(args)
     stage = plan[-1]  # the full-network stage: most of the epochs
     first_epoch = sum(s["epochs"] for s in plan[:-1])

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from tqdm import tqdm
 
 from common.preprocessing import ben_graham, circle_crop, clahe, crop_black_border
@@ -60,6 +60,7 @@ class Record:
     id_code: str
     path: Path
     diagnosis: int | None
+    patient: str | None = None  # --patient-column: the photos of one person stay in one split
 
 
 def find_image(img_dir: Path, id_code: str) -> Path | None:
@@ -76,21 +77,41 @@ def listing(problems: list[str], limit: int = 10) -> str:
     return "".join(f"\n  {problem}" for problem in problems[:limit]) + more
 
 
+def read_table(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
+    """A CSV as a person edited it: every cell text, a UTF-8 byte-order mark (Excel's "CSV UTF-8") dropped,
+    spaces around column names and cells stripped, Windows line ends accepted (pandas reads them as they are)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, dtype=str, encoding="utf-8-sig", skipinitialspace=True, nrows=nrows)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda column: column.str.strip())
+
+
 def read_labels(
-    labels_csv: str | Path, img_dir: str | Path, num_classes: int = 5, skip_bad_rows: bool = False, log=print
+    labels_csv: str | Path,
+    img_dir: str | Path,
+    num_classes: int = 5,
+    skip_bad_rows: bool = False,
+    log=print,
+    patient_column: str | None = None,
 ) -> list[Record]:
     """Rows of an APTOS CSV with their image files. A missing column is an error; a label outside
     0..num_classes-1 or an id without an image is an error naming the row, or with skip_bad_rows a skipped row
-    (the count is reported)."""
+    (the count is reported). patient_column: the column naming each photo's person (an empty cell: the photo is
+    its own person)."""
     labels_csv, img_dir = Path(labels_csv), Path(img_dir)
     if not labels_csv.is_file():
         raise DataError(f"--labels-csv {labels_csv}: no such file")
     if not img_dir.is_dir():
         raise DataError(f"--img-dir {img_dir}: no such folder")
-    try:
-        table = pd.read_csv(labels_csv, dtype={"id_code": str})
-    except Exception as error:
-        raise DataError(f"{labels_csv}: not a readable CSV ({error})") from None
+    table = read_table(labels_csv)
+    if patient_column and patient_column not in table.columns:
+        raise DataError(f"{labels_csv} has no column {patient_column!r} (--patient-column); found "
+                        f"{list(table.columns)}")  # fmt: skip
     missing = [c for c in ("id_code", "diagnosis") if c not in table.columns]
     if missing:
         raise DataError(
@@ -104,17 +125,21 @@ def read_labels(
     # one non-number in the column would make pandas read every grade as text: compare numbers
     numeric = pd.to_numeric(table["diagnosis"], errors="coerce")
     records, problems = [], []
-    for row_number, (row, value) in enumerate(zip(table.itertuples(index=False), numeric, strict=True), start=2):
+    patients = table[patient_column].fillna("").tolist() if patient_column else [None] * len(table)
+    rows = zip(table.itertuples(index=False), numeric, patients, strict=True)
+    for row_number, (row, value, patient) in enumerate(rows, start=2):
         where = f"{labels_csv} line {row_number} (id_code {row.id_code})"  # line 1 is the header
         if not (np.isfinite(value) and value == int(value) and 0 <= value < num_classes):
-            problems.append(f"{where}: diagnosis {row.diagnosis!r} is not a grade in 0..{num_classes - 1}")
+            shown = row.diagnosis if np.isfinite(value) else repr(row.diagnosis)  # a number as written, text quoted
+            problems.append(f"{where}: diagnosis {shown} is not a grade in 0..{num_classes - 1}")
             continue
         grade = int(value)
         path = find_image(img_dir, str(row.id_code))
         if path is None:
             problems.append(f"{where}: no image {row.id_code}.png/.jpg/.jpeg in {img_dir}")
             continue
-        records.append(Record(str(row.id_code), path, grade))
+        patient = str(row.id_code) if patient == "" else patient
+        records.append(Record(str(row.id_code), path, grade, patient))
     if problems and not skip_bad_rows:
         raise DataError(f"{len(problems)} bad row(s):{listing(problems)}\nfix them or pass --skip-bad-rows")
     if problems:
@@ -157,6 +182,61 @@ def stratified_split(records: list[Record], val_split: float, seed: int) -> tupl
     return list(train), list(val)
 
 
+def grouped_split(records: list[Record], share: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """As stratified_split, but a patient's photos stay on one side: scikit-learn's StratifiedGroupKFold with
+    round(1 / share) folds, one fold split off (so the share is 1 / k, e.g. 0.1 or 0.2 exactly, 0.3 as 1/3)."""
+    folds = min(max(2, round(1 / share)), len({r.patient for r in records}))
+    if folds < 2:
+        raise DataError("--patient-column: every photo belongs to one patient; there is nothing to split")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    labels, groups = [r.diagnosis for r in records], [r.patient for r in records]
+    rest, held = next(splitter.split(np.zeros(len(records)), labels, groups))
+    return [records[i] for i in rest], [records[i] for i in held]
+
+
+def split_records(records: list[Record], val_split: float, test_split: float, seed: int) -> dict[str, list[Record]]:
+    """{"train", "val", "test"}: shares val_split and test_split of all photos, stratified by grade; the test split
+    (held out, reported) first, then validation (chooses the model) from the rest. Records with a patient keep each
+    patient's photos in one split."""
+    split = grouped_split if records and records[0].patient is not None else stratified_split
+    rest, test = split(records, test_split, seed) if test_split > 0 else (list(records), [])
+    train, val = split(rest, val_split / (1 - test_split), seed)
+    return {"train": train, "val": val, "test": test}
+
+
+def run_split(trained: dict, run_dir: Path, part: str, num_classes: int, settings: dict, cache_dir: Path):
+    """The photos of one part ("train", "val" or "test") of a training run (`trained`: its stored arguments), as
+    its split.json lists them, so a CSV edited since training cannot shift the split; runs without a split.json
+    draw the train/validation split again. Returns (records, part): a run from before the test split gives its
+    validation split for "test", and says so in the part it returns."""
+    skip = trained["skip_bad_rows"]
+    records = read_labels(trained["labels_csv"], trained["img_dir"], num_classes, skip, log=lambda *a: None)
+    split = Path(run_dir) / "split.json"
+    if not split.is_file():
+        records = prepare_images(records, settings, cache_dir, skip, show=False)
+        train, val = stratified_split(records, trained["val_split"], trained["random_seed"])
+        return (train, "train") if part == "train" else (val, "val")
+    by_id = {r.id_code: r for r in records}
+    parts = json.loads(split.read_text())
+    if part == "test" and "test" not in parts:
+        part = "val"
+    wanted = parts[part]
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise DataError(f"{split}: {len(missing)} photo(s) of its {part} split are no longer in "
+                        f"{trained['labels_csv']}, e.g. {missing[0]}")  # fmt: skip
+    return prepare_images([by_id[i] for i in wanted], settings, cache_dir, skip, show=False), part
+
+
+def seen_in_training(run_dir: Path) -> set[str]:
+    """The id_codes a run trained on or chose its model with (split.json's train and val); empty without one."""
+    split = Path(run_dir) / "split.json"
+    if not split.is_file():
+        return set()
+    parts = json.loads(split.read_text())
+    return set(parts["train"]) | set(parts["val"])
+
+
 def new_folder(parent: Path, name: str) -> Path:
     """A new folder parent/<name>_<YYYYmmdd_HHMMSS> (with _2, _3, ... if taken): outputs never overwrite others."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -197,27 +277,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def validation_records(trained: dict, run_dir: Path, num_classes: int, settings: dict, cache_dir: Path) -> list[Record]:
-    """The validation photos of a training run (`trained`: its stored arguments): the ids its split.json lists,
-    so a CSV edited since training cannot shift the split; runs without a split.json draw it again."""
-    skip = trained["skip_bad_rows"]
-    records = read_labels(trained["labels_csv"], trained["img_dir"], num_classes, skip, log=lambda *a: None)
-    split = Path(run_dir) / "split.json"
-    if split.is_file():
-        by_id = {r.id_code: r for r in records}
-        wanted = json.loads(split.read_text())["val"]
-        missing = [i for i in wanted if i not in by_id]
-        if missing:
-            raise DataError(f"{split}: {len(missing)} validation photo(s) are no longer in {trained['labels_csv']}, "
-                            f"e.g. {missing[0]}")  # fmt: skip
-        return prepare_images([by_id[i] for i in wanted], settings, cache_dir, skip, show=False)
-    records = prepare_images(records, settings, cache_dir, skip, show=False)
-    return stratified_split(records, trained["val_split"], trained["random_seed"])[1]
-
-
 def read_id_list(labels_csv: str | Path, img_dir: str | Path) -> list[Record]:
     """An id_code column without grades (e.g. APTOS test.csv): unlabelled records, in the CSV's order."""
-    table = pd.read_csv(labels_csv, dtype={"id_code": str})
+    table = read_table(labels_csv)
     records, missing = [], []
     for id_code in table["id_code"]:
         path = find_image(Path(img_dir), id_code)
@@ -333,8 +395,9 @@ def prepare_images(
 
 
 def build_augmentation(advanced: bool) -> A.Compose:
-    """--advanced-aug: rotation, flips, transpose, optical/grid distortion, CLAHE, colour jitter, brightness,
-    Gaussian noise/blur, coarse dropout. Otherwise flips only (a fundus has no preferred orientation)."""
+    """--advanced-aug (16 techniques): rotation, flips, transpose, shift/scale, optical, grid or elastic distortion
+    (the eye's movement and the lens), CLAHE, colour jitter, brightness/contrast, hue/saturation, gamma, Gaussian
+    noise or blur, coarse dropout. --no-advanced-aug: flips only (a fundus has no preferred orientation)."""
     flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
     if not advanced:
         return A.Compose(flips)
@@ -343,10 +406,20 @@ def build_augmentation(advanced: bool) -> A.Compose:
             A.Rotate(limit=180, border_mode=cv2.BORDER_CONSTANT, p=0.7),
             *flips,
             A.Transpose(p=0.5),
-            A.OneOf([A.OpticalDistortion(distort_limit=0.1), A.GridDistortion(distort_limit=0.1)], p=0.3),
+            A.Affine(translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), border_mode=cv2.BORDER_CONSTANT, p=0.3),
+            A.OneOf(
+                [
+                    A.OpticalDistortion(distort_limit=0.1),
+                    A.GridDistortion(distort_limit=0.1),
+                    A.ElasticTransform(alpha=20, sigma=6, border_mode=cv2.BORDER_CONSTANT),
+                ],
+                p=0.3,
+            ),
             A.CLAHE(clip_limit=(1, 3), p=0.2),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
             A.RandomBrightnessContrast(0.1, 0.1, p=0.3),
+            A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.2),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.2),
             A.OneOf([A.GaussNoise(std_range=(0.01, 0.04)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
             A.CoarseDropout(
                 num_holes_range=(1, 6), hole_height_range=(0.03, 0.08), hole_width_range=(0.03, 0.08), p=0.3

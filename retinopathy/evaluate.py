@@ -1,14 +1,23 @@
 """Score a trained diabetic-retinopathy model on labelled photos, or grade unlabelled ones.
 
-    python retinopathy/evaluate.py --model-path ml/models/<run>            # the run's own validation split
+    python retinopathy/evaluate.py --model-path ml/models/<run>/best_model.pth --output-dir results  # test split
     python retinopathy/evaluate.py --labels-csv DATA/test.csv --img-dir DATA/test_images \\
         --model-path ml/models/<run>/best_model.pth --output-dir results --tta
     python retinopathy/evaluate.py --img-dir DATA/test_images --model-path ml/models/<run>   # no labels
 
-With labels, a new folder --output-dir/evaluation_<YYYYmmdd_HHMMSS>/ (default: inside the run folder) receives
+Without --labels-csv and --img-dir it scores the run's held-out test split (split.json), photos that neither
+trained nor chose the model. Given a labelled CSV, it leaves out the photos the run trained on or chose the model
+with (split.json's train and val rows, matched by id_code) and says how many, unless --include-training-images;
+metrics.json then counts the photos the model saw (images_seen_in_training) and the console says so.
+
+With labels, --output-dir receives (straight in, as the training guide writes them; if the folder already holds
+an evaluation, a new folder evaluation_<YYYYmmdd_HHMMSS>/ inside it; without --output-dir, one inside
+RUN/evaluation/)
 - metrics.json: accuracy, quadratic weighted kappa (the APTOS metric), macro F1 (over the grades that occur in the
   labels or the predictions, as scikit-learn computes it), per-grade precision / recall / F1 / support, one-vs-rest
-  ROC AUC per grade and their mean, and the confusion matrix;
+  ROC AUC per grade and their mean, the confusion matrix, and referable diabetic retinopathy (grade >= 2, the
+  screening referral point): sensitivity and specificity of "predicted grade >= 2" and the AUC of P(grade >= 2),
+  each with a 95 % confidence interval (exact binomial for sensitivity and specificity, bootstrap for the AUC);
 - classification_report.txt (scikit-learn's), confusion_matrix.png, roc_curves.png;
 - predictions.csv: id_code,diagnosis,prob_0..prob_4 (diagnosis = the predicted grade).
 Without --labels-csv, every image of --img-dir is graded and predictions.csv is the Kaggle submission format
@@ -25,16 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 
 import argparse
 import math
+import os
 
 import matplotlib
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import binomtest
 from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
+    roc_auc_score,
     roc_curve,
 )
 from torch.utils.data import DataLoader
@@ -51,7 +63,9 @@ from retinopathy.data import (
     read_folder,
     read_id_list,
     read_labels,
-    validation_records,
+    read_table,
+    run_split,
+    seen_in_training,
     write_json,
 )
 from retinopathy.model import load_checkpoint, pick_device, predict_probabilities
@@ -62,11 +76,12 @@ import matplotlib.pyplot as plt
 
 @torch.no_grad()
 def predict(model, records, settings, cache_dir, device, batch_size=32, num_workers=2, tta=False) -> np.ndarray:
-    """(N, C) probabilities for the records, in their order."""
+    """(N, C) probabilities for the records, in their order (no more loader workers than this machine's cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     loader = DataLoader(
         FundusDataset(records, settings, cache_dir),
         batch_size,
-        num_workers=num_workers,
+        num_workers=min(num_workers, cores),
         pin_memory=device.type == "cuda",
     )
     batches = tqdm(loader, desc="grading", leave=False, dynamic_ncols=True)
@@ -98,7 +113,56 @@ def grading_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
         },
         "macro_roc_auc": auc["macro_auc"],
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=grades).tolist(),
+        **({"referable_dr": referable_dr(y_true, probs)} if num_classes > REFERABLE else {}),
     }
+
+
+REFERABLE = 2  # moderate non-proliferative DR or worse: the grade screening programmes refer to an ophthalmologist
+
+
+def referable_dr(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Referable DR as a screening test: a photo is referred when its predicted grade is >= 2; the AUC ranks
+    photos by P(grade >= 2), the summed probabilities of grades 2..4. 95 % confidence intervals: sensitivity and
+    specificity are proportions, so theirs is the exact (Clopper-Pearson) binomial interval that diagnostic-
+    accuracy studies report; a percentile bootstrap would claim "1.000-1.000" for 14 of 14 negatives found.
+    The AUC's is the percentile bootstrap over photos (n_boot resamples, seeded, so a report is reproducible)."""
+    truth, referred, score = np.asarray(y_true) >= REFERABLE, probs.argmax(1) >= REFERABLE, probs[:, REFERABLE:].sum(1)
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    result = {"definition": "true grade >= 2; referred: predicted grade >= 2; AUC of P(grade >= 2)"}
+    for name, hits, total in (
+        ("sensitivity", int((truth & referred).sum()), positives),
+        ("specificity", int((~truth & ~referred).sum()), negatives),
+    ):
+        if total:
+            interval = binomtest(hits, total).proportion_ci(confidence_level=0.95, method="exact")
+            result[name], result[f"{name}_ci95"] = hits / total, [float(interval.low), float(interval.high)]
+        else:
+            result[name], result[f"{name}_ci95"] = math.nan, [math.nan] * 2
+
+    def auc(i: np.ndarray) -> float:
+        t = truth[i]
+        return float(roc_auc_score(t, score[i])) if 0 < t.sum() < len(t) else math.nan
+
+    result["auc"] = auc(np.arange(len(truth)))
+    draws = np.random.default_rng(seed).integers(0, len(truth), size=(n_boot, len(truth)))
+    resampled = np.array([auc(i) for i in draws])
+    finite = resampled[np.isfinite(resampled)]
+    result["auc_ci95"] = np.percentile(finite, [2.5, 97.5]).tolist() if finite.size else [math.nan] * 2
+    intervals = {
+        "sensitivity": "exact binomial",
+        "specificity": "exact binomial",
+        "auc": f"bootstrap, {n_boot} resamples",
+    }
+    return {**result, "positives": positives, "negatives": negatives, "ci_method": intervals}
+
+
+def with_ci(referable: dict, name: str) -> str:
+    """'0.912 (95% CI 0.850-0.960)' for one score of referable_dr."""
+    low, high = referable[f"{name}_ci95"]
+    value = referable[name]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{value:.3f} (95% CI {low:.3f}-{high:.3f})"
 
 
 def no_nan(value):
@@ -148,6 +212,52 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, aucs: list, path: Pat
     plt.close(fig)
 
 
+def labelled_records(args, trained, run_dir, num_classes, settings, cache_dir) -> tuple[list, str, int]:
+    """The photos to score and what they are: (records, source, how many of them trained or chose the model)."""
+    if args.img_dir is None:  # the run's own held-out test split
+        records, part = run_split(trained, run_dir, "test", num_classes, settings, cache_dir)
+        if part == "test" and not records:
+            raise SystemExit(f"{run_dir} was trained with --test-split 0: it has no held-out photos. Give "
+                             "--labels-csv and --img-dir of photos it never saw")  # fmt: skip
+        if part == "test":
+            return records, f"held-out test split of {trained['labels_csv']}", 0
+        print(f"warning: {run_dir} was trained before runs kept a test split; scoring its validation split, which "
+              "chose the model, so the numbers are optimistic")  # fmt: skip
+        return records, f"validation split of {trained['labels_csv']} (it chose the model)", len(records)
+    if args.labels_csv and "diagnosis" not in read_table(args.labels_csv, nrows=0).columns:
+        return read_id_list(args.labels_csv, args.img_dir), str(Path(args.labels_csv).resolve()), 0
+    if args.labels_csv:
+        records = read_labels(args.labels_csv, args.img_dir, num_classes, args.skip_bad_rows)
+    else:
+        records = read_folder(args.img_dir)
+    source = str(Path(args.labels_csv or args.img_dir).resolve())
+    seen = seen_in_training(run_dir)
+    overlap = [r for r in records if r.id_code in seen] if records[0].diagnosis is not None else []
+    if overlap and not args.include_training_images:
+        records = [r for r in records if r.id_code not in seen]
+        print(f"left out {len(overlap)} of {len(records) + len(overlap)} photos that the run trained on or chose "
+              f"its model with ({run_dir / 'split.json'}); --include-training-images keeps them")  # fmt: skip
+        if not records:
+            raise SystemExit(f"{args.labels_csv}: every photo was used in training; score photos the model never "
+                             "saw, or pass --include-training-images")  # fmt: skip
+        overlap = []
+    return prepare_images(records, settings, cache_dir, args.skip_bad_rows), source, len(overlap)
+
+
+def output_folder(args, run_dir: Path) -> Path:
+    """--output-dir itself when it holds no evaluation yet (the guide's results/metrics.json), else a new folder
+    inside it; without --output-dir a new folder in RUN/evaluation. Nothing is ever written over."""
+    if args.output_dir is None:
+        return new_folder(run_dir / "evaluation", "evaluation")
+    out = Path(args.output_dir)
+    if any((out / name).exists() for name in ("metrics.json", "predictions.csv")):
+        folder = new_folder(out, "evaluation")
+        print(f"{out} already holds an evaluation; writing to {folder} instead")
+        return folder
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def main(args) -> Path:
     device = pick_device()
     model, checkpoint = load_checkpoint(args.model_path, device)
@@ -160,22 +270,8 @@ def main(args) -> Path:
 
     if args.labels_csv and not args.img_dir:
         raise SystemExit("--labels-csv needs --img-dir (the folder of its images)")
-    if args.img_dir is None:  # the run's own validation photos
-        records = validation_records(trained, run_dir, num_classes, settings, cache_dir)
-        source = f"validation split of {trained['labels_csv']}"
-    else:
-        if args.labels_csv and "diagnosis" not in pd.read_csv(args.labels_csv, nrows=0).columns:
-            records = read_id_list(args.labels_csv, args.img_dir)  # ids without grades: grade them
-            source = str(Path(args.labels_csv).resolve())
-        elif args.labels_csv:
-            records = read_labels(args.labels_csv, args.img_dir, num_classes, args.skip_bad_rows)
-            source = str(Path(args.labels_csv).resolve())
-        else:
-            records = read_folder(args.img_dir)
-            source = str(Path(args.img_dir).resolve())
-        records = prepare_images(records, settings, cache_dir, args.skip_bad_rows)
-
-    out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "evaluation", "evaluation")
+    records, source, seen = labelled_records(args, trained, run_dir, num_classes, settings, cache_dir)
+    out_dir = output_folder(args, run_dir)
     print(f"grading {len(records)} images ({source}) with {args.model_path} on {device.type}; writing {out_dir}")
     probs = predict(model, records, settings, cache_dir, device, args.batch_size, args.num_workers, args.tta)
     ids = [r.id_code for r in records]
@@ -193,7 +289,13 @@ def main(args) -> Path:
         out_dir / "predictions.csv", index=False
     )
     metrics = grading_metrics(y_true, probs)
-    metrics.update({"model_path": str(Path(args.model_path).resolve()), "data": source, "tta": args.tta})
+    metrics.update({"model_path": str(Path(args.model_path).resolve()), "data": source, "tta": args.tta,
+                    "images_seen_in_training": seen})  # fmt: skip
+    seen_note = ""
+    if seen:
+        seen_note = (f"{seen} of these {len(records)} photos trained the model or chose it: the scores overstate how "
+                     "it grades new photos")  # fmt: skip
+        metrics["warning"] = seen_note
     write_json(out_dir / "metrics.json", no_nan(metrics))
     report = classification_report(
         y_true,
@@ -204,14 +306,19 @@ def main(args) -> Path:
         zero_division=0,
     )
     header = f"accuracy {metrics['accuracy']:.4f}  quadratic weighted kappa {metrics['qwk']:.4f}"
-    (out_dir / "classification_report.txt").write_text(f"{source}\n{header}\n\n{report}")
+    referable = metrics.get("referable_dr")
+    if referable:
+        header += (f"\nreferable DR (grade >= 2, {referable['positives']} of {len(records)} photos): sensitivity "
+                   f"{with_ci(referable, 'sensitivity')}  specificity {with_ci(referable, 'specificity')}  AUC "
+                   f"{with_ci(referable, 'auc')}")  # fmt: skip
+    warning = f"WARNING: {seen_note}\n" if seen_note else ""
+    (out_dir / "classification_report.txt").write_text(f"{source}\n{warning}{header}\n\n{report}", encoding="utf-8")
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), out_dir / "confusion_matrix.png")
     aucs = [metrics["per_class"][name]["roc_auc"] for name in metrics["per_class"]]
     plot_roc_curves(y_true, probs, aucs, out_dir / "roc_curves.png")
     print(report)
-    print(
-        f"{header}  macro F1 {metrics['macro_f1']:.4f}  macro ROC AUC {metrics['macro_roc_auc']:.4f}\nwrote {out_dir}"
-    )
+    print(f"{header}\nmacro F1 {metrics['macro_f1']:.4f}  macro ROC AUC {metrics['macro_roc_auc']:.4f}  "
+          f"({len(records)} photos: {source})\n{warning}wrote {out_dir}")  # fmt: skip
     return out_dir
 
 
@@ -224,16 +331,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--img-dir",
         "--img_dir",
         dest="img_dir",
-        help="the photos (leave out, with --labels-csv too: the run's val split)",
+        help="the photos (leave out, with --labels-csv too: the run's held-out test split)",
     )
     add(
         "--output-dir",
         "--output_dir",
         dest="output_dir",
-        help="results go to a new folder in here; without it RUN/evaluation",
+        help="results go straight in here (a new folder inside if it holds an evaluation); without it "
+        "RUN/evaluation/evaluation_<time>",
     )
     add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos; without it the training run's cache")
     add("--tta", action="store_true", help="average over the photo and its three flips")
+    add("--include-training-images", "--include_training_images", dest="include_training_images",
+        action="store_true", help="--labels-csv: keep the photos the run trained on or chose its model with (the "
+        "report then says so)")  # fmt: skip
     add("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="images per batch")
     add("--num-workers", "--num_workers", dest="num_workers", type=int, default=2, help="loader workers")
     add(

@@ -1,9 +1,9 @@
 """Train a 5-grade diabetic-retinopathy classifier on APTOS-style fundus photographs.
 
-    python retinopathy/train.py --demo                                       # synthetic fundi, about 2 min on a CPU
+    python retinopathy/train.py --demo                                       # synthetic fundi, a few min on a CPU
     python retinopathy/train.py --labels-csv DATA/train.csv --img-dir DATA/train_images \\
-        --model-name efficientnet_b3 --loss focal --medical-preprocess --advanced-aug --mixed-precision
-    python retinopathy/train.py --resume ml/models/<run>
+        --save-dir ml/models/efficientnet_b3_focal --model-name efficientnet_b3 --loss focal
+    python retinopathy/train.py --resume ml/models/efficientnet_b3_focal
     torchrun --nproc_per_node=2 retinopathy/train.py --labels-csv DATA/train.csv --img-dir DATA/train_images
 
 Two stages (--two-stage): stage 1 trains only the new head for --epochs-stage1 epochs at --lr-stage1 with the
@@ -11,12 +11,21 @@ pretrained backbone frozen; stage 2 trains everything for --epochs-stage2 epochs
 and cosine annealing (stepped per batch). The loss is cross entropy, class-weighted cross entropy or focal loss
 (per-class weights from the training split as alpha). The best model is chosen by validation quadratic weighted
 kappa (the APTOS metric); accuracy is reported too. --demo trains a small ResNet from scratch, in one stage, on
-synthetic photos (add -h to see the values it runs with). --mixed-precision autocasts: bf16 on the CPU and on
-GPUs that have it, fp16 with a GradScaler on older GPUs and Apple MPS.
+synthetic photos (add -h to see the values it runs with). Medical preprocessing, advanced augmentation and
+mixed precision are on unless --no-medical-preprocess, --no-advanced-aug or --no-mixed-precision; mixed precision
+autocasts training: bf16 on GPUs that have it and on CPUs with bf16 instructions (AVX512-BF16 or AMX), fp16 with a
+GradScaler on older GPUs and Apple MPS. On a CPU without bf16 instructions training stays fp32 and the banner says
+so: bf16 is emulated there (measured 11x slower per step on an AVX2 CPU, benchmarks/RESULTS.md). Validation and
+evaluate.py score in fp32, so their numbers agree.
 
-Each run writes --save-dir/retinopathy_<model-name>_<YYYYmmdd_HHMMSS>/: config.json, split.json, best_model.pth,
-best_stage1.pth, last.pth (resume), checkpoint_epoch_N.pth (every --save-freq epochs), training_history.json,
-train.log, and tensorboard/ (`tensorboard --logdir ml/models`).
+The photos are split three ways, stratified by grade (and by patient with --patient-column): a held-out test split
+(--test-split), the validation split that chooses the model (--val-split), and the rest for training. At the end
+the best model is scored on the test split (evaluate.py, in --save-dir/evaluation/); that is the number to report.
+
+The run's files go straight into --save-dir (one run per folder; a folder that holds a run is never overwritten):
+config.json, split.json, best_model.pth (best stage-2 validation QWK), best_stage1.pth, last.pth (resume),
+checkpoint_epoch_N.pth (every --save-freq epochs), training_history.json, train.log, and tensorboard/
+(`tensorboard --logdir ml/models`).
 """
 
 import sys
@@ -25,7 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
+import json
 import logging
+import logging.handlers
 import math
 import os
 import time
@@ -45,15 +56,14 @@ from tqdm import tqdm
 
 from common.losses import FocalLoss
 from common.metrics import quadratic_weighted_kappa
+from retinopathy import evaluate
 from retinopathy.data import (
-    GRADES,
     FundusDataset,
     HelpFormatter,
     cache_settings,
-    new_folder,
     prepare_images,
     read_labels,
-    stratified_split,
+    split_records,
     write_demo_dataset,
     write_json,
 )
@@ -61,8 +71,9 @@ from retinopathy.model import MODELS, build_classifier, pick_device, set_backbon
 from retinopathy.visualize import prediction_images
 
 DOMAIN = "retinopathy"
-# --demo: a small synthetic set and a small network from scratch, about two minutes on two CPU cores
+# --demo: a small synthetic set and a small network from scratch, a few minutes on two CPU cores
 DEMO = {
+    "save_dir": f"ml/models/{DOMAIN}_demo",
     "model_name": "resnet18",
     "pretrained": False,
     "image_size": 128,
@@ -72,6 +83,8 @@ DEMO = {
     "batch_size": 16,
     "two_stage": False,
 }
+RULE = "=" * 80
+RUN_FILES = ("config.json", "last.pth", "best_model.pth", "training_history.json")  # a folder with one holds a run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,11 +119,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, ctx, loader,
         scheduler.step()
         n = len(labels)
         totals += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
-        bar.set_postfix(
-            loss=f"{totals[0] / totals[2]:.4f}",
-            acc=f"{totals[1] / totals[2]:.3f}",
-            lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-        )
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix_str(f"loss: {totals[0] / totals[2]:.4f} | acc: {totals[1] / totals[2]:.2%} | lr: {lr:.1e}")
     if dist.is_initialized():
         totals = totals.to(device)
         dist.all_reduce(totals)
@@ -119,17 +129,20 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, ctx, loader,
 
 
 @torch.no_grad()
-def validate(model, criterion, ctx, loader, device, num_classes: int) -> dict:
-    """Loss, accuracy and quadratic weighted kappa over the validation split (gathered from every rank)."""
+def validate(model, criterion, loader, device, num_classes: int, label: str = "validation") -> dict:
+    """Loss, accuracy and quadratic weighted kappa over the validation split (gathered from every rank), in fp32
+    whatever the training precision: the model is chosen by the numbers evaluate.py (fp32) gives again."""
     model.eval()
     labels, predictions, loss_sum = [], [], 0.0
-    for batch in tqdm(loader, desc="validation", disable=not is_main(), leave=False, dynamic_ncols=True):
-        with ctx:
-            logits = model(batch["image"].to(device)).float()
+    bar = tqdm(loader, desc=label, disable=not is_main(), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        logits = model(batch["image"].to(device)).float()
         target = batch["label"].to(device)
         loss_sum += criterion(logits, target).item() * len(target)
         labels += target.tolist()
         predictions += logits.argmax(1).tolist()
+        correct = sum(int(a == b) for a, b in zip(labels, predictions, strict=True))
+        bar.set_postfix_str(f"loss: {loss_sum / len(labels):.4f} | acc: {correct / len(labels):.2%}")
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (labels, predictions, loss_sum))
@@ -166,6 +179,17 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def readable_console() -> None:
+    """The log's emoji on a console that cannot show them (a Windows code page, or output redirected to a file
+    there) turn into '?' instead of stopping the run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            "🏥✅🔒".encode(getattr(stream, "encoding", None) or "ascii")
+        except (UnicodeEncodeError, LookupError):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
+
+
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -180,6 +204,17 @@ def mixed_precision(device: torch.device, enabled: bool, dtype: torch.dtype | No
     ctx = torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
     return ctx, scaler
+
+
+def emulated_bf16(device: torch.device) -> bool:
+    """True on a CPU without bf16 instructions, where bf16 autocast is emulated: a ResNet-18 step took 11x as long
+    as in fp32 on an AVX2 EPYC (the demo: 17 min instead of a few), so --mixed-precision, on by default, keeps fp32."""
+    if device.type != "cpu":
+        return False
+    native = (
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return not any(native)
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -231,11 +266,39 @@ def make_optimizer(model, stage, args, steps_per_epoch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def holds_run(folder: Path) -> list[str]:
+    """The files of a training run in folder (empty: no run there)."""
+    return [name for name in RUN_FILES if (Path(folder) / name).is_file()]
+
+
+def claim_save_dir(args) -> None:
+    """A new run's files go straight into --save-dir, so a folder that holds a run is never written over: training
+    stops before it reads a photo. --demo moves on to <save-dir>_2, _3, ... instead (each demo its own folder)."""
+    save_dir = Path(args.save_dir)
+    if args.demo:
+        base, k = save_dir, 1
+        while holds_run(save_dir):
+            k += 1
+            save_dir = base.with_name(f"{base.name}_{k}")
+        args.save_dir = str(save_dir)
+        return
+    found = holds_run(save_dir)
+    if found:
+        raise SystemExit(
+            f"--save-dir {save_dir} already holds a training run ({', '.join(found)}); nothing was changed.\n"
+            f"  to carry on with that run:  --resume {save_dir}\n"
+            f"  to train a new one:         --save-dir {save_dir.with_name(save_dir.name + '_2')}  (any folder "
+            "without a run)"
+        )
+
+
 def resume_or_start(args, log) -> tuple[argparse.Namespace, dict | None]:
     """--resume: the interrupted run's stored arguments win (a flag given with it is ignored, and said so, except
-    --num-workers); otherwise the arguments as given, checked."""
+    --num-workers); otherwise the arguments as given, checked, and a --save-dir that holds no run."""
     if not args.resume:
-        return check_args(args), None
+        args = check_args(args)
+        claim_save_dir(args)
+        return args, None
     path = Path(args.resume)
     path = path / "last.pth" if path.is_dir() else path
     if path.name != "last.pth" or not path.is_file():
@@ -248,17 +311,21 @@ def resume_or_start(args, log) -> tuple[argparse.Namespace, dict | None]:
     if ignored:
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
         log(f"--resume: the run's stored settings win; ignoring {flags}")
-    # runs from before --channels-last was stored take today's device default
-    stored = argparse.Namespace(**{"channels_last": plain["channels_last"], **resume["args"]})
+    # runs from before these settings were stored: today's device default for channels-last; no test split and no
+    # patient column, as they trained
+    before = {"channels_last": plain["channels_last"], "test_split": 0.0, "patient_column": None}
+    stored = argparse.Namespace(**{**before, **resume["args"]})
     stored.resume, stored.num_workers = str(path), args.num_workers
     return stored, resume
 
 
-def load_data(args) -> tuple[list, list, dict, list[str]]:
+def load_data(args, log) -> tuple[dict, dict, list[str], int]:
     """The labelled photos (the demo's synthetic set written first), each decoded, checked and cached once, rank 0
-    first (the others then find the cache filled); their stratified train/validation split."""
+    first (the others then find the cache filled); their train / validation / test split (split_records).
+    Returns (split, cache settings, what --skip-bad-rows left out, photos in the CSV)."""
+    log("\n📂 Loading dataset...")
     if args.demo and args.labels_csv is None:
-        root = Path(args.save_dir) / "demo_data" / "v1_240"
+        root = Path(args.save_dir).parent / "demo_data" / "v1_240"  # shared by the demos beside it
         if is_main():
             write_demo_dataset(root)
         if dist.is_initialized():
@@ -267,8 +334,10 @@ def load_data(args) -> tuple[list, list, dict, list[str]]:
     args.labels_csv, args.img_dir = str(Path(args.labels_csv).resolve()), str(Path(args.img_dir).resolve())
     args.save_dir = str(Path(args.save_dir).resolve())
     args.cache_dir = str(Path(args.cache_dir or Path(args.save_dir) / "cache").resolve())
-    skipped = []  # what --skip-bad-rows left out, said in the banner (and so in train.log)
-    records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, skipped.append)
+    skipped = []  # what --skip-bad-rows left out, said in the log
+    records = read_labels(args.labels_csv, args.img_dir, args.num_classes, args.skip_bad_rows, skipped.append,
+                          args.patient_column)  # fmt: skip
+    listed = len(records)
     settings = cache_settings(args)
     if is_main():
         records = prepare_images(records, settings, Path(args.cache_dir), args.skip_bad_rows, skipped.append)
@@ -276,8 +345,7 @@ def load_data(args) -> tuple[list, list, dict, list[str]]:
         dist.barrier()
         if not is_main():
             records = prepare_images(records, settings, Path(args.cache_dir), args.skip_bad_rows, print, show=False)
-    train_records, val_records = stratified_split(records, args.val_split, args.random_seed)
-    return train_records, val_records, settings, skipped
+    return split_records(records, args.val_split, args.test_split, args.random_seed), settings, skipped, listed
 
 
 class Loaders(NamedTuple):
@@ -321,53 +389,73 @@ def build_model(args, device) -> nn.Module:
     return model
 
 
-def start_run(args, resume, train_records, val_records) -> Path | None:
-    """The run folder (rank 0; a resumed run keeps its own) with config.json and split.json, and train.log."""
+def start_run(args, resume, split, early) -> Path | None:
+    """The run folder, --save-dir itself (rank 0; a resumed run keeps its own), with config.json and split.json,
+    and train.log, which starts with what was logged before the folder was known (`early`)."""
     if resume is not None:
         run_dir = Path(args.resume).parent
     elif is_main():
-        run_dir = new_folder(Path(args.save_dir), f"{DOMAIN}_{args.model_name}")
+        run_dir = Path(args.save_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         args.run_dir = str(run_dir)
         write_json(run_dir / "config.json", vars(args))
-        split = {"train": [r.id_code for r in train_records], "val": [r.id_code for r in val_records]}
-        write_json(run_dir / "split.json", split)  # evaluate.py and visualize.py score exactly these photos
+        # evaluate.py and visualize.py score exactly these photos; "test" is held out from training and selection
+        ids = {part: [r.id_code for r in records] for part, records in split.items()}
+        write_json(run_dir / "split.json", {**ids, "patient_column": args.patient_column})
     else:
         return None
     if is_main():
-        logging.getLogger().addHandler(logging.FileHandler(run_dir / "train.log"))
+        file = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        early.setTarget(file)
+        early.close()  # flushes into the file
+        logging.getLogger().removeHandler(early)
+        logging.getLogger().addHandler(file)
     return run_dir
 
 
-def log_banner(log, args, device, run_dir, train_records, val_records, skipped, weights) -> None:
+def log_banner(log, args, device, ctx) -> None:
+    """The settings and the device, as the training guide's "Understanding Training Output" shows them."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    gpu = (
-        f"{torch.cuda.get_device_name(device)}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
-        if device.type == "cuda"
-        else device.type
-    )
-    log("=" * 72)
-    log(f"{DOMAIN} training  run folder {run_dir}")
-    log(
-        f"model {args.model_name} (pretrained: {args.pretrained})  image {args.image_size}px  batch "
-        f"{args.batch_size} x {world} process(es)  loss {args.loss}  device {gpu}"
-    )
-    log(
-        f"preprocessing: medical {args.medical_preprocess}, Ben Graham {args.ben_graham}, advanced aug "
-        f"{args.advanced_aug}, mixed precision {args.mixed_precision}"
-    )
-    log(f"data: {len(train_records) + len(val_records)} photos from {args.labels_csv}")
-    for message in skipped:
-        log(f"  {message}")
+    precision = str(ctx.fast_dtype).removeprefix("torch.") if isinstance(ctx, torch.autocast) else "fp32"
+    log(RULE)
+    log("🏥 DIABETIC RETINOPATHY - INDUSTRIAL TRAINING PIPELINE")
+    log(RULE)
+    log(f"Model: {args.model_name} (ImageNet weights: {args.pretrained})")
+    log(f"Loss: {args.loss}")
+    log(f"Two-stage training: {args.two_stage}")
+    log(f"Advanced augmentation: {args.advanced_aug}")
+    log(f"Medical preprocessing: {args.medical_preprocess}" + (" + Ben Graham" if args.ben_graham else ""))
+    note = f" ({precision} training)" if args.mixed_precision else ""
+    if args.mixed_precision and emulated_bf16(device):
+        note = " (fp32 training: this CPU has no bf16 instructions, and emulated bf16 runs about 11x slower)"
+    log(f"Mixed precision: {args.mixed_precision}{note}")
+    log(f"Image size: {args.image_size} px, batch size: {args.batch_size} x {world} process(es)")
+    log(f"Save dir: {Path(args.resume).parent if args.resume else args.save_dir}")
+    log(RULE)
+    log(f"\n🖥️  Device: {device.type}")
+    if device.type == "cuda":
+        log(f"   GPU: {torch.cuda.get_device_name(device)}")
+        log(f"   Memory: {torch.cuda.get_device_properties(device).total_memory / 1e9:.2f} GB")
     if args.two_stage and args.epochs_stage1 > 0 and not args.pretrained:
         log("note: stage 1 trains the head on a frozen *random* backbone (--no-pretrained); --no-two-stage skips it")
-    log("=" * 72)
-    train_counts = np.bincount([r.diagnosis for r in train_records], minlength=args.num_classes)
-    val_counts = np.bincount([r.diagnosis for r in val_records], minlength=args.num_classes)
-    for grade, name in enumerate(GRADES[: args.num_classes]):
-        log(
-            f"  grade {grade} {name:<17} train {train_counts[grade]:>5}  val {val_counts[grade]:>5}  class "
-            f"weight {weights[grade]:.3f}"
-        )
+
+
+def log_data(log, args, split, listed, skipped, weights) -> None:
+    """Total samples and the class distribution, the three splits, the class weights."""
+    everything = [r for part in split.values() for r in part]
+    counts = np.bincount([r.diagnosis for r in everything], minlength=args.num_classes)
+    log(f"   Total samples: {len(everything)} (of {listed} rows in {args.labels_csv})")
+    for message in skipped:
+        log(f"   {message}")
+    log("   Class distribution:")
+    for grade, count in enumerate(counts):
+        log(f"      Class {grade}: {count} samples ({count / len(everything):.1%})")
+    by = f", each patient ({args.patient_column}) in one split" if args.patient_column else ""
+    log(f"   Split (stratified by grade{by}): train {len(split['train'])} | validation {len(split['val'])} "
+        f"(chooses the model) | test {len(split['test'])} (held out, reported at the end)")  # fmt: skip
+    log("\n⚖️  Class weights computed:")
+    for grade, weight in enumerate(weights.tolist()):
+        log(f"   Class {grade}: {weight:.4f}")
 
 
 def checkpoint(model, args, **extra) -> dict:
@@ -391,20 +479,31 @@ def log_tensorboard(writer, step, lr, train_stats, val_stats, model, ctx, val_se
     writer.flush()
 
 
-def save_epoch(run_dir, model, args, state, optimizer, scheduler, scaler, val_stats, improved, stage1_best, log):
-    """best_model.pth (best QWK of the run), best_stage1.pth, last.pth, checkpoint_epoch_N.pth, the history."""
+def save_epoch(run_dir, model, args, state, optimizer, scheduler, scaler, val_stats, stage_best, stage, log):
+    """best_model.pth (the best stage-2 validation QWK) or best_stage1.pth when this epoch is its stage's best,
+    last.pth, checkpoint_epoch_N.pth, the history."""
     epoch = state["history"][-1]["epoch"]
-    if improved:
-        save_checkpoint(run_dir / "best_model.pth", checkpoint(model, args, epoch=epoch, val=val_stats))
-        log(f"  saved best model (QWK {state['best']:.4f})")
-    if stage1_best:
-        save_checkpoint(run_dir / "best_stage1.pth", checkpoint(model, args, epoch=epoch, val=val_stats))
+    if stage_best:
+        name = "best_model.pth" if stage["backbone"] else "best_stage1.pth"
+        save_checkpoint(run_dir / name, checkpoint(model, args, epoch=epoch, val=val_stats))
+        which = "Best model" if stage["backbone"] else "Best Stage 1 model"
+        log(f"✅ {which} saved: Val QWK = {val_stats['qwk']:.4f} (Val Acc = {val_stats['accuracy']:.2%})")
     optimizers = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     last = checkpoint(model, args, **state, **optimizers, scaler=scaler.state_dict())
     save_checkpoint(run_dir / "last.pth", last)
     if epoch % args.save_freq == 0:
         save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pth", last)
     write_json(run_dir / "training_history.json", state["history"])
+
+
+def log_stage(log, stage, args) -> None:
+    title = {
+        False: "🔒 STAGE 1: Training classifier only (backbone frozen)",
+        True: "🔓 STAGE 2: Fine-tuning entire model (all layers unfrozen)"
+        + ("" if args.two_stage and args.epochs_stage1 > 0 else " - one stage, no frozen-backbone stage before it"),
+    }[stage["backbone"]]
+    log(f"\n{RULE}\n{title}\n{RULE}")
+    log(f"{stage['epochs']} epochs, AdamW at lr {stage['lr']:.1e}, cosine annealing")
 
 
 def run_stage(stage_index, plan, model, criterion, scaler, ctx, loaders, state, resume, args, device, out, log):
@@ -426,8 +525,8 @@ def run_stage(stage_index, plan, model, criterion, scaler, ctx, loaders, state, 
         first_epoch = resume["epoch"]
     else:
         state["patience"], state["best_stage"] = 0, -math.inf
-    log(f"{stage['name']}: {stage['epochs']} epochs at lr {stage['lr']:.1e}, backbone "
-        f"{'trainable' if stage['backbone'] else 'frozen'}")  # fmt: skip
+    log_stage(log, stage, args)
+    number = 2 if stage["backbone"] else 1
     for epoch in range(first_epoch, stage["epochs"]):
         started = time.time()
         global_epoch = sum(s["epochs"] for s in plan[:stage_index]) + epoch
@@ -438,34 +537,56 @@ def run_stage(stage_index, plan, model, criterion, scaler, ctx, loaders, state, 
         loaders.train_set.set_epoch_seed(epoch_seed + 100_003 * rank)
         if loaders.sampler is not None:
             loaders.sampler.set_epoch(global_epoch)
-        label = f"{stage['name']} epoch {epoch + 1}/{stage['epochs']}"
+        label = f"Stage {number} - Epoch {epoch + 1}/{stage['epochs']}"
         train_stats = train_one_epoch(
-            ddp_model, criterion, optimizer, scheduler, scaler, ctx, loaders.train, device, label
+            ddp_model, criterion, optimizer, scheduler, scaler, ctx, loaders.train, device, f"{label} [Train]"
         )
-        val_stats = validate(model, criterion, ctx, loaders.val, device, args.num_classes)
+        val_stats = validate(model, criterion, loaders.val, device, args.num_classes, f"{label} [Val]")
         score = -math.inf if math.isnan(val_stats["qwk"]) else val_stats["qwk"]
-        improved = score > state["best"] or state["best"] == -math.inf
-        improved_stage = score > state["best_stage"] or state["best_stage"] == -math.inf
-        state["patience"] = 0 if improved_stage else state["patience"] + 1
-        state["best"], state["best_stage"] = max(state["best"], score), max(state["best_stage"], score)
+        stage_best = score > state["best_stage"] or state["best_stage"] == -math.inf
+        state["patience"] = 0 if stage_best else state["patience"] + 1
+        state["best_stage"] = max(state["best_stage"], score)
+        if stage["backbone"]:  # the run's best: the best stage-2 model, best_model.pth
+            state["best"] = max(state["best"], score)
         state["epoch"] = epoch + 1
         lr = scheduler.get_last_lr()[0]
         seconds = time.time() - started
         state["history"].append({"epoch": global_epoch + 1, "stage": stage["name"], "lr": lr, "train": train_stats,
                                  "val": val_stats, "seconds": seconds})  # fmt: skip
         if out is not None:
-            log(
-                f"{label}  train loss {train_stats['loss']:.4f} acc {train_stats['accuracy']:.3f}  val loss "
-                f"{val_stats['loss']:.4f} acc {val_stats['accuracy']:.3f} QWK {val_stats['qwk']:.4f}  {seconds:.0f}s"
-            )
-            stage1_best = improved_stage and stage["name"] == "stage1"
+            log(f"{label}  ({seconds:.0f}s, lr {lr:.1e})")
+            log(f"   Train Loss: {train_stats['loss']:.4f} | Train Acc: {train_stats['accuracy']:.2%}")
+            log(f"   Val Loss:   {val_stats['loss']:.4f} | Val Acc:   {val_stats['accuracy']:.2%} | "
+                f"Val QWK: {val_stats['qwk']:.4f}")  # fmt: skip
             log_tensorboard(out[1], global_epoch + 1, lr, train_stats, val_stats, model, ctx, loaders.val.dataset,
                             device)  # fmt: skip
-            save_epoch(out[0], model, args, state, optimizer, scheduler, scaler, val_stats, improved, stage1_best, log)
+            save_epoch(out[0], model, args, state, optimizer, scheduler, scaler, val_stats, stage_best, stage, log)
         if stage["backbone"] and state["patience"] >= args.patience:
             log(f"early stopping: no better validation QWK for {args.patience} epochs")
             return True
     return False
+
+
+def report_on_test_split(run_dir: Path, args, log) -> Path | None:
+    """The best model scored on the held-out test split by evaluate.py (metrics.json, report, figures in
+    run/evaluation/): the run's number to report, from photos that neither trained nor chose the model."""
+    if not json.loads((run_dir / "split.json").read_text())["test"]:
+        log(
+            "no held-out test split (--test-split 0): no score is reported; the validation QWK above chose the "
+            "model and overstates it. Score photos it never saw: evaluate.py --labels-csv ... --img-dir ..."
+        )
+        return None
+    out = evaluate.main(evaluate.parse_args(["--model-path", str(run_dir / "best_model.pth"),
+                                             "--num-workers", str(args.num_workers)]))  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    referable = metrics.get("referable_dr") or {}
+    log(f"\n📋 Held-out test split, {metrics['images']} photos that neither trained nor chose the model:")
+    log(f"   QWK {metrics['qwk']:.4f} | accuracy {metrics['accuracy']:.2%} | macro F1 {metrics['macro_f1']:.4f}")
+    if referable:
+        log(f"   referable DR (grade >= 2): sensitivity {evaluate.with_ci(referable, 'sensitivity')}, specificity "
+            f"{evaluate.with_ci(referable, 'specificity')}, AUC {evaluate.with_ci(referable, 'auc')}")  # fmt: skip
+    log(f"   report: {out}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,20 +596,25 @@ def run_stage(stage_index, plan, model, criterion, scaler, ctx, loaders, state, 
 
 def main(args):
     device = setup_device()
+    readable_console()
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler(sys.stdout)], force=True
     )
     log = logging.info if is_main() else (lambda *a: None)
+    early = logging.handlers.MemoryHandler(100_000, flushLevel=logging.CRITICAL + 1)  # until train.log exists
+    logging.getLogger().addHandler(early)
     args, resume = resume_or_start(args, log)
-    ctx, scaler = mixed_precision(device, args.mixed_precision)
-
-    train_records, val_records, settings, skipped = load_data(args)
-    weights = class_weights([r.diagnosis for r in train_records], args.num_classes)
-    model = build_model(args, device)  # may need a download: before the run folder is made
-    run_dir = start_run(args, resume, train_records, val_records)
+    ctx, scaler = mixed_precision(device, args.mixed_precision and not emulated_bf16(device))
     if is_main():
-        log_banner(log, args, device, run_dir, train_records, val_records, skipped, weights)
-    loaders = make_loaders(train_records, val_records, settings, args, device)
+        log_banner(log, args, device, ctx)
+
+    split, settings, skipped, listed = load_data(args, log)
+    weights = class_weights([r.diagnosis for r in split["train"]], args.num_classes)
+    if is_main():
+        log_data(log, args, split, listed, skipped, weights)
+    model = build_model(args, device)  # may need a download: before the run's files are written
+    run_dir = start_run(args, resume, split, early)
+    loaders = make_loaders(split["train"], split["val"], settings, args, device)
     criterion = build_loss(args, weights).to(device)
 
     plan = stage_plan(args)
@@ -511,12 +637,20 @@ def main(args):
         if stopped:
             break
 
-    if is_main():
-        total = sum(stage["epochs"] for stage in plan)
-        log(f"best validation QWK {state['best']:.4f} over {len(state['history'])} of {total} epochs; {run_dir}")
-        writer.close()
+    main_rank = is_main()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if main_rank:
+        writer.close()
+        stage2 = [h for h in state["history"] if h["stage"] == "stage2"]
+        best = max(stage2, key=lambda h: -math.inf if math.isnan(h["val"]["qwk"]) else h["val"]["qwk"])
+        total = sum(stage["epochs"] for stage in plan)
+        log(f"\n{RULE}\n✅ Training completed! ({len(state['history'])} of {total} epochs)")
+        log(f"   Best Validation QWK: {best['val']['qwk']:.4f} (Val Acc {best['val']['accuracy']:.2%}, epoch "
+            f"{best['epoch']}; the validation split chose this model)")  # fmt: skip
+        log(f"   Models saved to: {run_dir}")
+        log(f"   Training history: {run_dir / 'training_history.json'}\n{RULE}")
+        report_on_test_split(run_dir, args, log)
     return run_dir
 
 
@@ -531,9 +665,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     flag = argparse.BooleanOptionalAction
     add("--labels-csv", "--labels_csv", dest="labels_csv", help="CSV with id_code,diagnosis")
     add("--img-dir", "--img_dir", dest="img_dir", help="folder of <id_code>.png/.jpg/.jpeg")
-    add("--save-dir", "--save_dir", dest="save_dir", default="ml/models", help="each run gets a folder in here")
+    add("--save-dir", "--save_dir", dest="save_dir", default="ml/models",
+        help="the run's files go straight in here; a folder that holds a run is never overwritten")  # fmt: skip
     add("--cache-dir", "--cache_dir", dest="cache_dir", help="preprocessed photos; without it SAVE_DIR/cache")
-    add("--demo", action="store_true", help="synthetic photos into SAVE_DIR/demo_data, a small network")
+    add("--demo", action="store_true", help="synthetic photos (in demo_data beside SAVE_DIR), a small network")
     add("--model-name", "--model_name", dest="model_name", choices=MODELS, default="resnet50", help="backbone")
     add("--num-classes", "--num_classes", dest="num_classes", type=int, default=5, help="grades")
     add("--pretrained", action=flag, default=True, help="ImageNet weights")
@@ -546,20 +681,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-4, help="AdamW's")
     add("--loss", choices=["ce", "weighted_ce", "focal"], default="focal", help="training loss")
     add("--focal-gamma", "--focal_gamma", dest="focal_gamma", type=float, default=2.0, help="focusing power")
-    add("--advanced-aug", "--advanced_aug", dest="advanced_aug", action="store_true", help="full augmentation")
-    add("--medical-preprocess", "--medical_preprocess", dest="medical_preprocess", action="store_true",
+    add("--advanced-aug", dest="advanced_aug", action=flag, default=True,
+        help="16 albumentations techniques (data.build_augmentation); --no-advanced-aug: flips only")  # fmt: skip
+    add("--advanced_aug", dest="advanced_aug", action=flag, help=argparse.SUPPRESS)
+    add("--medical-preprocess", dest="medical_preprocess", action=flag, default=True,
         help="black-border and circle crop, then CLAHE")  # fmt: skip
+    add("--medical_preprocess", dest="medical_preprocess", action=flag, help=argparse.SUPPRESS)
     add("--ben-graham", "--ben_graham", dest="ben_graham", action="store_true", help="Ben Graham's local average")
     add("--image-size", "--image_size", dest="image_size", type=int, default=224, help="input size in pixels")
-    add("--mixed-precision", "--mixed_precision", dest="mixed_precision", action="store_true",
-        help="autocast: bf16, or fp16 with a GradScaler")  # fmt: skip
+    add("--mixed-precision", dest="mixed_precision", action=flag, default=True,
+        help="autocast in training: bf16 (CPU, recent GPUs), or fp16 with a GradScaler")  # fmt: skip
+    add("--mixed_precision", dest="mixed_precision", action=flag, help=argparse.SUPPRESS)
     add("--channels-last", dest="channels_last", action=flag, help="channels-last convolutions (on for CPU, CUDA)")
     add("--channels_last", dest="channels_last", action=flag, help=argparse.SUPPRESS)
     add("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="images per batch, process")
     add("--num-workers", "--num_workers", dest="num_workers", type=int, default=4, help="loader workers")
     add("--patience", type=int, default=10, help="stage-2 epochs without a better QWK")
     add("--save-freq", "--save_freq", dest="save_freq", type=int, default=5, help="checkpoint every N epochs")
-    add("--val-split", "--val_split", dest="val_split", type=float, default=0.2, help="validation share")
+    add("--val-split", "--val_split", dest="val_split", type=float, default=0.2,
+        help="share of the photos that validates (chooses the model)")  # fmt: skip
+    add("--test-split", "--test_split", dest="test_split", type=float, default=0.1,
+        help="share held out for the final, reported score; 0: none")  # fmt: skip
+    add("--patient-column", "--patient_column", dest="patient_column",
+        help="CSV column naming each photo's patient: one patient's photos (both eyes) stay in one split")  # fmt: skip
     add("--random-seed", "--random_seed", dest="random_seed", type=int, default=42, help="split, init, order")
     add("--skip-bad-rows", "--skip_bad_rows", dest="skip_bad_rows", action="store_true",
         help="skip CSV rows with a bad grade or no image (the count is reported)")  # fmt: skip
@@ -573,8 +717,9 @@ def check_args(args) -> argparse.Namespace:
     for key in ("epochs_stage2", "batch_size", "save_freq", "image_size"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least 1")
-    if not 0 < args.val_split < 1:
-        raise SystemExit(f"--val-split {args.val_split} must lie between 0 and 1")
+    if not 0 < args.val_split < 1 or not 0 <= args.test_split < 1 or args.val_split + args.test_split >= 1:
+        raise SystemExit(f"--val-split {args.val_split} and --test-split {args.test_split}: shares between 0 and "
+                         "1 (the test split may be 0), together below 1, so photos are left to train on")  # fmt: skip
     return args
 
 

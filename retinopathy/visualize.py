@@ -1,7 +1,7 @@
 """Figures for diabetic-retinopathy runs: training curves, predictions per grade, preprocessing, Grad-CAM.
 
     python retinopathy/visualize.py curves ml/models/<run>
-    python retinopathy/visualize.py grid ml/models/<run> --per-grade 4          # the run's validation split
+    python retinopathy/visualize.py grid ml/models/<run> --per-grade 4          # the run's held-out test split
     python retinopathy/visualize.py grid ml/models/<run> --labels-csv DATA/test.csv --img-dir DATA/test_images
     python retinopathy/visualize.py preprocessing DATA/train_images/000c1434d8d7.png --image-size 512
     python retinopathy/visualize.py gradcam ml/models/<run> --images 000c1434d8d7 DATA/other.png --tta
@@ -25,7 +25,6 @@ import time
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import torch
 
 from common.preprocessing import ben_graham, circle_crop, clahe, crop_black_border
@@ -41,8 +40,9 @@ from retinopathy.data import (
     prepare_images,
     read_labels,
     read_rgb,
+    read_table,
+    run_split,
     square_resize,
-    validation_records,
 )
 from retinopathy.model import grad_cam, load_checkpoint, pick_device, predict_probabilities
 
@@ -101,13 +101,14 @@ def plot_curves(args) -> Path:
 
 
 def labelled_records(args, trained: dict, num_classes: int, settings: dict, cache_dir: Path) -> list[Record]:
-    """--labels-csv/--img-dir, or the run's validation split as train.py drew it."""
+    """--labels-csv/--img-dir, or the run's held-out test split as train.py drew it (its validation split for runs
+    from before the test split)."""
     if args.labels_csv:
         if not args.img_dir:
             raise SystemExit("--labels-csv needs --img-dir")
         records = read_labels(args.labels_csv, args.img_dir, num_classes)
         return prepare_images(records, settings, cache_dir)
-    return validation_records(trained, run_folder(args.run), num_classes, settings, cache_dir)
+    return run_split(trained, run_folder(args.run), "test", num_classes, settings, cache_dir)[0]
 
 
 def to_display(tensor: torch.Tensor) -> np.ndarray:
@@ -194,16 +195,16 @@ def plot_gradcam(args) -> Path:
     if args.images:
         truth = {}  # true grades where the run's labels CSV knows the photo
         if Path(trained["labels_csv"]).is_file():
-            truth = dict(pd.read_csv(trained["labels_csv"], dtype={"id_code": str})[["id_code", "diagnosis"]].values)
+            truth = dict(read_table(trained["labels_csv"])[["id_code", "diagnosis"]].values)
         records = []
         for name in args.images:
             path = Path(name) if Path(name).is_file() else find_image(Path(trained["img_dir"]), name)
             if path is None:
                 raise SystemExit(f"--images {name}: neither a file nor an id_code in {trained['img_dir']}")
             grade = truth.get(path.stem)
-            records.append(Record(path.stem, path, None if grade is None else int(grade)))
+            records.append(Record(path.stem, path, None if grade is None else int(float(grade))))
         records = prepare_images(records, settings, cache_dir)
-    else:  # the highest grades of the validation split first: they have the most lesions to point at
+    else:  # the highest grades of the held-out test split first: they have the most lesions to point at
         records = labelled_records(args, trained, num_classes, settings, cache_dir)
         records = sorted(records, key=lambda r: -r.diagnosis)[: args.n]
     items = [FundusDataset([r], settings, cache_dir)[0] for r in records]

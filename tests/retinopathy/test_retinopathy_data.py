@@ -17,6 +17,7 @@ from retinopathy.data import (
     preprocess,
     read_labels,
     read_rgb,
+    split_records,
     stratified_split,
     synthetic_fundus,
     write_demo_dataset,
@@ -95,6 +96,38 @@ def test_stratified_split_keeps_the_grade_shares(demo):
     assert [r.id_code for r in stratified_split(records, 0.2, 42)[1]] == [r.id_code for r in val]
     few = records[:12]  # too few photos to hold every grade on both sides: an unstratified split, no crash
     assert len(stratified_split(few, 0.2, 42)[1]) == 3
+
+
+def test_a_csv_edited_by_hand_reads_as_meant(demo, tmp_path):
+    """Excel's "CSV UTF-8" (a byte-order mark), Windows line ends, spaces around names and cells."""
+    table = pd.read_csv(demo / "train.csv", dtype={"id_code": str}).head(5)
+    lines = ["id_code , diagnosis "] + [f" {i} ,  {g} " for i, g in zip(table.id_code, table.diagnosis, strict=True)]
+    (tmp_path / "edited.csv").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    records = read_labels(tmp_path / "edited.csv", demo / "train_images")
+    assert [(r.id_code, r.diagnosis) for r in records] == list(zip(table.id_code, table.diagnosis, strict=True))
+
+
+def test_three_splits_and_a_patient_in_one_of_them(demo, tmp_path):
+    records = read_labels(demo / "train.csv", demo / "train_images")
+    parts = split_records(records, 0.2, 0.1, 42)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [42, 12, 6]
+    ids = [{r.id_code for r in parts[k]} for k in ("train", "val", "test")]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == len(records)
+    assert split_records(records, 0.2, 0.0, 42)["test"] == []
+    # two eyes per patient (patient of photo k: k // 2), graded alike or not: each patient lands in one split
+    table = pd.read_csv(demo / "train.csv", dtype={"id_code": str})
+    table["patient"] = [f"p{k // 2}" for k in range(len(table))]
+    table.to_csv(tmp_path / "patients.csv", index=False)
+    with pytest.raises(SystemExit, match="has no column 'person'"):
+        read_labels(tmp_path / "patients.csv", demo / "train_images", patient_column="person")
+    records = read_labels(tmp_path / "patients.csv", demo / "train_images", patient_column="patient")
+    parts = split_records(records, 0.2, 0.1, 42)
+    patients = [{r.patient for r in parts[k]} for k in ("train", "val", "test")]
+    assert all(
+        not a & b for a, b in [(patients[0], patients[1]), (patients[0], patients[2]), (patients[1], patients[2])]
+    )
+    assert sum(len(part) for part in parts.values()) == len(records) and all(parts.values())
+    assert 0.05 <= len(parts["test"]) / len(records) <= 0.15 and 0.12 <= len(parts["val"]) / len(records) <= 0.3
 
 
 def test_bad_rows_and_images_are_named(demo, tmp_path):

@@ -13,19 +13,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import beta
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
+    recall_score,
     roc_auc_score,
 )
 
 from retinopathy import evaluate as fundus_evaluate
 from retinopathy import train as fundus_train
 from retinopathy import visualize as fundus_visualize
-from retinopathy.data import FundusDataset, cache_settings, read_labels, stratified_split, write_demo_dataset
+from retinopathy.data import FundusDataset, cache_settings, read_labels, write_demo_dataset
 from retinopathy.model import grad_cam, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,8 @@ def demo_run(tmp_path_factory):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    (run,) = (cwd / "ml" / "models").glob("retinopathy_resnet18_*")
+    run = cwd / "ml" / "models" / "retinopathy_demo"
+    assert (run / "best_model.pth").is_file() and (cwd / "ml" / "models" / "demo_data").is_dir()
     return run
 
 
@@ -67,10 +70,52 @@ def test_demo_learns_well_above_chance(demo_run):
     # chance (a constant or random grade) scores a QWK of 0; the synthetic grades follow visible lesions
     assert best > 0.5, [round(h["val"]["qwk"], 3) for h in history]  # measured: 0.61 after 6 epochs, 0.64 after 12
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert "saved best model" in (demo_run / "train.log").read_text()
+    log = (demo_run / "train.log").read_text(encoding="utf-8")
+    assert "✅ Best model saved: Val QWK = " in log and "Held-out test split, 24 photos" in log
+    config = json.loads((demo_run / "config.json").read_text())  # the guide's defaults
+    assert config["advanced_aug"] and config["medical_preprocess"] and config["mixed_precision"]
 
 
-def test_evaluate_on_the_run_matches_training_and_scikit_learn(demo_run):
+def split_of(run: Path) -> dict:
+    return json.loads((run / "split.json").read_text())
+
+
+def test_evaluate_on_the_validation_split_gives_the_numbers_training_chose_by(demo_run, tmp_path):
+    """Validation (fp32, whatever the training precision) and evaluate.py score alike: the validation photos,
+    listed in a CSV and kept with --include-training-images, give the QWK best_model.pth was saved for; the report
+    says those photos chose the model."""
+    config = json.loads((demo_run / "config.json").read_text())
+    labels = pd.read_csv(config["labels_csv"], dtype={"id_code": str})
+    labels[labels["id_code"].isin(split_of(demo_run)["val"])].to_csv(tmp_path / "val.csv", index=False)
+    argv = ["--model-path", demo_run, "--labels-csv", tmp_path / "val.csv", "--img-dir", config["img_dir"]]
+    with pytest.raises(SystemExit, match="every photo was used in training"):
+        evaluate(*argv, "--num-workers", 0)
+    out = evaluate(*argv, "--num-workers", 0, "--include-training-images", "--output-dir", tmp_path / "val")
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = torch.load(demo_run / "best_model.pth", weights_only=True)
+    assert metrics["images"] == best["val"]["images"] == metrics["images_seen_in_training"] == 48
+    assert metrics["qwk"] == pytest.approx(best["val"]["qwk"], abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(best["val"]["accuracy"], abs=1e-9)
+    assert "overstate" in metrics["warning"] and "WARNING" in (out / "classification_report.txt").read_text()
+
+
+def test_evaluate_on_the_training_csv_leaves_out_what_the_run_saw(demo_run, tmp_path, capsys):
+    config = json.loads((demo_run / "config.json").read_text())
+    argv = ["--model-path", demo_run, "--labels-csv", config["labels_csv"], "--img-dir", config["img_dir"]]
+    out = evaluate(*argv, "--num-workers", 0, "--output-dir", tmp_path)
+    assert out == tmp_path
+    split = split_of(demo_run)
+    assert "left out 215 of 239 photos that the run trained on or chose its model with" in capsys.readouterr().out
+    scored = pd.read_csv(out / "predictions.csv", dtype={"id_code": str})["id_code"]
+    assert sorted(scored) == sorted(split["test"])
+    assert json.loads((out / "metrics.json").read_text())["images_seen_in_training"] == 0
+    everything = evaluate(*argv, "--num-workers", 0, "--output-dir", tmp_path, "--include-training-images")
+    assert everything.parent == tmp_path  # tmp_path holds an evaluation: a new folder inside, nothing overwritten
+    metrics = json.loads((everything / "metrics.json").read_text())
+    assert metrics["images"] == 239 and metrics["images_seen_in_training"] == 215
+
+
+def test_evaluate_on_the_run_scores_its_test_split_as_scikit_learn_does(demo_run):
     out = evaluate("--model-path", demo_run, "--num-workers", 0)
     assert out.parent == demo_run / "evaluation"
     for name in ("metrics.json", "classification_report.txt", "confusion_matrix.png", "roc_curves.png"):
@@ -80,11 +125,11 @@ def test_evaluate_on_the_run_matches_training_and_scikit_learn(demo_run):
         and cv2.imread(str(out / "roc_curves.png")) is not None
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    # the same model on the same validation split as training: the QWK training saved the model for
-    best = torch.load(demo_run / "best_model.pth", weights_only=True)
-    assert metrics["images"] == best["val"]["images"]
-    assert metrics["qwk"] == pytest.approx(best["val"]["qwk"], abs=1e-9)
-    assert metrics["accuracy"] == pytest.approx(best["val"]["accuracy"], abs=1e-9)
+    assert metrics["images"] == len(split_of(demo_run)["test"]) == 24 and metrics["images_seen_in_training"] == 0
+    assert metrics["data"].startswith("held-out test split")
+    # the same numbers as the report training made at its end
+    first = sorted((demo_run / "evaluation").glob("evaluation_*"))[0]
+    assert first != out and json.loads((first / "metrics.json").read_text())["qwk"] == metrics["qwk"]
 
     # predictions.csv, joined to the labels and re-scored with scikit-learn, gives every number of metrics.json
     predictions = pd.read_csv(out / "predictions.csv", dtype={"id_code": str})
@@ -108,16 +153,48 @@ def test_evaluate_on_the_run_matches_training_and_scikit_learn(demo_run):
     aucs = [roc_auc_score(y == c, probs[:, c]) for c in range(5)]  # every grade is in the stratified split
     assert [c["roc_auc"] for c in per_class] == pytest.approx(aucs, abs=1e-5)
     assert metrics["macro_roc_auc"] == pytest.approx(np.mean(aucs), abs=1e-5)
+    # referable DR (grade >= 2): sensitivity and specificity of "predicted grade >= 2", AUC of P(grade >= 2)
+    referable = metrics["referable_dr"]
+    truth, referred = y >= 2, pred >= 2
+    assert referable["positives"] == truth.sum() > 0 and referable["negatives"] == (~truth).sum() > 0
+    assert referable["sensitivity"] == pytest.approx(recall_score(truth, referred))
+    assert referable["specificity"] == pytest.approx(recall_score(~truth, ~referred))
+    assert referable["auc"] == pytest.approx(roc_auc_score(truth, probs[:, 2:].sum(1)), abs=1e-6)
+    for name in ("sensitivity", "specificity", "auc"):
+        low, high = referable[f"{name}_ci95"]
+        assert 0 <= low <= referable[name] <= high <= 1 and high - low > 0.05, name
     assert metrics["confusion_matrix"] == confusion_matrix(y, pred, labels=list(range(5))).tolist()
     report = (out / "classification_report.txt").read_text()
     assert f"quadratic weighted kappa {metrics['qwk']:.4f}" in report and "Proliferative DR" in report
 
     # a second evaluation never overwrites the first; TTA averages four views, still probabilities
     again = evaluate("--model-path", demo_run / "best_model.pth", "--num-workers", 0, "--tta")
+    assert again.parent == demo_run / "evaluation"
     assert again != out and (out / "metrics.json").read_text() == json.dumps(metrics, indent=2)
     tta = pd.read_csv(again / "predictions.csv")
     assert np.allclose(tta[[f"prob_{c}" for c in range(5)]].sum(axis=1), 1, atol=1e-5)
     assert json.loads((again / "metrics.json").read_text())["tta"] is True
+
+
+def test_referable_dr_intervals_on_a_hand_computed_case():
+    # 10 photos: grades 0,0,0,0,1,1 (negatives) and 2,2,3,4 (positives); predicted grades give 3 of 4 positives
+    # referred and 6 of 6 negatives kept, so sensitivity 3/4 and specificity 6/6
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 4])
+    predicted = np.array([0, 1, 0, 0, 1, 0, 2, 1, 4, 3])
+    probs = np.full((10, 5), 0.05)
+    probs[np.arange(10), predicted] = 0.8
+    referable = fundus_evaluate.referable_dr(y, probs, n_boot=500)
+    assert (referable["positives"], referable["negatives"]) == (4, 6)
+    assert (referable["sensitivity"], referable["specificity"]) == (0.75, 1.0)
+    # Clopper-Pearson by its definition, the beta quantiles: [B(0.025; k, n-k+1), B(0.975; k+1, n-k)]
+    assert referable["sensitivity_ci95"] == pytest.approx([beta.ppf(0.025, 3, 2), beta.ppf(0.975, 4, 1)])
+    assert referable["specificity_ci95"] == pytest.approx([0.025 ** (1 / 6), 1.0])  # all found: (alpha/2)^(1/n)
+    # the AUC of P(grade >= 2): every negative scores 0.15, as does photo 7 (a grade 2 graded 1); the other three
+    # positives score 0.9, so 18 of the 24 pairs are ordered and 6 tied (half each): 21 / 24
+    score = probs[:, 2:].sum(1)
+    assert referable["auc"] == pytest.approx(roc_auc_score(y >= 2, score)) == pytest.approx(21 / 24)
+    low, high = referable["auc_ci95"]
+    assert 0 <= low <= referable["auc"] <= high <= 1
 
 
 def test_evaluate_without_labels_writes_a_kaggle_submission(demo_run, tmp_path):
@@ -125,7 +202,7 @@ def test_evaluate_without_labels_writes_a_kaggle_submission(demo_run, tmp_path):
     out = evaluate(
         "--model-path", demo_run, "--img-dir", config["img_dir"], "--output-dir", tmp_path, "--num-workers", 0
     )
-    assert out.parent == tmp_path and not (out / "metrics.json").exists()
+    assert out == tmp_path and not (out / "metrics.json").exists()
     submission = pd.read_csv(out / "predictions.csv", dtype={"id_code": str})
     assert list(submission.columns) == ["id_code", "diagnosis"]
     assert sorted(submission["id_code"]) == sorted(p.stem for p in Path(config["img_dir"]).glob("*.png"))
@@ -161,7 +238,7 @@ def test_figures_and_grad_cam_of_the_trained_model(demo_run, tmp_path):
     # layer4 is 4 x 4 cells, too coarse to ask where on the disc it points; the hand-built case below checks that)
     model, checkpoint = load_checkpoint(demo_run)
     records = read_labels(config["labels_csv"], config["img_dir"])
-    val = [r for r in stratified_split(records, 0.2, 42)[1] if r.diagnosis >= 3]
+    val = [r for r in records if r.id_code in split_of(demo_run)["val"] and r.diagnosis >= 3]
     settings = cache_settings(type("Args", (), checkpoint["args"]))
     dataset = FundusDataset(val, settings, Path(config["cache_dir"]))
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -201,7 +278,7 @@ def test_torchrun_two_cpu_processes(tmp_path, data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = (tmp_path / "models").glob("retinopathy_resnet18_*")  # only rank 0 writes
+    run = tmp_path / "models"  # only rank 0 writes
     history = json.loads((run / "training_history.json").read_text())
     assert [h["stage"] for h in history] == ["stage1", "stage2"]
     assert all(np.isfinite(h["train"]["loss"]) for h in history)
@@ -247,10 +324,14 @@ def test_bad_inputs_give_clear_errors_and_lose_nothing(tmp_path, data):
         SystemExit, match=r"(?s)2 unusable image\(s\):\n.*black.png: the image is all black.*corrupt.png: cannot read"
     ):
         train()
-    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("retinopathy_resnet18_*"))
+    assert not fundus_train.holds_run(tmp_path / "models")  # the refused run wrote no run files
     run = train("--skip-bad-rows", "--val-split", "0.34")
-    assert "skipped 2 unusable image(s)" in (run / "train.log").read_text()
+    assert "skipped 2 unusable image(s)" in (run / "train.log").read_text(encoding="utf-8")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    with pytest.raises(SystemExit, match=r"(?s)models already holds a training run.*--resume .*models"):
+        train("--skip-bad-rows")  # a second run into the same folder stops before anything is written
+    with pytest.raises(SystemExit, match="--test-split 0.9: shares between 0 and 1"):
+        train("--val-split", "0.2", "--test-split", "0.9")
 
     with pytest.raises(SystemExit, match=r"corrupt\.png: cannot read the image"):
         evaluate("--model-path", run, "--img-dir", photos, "--output-dir", tmp_path / "out")

@@ -67,9 +67,11 @@ def full_run(tmp_path_factory, data):
 
 @pytest.mark.parametrize("loss", ["ce", "weighted_ce", "focal"])
 def test_two_stage_run_with_each_loss(tmp_path, data, full_run, loss):
-    # ce and weighted_ce also run the advanced augmentation and both preprocessing filters
-    extra = ["--advanced-aug", "--medical-preprocess", "--ben-graham", "--epochs-stage2", "2", "--save-freq", "1"]
+    # every run has the advanced augmentation, medical preprocessing and mixed precision (the defaults); ce and
+    # weighted_ce add Ben Graham's filter
+    extra = ["--ben-graham", "--epochs-stage2", "2", "--save-freq", "1"]
     run = full_run if loss == "focal" else train(tmp_path, data, "--loss", loss, *extra)
+    assert run.name == "models"  # the files go straight into --save-dir
     for name in (
         "config.json",
         "best_model.pth",
@@ -79,8 +81,23 @@ def test_two_stage_run_with_each_loss(tmp_path, data, full_run, loss):
         "checkpoint_epoch_3.pth",
         "training_history.json",
         "train.log",
+        "split.json",
     ):
         assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert [len(split[k]) for k in ("train", "val", "test")] == [28, 8, 4]
+    assert not set(split["train"]) & set(split["val"]) and not set(split["test"]) & (
+        set(split["train"]) | set(split["val"])
+    )
+    # best_model.pth is the best stage-2 epoch, best_stage1.pth stage 1's
+    history_qwk = [h["val"]["qwk"] for h in json.loads((run / "training_history.json").read_text())]
+    assert torch.load(run / "best_model.pth", weights_only=True)["epoch"] == 2 + history_qwk[1:].index(
+        max(history_qwk[1:])
+    )
+    assert torch.load(run / "best_stage1.pth", weights_only=True)["epoch"] == 1
+    # the best model scored on the held-out test split at the end
+    (report,) = (run / "evaluation").glob("evaluation_*")
+    assert json.loads((report / "metrics.json").read_text())["images"] == 4
     history = json.loads((run / "training_history.json").read_text())
     assert [h["stage"] for h in history] == ["stage1", "stage2", "stage2"]
     assert all(
@@ -97,6 +114,7 @@ def test_two_stage_run_with_each_loss(tmp_path, data, full_run, loss):
     if loss != "focal":
         config = json.loads((run / "config.json").read_text())
         assert config["advanced_aug"] and config["medical_preprocess"] and config["ben_graham"]
+        assert config["mixed_precision"] and config["test_split"] == 0.1
         assert len(list((tmp_path / "models" / "cache").glob("*.png"))) == 40  # each photo preprocessed once, first
         return
 
@@ -128,7 +146,7 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "cut", data, "--loss", "focal", "--epochs-stage2", "2", "--save-freq", "1")
     monkeypatch.setattr(fundus_train, "train_one_epoch", original)
-    (cut,) = (tmp_path / "cut" / "models").glob("retinopathy_resnet18_*")
+    cut = tmp_path / "cut" / "models"
     fundus_train.main(fundus_train.parse_args(["--resume", str(cut), "--num-workers", "0", "--loss", "ce"]))
     resumed = json.loads((cut / "training_history.json").read_text())
     assert [h["stage"] for h in resumed] == ["stage1", "stage2", "stage2"]
@@ -140,6 +158,24 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
     ea.Reload()
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
     assert ea.Scalars("train/loss")[2].value == pytest.approx(expected[2]["train"]["loss"], rel=1e-6)
+
+
+def test_mixed_precision_keeps_fp32_on_a_cpu_without_bf16_instructions(monkeypatch):
+    """Emulated bf16 took 11x as long per step as fp32 on the AVX2 CPU the demo was measured on."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for avx512_bf16, amx, emulated in ((True, False, False), (False, True, False), (False, False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert fundus_train.emulated_bf16(cpu) is emulated
+        assert fundus_train.emulated_bf16(cuda) is False
+    lines = []  # the last case, no bf16 instructions, stays patched
+    args = fundus_train.parse_args(["--demo"])
+    assert args.mixed_precision is True
+    ctx, scaler = fundus_train.mixed_precision(cpu, args.mixed_precision and not fundus_train.emulated_bf16(cpu))
+    with ctx:
+        assert not torch.is_autocast_enabled("cpu")
+    fundus_train.log_banner(lines.append, args, cpu, ctx)
+    assert "Mixed precision: True (fp32 training: this CPU has no bf16 instructions" in "\n".join(lines)
 
 
 def test_class_weights_are_balanced_and_cover_absent_grades():
