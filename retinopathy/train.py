@@ -690,7 +690,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--ben-graham", "--ben_graham", dest="ben_graham", action="store_true", help="Ben Graham's local average")
     add("--image-size", "--image_size", dest="image_size", type=int, default=224, help="input size in pixels")
     add("--mixed-precision", dest="mixed_precision", action=flag, default=True,
-        help="autocast in training: bf16 (CPU, recent GPUs), or fp16 with a GradScaler")  # fmt: skip
+        help="autocast in training: bf16 (recent GPUs, CPUs with bf16 instructions; fp32 on other CPUs), "
+             "or fp16 with a GradScaler")  # fmt: skip
     add("--mixed_precision", dest="mixed_precision", action=flag, help=argparse.SUPPRESS)
     add("--channels-last", dest="channels_last", action=flag, help="channels-last convolutions (on for CPU, CUDA)")
     add("--channels_last", dest="channels_last", action=flag, help=argparse.SUPPRESS)

@@ -273,7 +273,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name, help in (("grid", "photos per grade with predictions"), ("gradcam", "Grad-CAM heat maps")):
         sub = command(name, help)
         sub.add_argument(
-            "--labels-csv", "--labels_csv", dest="labels_csv", help="labelled photos; without it the run's val split"
+            "--labels-csv",
+            "--labels_csv",
+            dest="labels_csv",
+            help="labelled photos; without it the run's held-out test split",
         )
         sub.add_argument("--img-dir", "--img_dir", dest="img_dir", help="their folder")
         sub.add_argument("--tta", action="store_true", help="average the prediction over the photo's flips")
@@ -285,7 +288,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     grid.add_argument("--per-grade", "--per_grade", dest="per_grade", type=int, default=4, help="photos per grade")
     gradcam = commands.choices["gradcam"]
     gradcam.add_argument("--images", nargs="+", help="photo files or id_codes of the run's image folder")
-    gradcam.add_argument("--n", type=int, default=4, help="without --images: this many validation photos")
+    gradcam.add_argument("--n", type=int, default=4, help="without --images: this many test-split photos")
     pre = command("preprocessing", "preprocessing steps of one or more photos", run=False)
     pre.add_argument("images", nargs="+", help="fundus photos")
     pre.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=512, help="size in pixels")
