@@ -90,27 +90,31 @@ def percentile_normalize(
     clip: bool = True,
     channel_axis: int | None = None,
     mask: np.ndarray | None = None,
+    min_range: float = 0.0,
 ) -> np.ndarray:
-    """(image - p_low) / (p_high - p_low) as float32, for 16-bit microscopy and EM.
+    """(image - p_low) / max(p_high - p_low, min_range) as float32, for 16-bit microscopy and EM.
 
     Robust to hot pixels and dark borders, unlike min-max scaling. clip=True clips to [0, 1]. With
     channel_axis, each channel gets its own percentiles. mask (same spatial shape): percentiles from the
-    masked pixels only (e.g. a valid region). A constant image (p_high == p_low) gives zeros.
+    masked pixels only (e.g. a valid region). min_range (in the image's units): the smallest stretch, so an
+    image without bright structures (a flat field, an unstressed control) stays dim instead of having its noise
+    stretched to full contrast. A constant image (p_high == p_low, no min_range) gives zeros.
     """
     image = np.asarray(image)
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
     if channel_axis is not None:
         channels = np.moveaxis(image, channel_axis, 0)
-        out = np.stack([percentile_normalize(c, low, high, clip, None, mask) for c in channels])
+        out = np.stack([percentile_normalize(c, low, high, clip, None, mask, min_range) for c in channels])
         return np.moveaxis(out, 0, channel_axis)
     values = image if mask is None else image[np.asarray(mask, dtype=bool)]
     if values.size == 0:
         return np.zeros(image.shape, dtype=np.float32)
     p_low, p_high = np.percentile(values, (low, high))
-    if p_high - p_low <= 0:
+    scale = max(p_high - p_low, min_range)
+    if scale <= 0:
         return np.zeros(image.shape, dtype=np.float32)
-    out = (image.astype(np.float32) - np.float32(p_low)) / np.float32(p_high - p_low)
+    out = (image.astype(np.float32) - np.float32(p_low)) / np.float32(scale)
     return np.clip(out, 0.0, 1.0) if clip else out
 
 

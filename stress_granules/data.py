@@ -1,17 +1,20 @@
-"""Stress-granule image/mask folders: pairing and reading, the cached contrast features, crop strategies,
-augmentations, the granule-balanced sampler, and synthetic fluorescence images for --demo.
+"""Stress-granule image/mask folders: reading microscopy files, pairing, the cached contrast features, crop
+strategies, augmentations, the granule-balanced sampler, and synthetic fluorescence images for --demo.
 
 On disk (see ../shared/DATA_FORMATS.md):
-    DATA/images/cell_001.tif   8- or 16-bit, 1 channel (or 3 identical channels), any size
-    DATA/masks/cell_001.tif    same basename (.tif/.tiff/.png), same height and width, 0 = background, >0 = granule
+    DATA/images/cell_001.tif   8- or 16-bit grey, or an ImageJ hyperstack / OME-TIFF (--channel picks the granule
+                               channel, --z_projection max|mean flattens a z-stack), any size
+    DATA/masks/cell_001.tif    same basename (.tif/.tiff/.png), same height and width, 0 = background; a label image
+                               (one id per granule) or a binary mask (>0 = granule, 8-connected components)
 
 Features (computed once per image and cached as float16 .npy, see `load_features`): the image is percentile
-normalised (1st..99.8th percentile to 0..1, so 16-bit data is never truncated), then (--features)
+normalised (1st..99.8th percentile to 0..1, stretched by at least --min_dynamic_range so an unstressed control
+stays dim, and 16-bit data is never truncated), then (--features)
 - multiscale (preset robust): CLAHE at clip limits 2, 4, 8 (common.preprocessing.multiscale_clahe) + edge channel
 - clahe (preset improved):    CLAHE at clip limit 2 + the edge channel
 - raw:                        the normalised image alone (1 channel)
-The edge channel is the gradient magnitude of the Gaussian-smoothed image (sigma 1 px), scaled by its 99.5th
-percentile: granule borders are its ridges, which helps the network place boundaries of small, dim granules.
+The edge channel is the gradient magnitude of the Gaussian-smoothed image (sigma 1 px) on a fixed scale
+(EDGE_FULL_SCALE): granule borders are its ridges, which helps the network place boundaries of small, dim granules.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import albumentations as A
 import cv2
@@ -32,6 +37,7 @@ import tifffile
 import torch
 from PIL import Image
 from scipy import ndimage
+from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize
@@ -43,7 +49,7 @@ FEATURE_SETTINGS = {
     "clahe": MULTISCALE_CLAHE_SETTINGS[:1],  # clip limit 2 (preset improved)
     "raw": (),  # the percentile-normalised image alone: a 1-channel U-Net
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the dynamic-range floor, channel and z-projection, the fixed edge scale
 # Crop strategies and their shares (--crops_per_image crops per image per epoch)
 CROP_STRATEGIES = {"granule": 0.30, "edge": 0.20, "background": 0.15, "mixed": 0.20, "random": 0.15}
 
@@ -57,43 +63,135 @@ class DataError(SystemExit):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_array(path: Path) -> np.ndarray:
-    """The pixel array of a TIFF (tifffile) or PNG (Pillow: palette PNGs give their indices, 16-bit stays
-    16-bit), channels last, singleton axes removed."""
+def _describe(axes: str, shape: tuple[int, ...], kind: str) -> str:
+    """What a file holds, in words: 'an ImageJ hyperstack of 2 channels x 5 z-slices of 256 x 256 px (axes CZYX)'."""
+    names = {"C": "channels", "Z": "z-slices", "T": "time points", "S": "colour samples", "Q": "pages", "I": "pages"}
+    parts = [f"{n} {names.get(a, a)}" for a, n in zip(axes, shape, strict=True) if a not in "YX"]
+    size = f"{shape[axes.index('Y')]} x {shape[axes.index('X')]} px" if "Y" in axes and "X" in axes else str(shape)
+    return f"{kind} of {' x '.join(parts + [size])} (axes {axes})" if parts else f"{kind} of {size}"
+
+
+def read_array(path: Path) -> tuple[np.ndarray, str, str]:
+    """(pixels, axes, kind) of a TIFF (tifffile's first series: ImageJ hyperstacks and OME-TIFFs keep their
+    channel, z and time axes, singleton axes dropped) or a PNG (Pillow: palette PNGs give their indices, 16-bit
+    stays 16-bit). axes uses tifffile's letters: Y, X, C (channels), Z, T, S (RGB samples), Q/I (pages of a
+    plain multi-page TIFF: channels or slices, the file does not say). kind names the file type for messages."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            array = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                array, axes = series.asarray(), series.axes
+                kind = "an OME-TIFF" if tif.is_ome else "an ImageJ hyperstack" if tif.is_imagej else "a TIFF"
         else:
             with Image.open(path) as png:
                 array = np.asarray(png)
+            axes, kind = ("YX" if array.ndim == 2 else "YXS"), "a PNG"
     except Exception as error:
         raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
-    array = np.squeeze(np.asarray(array))
+    array = np.asarray(array)
     if array.size == 0:
         raise DataError(f"{path}: cannot read the image (empty or corrupt file)")
-    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
-    if array.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2D image, found shape {array.shape}")
-    return array
+    keep = [i for i, n in enumerate(array.shape) if n > 1 or axes[i] in "YX"]
+    array, axes = array.reshape([array.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    if set(axes) - set("YXCZTSQI") or not {"Y", "X"} <= set(axes):
+        raise DataError(f"{path}: expected an image with Y and X axes, found {_describe(axes, array.shape, kind)}")
+    return array, axes, kind
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A 2D grey image (H, W) in its own dtype; 3 identical channels are reduced to one."""
-    image = read_array(path)
-    if image.ndim == 3:
-        channels = image[..., :3]
-        if channels.shape[-1] != 3 or not (
-            np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])
+def _take(array: np.ndarray, axes: str, axis: str, index: int) -> tuple[np.ndarray, str]:
+    i = axes.index(axis)
+    return np.take(array, index, axis=i), axes[:i] + axes[i + 1 :]
+
+
+def read_image(path: Path, channel: int | None = None, z_projection: str | None = None) -> np.ndarray:
+    """A 2D grey image (H, W) in its own dtype: the granule channel (`channel`, counted from 0: Fiji's C1 is 0) of
+    a multi-channel file, a z-stack flattened by `z_projection` ("max" or "mean"), 3 identical RGB samples
+    reduced to one. Anything else that is not one 2D plane is an error that says what the file holds."""
+    array, axes, kind = read_array(path)
+    holds = _describe(axes, array.shape, kind)
+    if "T" in axes:
+        raise DataError(f"{path} holds {holds}: save one time point per file")
+    if "C" in axes and "S" in axes:
+        raise DataError(f"{path} holds {holds}: save the granule channel as a grey image")
+    channel_axis = next((a for a in "CSQI" if a in axes), None)
+    if channel_axis in ("Q", "I") and z_projection and channel is None:  # a plain page stack taken as z-slices
+        axes = axes.replace(channel_axis, "Z")
+        channel_axis = None
+    if channel_axis is not None:
+        count = array.shape[axes.index(channel_axis)]
+        if channel is not None:
+            if not 0 <= channel < count:
+                raise DataError(f"{path} holds {holds}: --channel {channel} is not among its channels 0..{count - 1}")
+            array, axes = _take(array, axes, channel_axis, channel)
+        elif (
+            channel_axis == "S"
+            and count in (3, 4)
+            and all(np.array_equal(array[..., 0], array[..., c]) for c in (1, 2))
         ):
+            array, axes = array[..., 0], axes[:-1]
+        else:
+            what = "an RGB image whose channels differ" if channel_axis == "S" else holds
+            hint = "" if channel_axis in ("C", "S") else " (or --z_projection max|mean if they are z-slices)"
             raise DataError(
-                f"{path}: an RGB image whose channels differ; expected one fluorescence channel (or three identical "
-                f"channels). Save the granule channel as a grey image."
+                f"{path} holds {what}: give --channel 0..{count - 1} for the granule channel (0 is Fiji's C1){hint}, "
+                f"or save the granule channel as a grey image"
             )
-        image = channels[..., 0]
-    if image.dtype == bool:
-        image = image.astype(np.uint8)
-    return image
+    elif channel:
+        raise DataError(f"{path} holds {holds}, one channel: --channel {channel} does not exist")
+    if "Z" in axes:
+        if z_projection not in ("max", "mean"):
+            raise DataError(f"{path} holds {holds}: give --z_projection max or mean to flatten the z-stack")
+        i = axes.index("Z")
+        array = array.max(axis=i) if z_projection == "max" else array.mean(axis=i, dtype=np.float32)
+        axes = axes[:i] + axes[i + 1 :]
+    if axes != "YX":
+        raise DataError(f"{path}: expected a 2D image, found {holds}")
+    return array.astype(np.uint8) if array.dtype == bool else array
+
+
+MICROMETRES_PER_UNIT = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
+                        "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4}  # fmt: skip
+
+
+def read_pixel_size(path: Path) -> float | None:
+    """The pixel size in micrometres stored in a TIFF: OME's PhysicalSizeX (with its unit), or ImageJ's
+    XResolution with the unit of its metadata. None for PNGs and TIFFs without either (a plain TIFF's
+    resolution is a print setting, such as 72 dpi, not a pixel size)."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome:
+                for element in ElementTree.fromstring(tif.ome_metadata).iter():
+                    if element.tag.endswith("Pixels") and element.get("PhysicalSizeX"):
+                        unit = element.get("PhysicalSizeXUnit", "µm")
+                        return float(element.get("PhysicalSizeX")) * _micrometres(unit)
+            if tif.is_imagej:
+                unit = (tif.imagej_metadata or {}).get("unit")
+                resolution = tif.pages[0].tags.get("XResolution")
+                if unit and resolution and resolution.value[0] and _micrometres(unit):
+                    numerator, denominator = resolution.value
+                    return denominator / numerator * _micrometres(unit)
+    except Exception:  # unreadable metadata: the caller reads the pixels and reports the file then
+        return None
+    return None
+
+
+def _micrometres(unit: str) -> float | None:
+    unit = unit.strip().replace("\\u00B5", "u").replace("µ", "u").replace("μ", "u").lower()
+    return MICROMETRES_PER_UNIT.get(unit)
+
+
+def write_labels(path: Path, labels: np.ndarray, pixel_size: float | None) -> None:
+    """A label TIFF (uint16 as ImageJ reads it, uint32 when ids pass 65,535) with the pixel size in ImageJ's
+    resolution tags and unit, so Fiji and napari open it at its scale."""
+    if labels.max(initial=0) < 65536:  # uncompressed: every ImageJ reads it
+        extra = {"resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um"}} if pixel_size else {}
+        tifffile.imwrite(path, labels.astype(np.uint16), imagej=True, **extra)
+    else:
+        per_cm = 1e4 / pixel_size if pixel_size else None
+        extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"} if pixel_size else {}
+        tifffile.imwrite(path, labels.astype(np.uint32), compression="zlib", **extra)
 
 
 def list_images(folder: Path) -> dict[str, Path]:
@@ -130,67 +228,160 @@ def pair_files(image_dir: Path, mask_dir: Path, skip_unpaired: bool = False, log
     return pairs
 
 
-def split_pairs(args, log=print) -> tuple[list, list]:
-    """(training, validation) pairs: --val_images/--val_masks, or --val_fraction of the pairs (at least one, and
-    one left to train on) drawn with --seed."""
+def split_pairs(args, log=print) -> tuple[list, list, list, dict]:
+    """(training, validation, test) pairs and, for each image, whether its mask holds a granule.
+    Validation: --val_images/--val_masks, or --val_fraction of the pairs. Test: --test_fraction of the pairs, held
+    out from training and from model selection (the final report scores them). Both are drawn with --seed
+    separately from the images with granules and from the control images (empty masks), so each split holds its
+    share of controls; training and validation keep at least one image with granules."""
     pairs = pair_files(Path(args.images), Path(args.masks), args.skip_unpaired, log)
+    explicit = None
     if args.val_images:
-        return pairs, pair_files(Path(args.val_images), Path(args.val_masks), args.skip_unpaired, log)
-    if len(pairs) < 2:
-        raise SystemExit(f"{args.images} holds one image: give at least two, or --val_images and --val_masks")
-    order = np.random.default_rng(args.seed).permutation(len(pairs))
-    n_val = min(len(pairs) - 1, max(1, round(args.val_fraction * len(pairs))))
-    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+        explicit = pair_files(Path(args.val_images), Path(args.val_masks), args.skip_unpaired, log)
+    has_granules = mask_has_granules(pairs + (explicit or []))
+    rng = np.random.default_rng(args.seed)
+    train, val, test = [], [], []
+    for group in ([p for p in pairs if has_granules[p[0]]], [p for p in pairs if not has_granules[p[0]]]):
+        order = [group[i] for i in rng.permutation(len(group))]
+        reserve = 1 if group and has_granules[group[0][0]] else 0  # an image with granules stays for training
+        n_test = min(round(args.test_fraction * len(group)), max(len(group) - reserve - (explicit is None), 0))
+        n_val = 0 if explicit else min(round(args.val_fraction * len(group)), len(group) - n_test - reserve)
+        if reserve and explicit is None:
+            n_val = max(n_val, 1)  # validation needs an image with granules to choose a model
+        test += order[:n_test]
+        val += order[n_test : n_test + n_val]
+        train += order[n_test + n_val :]
+    if explicit:
+        val = explicit
+    if not train or not val:
+        raise SystemExit(
+            f"{args.images} holds {len(pairs)} image(s): too few to split into training, validation and test "
+            f"images; give more, or --val_images and --val_masks, or --test_fraction 0"
+        )
+    rank = {p: i for i, p in enumerate(pairs)}
+    train, val, test = (sorted(part, key=lambda p: rank.get(p, -1)) for part in (train, val, test))
+    return train, val, test, has_granules
 
 
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:
-    """Binary uint8 mask: any value > 0 in any channel is granule (0/1, 0/255, label images, palette PNGs)."""
-    mask = read_array(path)
-    if mask.ndim == 3:
-        mask = (mask[..., :3] > 0).any(-1)
-    if mask.shape != image_shape:
-        raise DataError(f"{path} has shape {mask.shape}, but its image {image_path} has {image_shape}")
-    return (mask > 0).astype(np.uint8)
+    """The granule label image (uint16, or int32 past 65,535 ids; 0 = background). A mask with several non-zero
+    values is a label image (Fiji, napari, CellProfiler): each value is one granule, so touching granules stay
+    apart. A mask with one non-zero value (0/1, 0/255, a palette PNG, a colour mask with any channel > 0) is
+    binary: each 8-connected component is one granule."""
+    array, axes, kind = read_array(path)
+    if axes == "YXS":
+        array, axes = (array[..., :3] > 0).any(-1), "YX"
+    if axes != "YX":
+        raise DataError(f"{path}: a mask is one 2D plane, found {_describe(axes, array.shape, kind)}")
+    if array.shape != image_shape:
+        raise DataError(f"{path} has shape {array.shape}, but its image {image_path} has {image_shape}")
+    values = np.unique(array[array > 0])
+    if len(values) > 1 and np.array_equal(values, np.round(values)):
+        labels = array.astype(np.int64)
+    else:
+        labels = ndimage.label(array > 0, structure=np.ones((3, 3)))[0]
+    return labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Features and their cache
 # ----------------------------------------------------------------------------------------------------------------
 
+# The edge channel's full scale: a gradient of 0.15 normalised intensity per pixel (Sobel's gain 8 divided out),
+# about the 99.5th percentile of the gradient on stressed demo cells: the flank of a granule. A fixed scale, not
+# each image's own percentile, so the flat field of a control image has faint edges, not full-contrast noise.
+EDGE_FULL_SCALE = 0.15
+# --min_dynamic_range auto: the median stretch (99.8th minus 1st percentile) of the training images with granules.
+# Images of one experiment are taken with the same settings, so the intensity scale of a granule is about the same
+# in all of them; an unstressed control has no bright puncta, its 99.8th percentile is the diffuse cytoplasm, and
+# stretching that to 0..1 turns its cytoplasm and noise into bright, granule-like specks. Measured on the demo's
+# synthetic cells, pixels above 0.5 in the clip-2 CLAHE channel: controls 21.7 % by their own percentiles, 1.0 %
+# with the floor (stressed images 2.9 % and 2.1 %); a flat Poisson field 49 % and none.
+FLOOR_SHARE = 1.0
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes the network's input: which channel, which z-projection, the smallest
+    stretch of the percentile normalisation, the feature set. Stored with the run (checkpoint args), so
+    evaluate.py reads new images exactly as training read its own."""
+
+    features: str = "multiscale"
+    min_range: float = 0.0
+    channel: int | None = None
+    z_projection: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> Preprocess:
+        get = args.get if isinstance(args, dict) else lambda key, default=None: getattr(args, key, default)
+        return cls(get("features"), float(get("min_dynamic_range") or 0.0), get("channel"), get("z_projection"))
+
+    def read(self, path: Path) -> np.ndarray:
+        return read_image(path, self.channel, self.z_projection)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        return percentile_normalize(image, 1.0, 99.8, min_range=self.min_range)
+
+    def compute(self, image: np.ndarray) -> np.ndarray:
+        """(C, H, W) float32 in 0..1: the CLAHE channel(s) of the normalised image and the edge channel, or
+        (features="raw") the normalised image alone."""
+        normalized = self.normalize(image)
+        if self.features == "raw":
+            return normalized[None]
+        clahe_channels = multiscale_clahe(normalized, FEATURE_SETTINGS[self.features])
+        return np.concatenate([clahe_channels, edge_channel(normalized)[None]])
+
 
 def edge_channel(normalized: np.ndarray) -> np.ndarray:
     smooth = ndimage.gaussian_filter(normalized, 1.0)
-    magnitude = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1))
-    scale = np.percentile(magnitude, 99.5)
-    return np.clip(magnitude / scale, 0, 1).astype(np.float32) if scale > 0 else np.zeros_like(normalized)
+    gradient = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8.0
+    return np.clip(gradient / EDGE_FULL_SCALE, 0, 1).astype(np.float32)
 
 
-def compute_features(image: np.ndarray, features: str) -> np.ndarray:
-    """(C, H, W) float32 in 0..1: the CLAHE channel(s) of the percentile-normalised image and the edge channel,
-    or (features="raw") the normalised image alone."""
-    normalized = percentile_normalize(image, 1.0, 99.8)
-    if features == "raw":
-        return normalized[None]
-    return np.concatenate([multiscale_clahe(normalized, FEATURE_SETTINGS[features]), edge_channel(normalized)[None]])
+def compute_features(image: np.ndarray, features: str, min_range: float = 0.0) -> np.ndarray:
+    return Preprocess(features, min_range).compute(image)
 
 
 def feature_channels(features: str) -> int:
     return 1 if features == "raw" else len(FEATURE_SETTINGS[features]) + 1
 
 
-def load_features(image_path: Path, features: str, cache_dir: Path) -> Path:
-    """The cache file of compute_features(image, features), computed and stored (float16, atomically) unless the
-    cache holds it already; keyed by path, size, modification time and feature set."""
+def _cache_path(image_path: Path, cache_dir: Path, what: str, suffix: str) -> Path:
     stat = image_path.stat()
-    key = f"v{CACHE_VERSION}|{image_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{features}"
-    path = Path(cache_dir) / f"{image_path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    key = f"v{CACHE_VERSION}|{image_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{what}"
+    return Path(cache_dir) / f"{image_path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:16]}{suffix}"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def load_features(image_path: Path, prep: Preprocess, cache_dir: Path) -> Path:
+    """The cache file of prep.compute(image), computed and stored (float16, atomically) unless the cache holds it
+    already; keyed by path, size, modification time and every setting of prep."""
+    path = _cache_path(image_path, cache_dir, json.dumps(asdict(prep)), ".npy")
     if not path.is_file():
-        stack = compute_features(read_image(image_path), features).astype(np.float16)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, stack)
-        os.replace(tmp, path)
+        _save_atomic(path, prep.compute(prep.read(image_path)).astype(np.float16))
     return path
+
+
+def intensity_range(image_path: Path, prep: Preprocess, cache_dir: Path) -> float:
+    """99.8th minus 1st percentile of an image (cached beside its features)."""
+    path = _cache_path(image_path, cache_dir, f"range|{prep.channel}|{prep.z_projection}", ".range.npy")
+    if not path.is_file():
+        low, high = np.percentile(prep.read(image_path), (1.0, 99.8))
+        _save_atomic(path, np.array(high - low, np.float64))
+    return float(np.load(path))
+
+
+def dynamic_range_floor(pairs, has_granules: dict, prep: Preprocess, cache_dir: Path) -> float:
+    """FLOOR_SHARE x the median stretch of the images with granules among `pairs` (the training images); 0 when
+    none has granules."""
+    ranges = [intensity_range(image, prep, cache_dir) for image, _ in pairs if has_granules[image]]
+    return FLOOR_SHARE * float(np.median(ranges)) if ranges else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,9 +391,9 @@ def load_features(image_path: Path, features: str, cache_dir: Path) -> Path:
 
 @dataclass
 class Sample:
-    """One image: its cached features (C, H, W) by path, its mask (H, W), and pixel lists for the crop
-    strategies. `features` opens the cache file on each use, so a sample holds no open file and pickles
-    small (loader workers started by spawn, as on Windows and macOS, receive paths, not arrays)."""
+    """One image: its cached features (C, H, W) by path, its granule labels (H, W; 0 = background), and pixel
+    lists for the crop strategies. `features` opens the cache file on each use, so a sample holds no open file
+    and pickles small (loader workers started by spawn, as on Windows and macOS, receive paths, not arrays)."""
 
     name: str
     feature_path: Path
@@ -218,7 +409,7 @@ class Sample:
 
     @property
     def granule_fraction(self) -> float:
-        return float(self.mask.mean())
+        return float((self.mask > 0).mean())
 
 
 def coordinates(where: np.ndarray, limit: int = 20_000, seed: int = 0) -> np.ndarray:
@@ -250,15 +441,21 @@ def make_sample(name: str, feature_path: Path, mask: np.ndarray, crop_size: int)
     )
 
 
+def mask_has_granules(pairs) -> dict:
+    """image path -> whether its mask holds a granule (False: a control image); reads each mask once."""
+    return {image_path: bool((read_array(mask_path)[0] > 0).any()) for image_path, mask_path in pairs}
+
+
 def load_samples(pairs, args, cache_dir: Path, log=print, progress: bool = True) -> list:
     """A Sample per (image, mask) pair: the image's features, computed once and cached (with a bar while the cache
-    fills), and its mask."""
-    samples = []
+    fills), and its granule labels."""
+    prep, samples = Preprocess.from_args(args), []
     for image_path, mask_path in tqdm(pairs, desc="features", disable=not progress, leave=False):
-        feature_path = load_features(image_path, args.features, cache_dir)
+        feature_path = load_features(image_path, prep, cache_dir)
         mask = read_mask(mask_path, np.load(feature_path, mmap_mode="r").shape[1:], image_path)
         samples.append(make_sample(image_path.stem, feature_path, mask, args.image_size))
-    log(f"{len(samples)} images, {sum(int(s.mask.any()) for s in samples)} with granules")
+    controls = sum(int(not s.mask.any()) for s in samples)
+    log(f"{len(samples)} images: {len(samples) - controls} with granules, {controls} control(s) without")
     return samples
 
 
@@ -378,7 +575,7 @@ class CropDataset(torch.utils.data.Dataset):
         strategy = draw_strategy(rng)
         centre = crop_centre(sample, strategy, rng)
         image = crop(sample.features, centre, self.crop_size).astype(np.float32).transpose(1, 2, 0)
-        mask = crop(sample.mask, centre, self.crop_size)
+        mask = (crop(sample.mask, centre, self.crop_size) > 0).astype(np.uint8)  # the network learns granule pixels
         if self.transform is not None:
             self.transform.set_random_seed(int(rng.integers(2**31)))
             out = self.transform(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask))
@@ -439,15 +636,21 @@ def weighted_indices(weights: np.ndarray, seed: int, rank: int = 0, world_size: 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def synthetic_cell_image(rng: np.random.Generator, size: tuple[int, int] = (320, 320)) -> tuple[np.ndarray, np.ndarray]:
-    """A 16-bit widefield-like image of stressed cells and its granule mask: cells with a dim cytoplasm and a
-    darker nucleus, bright punctate granules of varied size and brightness in the cytoplasm, a smooth uneven
-    illumination, Poisson shot noise and camera read noise."""
+def synthetic_cell_image(
+    rng: np.random.Generator, size: tuple[int, int] = (320, 320), stressed: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 16-bit widefield-like image of cells and its granule label image (uint16, one id per granule): cells with
+    a textured cytoplasm and a darker nucleus, a smooth uneven illumination, Poisson shot noise and camera read
+    noise. Stressed: most cells hold 6-24 bright punctate granules of varied size and brightness (touching ones
+    keep their own ids), about one in four holds none. Not stressed (an untreated control): no granules, and a
+    brighter diffuse cytoplasm (the granule protein is not recruited into puncta)."""
     h, w = size
     yy, xx = np.mgrid[:h, :w].astype(np.float32)
     signal = np.zeros((h, w), np.float32)
-    mask = np.zeros((h, w), np.uint8)
-    cytoplasm_all = np.zeros((h, w), bool)
+    labels = np.zeros((h, w), np.int32)
+    strongest = np.zeros((h, w), np.float32)  # each pixel belongs to the granule that is brightest there
+    texture = 1 + 0.15 * ndimage.gaussian_filter(rng.normal(0, 1, (h, w)), 3) / 0.094  # about 15 % cytoplasm texture
+    n_granules = 0
     for _ in range(int(rng.integers(2, 5))):
         cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
         ry, rx = rng.uniform(45, 80), rng.uniform(45, 80)
@@ -457,41 +660,49 @@ def synthetic_cell_image(rng: np.random.Generator, size: tuple[int, int] = (320,
         cell = (u / ry) ** 2 + (v / rx) ** 2 <= 1
         nucleus = ((u - rng.uniform(-10, 10)) / (ry * 0.4)) ** 2 + ((v - rng.uniform(-10, 10)) / (rx * 0.4)) ** 2 <= 1
         cytoplasm = cell & ~nucleus
-        signal[cell] = np.maximum(signal[cell], rng.uniform(500, 900))
+        signal[cell] = np.maximum(signal[cell], rng.uniform(500, 900) if stressed else rng.uniform(550, 1000))
         signal[nucleus & cell] = rng.uniform(250, 400)
-        cytoplasm_all |= cytoplasm
+        if not stressed or rng.random() < 0.25:
+            continue
         points = np.argwhere(cytoplasm)
         for y, x in points[rng.choice(len(points), int(rng.integers(6, 25)), replace=False)]:
             sigma = rng.uniform(1.9, 3.8)  # granules of about 12-45 px above half their peak
             amplitude = rng.uniform(1200, 6000)
             half = int(4 * sigma) + 1
             y0, y1, x0, x1 = max(y - half, 0), min(y + half + 1, h), max(x - half, 0), min(x + half + 1, w)
-            blob = np.exp(-((yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2) / (2 * sigma**2))
-            signal[y0:y1, x0:x1] += amplitude * blob
-            mask[y0:y1, x0:x1] |= (blob > 0.5).astype(np.uint8)  # granule = above half its peak
+            blob = amplitude * np.exp(-((yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2) / (2 * sigma**2))
+            signal[y0:y1, x0:x1] += blob
+            n_granules += 1
+            mine = (blob > amplitude / 2) & (blob > strongest[y0:y1, x0:x1])  # granule = above half its peak
+            labels[y0:y1, x0:x1][mine] = n_granules
+            strongest[y0:y1, x0:x1][mine] = blob[mine]
     illumination = 0.6 + 0.8 * (
         0.5 + 0.5 * np.sin(xx / w * rng.uniform(1, 3) + rng.uniform(0, 6)) * np.cos(yy / h * rng.uniform(1, 3))
     )
-    image = rng.poisson(np.maximum((signal + 150) * illumination, 0)).astype(np.float32)
+    image = rng.poisson(np.maximum((signal * texture + 150) * illumination, 0)).astype(np.float32)
     image += rng.normal(0, 20, image.shape)
-    return np.clip(image, 0, 65535).astype(np.uint16), mask * 255
+    return np.clip(image, 0, 65535).astype(np.uint16), relabel_sequential(labels)[0].astype(np.uint16)
 
 
-def write_demo_dataset(root: str | Path, n_images: int = 16, size: tuple[int, int] = (320, 320), seed: int = 0):
-    """n_images synthetic 16-bit TIFFs in root/images and their masks in root/masks (8-bit PNG, 255 = granule),
-    the layout of real data. Skips writing when the same set exists already."""
+def write_demo_dataset(
+    root: str | Path, n_images: int = 26, size: tuple[int, int] = (320, 320), seed: int = 0, controls: int = 8
+):
+    """n_images synthetic 16-bit TIFFs in root/images and their granule label masks in root/masks (16-bit TIFF,
+    one id per granule), the layout of real data; the last `controls` images are unstressed controls (empty
+    masks). Skips writing when the same set exists already."""
     root = Path(root)
     marker = root / "demo.json"
-    settings = {"n_images": n_images, "size": list(size), "seed": seed, "version": 2}
+    settings = {"n_images": n_images, "size": list(size), "seed": seed, "controls": controls, "version": 3}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks"):
+        shutil.rmtree(root / sub, ignore_errors=True)  # an earlier version's files would pair up wrongly
+        (root / sub).mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i in range(n_images):
-        image, mask = synthetic_cell_image(rng, size)
+        image, labels = synthetic_cell_image(rng, size, stressed=i < n_images - controls)
         tifffile.imwrite(root / "images" / f"cell_{i + 1:03d}.tif", image)
-        cv2.imwrite(str(root / "masks" / f"cell_{i + 1:03d}.png"), mask)
+        tifffile.imwrite(root / "masks" / f"cell_{i + 1:03d}.tif", labels)
     marker.write_text(json.dumps(settings))
     return root
 

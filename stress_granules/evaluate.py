@@ -1,21 +1,29 @@
 """Segment, count and measure stress granules with a trained model; score against masks when given.
 
-    python stress_granules/evaluate.py metrics/<run>                          # the run's validation images
-    python stress_granules/evaluate.py metrics/<run> --images NEW --pixel_size 0.108
-    python stress_granules/evaluate.py robust_stress_granule_model.pth --images DIR --masks DIR
+    python stress_granules/evaluate.py metrics/<run>                          # the run's held-out test images
+    python stress_granules/evaluate.py metrics/<run> --split val              # its validation images (they chose it)
+    python stress_granules/evaluate.py metrics/<run> --images NEW --cells CELL_MASKS
+    python stress_granules/evaluate.py robust_stress_granule_model.pth --images DIR --masks DIR --pixel_size 0.108
 
-Whole images of any size go through tiled inference (overlapping tiles, cosine blending). Writes a new folder
-<run>/predictions_<YYYYmmdd_HHMMSS>/ (or inside --output_dir) with
-- masks/<basename>.tif: the predicted granule mask (uint8, 255 = granule) for every image;
-- granules.csv: one row per granule: image, granule id, area (px, and um^2 with --pixel_size), centroid,
-  mean and maximum intensity of the original image;
-- image_summary.csv: per image the granule count, mean area and the granule area fraction (and Dice / F1
-  with masks);
-- evaluation_report.json: settings, totals and, with --masks, pixel scores (Dice, precision, recall, F1,
-  accuracy, specificity) and granule scores (matched at IoU 0.5: precision, recall, F1).
+Whole images of any size go through tiled inference (overlapping tiles, cosine blending). Threshold, minimum
+size, splitting of touching granules, tile size, channel and z-projection are the run's own (stored in the
+checkpoint) unless given. Writes a new folder <run>/predictions_<YYYYmmdd_HHMMSS>/ (or inside --output_dir) with
+- masks/<basename>.tif: the granule label image (uint16, 0 = background, ids = granule_id of granules.csv), with
+  the pixel size in its ImageJ resolution tags, so Fiji and napari open it at its scale;
+- granules.csv: one row per granule: image, granule id, (cell id,) area in px and um^2, centroid, mean and maximum
+  intensity of the original image;
+- cells.csv (with --cells DIR, cell or nucleus label masks with the images' basenames, e.g. from Cellpose or
+  CellProfiler): one row per cell: its area, granule count, granule area fraction, mean granule intensity;
+- image_summary.csv: per image the granule count, mean area, granule area fraction (with --cells the per-cell
+  means; with masks Dice, granule F1 and whether it is a control image);
+- evaluation_report.json: which images were scored and whether training saw them, the settings, totals and, with
+  masks, pixel scores (Dice, precision, recall, F1, accuracy, specificity), granule scores (true granules by their
+  ids, matched at IoU 0.5: precision, recall, F1) and false granules per control image (an image with an empty
+  mask).
+The pixel size is --pixel_size, or read from each TIFF (ImageJ or OME resolution); areas in um^2 need one.
 
---run_report (what train.py runs at its end) scores the run's validation images instead, beside Otsu's threshold on
-the same images, and writes the run's own evaluation_report.json and validation_predictions.png into the run folder.
+--run_report (what train.py runs at its end) scores the run's test images (--split) beside Otsu's threshold on the
+same images, and writes the run's own evaluation_report.json and <split>_predictions.png into the run folder.
 """
 
 import sys
@@ -27,26 +35,26 @@ import argparse
 import csv
 import json
 import time
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
-import tifffile
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
-from common.preprocessing import percentile_normalize
 from stress_granules.data import (
     DataError,
     HelpFormatter,
-    compute_features,
+    Preprocess,
     list_images,
     load_features,
     new_folder,
     plot_predictions,
-    read_image,
     read_mask,
+    read_pixel_size,
     write_json,
+    write_labels,
 )
 from stress_granules.model import (
     GranuleScores,
@@ -56,57 +64,111 @@ from stress_granules.model import (
     pick_device,
     predict_probability,
 )
-from stress_granules.train import mixed_precision
+from stress_granules.train import LEGACY, mixed_precision
 
 
-def image_list(args, checkpoint: dict) -> list[tuple[Path, Path | None]]:
-    """(image, mask or None) pairs: --images (and --masks), else the run's validation images and masks."""
+class Settings(NamedTuple):
+    """How probabilities become granules, as the run validated them unless the command line says otherwise."""
+
+    tile: int
+    overlap: int
+    threshold: float
+    min_size: int
+    split: bool
+
+
+def run_settings(args, checkpoint: dict) -> tuple[Preprocess, Settings]:
+    """The preprocessing and post-processing of the run (stored in its checkpoint), each overridden by its flag."""
+    stored = {**LEGACY, **checkpoint.get("args", {})}
+    prep = Preprocess.from_args(stored)
+    prep = replace(
+        prep,
+        channel=stored["channel"] if args.channel is None else args.channel,
+        z_projection=args.z_projection or stored["z_projection"],
+    )
+    tile = args.tile_size or stored.get("image_size", 256)
+    settings = Settings(
+        tile=tile,
+        overlap=tile // 4 if args.overlap is None else args.overlap,
+        threshold=stored.get("threshold", 0.5) if args.threshold is None else args.threshold,
+        min_size=stored.get("min_size", 15) if args.min_size is None else args.min_size,
+        split=stored["split_touching"] if args.split_touching is None else args.split_touching,
+    )
+    if settings.tile % 16 or not 0 <= settings.overlap < settings.tile:
+        raise SystemExit(
+            f"--tile_size {settings.tile} must be a multiple of 16 and --overlap {settings.overlap} smaller than it"
+        )
+    return prep, settings
+
+
+def run_split(checkpoint: dict) -> dict | None:
+    """The run's split.json ({"train": [...], "val": [...], "test": [...]}), or None for a bare checkpoint."""
+    run_dir = checkpoint.get("args", {}).get("run_dir")
+    if run_dir and (Path(run_dir) / "split.json").is_file():
+        return json.loads((Path(run_dir) / "split.json").read_text())
+    return None
+
+
+def image_list(args, checkpoint: dict) -> tuple[list[tuple[Path, Path | None]], dict]:
+    """(image, mask or None) pairs and where they come from: --images (and --masks), else the run's --split
+    images (test by default; its validation images, said so, when the run held none out for testing)."""
+    split = run_split(checkpoint)
     if args.images:
         images = list_images(Path(args.images))
         masks = list_images(Path(args.masks)) if args.masks else {}
         missing = [images[s] for s in images if args.masks and s not in masks]
         if missing:
             raise DataError(f"{missing[0]} has no mask in {args.masks} (masks pair with images by basename)")
-        return [(images[s], masks.get(s)) for s in images]
-    train_args = checkpoint.get("args", {})
-    run_dir = Path(train_args["run_dir"]) if train_args.get("run_dir") else None
-    if run_dir is not None and (run_dir / "split.json").is_file():
-        names = json.loads((run_dir / "split.json").read_text())["val"]
-    elif run_dir is not None and (run_dir / "evaluation_report.json").is_file():  # runs from before split.json
-        names = json.loads((run_dir / "evaluation_report.json").read_text())["validation_images"]
-    else:
-        raise SystemExit("give --images (this checkpoint's run has no validation list to fall back on)")
-    masks = list_images(Path(train_args["val_masks"] or train_args["masks"]))
-    return [(Path(p), masks.get(Path(p).stem)) for p in names]
+        pairs = [(images[s], masks.get(s)) for s in images]
+        used = {str(Path(p).resolve()) for p in (split or {}).get("train", []) + (split or {}).get("val", [])}
+        seen = sum(str(p.resolve()) in used for p, _ in pairs)
+        note = f"images from {args.images}; {seen} of them were used in training or validation" + (
+            "" if split else " (unknown: this checkpoint has no run folder with split.json)"
+        )
+        return pairs, {"split": "images", "note": note, "seen_by_training": seen if split else None}
+    if split is None:
+        raise SystemExit("give --images (this checkpoint's run has no split.json to take its images from)")
+    name = args.split
+    note = {"test": "held out from training and model selection", "val": "the validation images, which chose this "
+            "model: not an independent score"}[name]  # fmt: skip
+    if name == "test" and not split.get("test"):
+        name, note = "val", "the validation images, which chose this model (the run held no test images out)"
+    train_args = {**LEGACY, **checkpoint["args"]}
+    masks = list_images(
+        Path(train_args["val_masks"] if name == "val" and train_args["val_masks"] else train_args["masks"])
+    )
+    pairs = [(Path(p), masks.get(Path(p).stem)) for p in split[name]]
+    return pairs, {"split": name, "note": note, "seen_by_training": len(pairs) if name == "val" else 0}
 
 
 class Segmented(NamedTuple):
     path: Path
-    image: np.ndarray  # as read
-    mask: np.ndarray | None  # the true mask, when there is one
+    image: np.ndarray  # the granule channel as read (after --channel / --z_projection)
+    mask: np.ndarray | None  # the true granule labels, when there is a mask
     features: np.ndarray  # the network's input (C, H, W)
     probability: np.ndarray
     labels: np.ndarray  # granule ids, 0 = background
 
 
-def segment(model, pairs, features: str, tile, overlap, threshold, min_size, ctx, skipped, cache_dir=None):
+def segment(model, pairs, prep: Preprocess, settings: Settings, ctx, skipped: list, cache_dir=None):
     """Each readable image segmented by tiled inference, with a bar over the images; an image that cannot be read
-    is named on the console and in `skipped`, and the others go on. cache_dir: the features from training's cache
-    (float16, as training validated), not computed again."""
+    is named on the console and in `skipped`, and the others go on. The features are rounded to float16, as
+    training's cache holds them, so a run's own images score exactly as in its validation (cache_dir: read them
+    from training's cache)."""
     for image_path, mask_path in tqdm(pairs, desc="images", disable=len(pairs) < 2):
         try:
-            image = read_image(image_path)
+            image = prep.read(image_path)
             mask = read_mask(mask_path, image.shape, image_path) if mask_path else None
         except DataError as error:
             tqdm.write(f"skipped: {error}")
             skipped.append(str(error))
             continue
         if cache_dir is None:
-            stack = compute_features(image, features)
+            stack = prep.compute(image).astype(np.float16)
         else:
-            stack = np.load(load_features(image_path, features, cache_dir), mmap_mode="r")
-        probability = predict_probability(model, stack, tile, overlap, ctx=ctx, progress=True)
-        labels = granules_from_probability(probability, threshold, min_size)
+            stack = np.load(load_features(image_path, prep, cache_dir), mmap_mode="r")
+        probability = predict_probability(model, stack, settings.tile, settings.overlap, ctx=ctx, progress=True)
+        labels = granules_from_probability(probability, settings.threshold, settings.min_size, settings.split)
         yield Segmented(image_path, image, mask, stack, probability, labels)
 
 
@@ -116,43 +178,47 @@ def figure_row(item: Segmented) -> dict:
     return {"name": name, "image": image, "mask": mask, "probability": item.probability, "labels": item.labels}
 
 
-def otsu_labels(image: np.ndarray, min_size: int) -> np.ndarray:
-    """The classical baseline: Otsu's threshold on the percentile-normalised image, objects of at least min_size
-    pixels."""
-    normalized = percentile_normalize(image, 1.0, 99.8)
+def otsu_labels(image: np.ndarray, prep: Preprocess, settings: Settings) -> np.ndarray:
+    """The classical baseline: Otsu's threshold on the normalised image, then the model's post-processing
+    (touching granules split, objects of at least min_size pixels)."""
+    normalized = prep.normalize(image)
+    if normalized.max() == normalized.min():
+        return np.zeros(image.shape, np.int32)
     binary = (normalized > threshold_otsu(normalized)).astype(np.float32)
-    return granules_from_probability(binary, 0.5, min_size)
+    return granules_from_probability(binary, 0.5, settings.min_size, settings.split)
 
 
-def write_run_report(model, checkpoint: dict, run_dir: Path, pairs, ctx, args) -> Path:
-    """The run's evaluation_report.json (the best model's scores on the validation images beside Otsu's) and
-    validation_predictions.png of the first four images. The features come from the run's cache, so the scores
-    are those of the best epoch's validation."""
-    model_scores, otsu = GranuleScores(min_size=args.min_size), GranuleScores(min_size=args.min_size)
+def write_run_report(model, checkpoint: dict, run_dir: Path, pairs, source: dict, prep, settings, ctx) -> Path:
+    """The run's evaluation_report.json (the best model's scores on the --split images beside Otsu's, with false
+    granules per control image) and <split>_predictions.png of the first four images. The features come from the
+    run's cache."""
+    model_scores, otsu = GranuleScores(), GranuleScores()
     rows, skipped = [], []
-    train_args = checkpoint["args"]
-    settings = (train_args["features"], args.tile_size, args.overlap, args.threshold, args.min_size, ctx, skipped)
-    for item in segment(model, pairs, *settings, Path(train_args["cache_dir"])):
+    for item in segment(model, pairs, prep, settings, ctx, skipped, Path(checkpoint["args"]["cache_dir"])):
         model_scores.update(item.labels, item.mask)
-        otsu.update(otsu_labels(item.image, args.min_size), item.mask)
+        otsu.update(otsu_labels(item.image, prep, settings), item.mask)
         if len(rows) < 4:
             rows.append(figure_row(item))
     if skipped:
-        raise SystemExit(f"the validation images must all be readable: {skipped[0]}")
+        raise SystemExit(f"the run's {source['split']} images must all be readable: {skipped[0]}")
     report = {
-        "selection_metric": train_args["selection_metric"],
+        "split": source["split"],
+        "note": source["note"],
+        "images": [str(p) for p, _ in pairs],
+        "selection_metric": checkpoint["args"]["selection_metric"],
         "best_epoch": checkpoint["epoch"],
-        "validation_images": [str(p) for p, _ in pairs],
+        "settings": settings._asdict(),
         "model": model_scores.compute(),
         "otsu_baseline": otsu.compute(),
     }
     write_json(run_dir / "evaluation_report.json", report)
-    plot_predictions(rows, run_dir / "validation_predictions.png")
-    print(f"wrote {run_dir / 'evaluation_report.json'} and validation_predictions.png")
+    plot_predictions(rows, run_dir / f"{source['split']}_predictions.png")
+    print(f"wrote {run_dir / 'evaluation_report.json'} and {source['split']}_predictions.png")
     return run_dir
 
 
 def measure(labels: np.ndarray, image: np.ndarray, name: str, pixel_size: float | None) -> list[dict]:
+    """One row per granule (its id is its value in the label image)."""
     props = regionprops_table(
         labels,
         intensity_image=image.astype(np.float64),
@@ -160,97 +226,189 @@ def measure(labels: np.ndarray, image: np.ndarray, name: str, pixel_size: float 
     )
     rows = []
     for i in range(len(props["label"])):
-        row = {"image": name, "granule_id": int(props["label"][i]), "area_px": int(props["area"][i])}
-        if pixel_size:
-            row["area_um2"] = props["area"][i] * pixel_size**2
-        row.update(
-            centroid_y=props["centroid-0"][i],
-            centroid_x=props["centroid-1"][i],
-            mean_intensity=props["intensity_mean"][i],
-            max_intensity=props["intensity_max"][i],
+        rows.append(
+            {
+                "image": name,
+                "granule_id": int(props["label"][i]),
+                "area_px": int(props["area"][i]),
+                "area_um2": props["area"][i] * pixel_size**2 if pixel_size else None,
+                "centroid_y": props["centroid-0"][i],
+                "centroid_x": props["centroid-1"][i],
+                "mean_intensity": props["intensity_mean"][i],
+                "max_intensity": props["intensity_max"][i],
+            }
         )
-        rows.append(row)
+    return rows
+
+
+def measure_cells(labels, cells, image, name, pixel_size, granule_rows) -> list[dict]:
+    """One row per cell of a cell (or nucleus) label image. A granule belongs to the cell that holds most of its
+    pixels (none when most lie outside every cell: its cell_id in granule_rows is 0); a cell's granule area
+    fraction and mean granule intensity are over the granule pixels inside it."""
+    n_granules, n_cells = int(labels.max(initial=0)), int(cells.max(initial=0))
+    inside = labels > 0
+    pairs = np.bincount(
+        labels[inside].astype(np.int64) * (n_cells + 1) + cells[inside], minlength=(n_granules + 1) * (n_cells + 1)
+    )
+    owner = pairs.reshape(n_granules + 1, n_cells + 1).argmax(1)  # per granule id, the cell with most of its pixels
+    for row in granule_rows:
+        row["cell_id"] = int(owner[row["granule_id"]])
+    count = np.bincount(owner[1:], minlength=n_cells + 1)
+    area = np.bincount(cells.ravel(), minlength=n_cells + 1)
+    granule_area = np.bincount(cells[inside], minlength=n_cells + 1)
+    intensity = np.bincount(cells[inside], weights=image[inside].astype(np.float64), minlength=n_cells + 1)
+    rows = []
+    for cell in np.flatnonzero(area[1:]) + 1:
+        rows.append(
+            {
+                "image": name,
+                "cell_id": int(cell),
+                "area_px": int(area[cell]),
+                "area_um2": area[cell] * pixel_size**2 if pixel_size else None,
+                "granules": int(count[cell]),
+                "granule_area_fraction": granule_area[cell] / area[cell],
+                "mean_granule_intensity": intensity[cell] / granule_area[cell] if granule_area[cell] else None,
+            }
+        )
     return rows
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def main(args):
-    if args.tile_size % 16 or not 0 <= args.overlap < args.tile_size:
-        raise SystemExit(
-            f"--tile_size {args.tile_size} must be a multiple of 16 and --overlap {args.overlap} smaller than it"
+def cell_masks(args, pairs) -> dict:
+    """--cells: image basename -> its cell label mask; an image without one is an error naming it."""
+    if not args.cells:
+        return {}
+    cells = list_images(Path(args.cells))
+    missing = [p for p, _ in pairs if p.stem not in cells]
+    if missing:
+        raise DataError(f"{missing[0]} has no cell mask in {args.cells} (cell masks pair with images by basename)")
+    return cells
+
+
+def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
+    """A row of image_summary.csv."""
+    summary = {
+        "image": image_path.name,
+        "pixel_size_um": pixel_size,
+        "granules": len(rows),
+        "mean_area_px": float(np.mean([r["area_px"] for r in rows])) if rows else 0.0,
+        "mean_area_um2": float(np.mean([r["area_px"] for r in rows])) * pixel_size**2 if rows and pixel_size else None,
+        "area_fraction": float((labels > 0).mean()),
+    }
+    if cell_rows is not None:
+        summary.update(
+            cells=len(cell_rows),
+            mean_granules_per_cell=float(np.mean([c["granules"] for c in cell_rows])) if cell_rows else None,
+            mean_granule_area_fraction_per_cell=(
+                float(np.mean([c["granule_area_fraction"] for c in cell_rows])) if cell_rows else None
+            ),
+            cells_with_granules=sum(c["granules"] > 0 for c in cell_rows),
+            granules_outside_cells=sum(r["cell_id"] == 0 for r in rows),
         )
+    if mask is not None:
+        single = GranuleScores()
+        single.update(labels, mask)
+        result = single.compute()
+        summary.update(
+            control=not mask.any(),
+            true_granules=int(len(np.unique(mask[mask > 0]))),
+            dice=result["pixel"]["dice"],
+            granule_f1=result["object"]["f1"],
+        )
+    return summary
+
+
+def main(args):
     device = pick_device()
     ctx, _ = mixed_precision(device, args.use_mixed_precision)
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     if args.run_report and args.images:
-        raise SystemExit("--run_report scores the run's own validation images: leave out --images")
-    pairs = image_list(args, checkpoint)
+        raise SystemExit("--run_report scores the run's own test (or validation) images: leave out --images")
+    prep, settings = run_settings(args, checkpoint)
+    pairs, source = image_list(args, checkpoint)
     if args.run_report:
-        return write_run_report(model, checkpoint, checkpoint_path.parent, pairs, ctx, args)
+        return write_run_report(model, checkpoint, checkpoint_path.parent, pairs, source, prep, settings, ctx)
+    cells = cell_masks(args, pairs)
     out_dir = new_folder(Path(args.output_dir) if args.output_dir else checkpoint_path.parent, "predictions")
     (out_dir / "masks").mkdir()
+    print(f"scoring {len(pairs)} image(s): {source['note']}")
+    if not cells:
+        print("counts are per image (give --cells DIR with cell or nucleus label masks for granules per cell)")
     started = time.time()
-    granule_rows, summary_rows = [], []
-    scores, skipped = GranuleScores(min_size=args.min_size), []
-    settings = (checkpoint["args"]["features"], args.tile_size, args.overlap, args.threshold, args.min_size, ctx)
-    for image_path, image, mask, _, _, labels in segment(model, pairs, *settings, skipped):
-        tifffile.imwrite(
-            out_dir / "masks" / f"{image_path.stem}.tif", ((labels > 0) * 255).astype(np.uint8), compression="zlib"
-        )
-        rows = measure(labels, image, image_path.name, args.pixel_size)
+    granule_rows, cell_rows, summary_rows = [], [], []
+    scores, skipped = GranuleScores(), []
+    for image_path, image, mask, _, _, labels in segment(model, pairs, prep, settings, ctx, skipped):
+        pixel_size = args.pixel_size or read_pixel_size(image_path)
+        rows = measure(labels, image, image_path.name, pixel_size)
+        these_cells = None
+        if cells:
+            try:
+                cell_labels = read_mask(cells[image_path.stem], image.shape, image_path)
+            except DataError as error:
+                tqdm.write(f"skipped: {error}")
+                skipped.append(str(error))
+                continue
+            these_cells = measure_cells(labels, cell_labels, image, image_path.name, pixel_size, rows)
+            cell_rows += these_cells
+        write_labels(out_dir / "masks" / f"{image_path.stem}.tif", labels, pixel_size)
         granule_rows += rows
-        summary = {
-            "image": image_path.name,
-            "granules": len(rows),
-            "mean_area_px": float(np.mean([r["area_px"] for r in rows])) if rows else 0.0,
-            "area_fraction": float((labels > 0).mean()),
-        }
-        if args.pixel_size:
-            summary["mean_area_um2"] = summary["mean_area_px"] * args.pixel_size**2
         if mask is not None:
-            single = GranuleScores(min_size=args.min_size)
-            single.update(labels, mask)
             scores.update(labels, mask)
-            result = single.compute()
-            summary.update(
-                true_granules=result["object"]["tp"] + result["object"]["fn"],
-                dice=result["pixel"]["dice"],
-                granule_f1=result["object"]["f1"],
-            )
-        summary_rows.append(summary)
-        tqdm.write(f"{image_path.name}: {len(rows)} granules")
-    area_columns = ["area_px", "area_um2"] if args.pixel_size else ["area_px"]
+        summary_rows.append(summarise(image_path, labels, rows, these_cells, pixel_size, mask))
+        tqdm.write(f"{image_path.name}: {len(rows)} granules" + (f" in {len(these_cells)} cells" if cells else ""))
+    cell_column = ["cell_id"] if cells else []
     write_csv(
         out_dir / "granules.csv",
         granule_rows,
-        ["image", "granule_id", *area_columns, "centroid_y", "centroid_x", "mean_intensity", "max_intensity"],
-    )
+        ["image", "granule_id", *cell_column, "area_px", "area_um2", "centroid_y", "centroid_x", "mean_intensity",
+         "max_intensity"],
+    )  # fmt: skip
+    if cells:
+        columns = ["image", "cell_id", "area_px", "area_um2", "granules", "granule_area_fraction",
+                   "mean_granule_intensity"]  # fmt: skip
+        write_csv(out_dir / "cells.csv", cell_rows, columns)
     write_csv(out_dir / "image_summary.csv", summary_rows, list(dict.fromkeys(k for r in summary_rows for k in r)))
     report = {
         "checkpoint": str(checkpoint_path.resolve()),
-        "images": len(pairs),
-        "threshold": args.threshold,
-        "min_size": args.min_size,
-        "pixel_size_um": args.pixel_size,
-        "tile_size": args.tile_size,
-        "overlap": args.overlap,
+        "images": [str(p) for p, _ in pairs],
+        "source": source["note"],
+        "split": source["split"],
+        "seen_by_training": source["seen_by_training"],
+        "settings": {
+            **settings._asdict(),
+            "channel": prep.channel,
+            "z_projection": prep.z_projection,
+            "min_dynamic_range": prep.min_range,
+        },  # fmt: skip
+        "pixel_size_um": {r["image"]: r["pixel_size_um"] for r in summary_rows},
+        "counts_per": "cell" if cells else "image",
         "granules": len(granule_rows),
         "granules_per_image": len(granule_rows) / max(len(summary_rows), 1),
         "masks_folder": str(out_dir / "masks"),
         "granules_csv": str(out_dir / "granules.csv"),
     }
+    if cells:
+        report["cells"] = len(cell_rows)
+        report["granules_per_cell"] = float(np.mean([c["granules"] for c in cell_rows])) if cell_rows else None
     if any(mask_path for _, mask_path in pairs):
         report.update(scores.compute())
+        controls = report["controls"]
         print(
             f"pixel Dice {report['pixel']['dice']:.4f}  granule F1 {report['object']['f1']:.4f} "
             f"(precision {report['object']['precision']:.4f}, recall {report['object']['recall']:.4f})"
+            + (
+                f"  false granules per control image {controls['false_granules_per_control_image']:.2f} "
+                f"({controls['images']} controls)"
+                if controls["images"]
+                else ""
+            )  # fmt: skip
         )
     report["skipped"] = skipped
     report["seconds"] = time.time() - started
@@ -267,21 +425,30 @@ def main(args):
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     add = p.add_argument
+    flag = argparse.BooleanOptionalAction
     add("checkpoint", help="a run folder (its best_model.pth) or a .pth file")
-    add("--images", help="folder of images; without it, the run's validation images")
+    add("--images", help="folder of images; without it, the run's --split images")
     add("--masks", help="folder of masks with the same basenames: adds scores")
-    add("--pixel_size", "--pixel-size", type=float, help="pixel size in micrometres: adds areas in um^2")
-    add("--threshold", type=float, default=0.5, help="granule probability threshold")
-    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
-    add("--tile_size", "--tile-size", type=int, default=256, help="inference tile, multiple of 16")
-    add("--overlap", type=int, default=64, help="overlap of neighbouring tiles in px")
+    add(
+        "--split", choices=["test", "val"], default="test", help="without --images: the run's test or validation images"
+    )
+    add("--cells", help="folder of cell (or nucleus) label masks with the images' basenames: writes cells.csv")
+    add("--pixel_size", "--pixel-size", type=float,
+        help="pixel size in micrometres; without it, read from each TIFF (ImageJ or OME)")  # fmt: skip
+    add("--channel", type=int, help="granule channel of multi-channel files, from 0; without it, the run's")
+    add("--z_projection", "--z-projection", choices=["max", "mean"], help="z-stack projection; without it, the run's")
+    add("--threshold", type=float, help="granule probability threshold; without it, the run's")
+    add("--min_size", "--min-size", type=int, help="smallest predicted granule in pixels; without it, the run's")
+    add("--split_touching", "--split-touching", action=flag,
+        help="split touching granules (watershed on the distance map); without it, as the run did")  # fmt: skip
+    add("--tile_size", "--tile-size", type=int, help="inference tile, multiple of 16; without it, the run's crop size")
+    add("--overlap", type=int, help="overlap of neighbouring tiles in px; without it, a quarter tile")
     add("--output_dir", "--output-dir", help="a new predictions_<timestamp> folder is made in here; without it, the "
         "checkpoint's folder")  # fmt: skip
-    flag = argparse.BooleanOptionalAction
     add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); on for CUDA")
     add("--use-mixed-precision", dest="use_mixed_precision", action=flag, help=argparse.SUPPRESS)  # hidden twin
     add("--run_report", "--run-report", action="store_true",
-        help="write the run's evaluation_report.json and validation_predictions.png, see above")  # fmt: skip
+        help="write the run's evaluation_report.json and <split>_predictions.png, see above")  # fmt: skip
     return p
 
 

@@ -1,14 +1,18 @@
 """Train a U-Net to segment stress granules in fluorescence images.
 
-    python stress_granules/train.py --demo                                  # synthetic cells, about 2 minutes on a CPU
+    python stress_granules/train.py --demo                                  # synthetic cells, about 3 minutes on a CPU
+    python stress_granules/train.py                                         # data/stress_granules/{images,masks}
     python stress_granules/train.py --images DATA/images --masks DATA/masks  # the robust preset
+    python stress_granules/train.py --images DIR --masks DIR --channel 1 --z_projection max   # hyperstacks
     python stress_granules/train.py --images DIR --masks DIR --preset improved --epochs 100
     python stress_granules/train.py --resume metrics/robust_gpu_20260101_120000
     torchrun --nproc_per_node=2 stress_granules/train.py --images DIR --masks DIR
     tensorboard --logdir metrics/
 
-Images and masks pair by basename (8/16-bit TIFF or PNG, any size). Unless --val_images/--val_masks are given,
---val_fraction of the images (at least one) is held out for validation, chosen with --seed.
+Images and masks pair by basename (8/16-bit TIFF or PNG, ImageJ hyperstacks and OME-TIFFs with --channel and
+--z_projection, any size); a mask is a label image (one id per granule) or binary. --test_fraction of the images
+is held out for the final report and --val_fraction (unless --val_images/--val_masks are given) for validation,
+which picks the model; both are drawn with --seed, separately from the control images (empty masks) and the rest.
 
 Presets (a flag given on the command line wins over the preset):
     robust    multi-scale CLAHE (clip 2, 4, 8) + edge channel; full augmentation; 200 epochs, patience 30;
@@ -16,15 +20,18 @@ Presets (a flag given on the command line wins over the preset):
     improved  single-scale CLAHE + edge channel; light augmentation; 75 epochs, patience 15; 3 crops; by Dice
 Both: weighted BCE (pos_weight 10) + Focal Tversky + Dice; AdamW; cosine annealing with warm restarts (stepped
 per batch); AMP on CUDA; crops drawn by strategy (granule 30 %, granule edge 20 %, background 15 %, mixed 20 %,
-random 15 %) from a sampler that balances images by granule content. --demo: a small synthetic set and a small
-network.
+random 15 %) from a sampler that balances images by granule content. Normalisation: 1st..99.8th percentile,
+stretched by at least the training images' median range (--min_dynamic_range), so controls stay dim. Granules:
+probability > --threshold, touching ones split by a watershed on the distance map, at least --min_size pixels.
+--demo: a small synthetic set (stressed cells and unstressed controls) and a small network.
 
 Each run writes metrics/<preset>_<gpu|cpu|mps>_<YYYYmmdd_HHMMSS>/: config.json, split.json (the training and
 validation images), best_model.pth, last.pth (resume), checkpoint_epoch_N.pth (every --save_every epochs),
 training_history.json, training_curves.png, train.log, tensorboard/ (losses, learning rate, validation scores and
-predictions per epoch) and, at the end, from evaluate.py --run_report: evaluation_report.json (validation scores
-of the best model beside an Otsu-threshold baseline) and validation_predictions.png; then
-<preset>_stress_granule_model.pth (a copy of the best model; --model_path).
+predictions per epoch) and, at the end, from evaluate.py --run_report: evaluation_report.json (the best model's
+scores on the held-out test images, beside an Otsu-threshold baseline, with false granules per control image) and
+test_predictions.png; then a copy of the best model, <preset>_stress_granule_model.pth, in the working directory
+(--model_path puts it elsewhere; each run replaces that copy, its own best_model.pth stays).
 """
 
 import sys
@@ -56,6 +63,8 @@ from stress_granules.data import (
     BalancedEpochSampler,
     CropDataset,
     HelpFormatter,
+    Preprocess,
+    dynamic_range_floor,
     feature_channels,
     granule_balance_weights,
     load_samples,
@@ -93,7 +102,11 @@ PRESETS = {
 }
 SCHEDULERS = ("CosineAnnealingWarmRestarts", "CosineAnnealingLR")  # from torch.optim.lr_scheduler, by name
 # --demo: small synthetic set and a small network, about two minutes on two CPU cores
-DEMO = {"epochs": 24, "image_size": 128, "base_channels": 16, "batch_size": 8, "lr": 2e-3, "restart_epochs": 24}
+DEMO = {"epochs": 40, "image_size": 128, "base_channels": 16, "batch_size": 8, "lr": 2e-3, "restart_epochs": 40,
+        "test_fraction": 0.2, "images": None, "masks": None}  # fmt: skip
+# Settings added after the first runs, with the values those runs had: a resumed older run keeps its behaviour.
+LEGACY = {"test_fraction": 0.0, "min_dynamic_range": 0.0, "split_touching": False, "channel": None,
+          "z_projection": None}  # fmt: skip
 SHOWN_IMAGES = 3  # validation images logged to TensorBoard each epoch (image | truth | prediction)
 
 
@@ -154,15 +167,15 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, ctx, loader,
 
 @torch.no_grad()
 def validate(model, samples, ctx, device, args) -> tuple[dict, list]:
-    """Whole validation images by tiled inference: pixel scores and granule-level scores (IoU 0.5), summed over
-    images (and over ranks: each rank takes every world_size-th image); and the first SHOWN_IMAGES of this rank
-    as (name, image, truth, prediction) for TensorBoard."""
+    """Whole validation images by tiled inference: pixel scores, granule-level scores (IoU 0.5) and false granules
+    per control image, summed over images (and over ranks: each rank takes every world_size-th image); and the
+    first SHOWN_IMAGES of this rank as (name, image, truth, prediction) for TensorBoard."""
     model.eval()
-    scores, shown = GranuleScores(device, args.min_size), []
+    scores, shown = GranuleScores(device), []
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for sample in tqdm(samples[rank::world], desc="validation", disable=not is_main(), leave=False):
         probability = predict_probability(model, sample.features, args.image_size, args.image_size // 4, ctx=ctx)
-        labels = granules_from_probability(probability, args.threshold, args.min_size)
+        labels = granules_from_probability(probability, args.threshold, args.min_size, args.split_touching)
         scores.update(labels, sample.mask)
         if len(shown) < SHOWN_IMAGES:
             shown.append((sample.name, np.asarray(sample.features[0], np.float32), sample.mask > 0, labels > 0))
@@ -254,7 +267,7 @@ def resume_or_start(args, log) -> tuple[argparse.Namespace, dict | None]:
     ignored = [k for k in given if k not in extendable]
     if ignored:
         log(f"--resume continues with the run's stored settings; ignoring --{', --'.join(ignored)}")
-    stored = argparse.Namespace(**resume["args"])
+    stored = argparse.Namespace(**{**LEGACY, **resume["args"]})
     for key in extendable:
         if key in given:
             setattr(stored, key, getattr(args, key))
@@ -271,41 +284,53 @@ def given_flags(args) -> list[str]:
     return [k for k in ("preset", "demo") if vars(args)[k] != plain[k]] + changed
 
 
-def load_data(args, log) -> tuple[list, list, list, list]:
-    """The image/mask pairs (the demo's synthetic set written first), their train/validation split and the
-    samples with cached features, rank 0 first (the others then read the cache). Bad input stops the run here,
-    before any folder is made."""
+def load_data(args, log) -> tuple[dict, list, list]:
+    """The image/mask pairs (the demo's synthetic set written first), their train/validation/test split, the
+    normalisation floor from the training images, and the samples with cached features of training and validation,
+    rank 0 first (the others then read the cache). Bad input stops the run here, before any folder is made."""
     if args.demo and args.images is None:
-        root = Path(args.output_dir) / "demo_data" / "v2_16_images"
+        root = Path(args.output_dir) / "demo_data" / "v3_26_images"
         if is_main():
             write_demo_dataset(root)
         if dist.is_initialized():
             dist.barrier()
         args.images, args.masks = str(root / "images"), str(root / "masks")
+    for key, flag in (("images", "--images"), ("masks", "--masks")):
+        if not Path(getattr(args, key)).is_dir():
+            raise SystemExit(
+                f"{getattr(args, key)}: no such folder ({flag}). Put your {key} there, give {flag} DIR, or try --demo"
+            )
     args.output_dir = str(Path(args.output_dir).resolve())
     args.cache_dir = str(Path(args.cache_dir or Path(args.output_dir) / "cache").resolve())
     for key in ("images", "masks", "val_images", "val_masks"):
         if getattr(args, key):
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
-    train_pairs, val_pairs = split_pairs(args, log)
-    if is_main():  # rank 0 computes the feature cache, the others read it
+
+    def prepare():
+        train_pairs, val_pairs, test_pairs, has_granules = split_pairs(args, log)
+        if not any(has_granules[p] for p, _ in train_pairs):
+            raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
+        if not any(has_granules[p] for p, _ in val_pairs):
+            raise SystemExit(
+                "no validation mask contains a granule, so no model can be selected: give --val_images "
+                "and --val_masks, or another --seed for the random split"
+            )
+        if args.min_dynamic_range is None:  # auto: from the training images (see data.FLOOR_SHARE); kept in args
+            prep = Preprocess.from_args({**vars(args), "min_dynamic_range": 0.0})
+            args.min_dynamic_range = dynamic_range_floor(train_pairs, has_granules, prep, Path(args.cache_dir))
         samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
+        return {"train": train_pairs, "val": val_pairs, "test": test_pairs}, *samples
+
+    if is_main():  # rank 0 computes the feature cache, the others read it
+        prepared = prepare()
     if dist.is_initialized():
         dist.barrier()
         if not is_main():
-            samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
-    train_samples, val_samples = samples
-    if not any(s.mask.any() for s in train_samples):
-        raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
-    if not any(s.mask.any() for s in val_samples):
-        raise SystemExit(
-            "no validation mask contains a granule, so no model can be selected: give --val_images "
-            "and --val_masks, or another --seed for the random split"
-        )
-    return train_pairs, val_pairs, train_samples, val_samples
+            prepared = prepare()
+    return prepared
 
 
-def start_run(args, resume, device, train_pairs, val_pairs) -> Path | None:
+def start_run(args, resume, device, splits: dict) -> Path | None:
     """The run folder (rank 0; a resumed run keeps its own) with config.json and split.json, and train.log."""
     if resume is not None:
         run_dir = Path(args.resume).parent
@@ -314,7 +339,7 @@ def start_run(args, resume, device, train_pairs, val_pairs) -> Path | None:
         run_dir = new_folder(Path(args.output_dir), f"{args.preset}_{device_name}")
         args.run_dir = str(run_dir)
         write_json(run_dir / "config.json", vars(args))
-        split = {"train": [str(p) for p, _ in train_pairs], "val": [str(p) for p, _ in val_pairs]}
+        split = {name: [str(p) for p, _ in pairs] for name, pairs in splits.items()}
         write_json(run_dir / "split.json", split)  # evaluate.py and visualize.py score exactly these images
     else:
         return None
@@ -370,10 +395,15 @@ def make_scheduler(optimizer, args):
     )
 
 
-def log_banner(log, args, device, run_dir, train_samples, val_samples) -> None:
+def log_banner(log, args, device, run_dir, splits) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
-    log(f"run folder {run_dir} on {device} ({world} process(es)); {len(train_samples)} training and "
-        f"{len(val_samples)} validation images")  # fmt: skip
+    log(
+        f"run folder {run_dir} on {device} ({world} process(es)); {len(splits['train'])} training, "
+        f"{len(splits['val'])} validation and {len(splits['test'])} test images (held out for the final report)"
+    )
+    log(f"normalisation: 1st..99.8th percentile, stretched by at least {args.min_dynamic_range:g} (--min_dynamic_range)"
+        f"; granules: probability > {args.threshold:g}, at least {args.min_size} px, touching ones "
+        f"{'split' if args.split_touching else 'not split'}")  # fmt: skip
     log(f"preset {args.preset}: features {args.features}, {args.crops_per_image} crops of {args.image_size} px per "
         f"image, batch {args.batch_size}, lr {args.lr:g}, best model by {args.selection_metric}, mixed precision "
         f"{args.use_mixed_precision}")  # fmt: skip
@@ -416,6 +446,9 @@ def log_tensorboard(writer: SummaryWriter, entry: dict, shown: list) -> None:
         for name, value in entry["val"][group].items():
             if name not in ("tp", "fp", "fn"):
                 writer.add_scalar(f"val/{prefix}{name}", value, step)
+    if entry["val"]["controls"]["images"]:
+        per_image = entry["val"]["controls"]["false_granules_per_control_image"]
+        writer.add_scalar("val/false_granules_per_control_image", per_image, step)
     for name, image, truth, prediction in shown:
         gap = np.ones((image.shape[0], 4), np.float32)
         panel = np.concatenate([np.clip(image, 0, 1), gap, truth, gap, prediction], axis=1).astype(np.float32)
@@ -424,24 +457,32 @@ def log_tensorboard(writer: SummaryWriter, entry: dict, shown: list) -> None:
 
 
 def final_report(run_dir: Path, args, log) -> None:
-    """evaluate.py --run_report scores the best model on the validation images beside Otsu's threshold and draws
-    them (evaluation_report.json, validation_predictions.png); then the copy of the best model."""
+    """evaluate.py --run_report scores the best model on the held-out test images (the validation images when
+    --test_fraction is 0, and the report says so) beside Otsu's threshold and draws them; then the copy of the
+    best model, where the design document puts it: <preset>_stress_granule_model.pth in the working directory."""
     from stress_granules import evaluate  # imported here: evaluate imports this module
 
-    flags = [str(run_dir), "--run_report", "--tile_size", str(args.image_size), "--overlap", str(args.image_size // 4)]
-    flags += ["--threshold", str(args.threshold), "--min_size", str(args.min_size)]
+    flags = [str(run_dir), "--run_report"]  # threshold, sizes and tiles: the run's own, from the checkpoint
     flags.append("--use_mixed_precision" if args.use_mixed_precision else "--no-use_mixed_precision")
     evaluate.main(evaluate.parse_args(flags))
     report = json.loads((run_dir / "evaluation_report.json").read_text())
-    model_path = Path(args.model_path) if args.model_path else run_dir / f"{args.preset}_stress_granule_model.pth"
+    model_path = Path(args.model_path or f"{args.preset}_stress_granule_model.pth").resolve()
+    replaced = model_path.is_file()
     model_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "best_model.pth", model_path.with_suffix(".tmp"))
     os.replace(model_path.with_suffix(".tmp"), model_path)
+    model, otsu = report["model"], report["otsu_baseline"]
+    controls = ""
+    if model["controls"]["images"]:
+        controls = (
+            f"; false granules per control image {model['controls']['false_granules_per_control_image']:.2f} "
+            f"(Otsu {otsu['controls']['false_granules_per_control_image']:.2f})"
+        )
     log(
-        f"validation granule F1 {report['model']['object']['f1']:.4f} (Otsu baseline "
-        f"{report['otsu_baseline']['object']['f1']:.4f}), Dice {report['model']['pixel']['dice']:.4f} (Otsu "
-        f"{report['otsu_baseline']['pixel']['dice']:.4f}); best model copied to {model_path}"
+        f"{report['split']} images ({report['note']}): granule F1 {model['object']['f1']:.4f} (Otsu baseline "
+        f"{otsu['object']['f1']:.4f}), Dice {model['pixel']['dice']:.4f} (Otsu {otsu['pixel']['dice']:.4f}){controls}"
     )
+    log(f"best model copied to {model_path}{' (replacing the earlier copy)' if replaced else ''}")
     log(f"next: python stress_granules/evaluate.py {run_dir} --images NEW_IMAGES")
 
 
@@ -466,10 +507,10 @@ def main(args):
     torch.manual_seed(args.seed)
     ctx, scaler = mixed_precision(device, args.use_mixed_precision)
 
-    train_pairs, val_pairs, train_samples, val_samples = load_data(args, log)
-    run_dir = start_run(args, resume, device, train_pairs, val_pairs)
+    splits, train_samples, val_samples = load_data(args, log)
+    run_dir = start_run(args, resume, device, splits)
     if is_main():
-        log_banner(log, args, device, run_dir, train_samples, val_samples)
+        log_banner(log, args, device, run_dir, splits)
     model, model_args = build_model(args, device)
     criterion = build_loss(args).to(device)
     loader, sampler = make_loader(train_samples, args, device)
@@ -506,10 +547,16 @@ def main(args):
         state["history"].append(entry)
         state["epoch"] = epoch + 1
         if is_main():
+            controls = val_stats["controls"]
+            false_granules = (
+                f"  false granules per control image {controls['false_granules_per_control_image']:.2f}"
+                if controls["images"]
+                else ""
+            )
             log(
                 f"epoch {epoch + 1}/{args.epochs}  loss {train_stats.get('loss', float('nan')):.4f}  "
                 f"val Dice {val_stats['pixel']['dice']:.4f}  granule F1 {val_stats['object']['f1']:.4f}"
-                f"{'  (best)' if improved else ''}  lr {lr:.2e}  {seconds:.0f}s"
+                f"{false_granules}{'  (best)' if improved else ''}  lr {lr:.2e}  {seconds:.0f}s"
             )
             save_epoch(run_dir, model, model_args, args, state, optimizer, scheduler, scaler, val_stats, improved)
             log_tensorboard(writer, entry, shown)
@@ -537,11 +584,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     add = p.add_argument
     flag = argparse.BooleanOptionalAction
-    add("--images", help="folder of images (8/16-bit TIFF or PNG)")
-    add("--masks", help="folder of masks with the same basenames (0 = background, >0 = granule)")
+    add("--images", default="data/stress_granules/images", help="folder of images (8/16-bit TIFF or PNG)")
+    add(
+        "--masks",
+        default="data/stress_granules/masks",
+        help="folder of masks with the same basenames: label images (one id per granule) or binary (>0 = granule)",
+    )
     add("--val_images", "--val-images", help="validation images; without them --val_fraction of --images")
     add("--val_masks", "--val-masks", help="validation masks for --val_images")
-    add("--val_fraction", "--val-fraction", type=float, default=0.2, help="share of images held out")
+    add("--val_fraction", "--val-fraction", type=float, default=0.2, help="share of images held out for validation")
+    add(
+        "--test_fraction",
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="share of images held out from training and model selection, scored by the final report",
+    )
+    add("--channel", type=int, help="the granule channel of multi-channel files (ImageJ/OME), from 0 (Fiji's C1)")
+    add("--z_projection", "--z-projection", choices=["max", "mean"], help="flatten z-stacks by this projection")
+    add(
+        "--min_dynamic_range",
+        "--min-dynamic-range",
+        type=float,
+        help="smallest percentile stretch in image units, so controls stay dim; without it, the median stretch "
+        "of the training images with granules; 0: each image by its own percentiles",
+    )
     add("--skip_unpaired", "--skip-unpaired", action="store_true",
         help="skip images without a mask (and masks without an image) instead of stopping")  # fmt: skip
     add("--demo", action="store_true", help="write synthetic 16-bit cell images into OUTPUT_DIR/demo_data and train")
@@ -576,9 +643,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     for name in ("use_mixed_precision", "channels_last"):  # the - spelling: a hidden twin, off the usage line
         add(f"--{name.replace('_', '-')}", dest=name, action=flag, help=argparse.SUPPRESS)
     add("--threshold", type=float, default=0.5, help="granule probability threshold")
-    add("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
+    add("--min_size", "--min-size", type=int, default=15, help="smallest predicted granule in pixels")
+    add(
+        "--split_touching",
+        "--split-touching",
+        action=flag,
+        default=True,
+        help="split touching predicted granules (watershed on the distance map)",
+    )
     add("--output_dir", "--output-dir", default="metrics", help="each run gets a new folder in here")
-    add("--model_path", "--model-path", help="where the copy of the best model goes; without it, the run folder")
+    add(
+        "--model_path",
+        "--model-path",
+        help="where the copy of the best model goes; without it, <preset>_stress_granule_model.pth here",
+    )
     add("--cache_dir", "--cache-dir", help="feature cache; without it OUTPUT_DIR/cache")
     add("--save_every", "--save-every", type=int, default=10, help="keep checkpoint_epoch_N.pth every N epochs")
     add("--resume", help="a run folder or its last.pth: continue that run")
@@ -600,8 +678,8 @@ def check_args(args) -> argparse.Namespace:
         raise SystemExit(f"--scheduler {args.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     if args.epochs < 1:
         raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
-    if not args.demo and not (args.images and args.masks):
-        raise SystemExit("give --images and --masks (folders of images and masks paired by basename) or --demo")
+    if not 0 <= args.test_fraction < 1 or not 0 < args.val_fraction < 1:
+        raise SystemExit(f"--val_fraction {args.val_fraction} and --test_fraction {args.test_fraction}: shares in 0..1")
     if bool(args.val_images) != bool(args.val_masks):
         raise SystemExit("give --val_images and --val_masks together")
     return args

@@ -1,7 +1,7 @@
 """Figures for stress-granule runs: training history, predictions, granule sizes.
 
     python stress_granules/visualize.py history metrics/<run>
-    python stress_granules/visualize.py predictions metrics/<run>                  # 4 random validation images
+    python stress_granules/visualize.py predictions metrics/<run>                  # 4 random test images
     python stress_granules/visualize.py predictions metrics/<run> --images DIR --masks DIR --names cell_003 cell_010
     python stress_granules/visualize.py sizes metrics/<run>/predictions_<timestamp>/granules.csv
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from stress_granules.data import HelpFormatter, list_images, plot_history, plot_predictions
-from stress_granules.evaluate import figure_row, image_list, segment
+from stress_granules.evaluate import figure_row, image_list, run_settings, segment
 from stress_granules.model import find_checkpoint, load_checkpoint, pick_device
 
 matplotlib.use("Agg")
@@ -61,7 +61,7 @@ def show_predictions(args) -> Path:
         masks = list_images(Path(args.masks)) if args.masks else {}
         pairs = [(images[s], masks.get(s)) for s in images]
     else:
-        pairs = image_list(argparse.Namespace(images=None, masks=None), checkpoint)
+        pairs, _ = image_list(argparse.Namespace(images=None, masks=None, split=args.split), checkpoint)
     if args.names:
         wanted = set(args.names)
         pairs = [p for p in pairs if p[0].stem in wanted]
@@ -70,9 +70,11 @@ def show_predictions(args) -> Path:
     else:
         rng = np.random.default_rng(args.seed)
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), min(args.n, len(pairs)), replace=False))]
-    tile, skipped = checkpoint["args"]["image_size"], []
-    found = segment(model, pairs, checkpoint["args"]["features"], tile, tile // 4, args.threshold, args.min_size,
-                    None, skipped)  # fmt: skip
+    overrides = argparse.Namespace(channel=None, z_projection=None, tile_size=None, overlap=None,
+                                   threshold=args.threshold, min_size=args.min_size, split_touching=None)  # fmt: skip
+    prep, settings = run_settings(overrides, checkpoint)
+    skipped = []
+    found = segment(model, pairs, prep, settings, None, skipped)
     rows = [figure_row(item) for item in found]
     if not rows:
         raise SystemExit(f"none of the images could be read: {skipped[0]}")
@@ -119,13 +121,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     pred = sub.add_parser("predictions", help="image / truth / prediction / probability / overlay grid",
                           formatter_class=HelpFormatter)  # fmt: skip
     pred.add_argument("run", help="run folder or checkpoint")
-    pred.add_argument("--images", help="folder of images; without it, the run's validation images")
+    pred.add_argument("--images", help="folder of images; without it, the run's --split images")
+    pred.add_argument("--split", choices=["test", "val"], default="test", help="the run's test or validation images")
     pred.add_argument("--masks", help="their masks (optional)")
     pred.add_argument("--names", nargs="+", help="basenames to show; without them, --n random ones")
     pred.add_argument("--n", type=int, default=4, help="random images to show")
     pred.add_argument("--seed", type=int, default=0, help="which random images")
-    pred.add_argument("--threshold", type=float, default=0.5, help="granule probability threshold")
-    pred.add_argument("--min_size", "--min-size", type=int, default=15, help="smallest granule in pixels")
+    pred.add_argument("--threshold", type=float, help="granule probability threshold; without it, the run's")
+    pred.add_argument("--min_size", "--min-size", type=int, help="smallest granule in pixels; without it, the run's")
     sizes = sub.add_parser("sizes", help="granule size histogram from granules.csv", formatter_class=HelpFormatter)
     sizes.add_argument("csv", help="granules.csv or the predictions folder holding it")
     return p

@@ -139,6 +139,11 @@ def test_percentile_normalize_hand_computed():
     assert out[10] == 0 and out[90] == 1 and out[50] == pytest.approx(0.5)
     assert out[0] == 0 and out[100] == 1  # clipped
     assert percentile_normalize(image, 10, 90, clip=False)[100] == pytest.approx(1.125)
+    # min_range: a stretch of at least 160 levels, so 10..90 (80 levels) maps to 0..0.5 instead of 0..1
+    floored = percentile_normalize(image, 10, 90, min_range=160)
+    assert floored[90] == pytest.approx(0.5) and floored[50] == pytest.approx(0.25) and floored[10] == 0
+    np.testing.assert_array_equal(percentile_normalize(image, 10, 90, min_range=40), out)  # a wider range wins
+    assert percentile_normalize(np.full((4, 4), 9.0), min_range=10).max() == 0
 
 
 def test_percentile_normalize_ignores_hot_pixels():

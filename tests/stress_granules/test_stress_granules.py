@@ -1,5 +1,7 @@
-"""stress_granules/: reading and pairing, cached features, crop strategies, the sampler, training (both presets,
-resume, torchrun), evaluation on images of any size, figures, Windows wrappers and bad inputs."""
+"""stress_granules/: reading microscopy files (hyperstacks, OME-TIFF, pixel sizes) and pairing, normalisation that
+keeps controls dim, cached features, crop strategies, the sampler, touching granules, training (both presets,
+resume, torchrun), evaluation on images of any size with granules per cell, figures, the design document's
+commands, Windows wrappers and bad inputs."""
 
 import argparse
 import json
@@ -55,9 +57,16 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Training copies its best model into the working directory, as the design document says: a test's own."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("granules") / "data", n_images=6, size=(96, 112))
+    """8 images: 6 stressed, 2 controls; split 6 training, 1 validation, 1 test."""
+    return write_demo_dataset(tmp_path_factory.mktemp("granules") / "data", n_images=8, size=(96, 112), controls=2)
 
 
 def copy_dataset(data: Path, root: Path) -> Path:
@@ -78,7 +87,10 @@ def train(tmp_path: Path, data: Path, *extra: str) -> Path:
         *TINY,
         *extra,
     ]
-    return granule_train.main(granule_train.parse_args(argv))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:  # module fixtures call this too: no function's tmp_path there
+        patch.chdir(tmp_path)
+        return granule_train.main(granule_train.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +189,7 @@ def test_presets_set_the_defaults_and_help_shows_them(monkeypatch):
     assert (robust.epochs, robust.early_stopping_patience, robust.crops_per_image) == (7, 30, 5)
     assert (robust.features, robust.selection_metric, robust.use_mixed_precision) == ("multiscale", "f1", False)
     assert parse(["--demo", "--preset", "improved", "--lr", "0.01"]).lr == 0.01  # a flag wins over --demo
-    assert (parse(["--demo"]).epochs, parse(["--demo"]).image_size) == (24, 128)
+    assert (parse(["--demo"]).epochs, parse(["--demo"]).image_size) == (40, 128)
     assert parse(["--demo", "--use_mixed_precision"]).use_mixed_precision is True  # CPU autocast on request
     monkeypatch.setattr(granule_train, "pick_device", lambda: torch.device("cuda"))
     assert parse(["--demo"]).use_mixed_precision is True  # AMP on CUDA by default
@@ -191,7 +203,7 @@ def test_help_shows_each_default_once_from_the_parser(capsys, monkeypatch):
     for argv, shown in (
         (["--help"], ["--epochs EPOCHS", "epochs (default: 200)", "(default: 0.0001)"]),
         (["--preset", "improved", "--help"], ["epochs (default: 75)", "(default: clahe)"]),
-        (["--demo", "--help"], ["epochs (default: 24)", "crop size, multiple of 16 (default: 128)"]),
+        (["--demo", "--help"], ["epochs (default: 40)", "crop size, multiple of 16 (default: 128)"]),
     ):
         with pytest.raises(SystemExit):
             granule_train.parse_args(argv)
@@ -202,7 +214,7 @@ def test_help_shows_each_default_once_from_the_parser(capsys, monkeypatch):
     for module, argv in ((granule_evaluate, ["--help"]), (granule_visualize, ["predictions", "--help"])):
         with pytest.raises(SystemExit):
             module.parse_args(argv)
-        assert "threshold (default: 0.5)" in capsys.readouterr().out
+        assert "granule probability threshold; without it, the run's" in capsys.readouterr().out
 
 
 def test_crops_of_small_images_are_reflect_padded():
@@ -295,8 +307,7 @@ def test_robust_run_writes_its_outputs(robust_run):
         "training_history.json",
         "evaluation_report.json",
         "training_curves.png",
-        "validation_predictions.png",
-        "robust_stress_granule_model.pth",
+        "test_predictions.png",
         "train.log",
         "split.json",
     ):
@@ -304,7 +315,8 @@ def test_robust_run_writes_its_outputs(robust_run):
     history = json.loads((robust_run / "training_history.json").read_text())
     assert len(history) == 2 and set(history[0]["train"]) == {"loss", "bce", "focal_tversky", "dice"}
     split = json.loads((robust_run / "split.json").read_text())
-    assert len(split["train"]) == 5 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+    assert [len(split[k]) for k in ("train", "val", "test")] == [6, 1, 1]
+    assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 8  # no image in two splits
 
     events = EventAccumulator(str(robust_run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -325,12 +337,30 @@ def test_robust_run_writes_its_outputs(robust_run):
     assert [e.step for e in picture] == [1, 2] and picture[0].width > 3 * picture[0].height - 10
     report = json.loads((robust_run / "evaluation_report.json").read_text())
     assert report["selection_metric"] == "f1" and {"model", "otsu_baseline"} <= set(report)
+    assert report["split"] == "test" and report["images"] == split["test"]  # held out from model selection
+    assert report["note"] == "held out from training and model selection" and report["model"]["images"] == 1
     assert 0 <= report["otsu_baseline"]["pixel"]["dice"] <= 1
     best = torch.load(robust_run / "best_model.pth", weights_only=True)
     assert best["model_args"]["in_channels"] == 4  # 3 CLAHE scales + edge
     assert report["best_epoch"] == best["epoch"]
-    assert json.dumps(report["model"]) == json.dumps(best["val"])  # evaluate.py read the cache (NaN == NaN here)
-    assert torch.load(robust_run / "robust_stress_granule_model.pth", weights_only=True)["epoch"] == best["epoch"]
+    assert best["args"]["min_dynamic_range"] > 0  # the floor, from the training images with granules
+    copy = robust_run.parents[1] / "robust_stress_granule_model.pth"  # the working directory, as the document says
+    assert torch.load(copy, weights_only=True)["epoch"] == best["epoch"]
+
+
+def test_evaluate_takes_the_runs_settings_and_reproduces_its_validation(robust_run, tmp_path):
+    best = torch.load(robust_run / "best_model.pth", weights_only=True)
+    out = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--split", "val", "--output_dir", "."]))
+    report = json.loads((out / "evaluation_report.json").read_text())
+    assert report["split"] == "val" and "chose this model" in report["source"] and report["seen_by_training"] == 1
+    assert report["settings"] == {"tile": 64, "overlap": 16, "threshold": 0.5, "min_size": 15, "split": True,
+                                  "channel": None, "z_projection": None,
+                                  "min_dynamic_range": best["args"]["min_dynamic_range"]}  # fmt: skip
+    assert json.dumps(report["pixel"]) == json.dumps(best["val"]["pixel"])  # NaN == NaN in JSON text
+    assert json.dumps(report["object"]) == json.dumps(best["val"]["object"])
+    test = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--output_dir", "."]))
+    split = json.loads((robust_run / "split.json").read_text())
+    assert json.loads((test / "evaluation_report.json").read_text())["images"] == split["test"]
 
 
 def test_improved_preset(tmp_path, data):
@@ -341,11 +371,11 @@ def test_improved_preset(tmp_path, data):
 
 
 def test_features_are_cached_not_recomputed(robust_run, monkeypatch):
-    assert (robust_run / "feature_calls.txt").read_text() == "6"  # once per image, not per crop or per epoch
+    assert (robust_run / "feature_calls.txt").read_text() == "8"  # once per image, not per crop or per epoch
     monkeypatch.setattr(granule_data, "multiscale_clahe", lambda *a, **k: pytest.fail("computed again"))
     args = argparse.Namespace(**json.loads((robust_run / "config.json").read_text()))
-    train_pairs, val_pairs, _, _ = granule_train.load_data(args, lambda *a: None)  # a second run reads the cache
-    assert len(train_pairs) + len(val_pairs) == 6
+    splits, train_samples, val_samples = granule_train.load_data(args, lambda *a: None)  # a second run: the cache
+    assert len(train_samples) + len(val_samples) == 7 and len(splits["test"]) == 1
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -412,14 +442,22 @@ def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    # the demo's first 6 of 24 epochs (the same schedule, a quarter of the time)
-    script(str(REPO / "stress_granules" / "train.py"), "--demo", "--epochs", "6")
+    # the demo's first 10 of 40 epochs (the same schedule, a quarter of the time)
+    script(str(REPO / "stress_granules" / "train.py"), "--demo", "--epochs", "10")
     (run,) = (tmp_path / "metrics").glob("robust_*")
     report = json.loads((run / "evaluation_report.json").read_text())
     model, otsu = report["model"], report["otsu_baseline"]
-    # measured: granule F1 0.88 against Otsu's 0.37, Dice 0.84 against 0.43 (all 24 epochs: 0.91 and 0.87)
+    assert report["split"] == "test" and model["images"] == 6 and model["controls"]["images"] == 2
+    # measured (10 epochs): FILL
     assert model["object"]["f1"] > otsu["object"]["f1"] + 0.3, (model, otsu)
-    assert model["pixel"]["dice"] > otsu["pixel"]["dice"] + 0.2
+    assert model["pixel"]["dice"] > otsu["pixel"]["dice"] + 0.3
+    assert (
+        model["controls"]["false_granules_per_control_image"]
+        <= 2
+        < 10
+        < otsu["controls"]["false_granules_per_control_image"]
+    )
+    assert (tmp_path / "robust_stress_granule_model.pth").is_file()
     script(str(REPO / "stress_granules" / "evaluate.py"), str(run))  # the run's validation images
     (predictions,) = run.glob("predictions_*")
     assert json.loads((predictions / "evaluation_report.json").read_text())["object"]["f1"] > 0.5
@@ -437,7 +475,8 @@ def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path, 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()
-    big, big_mask = synthetic_cell_image(rng, (200, 150))
+    big, big_labels = synthetic_cell_image(rng, (200, 150))
+    big_mask = (big_labels > 0).astype(np.uint8) * 255  # binary masks: granules are their 8-connected components
     tifffile.imwrite(images / "big.tif", big)
     cv2.imwrite(str(masks / "big.png"), big_mask)
     tifffile.imwrite(images / "small.tif", big[:40, :50])
@@ -463,6 +502,7 @@ def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path, 
         "16",
         "--min_size",
         "1",
+        "--no-split_touching",
     ]
     out = granule_evaluate.main(granule_evaluate.parse_args(argv))
     import pandas as pd
@@ -471,9 +511,11 @@ def test_evaluate_images_larger_and_smaller_than_the_crop(robust_run, tmp_path, 
     summary = pd.read_csv(out / "image_summary.csv")
     for name, shape in (("big", (200, 150)), ("small", (40, 50))):
         saved = tifffile.imread(out / "masks" / f"{name}.tif")
-        assert saved.shape == shape and set(np.unique(saved)) <= {0, 255}
         _, components = ndimage.label(saved > 0, structure=np.ones((3, 3)))
-        assert components > 0 and (granules["image"] == f"{name}.tif").sum() == components
+        rows = granules[granules["image"] == f"{name}.tif"]
+        assert saved.shape == shape and components > 0 and len(rows) == components
+        assert sorted(np.unique(saved[saved > 0])) == sorted(rows["granule_id"])  # label ids are the CSV's rows
+        np.testing.assert_array_equal(np.bincount(saved.ravel())[rows["granule_id"]], rows["area_px"])
         row = summary[summary["image"] == f"{name}.tif"].iloc[0]
         assert row["granules"] == components and row["area_fraction"] == pytest.approx((saved > 0).mean())
     assert np.allclose(granules["area_um2"], granules["area_px"] * 0.01)
@@ -538,13 +580,13 @@ def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, r
         )
 
     unpaired = copy("unpaired")
-    (unpaired / "masks" / "cell_003.png").unlink()
+    (unpaired / "masks" / "cell_003.tif").unlink()
     with pytest.raises(SystemExit, match="cell_003.tif"):
         run(unpaired)
 
     mismatch = copy("mismatch")
-    cv2.imwrite(str(mismatch / "masks" / "cell_002.png"), np.zeros((50, 60), np.uint8))
-    with pytest.raises(SystemExit, match=r"cell_002.png has shape \(50, 60\), but its image .*cell_002.tif has"):
+    tifffile.imwrite(mismatch / "masks" / "cell_002.tif", np.zeros((50, 60), np.uint8))
+    with pytest.raises(SystemExit, match=r"masks/cell_002.tif has shape \(50, 60\), but its image .*cell_002.tif has"):
         run(mismatch)
 
     empty = tmp_path / "empty"
@@ -567,7 +609,7 @@ def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, r
     rgb = copy("rgb")
     image = tifffile.imread(rgb / "images" / "cell_001.tif")
     tifffile.imwrite(rgb / "images" / "cell_001.tif", np.stack([image, image // 2, image], -1))
-    with pytest.raises(SystemExit, match="cell_001.tif: an RGB image whose channels differ"):
+    with pytest.raises(SystemExit, match="cell_001.tif holds an RGB image whose channels differ: give --channel 0..2"):
         run(rgb)
 
     torch.save({"domain": "pannuke", "arch": "attention_unet", "model": {}}, tmp_path / "pannuke.pth")
@@ -583,8 +625,8 @@ def test_bad_inputs_give_clear_errors_and_touch_no_earlier_run(tmp_path, data, r
 
 def test_unpaired_files_can_be_skipped(tmp_path, data):
     root = copy_dataset(data, tmp_path / "skip")
-    (root / "masks" / "cell_003.png").unlink()
-    assert len(pair_files(root / "images", root / "masks", skip_unpaired=True, log=lambda *a: None)) == 5
+    (root / "masks" / "cell_003.tif").unlink()
+    assert len(pair_files(root / "images", root / "masks", skip_unpaired=True, log=lambda *a: None)) == 7
 
 
 def test_nan_loss_skips_steps_then_stops_with_a_message(tmp_path, data, monkeypatch):
@@ -604,3 +646,222 @@ def test_nan_loss_skips_steps_then_stops_with_a_message(tmp_path, data, monkeypa
     monkeypatch.setattr(granule_train, "build_loss", nan_loss)
     with pytest.raises(SystemExit, match="NaN or infinite for 2 steps in a row"):
         train(tmp_path, data, "--max_nan_steps", "2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Controls, touching granules, granules per cell, microscopy files (issue: counts a cell biologist can publish)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_granule_free_image_stays_dim_through_normalisation():
+    rng = np.random.default_rng(0)
+    stressed = [synthetic_cell_image(rng, (160, 160))[0] for _ in range(4)]
+    control = synthetic_cell_image(rng, (160, 160), stressed=False)[0]
+    flat = np.clip(rng.poisson(700, (160, 160)) + rng.normal(0, 20, (160, 160)), 0, None).astype(np.uint16)
+    floor = float(np.median([np.percentile(i, 99.8) - np.percentile(i, 1) for i in stressed]))
+    with_floor, own = granule_data.Preprocess("multiscale", floor), granule_data.Preprocess("multiscale", 0.0)
+    for image in (control, flat):
+        assert np.percentile(own.normalize(image), 99.9) > 0.99  # by its own percentiles: stretched to full scale
+        assert np.percentile(with_floor.normalize(image), 99.9) < 0.5  # with the floor: dim
+        bright = (with_floor.compute(image) > 0.5).mean(axis=(1, 2))
+        assert bright[0] < 0.02 and bright[3] < 0.01, bright  # clip-2 CLAHE and edge channels: few bright pixels
+    wide = max(stressed, key=lambda i: np.percentile(i, 99.8) - np.percentile(i, 1))  # its range is above the floor
+    np.testing.assert_array_equal(with_floor.normalize(wide), own.normalize(wide))  # stressed images: as before
+    granules = synthetic_cell_image(np.random.default_rng(1), (160, 160))
+    normalized = with_floor.normalize(granules[0])
+    assert normalized[granules[1] > 0].mean() > normalized[granules[1] == 0].mean() + 0.2  # granules stay bright
+
+
+def test_two_touching_granules_are_two_in_truth_and_prediction(tmp_path):
+    yy, xx = np.mgrid[:40, :60]
+    left, right = (yy - 20) ** 2 + (xx - 20) ** 2 <= 36, (yy - 20) ** 2 + (xx - 31) ** 2 <= 36
+    assert ndimage.label(left | right, structure=np.ones((3, 3)))[1] == 1  # they touch
+    truth = np.where(left, 1, np.where(right, 2, 0)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "labels.tif", truth)
+    cv2.imwrite(str(tmp_path / "binary.png"), (truth > 0).astype(np.uint8) * 255)
+    read = granule_data.read_mask(tmp_path / "labels.tif", truth.shape, tmp_path / "x.tif")
+    np.testing.assert_array_equal(read, truth)  # a label mask keeps its ids
+    assert granule_data.read_mask(tmp_path / "binary.png", truth.shape, tmp_path / "x.tif").max() == 1
+    probability = (left | right).astype(np.float32) * 0.9
+    split = granules_from_probability(probability)
+    assert split.max() == 2 and granules_from_probability(probability, split=False).max() == 1
+    from stress_granules.model import GranuleScores
+
+    scores = GranuleScores()
+    scores.update(split, truth)
+    assert [scores.compute()["object"][k] for k in ("tp", "fp", "fn")] == [2, 0, 0]
+    # --min_size filters the prediction only: a true 9 px granule the model finds too small stays a miss
+    small = np.zeros((20, 20), np.uint16)
+    small[2:5, 2:5] = 1
+    small[10:16, 10:16] = 2
+    scores = GranuleScores()
+    scores.update(granules_from_probability((small > 0).astype(np.float32), 0.5, 15), small)
+    assert (scores.compute()["object"]["tp"], scores.compute()["object"]["fn"]) == (1, 1)
+    # false granules per control image: a prediction in an empty mask
+    scores.update(np.pad(np.ones((5, 5), np.int32), 5), np.zeros((15, 15), np.uint16))
+    scores.update(np.zeros((15, 15), np.int32), np.zeros((15, 15), np.uint16))
+    assert scores.compute()["controls"] == {"images": 2, "false_granules": 1, "false_granules_per_control_image": 0.5}
+
+
+def test_touching_granules_split_on_the_demo_masks():
+    rng = np.random.default_rng(4)
+    merged = found = true = 0
+    from common.metrics import match_instances
+
+    for _ in range(4):
+        _, labels = synthetic_cell_image(rng, (200, 200))
+        binary = (labels > 0).astype(np.float32)
+        true += int(labels.max())
+        merged += int(labels.max()) - ndimage.label(binary, structure=np.ones((3, 3)))[1]
+        found += match_instances(labels, granules_from_probability(binary, 0.5, 1), 0.5).tp
+    assert merged > 10 and found > true - merged / 3, (true, merged, found)  # most clusters are split right
+
+
+def write_hyperstack(path: Path, planes: np.ndarray, axes: str, pixel_size: float | None = None) -> None:
+    extra = {"resolution": (1 / pixel_size, 1 / pixel_size)} if pixel_size else {}
+    tifffile.imwrite(path, planes, imagej=True, metadata={"axes": axes, "unit": "um"}, **extra)
+
+
+def test_hyperstacks_ome_tiffs_and_pixel_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    granules, nuclei = (rng.integers(0, 4000, (32, 40)).astype(np.uint16) for _ in range(2))
+    write_hyperstack(tmp_path / "two.tif", np.stack([nuclei, granules]), "CYX", pixel_size=0.108)
+    with pytest.raises(SystemExit, match=r"two.tif holds an ImageJ hyperstack of 2 channels of 32 x 40 px \(axes "
+                       r"CYX\): give --channel 0..1"):  # fmt: skip
+        read_image(tmp_path / "two.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "two.tif", channel=1), granules)
+    with pytest.raises(SystemExit, match="--channel 2 is not among its channels 0..1"):
+        read_image(tmp_path / "two.tif", channel=2)
+    stack = rng.integers(0, 4000, (5, 32, 40)).astype(np.uint16)
+    write_hyperstack(tmp_path / "z.tif", stack, "ZYX")
+    with pytest.raises(SystemExit, match="holds an ImageJ hyperstack of 5 z-slices of 32 x 40 px.*--z_projection"):
+        read_image(tmp_path / "z.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "z.tif", z_projection="max"), stack.max(0))
+    np.testing.assert_allclose(read_image(tmp_path / "z.tif", z_projection="mean"), stack.mean(0), rtol=1e-6)
+    ome = rng.integers(0, 4000, (3, 2, 32, 40)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "o.ome.tif", ome, metadata={"axes": "ZCYX", "PhysicalSizeX": 65, "PhysicalSizeXUnit":
+                     "nm", "PhysicalSizeY": 65, "PhysicalSizeYUnit": "nm"})  # fmt: skip
+    with pytest.raises(SystemExit, match="holds an OME-TIFF of 3 z-slices x 2 channels"):
+        read_image(tmp_path / "o.ome.tif", z_projection="max")
+    np.testing.assert_array_equal(read_image(tmp_path / "o.ome.tif", 0, "max"), ome[:, 0].max(0))
+    assert granule_data.read_pixel_size(tmp_path / "two.tif") == pytest.approx(0.108, rel=1e-4)
+    assert granule_data.read_pixel_size(tmp_path / "o.ome.tif") == pytest.approx(0.065)
+    tifffile.imwrite(tmp_path / "plain.tif", granules)
+    assert granule_data.read_pixel_size(tmp_path / "plain.tif") is None  # no ImageJ or OME size: none invented
+    labels = np.zeros((32, 40), np.uint16)
+    labels[3:6, 4:9] = 7
+    granule_data.write_labels(tmp_path / "labels.tif", labels, 0.25)
+    assert granule_data.read_pixel_size(tmp_path / "labels.tif") == pytest.approx(0.25, rel=1e-4)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "labels.tif"), labels)
+
+
+def test_cells_csv_on_a_hand_made_image_with_known_counts(robust_run, tmp_path, monkeypatch):
+    """Two cells: cell 1 holds two granules (one of them touching a third, outside every cell), cell 2 none.
+    The image is a 2-channel ImageJ hyperstack at 0.2 um per pixel; --channel 1 picks the granule channel."""
+    granules = np.zeros((64, 80), np.uint16)
+    cells = np.zeros((64, 80), np.uint16)
+    cells[5:35, 5:45] = 1  # 30 x 40 = 1200 px
+    cells[40:60, 50:75] = 2  # 20 x 25 = 500 px
+    granules[10:15, 10:15] = 1  # 25 px, intensity 1000
+    granules[20:26, 20:26] = 2  # 36 px, intensity 2000
+    granules[10:14, 50:54] = 3  # 16 px outside both cells, intensity 3000
+    intensity = {1: 1000, 2: 2000, 3: 3000}
+    image = np.full((64, 80), 100, np.uint16)
+    for gid, value in intensity.items():
+        image[granules == gid] = value
+    (tmp_path / "images").mkdir()
+    (tmp_path / "cells").mkdir()
+    write_hyperstack(tmp_path / "images" / "plate_A1.tif", np.stack([np.zeros_like(image), image]), "CYX", 0.2)
+    tifffile.imwrite(tmp_path / "cells" / "plate_A1.tif", cells)
+    monkeypatch.setattr(granule_evaluate, "predict_probability", lambda *a, **k: (granules > 0).astype(np.float32))
+    argv = [str(robust_run), "--images", str(tmp_path / "images"), "--cells", str(tmp_path / "cells"), "--channel",
+            "1", "--output_dir", str(tmp_path)]  # fmt: skip
+    out = granule_evaluate.main(granule_evaluate.parse_args(argv))
+    import pandas as pd
+
+    table = pd.read_csv(out / "cells.csv")
+    assert list(table["cell_id"]) == [1, 2] and list(table["area_px"]) == [1200, 500]
+    np.testing.assert_allclose(table["area_um2"], [1200 * 0.04, 500 * 0.04])
+    assert list(table["granules"]) == [2, 0]
+    assert table["granule_area_fraction"][0] == pytest.approx(61 / 1200) and table["granule_area_fraction"][1] == 0
+    assert table["mean_granule_intensity"][0] == pytest.approx((25 * 1000 + 36 * 2000) / 61)
+    assert np.isnan(table["mean_granule_intensity"][1])
+    found = pd.read_csv(out / "granules.csv")
+    labels = tifffile.imread(out / "masks" / "plate_A1.tif")
+    assert sorted(found["granule_id"]) == sorted(np.unique(labels[labels > 0]))  # label ids are the CSV's rows
+    for row in found.itertuples():
+        assert (labels == row.granule_id).sum() == row.area_px
+        assert row.mean_intensity == intensity[int(np.bincount(granules[labels == row.granule_id]).argmax())]
+    assert sorted(found["cell_id"]) == [0, 1, 1]  # the granule outside every cell has cell id 0
+    np.testing.assert_allclose(found["area_um2"], found["area_px"] * 0.04)
+    assert granule_data.read_pixel_size(out / "masks" / "plate_A1.tif") == pytest.approx(0.2, rel=1e-4)
+    summary = pd.read_csv(out / "image_summary.csv").iloc[0]
+    assert summary["cells"] == 2 and summary["mean_granules_per_cell"] == 1.0
+    assert summary["granules_outside_cells"] == 1 and summary["pixel_size_um"] == pytest.approx(0.2, rel=1e-4)
+    assert summary["mean_granule_area_fraction_per_cell"] == pytest.approx(61 / 1200 / 2)
+    report = json.loads((out / "evaluation_report.json").read_text())
+    assert report["counts_per"] == "cell" and report["granules_per_cell"] == 1.0
+    assert report["seen_by_training"] == 0 and report["settings"]["channel"] == 1
+    os.remove(tmp_path / "cells" / "plate_A1.tif")
+    tifffile.imwrite(tmp_path / "cells" / "other.tif", cells)
+    with pytest.raises(SystemExit, match="plate_A1.tif has no cell mask in"):
+        granule_evaluate.main(granule_evaluate.parse_args(argv))
+    argv_plain = [
+        str(robust_run),
+        "--images",
+        str(tmp_path / "images"),
+        "--channel",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    plain = granule_evaluate.main(granule_evaluate.parse_args(argv_plain))
+    assert json.loads((plain / "evaluation_report.json").read_text())["counts_per"] == "image"
+    assert not (plain / "cells.csv").exists()
+
+
+def test_the_design_documents_commands_and_outputs(tmp_path, data):
+    """../shared/seeds/000_3a704cd6db8cf7bd.txt: `python robust_training_gpu.py` (here stress_granules/train.py, on
+    data/stress_granules/{images,masks}, epochs made small), its default settings, its outputs, and the best model
+    copied to the working directory as robust_stress_granule_model.pth (improved_... for that preset)."""
+    defaults = granule_train.parse_args([])
+    assert (defaults.image_size, defaults.batch_size, defaults.lr, defaults.epochs) == (256, 4, 1e-4, 200)
+    assert (defaults.early_stopping_patience, defaults.crops_per_image, defaults.save_every) == (30, 5, 10)
+    assert (defaults.pos_weight, defaults.scheduler, defaults.selection_metric) == (
+        10.0,
+        "CosineAnnealingWarmRestarts",
+        "f1",
+    )
+    improved = granule_train.parse_args(["--preset", "improved"])
+    assert (improved.epochs, improved.early_stopping_patience, improved.crops_per_image) == (75, 15, 3)
+    (tmp_path / "data").mkdir()
+    shutil.copytree(data, tmp_path / "data" / "stress_granules")
+    small = [
+        "--epochs",
+        "1",
+        "--image_size",
+        "64",
+        "--base_channels",
+        "8",
+        "--num_workers",
+        "0",
+        "--crops_per_image",
+        "2",
+    ]
+    for preset in ("robust", "improved"):
+        command = [sys.executable, str(REPO / "stress_granules" / "train.py"), "--preset", preset, *small]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run,) = (tmp_path / "metrics").glob(f"{preset}_cpu_*")
+        for name in ("best_model.pth", "training_history.json", "evaluation_report.json", "config.json",
+                     "training_curves.png", "test_predictions.png"):  # fmt: skip
+            assert (run / name).is_file(), name
+        report = json.loads((run / "evaluation_report.json").read_text())
+        for key in ("dice", "precision", "recall", "f1", "accuracy", "specificity"):
+            assert key in report["model"]["pixel"]
+        copy = torch.load(tmp_path / f"{preset}_stress_granule_model.pth", weights_only=True)
+        assert copy["epoch"] == torch.load(run / "best_model.pth", weights_only=True)["epoch"]
+    result = subprocess.run([sys.executable, str(REPO / "stress_granules" / "train.py")], capture_output=True,
+                            text=True, cwd=tmp_path / "metrics", timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "data/stress_granules/images: no such folder (--images)" in result.stderr
+    assert "Traceback" not in result.stderr
