@@ -68,7 +68,7 @@ def _describe(axes: str, shape: tuple[int, ...], kind: str) -> str:
     names = {"C": "channels", "Z": "z-slices", "T": "time points", "S": "colour samples", "Q": "pages", "I": "pages"}
     parts = [f"{n} {names.get(a, a)}" for a, n in zip(axes, shape, strict=True) if a not in "YX"]
     size = f"{shape[axes.index('Y')]} x {shape[axes.index('X')]} px" if "Y" in axes and "X" in axes else str(shape)
-    return f"{kind} of {' x '.join(parts + [size])} (axes {axes})" if parts else f"{kind} of {size}"
+    return f"{kind} of {' x '.join(parts)} of {size} (axes {axes})" if parts else f"{kind} of {size}"
 
 
 def read_array(path: Path) -> tuple[np.ndarray, str, str]:

@@ -398,7 +398,9 @@ def main(args):
         report["cells"] = len(cell_rows)
         report["granules_per_cell"] = float(np.mean([c["granules"] for c in cell_rows])) if cell_rows else None
     if any(mask_path for _, mask_path in pairs):
-        report.update(scores.compute())
+        computed = scores.compute()
+        report["images_with_masks"] = computed.pop("images")
+        report.update(computed)
         controls = report["controls"]
         print(
             f"pixel Dice {report['pixel']['dice']:.4f}  granule F1 {report['object']['f1']:.4f} "

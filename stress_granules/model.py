@@ -193,12 +193,12 @@ def split_touching(labels: np.ndarray, min_size: int = 15) -> np.ndarray:
     binary = labels > 0
     distance = ndimage.distance_transform_edt(binary)
     markers = ndimage.label(h_maxima(distance, SPLIT_HEIGHT) & binary, structure=np.ones((3, 3)))[0]
-    pieces = watershed(-distance, markers, mask=binary)
+    pieces = watershed(-distance, markers, mask=binary, connectivity=2)  # 8-connected, as the components
     small = np.bincount(pieces.ravel(), minlength=markers.max() + 1) < min_size
     small[0] = False
     if small.any():
         markers[small[markers]] = 0
-        pieces = watershed(-distance, markers, mask=binary)
+        pieces = watershed(-distance, markers, mask=binary, connectivity=2)  # 8-connected, as the components
     orphans = binary & (pieces == 0)  # an object all of whose pieces were small: kept whole
     if orphans.any():
         pieces[orphans] = labels[orphans] + pieces.max()

@@ -70,6 +70,7 @@ from stress_granules.data import (
     load_samples,
     new_folder,
     plot_history,
+    read_mask,
     split_pairs,
     write_demo_dataset,
     write_json,
@@ -319,6 +320,9 @@ def load_data(args, log) -> tuple[dict, list, list]:
             prep = Preprocess.from_args({**vars(args), "min_dynamic_range": 0.0})
             args.min_dynamic_range = dynamic_range_floor(train_pairs, has_granules, prep, Path(args.cache_dir))
         samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
+        prep = Preprocess.from_args(args)
+        for image_path, mask_path in test_pairs:  # read now: a bad test image stops the run before it trains
+            read_mask(mask_path, prep.read(image_path).shape, image_path)
         return {"train": train_pairs, "val": val_pairs, "test": test_pairs}, *samples
 
     if is_main():  # rank 0 computes the feature cache, the others read it

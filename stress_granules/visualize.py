@@ -90,7 +90,8 @@ def show_sizes(args) -> Path:
     if not csv_path.is_file():
         raise SystemExit(f"{csv_path}: no granules.csv (written by stress_granules/evaluate.py)")
     table = pd.read_csv(csv_path)
-    column, unit = ("area_um2", "um^2") if "area_um2" in table else ("area_px", "px")
+    sized = "area_um2" in table and table["area_um2"].notna().all() and len(table)  # every image had a pixel size
+    column, unit = ("area_um2", "um^2") if sized else ("area_px", "px")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     if len(table):
         axes[0].hist(table[column], bins=min(50, max(5, len(table) // 5)), color="tab:orange")
