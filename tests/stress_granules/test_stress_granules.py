@@ -448,7 +448,8 @@ def test_demo_beats_the_otsu_baseline_then_evaluate_and_visualize(tmp_path):
     report = json.loads((run / "evaluation_report.json").read_text())
     model, otsu = report["model"], report["otsu_baseline"]
     assert report["split"] == "test" and model["images"] == 6 and model["controls"]["images"] == 2
-    # measured (10 epochs): FILL
+    # measured (10 epochs): test granule F1 0.71 against Otsu's 0.10, Dice 0.77 against 0.06, false granules per
+    # control image 0.00 against 41.0 (all 40 epochs: see README.md)
     assert model["object"]["f1"] > otsu["object"]["f1"] + 0.3, (model, otsu)
     assert model["pixel"]["dice"] > otsu["pixel"]["dice"] + 0.3
     assert (
@@ -704,17 +705,20 @@ def test_two_touching_granules_are_two_in_truth_and_prediction(tmp_path):
 
 
 def test_touching_granules_split_on_the_demo_masks():
-    rng = np.random.default_rng(4)
-    merged = found = true = 0
+    """The split on true masks, against the true ids: most granules merged by connectivity come apart."""
     from common.metrics import match_instances
 
+    rng = np.random.default_rng(4)
+    true = merged = split_found = whole_found = 0
     for _ in range(4):
         _, labels = synthetic_cell_image(rng, (200, 200))
         binary = (labels > 0).astype(np.float32)
         true += int(labels.max())
         merged += int(labels.max()) - ndimage.label(binary, structure=np.ones((3, 3)))[1]
-        found += match_instances(labels, granules_from_probability(binary, 0.5, 1), 0.5).tp
-    assert merged > 10 and found > true - merged / 3, (true, merged, found)  # most clusters are split right
+        split_found += match_instances(labels, granules_from_probability(binary, 0.5, 1), 0.5).tp
+        whole_found += match_instances(labels, granules_from_probability(binary, 0.5, 1, split=False), 0.5).tp
+    # measured: 150 true granules, 20 of them merged into clusters; 141 matched with the split, 130 without
+    assert merged >= 15 and split_found - whole_found >= merged / 2, (true, merged, split_found, whole_found)
 
 
 def write_hyperstack(path: Path, planes: np.ndarray, axes: str, pixel_size: float | None = None) -> None:
