@@ -56,6 +56,7 @@ from hydra_lv.data import (
     PatchDataset,
     apply_overrides,
     as_overrides,
+    check_splits_disjoint,
     describe_config,
     find_volumes,
     load_config,
@@ -308,6 +309,7 @@ def load_settings(args, log) -> tuple[dict, dict | None, Path | None]:
 def load_data(cfg: dict, rank: int, world: int):
     """(training patches, validation patches, training volumes, validation volumes)."""
     data = cfg["data"]
+    check_splits_disjoint(data)
     train_volumes = find_volumes(data, "train")
     if not train_volumes:
         raise DataError("data.train_image is not set: give a glob of training volumes (or use --demo)")

@@ -437,3 +437,21 @@ def test_monai_unet_is_monai_and_trains_on_anisotropic_patches():
     model = build_model("monai_unet", filters=(4, 8, 16))
     assert isinstance(model, UNet)
     assert model(torch.zeros(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)  # z is never downsampled
+
+
+def test_train_validation_and_test_globs_that_share_a_file_are_an_error(tmp_path):
+    """The document's data.train_image `vol*_im.h5` also matches its Option 6 `vol_val*_im.h5`."""
+    from hydra_lv.data import DataError, check_splits_disjoint
+
+    for name in ("vol1_im.h5", "vol2_im.h5", "vol_val1_im.h5"):
+        (tmp_path / name).write_bytes(b"")
+    data = {"train_image": str(tmp_path / "vol*_im.h5"), "val_image": str(tmp_path / "vol_val*_im.h5")}
+    with pytest.raises(DataError, match=r"vol_val1_im.h5 matches both data.train_image=.*vol\*_im.h5 and "
+                       r"data.val_image=.*vol_val\*_im.h5"):  # fmt: skip
+        check_splits_disjoint(data)
+    check_splits_disjoint({**data, "train_image": str(tmp_path / "vol[0-9]*_im.h5")})  # exclusive globs pass
+    with pytest.raises(DataError, match="vol2_im.h5 matches both data.train_image=.* and data.test_image="):
+        check_splits_disjoint({"train_image": str(tmp_path / "vol[0-9]*_im.h5"), "test_image": str(tmp_path / "vol2*")})
+    with pytest.raises(SystemExit, match="matches both"):  # training stops on it before anything is written
+        cfg = hydra_train.load_config(hydra_train.DEFAULT_CONFIG, [f"data.{k}={v}" for k, v in data.items()])
+        hydra_train.load_data(cfg, 0, 1)
