@@ -39,7 +39,6 @@ from hydra_lv.data import (
     DataError,
     HelpFormatter,
     apply_overrides,
-    check_splits_disjoint,
     find_volumes,
     new_folder,
     open_dataset,
@@ -102,7 +101,6 @@ def test_volumes(cfg: dict, overrides: list[str]):
         for kind in ("label", "mask"):
             if f"data.test_{kind}" not in given:
                 data[f"test_{kind}"] = None
-    check_splits_disjoint(data)
     for split in ("test", "val", "train"):
         volumes = find_volumes(data, split, need_labels=False)
         if volumes:
