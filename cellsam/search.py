@@ -170,7 +170,11 @@ class HyperparameterOptimizer:
         """The study's trials as a table; the best one's values and whole configuration in best_config.json."""
         study = open_study({"storage": self.storage_url, "sampler": sampler, "choices": self.choices,
                             "prune": self.prune, "seed": self.seed})  # fmt: skip
-        rows = [trial_row(study.study_name, t) for t in study.get_trials(deepcopy=False)]
+        rows = [
+            trial_row(study.study_name, t)
+            for t in study.get_trials(deepcopy=False)
+            if not t.user_attrs.get("duplicate")
+        ]
         table = pd.DataFrame(rows, columns=COLUMNS + list(self.choices))
         done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if done:
@@ -226,7 +230,7 @@ def count_started(study: optuna.Study) -> int:
     trial cut off by a kill has no error and runs again)."""
     states = optuna.trial.TrialState
     return sum(
-        t.state in (states.RUNNING, states.COMPLETE, states.PRUNED)
+        (t.state in (states.RUNNING, states.COMPLETE, states.PRUNED) and not t.user_attrs.get("duplicate"))
         or (t.state == states.FAIL and "error" in t.user_attrs)
         for t in study.get_trials(deepcopy=False)
     )
@@ -253,6 +257,20 @@ def grid_points_left(study: optuna.Study, n_points: int) -> bool:
     return bool(set(range(n_points)) - taken)
 
 
+def grid_point_taken(study: optuna.Study, number: int) -> bool:
+    """Whether an earlier trial holds the grid point of trial `number`: two workers that ask GridSampler at the
+    same moment can be given the same last point (measured: a third grid trial in a 2-point grid, once in CI)."""
+    trials = study.get_trials(deepcopy=False)
+    point = next(t for t in trials if t.number == number).system_attrs.get("grid_id")
+    states = optuna.trial.TrialState
+    return any(
+        t.number < number and t.system_attrs.get("grid_id") == point and not t.user_attrs.get("duplicate")
+        and (t.state in (states.RUNNING, states.COMPLETE, states.PRUNED)
+             or (t.state == states.FAIL and "error" in t.user_attrs))  # a trial cut off by a kill runs again
+        for t in trials
+    )  # fmt: skip
+
+
 def trial_row(study_name: str, t) -> dict:
     seconds = (
         (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
@@ -276,6 +294,9 @@ def search_worker(job: dict, index: int) -> None:
         trial.set_user_attr("host", socket.gethostname())  # first: a kill from here on is noticed at once
         trial.set_user_attr("pid", os.getpid())
         values = {name: trial.suggest_categorical(name, choices) for name, choices in job["choices"].items()}
+        if job["sampler"] == "grid" and grid_point_taken(study, trial.number):
+            trial.set_user_attr("duplicate", True)  # left out of the counts and the tables
+            raise optuna.TrialPruned("another worker took this grid point first")
         trial_dir = folder / "trials" / f"trial_{trial.number:03d}"
         trial.set_user_attr("folder", str(trial_dir))
 
@@ -299,6 +320,8 @@ def search_worker(job: dict, index: int) -> None:
             raise RuntimeError(message) from None
 
     def append_row(study, trial) -> None:
+        if trial.user_attrs.get("duplicate"):
+            return
         row = trial_row(study.study_name, trial)
         with open(folder / "search_results.csv", "a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in COLUMNS + list(job["choices"])])

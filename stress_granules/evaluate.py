@@ -441,8 +441,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--z_projection", "--z-projection", choices=["max", "mean"], help="z-stack projection; without it, the run's")
     add("--threshold", type=float, help="granule probability threshold; without it, the run's")
     add("--min_size", "--min-size", type=int, help="smallest predicted granule in pixels; without it, the run's")
-    add("--split_touching", "--split-touching", action=flag,
+    add("--split_touching", action=flag,
         help="split touching granules (watershed on the distance map); without it, as the run did")  # fmt: skip
+    add("--split-touching", dest="split_touching", action=flag, help=argparse.SUPPRESS)  # hidden twin
     add("--tile_size", "--tile-size", type=int, help="inference tile, multiple of 16; without it, the run's crop size")
     add("--overlap", type=int, help="overlap of neighbouring tiles in px; without it, a quarter tile")
     add("--output_dir", "--output-dir", help="a new predictions_<timestamp> folder is made in here; without it, the "

@@ -648,13 +648,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add(f"--{name.replace('_', '-')}", dest=name, action=flag, help=argparse.SUPPRESS)
     add("--threshold", type=float, default=0.5, help="granule probability threshold")
     add("--min_size", "--min-size", type=int, default=15, help="smallest predicted granule in pixels")
-    add(
-        "--split_touching",
-        "--split-touching",
-        action=flag,
-        default=True,
-        help="split touching predicted granules (watershed on the distance map)",
-    )
+    add("--split_touching", action=flag, default=True, help="split touching granules (watershed on the distance map)")
+    add("--split-touching", dest="split_touching", action=flag, help=argparse.SUPPRESS)  # hidden twin
     add("--output_dir", "--output-dir", default="metrics", help="each run gets a new folder in here")
     add(
         "--model_path",

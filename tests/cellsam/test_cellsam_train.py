@@ -479,3 +479,24 @@ def test_median_pruning_stops_trials_whose_validation_loss_lags(tmp_path, data, 
     assert states == {0.1: "complete", 0.2: "complete", 0.3: "complete", 0.4: "complete", 0.9: "pruned"}
     assert epochs_run.count(0.9) == 3  # stopped at the first epoch after the pruner's warm-up
     assert (pd.read_csv(tmp_path / "search" / "search_results.csv")["state"] == "pruned").sum() == 1
+
+
+def test_a_grid_point_given_to_two_workers_runs_once():
+    """GridSampler can hand the same last point to two workers that ask at once; the later trial stands down."""
+    import optuna
+
+    from cellsam.search import count_started, grid_point_taken
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()
+    for trial in (first, second):
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", 0)
+    assert not grid_point_taken(study, first.number) and grid_point_taken(study, second.number)
+    second.set_user_attr("duplicate", True)
+    study.tell(second, state=optuna.trial.TrialState.PRUNED)
+    assert count_started(study) == 1  # the stood-down trial does not count towards n_trials
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # cut off by a kill (no error): the point runs again
+    third = study.ask()
+    study._storage.set_trial_system_attr(third._trial_id, "grid_id", 0)
+    assert not grid_point_taken(study, third.number)
