@@ -172,16 +172,21 @@ def new_folder(root: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def dataset_name(path: Path) -> str:
-    """`main`, or the only dataset of the file."""
+def open_h5(path: Path) -> h5py.File:
+    """An HDF5 file opened for reading; a truncated, unreadable or non-HDF5 file is a DataError naming it."""
     try:
-        with h5py.File(path, "r") as f:
-            if "main" in f and isinstance(f["main"], h5py.Dataset):
-                return "main"
-            names = []
-            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        return h5py.File(path, "r")
     except OSError as error:
         raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
+def dataset_name(path: Path) -> str:
+    """`main`, or the only dataset of the file."""
+    with open_h5(path) as f:
+        if "main" in f and isinstance(f["main"], h5py.Dataset):
+            return "main"
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     if len(names) == 1:
         return names[0]
     if not names:
@@ -190,12 +195,12 @@ def dataset_name(path: Path) -> str:
 
 
 def volume_shape(path: Path) -> tuple[int, ...]:
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return tuple(f[dataset_name(path)].shape)
 
 
 def volume_dtype(path: Path) -> np.dtype:
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return f[dataset_name(path)].dtype
 
 

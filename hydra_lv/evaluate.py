@@ -203,7 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    """Overrides may come before, between or after the flags (argparse's intermixed parsing)."""
+    return get_args_parser().parse_intermixed_args(argv)
 
 
 if __name__ == "__main__":

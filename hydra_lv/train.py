@@ -8,14 +8,14 @@
     torchrun --nproc_per_node=4 hydra_lv/train.py system.training.num_gpus=4   # four GPUs, DDP
     tensorboard --logdir outputs/
 
-Settings come from --config (the YAML file hydra_lv/hydra-lv.yaml unless given; --help lists its keys and values);
-every `dotted.key=value` after the flags overrides one (values read as YAML); --demo sets its own values between
-the two. Training draws data.iterations_per_epoch random patches per epoch where the valid mask is set, augments
-them (flips, 90-degree rotations, z flip, intensity, misalignment, missing sections, motion blur, elastic) and makes
-the targets from the instance labels on the fly. Loss: model.loss_weights x (Dice + BCE on binary, Dice + BCE on
-boundary, MSE on tanh(distance)), inside the valid mask. AdamW, ReduceLROnPlateau on the validation loss (stepped
-per epoch), gradient clipping and accumulation, mixed precision by optimization.precision (auto: bf16 autocast
-where the GPU has it, fp16 with a loss scaler on others, fp32 on the CPU). Stops when the training loss falls below
+Settings come from --config (the YAML file hydra_lv/hydra-lv.yaml unless given; --help lists its keys and values); every
+`dotted.key=value`, before, between or after the flags, overrides one (values read as YAML); --demo sets its own values
+between the two. Training draws data.iterations_per_epoch random patches per epoch where the valid mask is set, augments
+them (flips, 90-degree rotations, z flip, intensity, misalignment, missing sections, motion blur, elastic) and makes the
+targets from the instance labels on the fly. Loss: model.loss_weights x (Dice + BCE on binary, Dice + BCE on boundary,
+MSE on tanh(distance)), inside the valid mask. AdamW, ReduceLROnPlateau on the validation loss (stepped per epoch),
+gradient clipping and accumulation, mixed precision by optimization.precision (auto: bf16 autocast where the GPU has it,
+fp16 with a loss scaler on others, fp32 on the CPU). Stops when the training loss falls below
 optimization.early_stopping.loss_threshold, or after optimization.early_stopping.patience epochs without a better
 validation loss.
 
@@ -299,6 +299,9 @@ def load_settings(args, log) -> tuple[dict, dict | None, Path | None]:
         batch = cfg["system"]["training"]["batch_size"]
         cfg["data"]["iterations_per_epoch"] = cfg["data"]["val_patches"] = batch
         cfg["optimization"]["max_epochs"] = 1
+        # its own folder: the document's next command, --mode test --checkpoint outputs/<experiment_name>/..., must
+        # find the real run, not this check
+        cfg["experiment_name"] = f"{cfg['experiment_name']}_fast_dev_run"
     # globs relative to this folder become absolute: test mode and resume may run from anywhere
     for key, value in cfg["data"].items():
         if key.split("_")[0] in ("train", "val", "test") and isinstance(value, str) and value:
@@ -583,13 +586,13 @@ def demo_settings(output_root: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """timm's pattern: read --demo, --config and --output-root first, set the demo's settings as the parser's
-    defaults (--help lists the config with them), then parse for real."""
+    defaults (--help lists the config with them), then parse for real, overrides anywhere among the flags."""
     chosen, _ = get_args_parser(add_help=False).parse_known_args(argv)
     parser = get_args_parser()
     preset = demo_settings(chosen.output_root) if chosen.demo else {}
     parser.set_defaults(preset=preset)
     parser.epilog = describe_config(chosen.config, preset, " with --demo's values" if chosen.demo else "")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # dotted overrides before, between or after the flags
 
 
 if __name__ == "__main__":

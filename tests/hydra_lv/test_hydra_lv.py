@@ -455,3 +455,26 @@ def test_train_validation_and_test_globs_that_share_a_file_are_an_error(tmp_path
     with pytest.raises(SystemExit, match="matches both"):  # training stops on it before anything is written
         cfg = hydra_train.load_config(hydra_train.DEFAULT_CONFIG, [f"data.{k}={v}" for k, v in data.items()])
         hydra_train.load_data(cfg, 0, 1)
+
+
+def test_a_truncated_hdf5_file_and_overrides_among_the_flags(tmp_path):
+    from hydra_lv.data import DataError, find_volumes, write_volume
+
+    write_volume(tmp_path / "vol1_im.h5", np.zeros((4, 16, 16), np.uint8))
+    whole = (tmp_path / "vol1_im.h5").read_bytes()
+    (tmp_path / "vol1_im.h5").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    with pytest.raises(DataError, match=r"vol1_im.h5: not a readable HDF5 file \(.*truncated"):
+        find_volumes({"train_image": str(tmp_path / "vol*_im.h5")}, "train", need_labels=False)
+    args = hydra_train.parse_args(["data.iterations_per_epoch=1", "--fast-dev-run", "model.filters=[4,8]"])
+    assert args.fast_dev_run and args.overrides == ["data.iterations_per_epoch=1", "model.filters=[4,8]"]
+    args = hydra_evaluate.parse_args(["inference.tta=true", "--checkpoint", "best.ckpt", "data.test_label=null"])
+    assert args.checkpoint == "best.ckpt" and args.overrides == ["inference.tta=true", "data.test_label=null"]
+
+
+def test_fast_dev_run_writes_to_its_own_folder():
+    """The document runs --fast-dev-run, then --mode test --checkpoint outputs/hydra_lv_rsunet/...: the check must
+    not take the real run's folder name."""
+    cfg, _, _ = hydra_train.load_settings(hydra_train.parse_args(["--fast-dev-run"]), lambda *a: None)
+    assert cfg["experiment_name"] == "hydra_lv_rsunet_fast_dev_run" and cfg["optimization"]["max_epochs"] == 1
+    cfg, _, _ = hydra_train.load_settings(hydra_train.parse_args([]), lambda *a: None)
+    assert cfg["experiment_name"] == "hydra_lv_rsunet"
