@@ -2,7 +2,7 @@
 synthetic volumes for --demo.
 
 On disk (pytorch_connectomics convention, see ../shared/DATA_FORMATS.md):
-    DATA/vol1_im.h5            uint8 (z, y, x), anisotropic voxels 30 x 8 x 8 nm
+    DATA/vol1_im.h5            uint8, uint16 or float (z, y, x), anisotropic voxels 30 x 8 x 8 nm
     DATA/vol1_vesicle_ins.h5   uint16/uint32 instance ids, 0 = background
     DATA/vol1_mask.h5          uint8 valid region (train and score only inside it); optional
 Each file holds one dataset, usually `main`; a file with exactly one dataset is read whatever its name.
@@ -264,11 +264,8 @@ def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[Volum
         if len(shape) != 3:
             raise DataError(f"{image}: expected a 3D (z, y, x) volume, found shape {shape}")
         dtype = volume_dtype(image)
-        if dtype != np.uint8:  # training and inference scale intensities by 1/255
-            raise DataError(
-                f"{image}: the image is {dtype}; hydra_lv reads 8-bit EM images (uint8 0..255). "
-                f"Convert it first, e.g. with a percentile stretch to 0..255 and .astype(np.uint8)"
-            )
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise DataError(f"{image}: the image is {dtype}; expected uint8, uint16 or float intensities")
         label = labels[i] if labels else None
         mask = masks[i] if masks else None
         for other in (label, mask):
@@ -288,6 +285,30 @@ def open_dataset(path: Path) -> h5py.Dataset:
     if key not in _OPEN:
         _OPEN[key] = h5py.File(path, "r")[dataset_name(path)]
     return _OPEN[key]
+
+
+# Percentiles of the intensity stretch of a uint16 or float volume (uint8 keeps 0..255: the 8-bit EM convention).
+INTENSITY_PERCENTILES = (0.5, 99.5)
+SAMPLE_VOXELS = 4_000_000  # the percentiles come from a strided sample of about this many voxels
+
+
+def intensity_scale(dataset) -> tuple[float, float]:
+    """(offset, span) that map a volume's intensities to 0..1: (0, 255) for uint8; for uint16 and float volumes
+    the 0.5th and 99.5th percentiles of a strided sample (the whole volume is never read), so a 12- or 16-bit
+    camera's range is stretched, not truncated. Training and inference both use it."""
+    if dataset.dtype == np.uint8:
+        return 0.0, 255.0
+    step = max(1, int(round((int(np.prod(dataset.shape)) / SAMPLE_VOXELS) ** (1 / 3))))
+    sample = np.asarray(dataset[::step, ::step, ::step], dtype=np.float64)
+    low, high = np.percentile(sample[np.isfinite(sample)], INTENSITY_PERCENTILES)
+    return float(low), float(max(high - low, 1e-6))
+
+
+def scale_intensity(block: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """float32 in 0..1 by (offset, span) from intensity_scale (uint8: exactly block / 255)."""
+    offset, span = scale
+    out = (np.asarray(block, dtype=np.float32) - np.float32(offset)) / np.float32(span)
+    return out if (offset, span) == (0.0, 255.0) else np.clip(np.nan_to_num(out), 0.0, 1.0)
 
 
 def read_block(path: Path, start, stop, reflect: bool = False) -> np.ndarray:
@@ -416,6 +437,10 @@ class PatchDataset(torch.utils.data.Dataset):
         self.resolution, self.length, self.augment, self.fixed = tuple(resolution), length, augment, fixed
         self.seed, self.epoch_seed = seed, 0
         self.centres = [valid_centres(v, self.patch) for v in volumes]
+        self.scales = []  # each volume's intensity stretch (opened here and closed: loader workers fork later)
+        for v in volumes:
+            with open_h5(v.image) as f:
+                self.scales.append(intensity_scale(f[dataset_name(v.image)]))
         sizes = np.array([len(c) for c in self.centres], float)
         self.volume_share = sizes / sizes.sum()
 
@@ -437,7 +462,7 @@ class PatchDataset(torch.utils.data.Dataset):
         centre = centres[rng.integers(len(centres))] + jitter
         start = [int(c) - p // 2 - q for c, p, q in zip(centre, self.patch, self.pad, strict=True)]
         stop = [s + p + 2 * q for s, p, q in zip(start, self.patch, self.pad, strict=True)]
-        image = read_block(volume.image, start, stop, reflect=True).astype(np.float32) / 255.0
+        image = scale_intensity(read_block(volume.image, start, stop, reflect=True), self.scales[v])
         labels = read_block(volume.label, start, stop).astype(np.int64)
         # loss and metrics count inside the volume (not its mirrored margin) and inside the valid mask
         mask = np.zeros(labels.shape, bool)

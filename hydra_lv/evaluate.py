@@ -40,6 +40,7 @@ from hydra_lv.data import (
     HelpFormatter,
     apply_overrides,
     find_volumes,
+    intensity_scale,
     new_folder,
     open_dataset,
     write_json,
@@ -127,6 +128,7 @@ def main(args) -> Path:
         started = time.time()
         prefix = "" if len(volumes) == 1 else f"{name}_"
         image = open_dataset(volume.image)
+        scale = intensity_scale(image)  # the stretch training used: 0..255 for uint8, percentiles otherwise
         if args.fast_dev_run:  # one window of the first volume
             image = np.asarray(image[: window[0], : window[1], : window[2]])
         shape = tuple(image.shape)
@@ -142,7 +144,7 @@ def main(args) -> Path:
         with f:
             sliding_window_inference(
                 model, image, window, inference["overlap"], cfg["system"]["inference"]["batch_size"],
-                inference["tta"], inference["blending"], device, write, ctx, progress=True,
+                inference["tta"], inference["blending"], device, write, ctx, progress=True, scale=scale,
             )  # fmt: skip
         # decoding and scoring hold the whole volume's maps in memory (the watershed needs them all)
         with h5py.File(files["predictions"], "r") as f:

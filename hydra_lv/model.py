@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.losses import DiceLoss
+from hydra_lv.data import scale_intensity
 
 ARCHITECTURES = ("rsunet", "unet3d", "monai_unet")
 
@@ -239,10 +240,11 @@ def predict_windows(model, windows: torch.Tensor, tta: bool, ctx=None) -> torch.
 
 def sliding_window_inference(
     model, volume, window, overlap=0.25, batch_size=4, tta=False, blending="gaussian", device="cpu", write=None,
-    ctx=None, progress=False,
+    ctx=None, progress=False, scale=None,
 ):  # fmt: skip
-    """Predict a whole (z, y, x) volume (a NumPy array or an h5py dataset, uint8 or float in 0..1) window by
-    window; overlapping windows are averaged with `blending` weights.
+    """Predict a whole (z, y, x) volume (a NumPy array or an h5py dataset: uint8, or float in 0..1, or any
+    intensities with `scale`, the (offset, span) of data.intensity_scale) window by window; overlapping windows are
+    averaged with `blending` weights.
 
     Streaming along z: the windows go row by row (one row = all windows at one z start). Once a row is done, the
     sections before the next row's start can get no more contributions: they are final, go to
@@ -268,7 +270,9 @@ def sliding_window_inference(
     bar = tqdm(total=len(z_starts) * len(positions), desc="windows", unit="window", disable=not progress, leave=False)
     for row, z in enumerate(z_starts):
         slab = np.asarray(volume[z : min(z + window[0], shape[0])], dtype=np.float32)
-        if np.issubdtype(volume.dtype, np.integer):
+        if scale is not None:  # the volume's stretch, as training read it (data.intensity_scale)
+            slab = scale_intensity(slab, scale)
+        elif np.issubdtype(volume.dtype, np.integer):
             slab /= 255.0
         short = [window[0] - slab.shape[0]] + [p - n for p, n in zip(plane, shape[1:], strict=True)]
         if any(short):  # a volume smaller than the window: mirrored up to it

@@ -395,10 +395,6 @@ def test_bad_inputs_give_clear_errors(tmp_path, volumes):
     with pytest.raises(SystemExit, match=r"two_im.h5: holds 2 datasets \(.*\) and none named 'main'"):
         train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/two_im.h5", "data.train_mask=null",
                                             f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
-    write_volume(tmp_path / "deep_im.h5", np.zeros((12, 96, 96), np.uint16))  # 1/255 scaling would saturate it
-    with pytest.raises(SystemExit, match=r"deep_im.h5: the image is uint16; hydra_lv reads 8-bit EM images"):
-        train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/deep_im.h5", "data.train_mask=null",
-                                            f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
     with pytest.raises(SystemExit, match="model.architecture=vnet: unknown; choose one of rsunet, unet3d, monai_unet"):
         train(tmp_path, volumes, overrides=["model.architecture=vnet"])
     with pytest.raises(SystemExit, match="unknown key 'model.filter'"):
@@ -478,3 +474,33 @@ def test_fast_dev_run_writes_to_its_own_folder():
     assert cfg["experiment_name"] == "hydra_lv_rsunet_fast_dev_run" and cfg["optimization"]["max_epochs"] == 1
     cfg, _, _ = hydra_train.load_settings(hydra_train.parse_args([]), lambda *a: None)
     assert cfg["experiment_name"] == "hydra_lv_rsunet"
+
+
+def test_uint16_and_float_volumes_are_stretched_the_same_in_training_and_inference(tmp_path):
+    from hydra_lv.data import intensity_scale, open_dataset, scale_intensity, write_volume
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (6, 40, 40)).astype(np.uint8)
+    assert intensity_scale(eight) == (0.0, 255.0)
+    np.testing.assert_array_equal(scale_intensity(eight, (0.0, 255.0)), eight.astype(np.float32) / 255)
+    deep = (eight.astype(np.uint16) * 16 + 1000).astype(np.uint16)  # a 12-bit camera's range, offset 1000
+    low, span = intensity_scale(deep)
+    assert low == pytest.approx(np.percentile(deep, 0.5)) and low + span == pytest.approx(np.percentile(deep, 99.5))
+    scaled = scale_intensity(deep, (low, span))
+    assert scaled.min() == 0 and scaled.max() == 1 and np.median(scaled) == pytest.approx(0.5, abs=0.03)
+    np.testing.assert_allclose(
+        scale_intensity(deep.astype(np.float32) / 7.0, intensity_scale(deep / 7.0)), scaled, atol=1e-5
+    )
+    write_volume(tmp_path / "deep_im.h5", deep)
+    write_volume(tmp_path / "deep_ins.h5", np.ones(deep.shape, np.uint16))
+    (volume,) = find_volumes(
+        {"train_image": str(tmp_path / "deep_im.h5"), "train_label": str(tmp_path / "deep_ins.h5")}, "train"
+    )
+    patches = PatchDataset([volume], (4, 32, 32), (0, 0, 0), (30, 8, 8), 2, seed=0)
+    assert (
+        patches.scales == [(low, span)]
+        and 0 <= float(patches[0]["image"].min()) < float(patches[0]["image"].max()) <= 1
+    )
+
+    out = sliding_window_inference(Identity(), open_dataset(tmp_path / "deep_im.h5"), (4, 32, 32), scale=(low, span))
+    np.testing.assert_allclose(out[0], np.clip(scaled, 1e-4, 1 - 1e-4), atol=1e-5)  # read as training reads it
