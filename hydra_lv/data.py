@@ -215,20 +215,20 @@ def expand(pattern: str | None, key: str) -> list[Path]:
 
 
 def check_splits_disjoint(data: dict) -> None:
-    """The train, validation and test image globs must name different files. The document's `vol*_im.h5` also
-    matches its `vol_val*_im.h5`: validation volumes would be trained on, and their score would not be a score.
-    Globs that match nothing are left to find_volumes."""
-    owner = {}
-    for split in ("train", "val", "test"):
-        pattern = data.get(f"{split}_image")
-        for path in sorted(glob.glob(str(pattern))) if pattern else []:
-            first = owner.setdefault(os.path.realpath(path), split)
-            if first != split:
+    """No training volume may also be a validation or test volume. The document's `vol*_im.h5` also matches its
+    `vol_val*_im.h5`: validation volumes would be trained on, and their score would not be a score. (Validation and
+    test may share a volume, as the demo's do; test mode then reports that the volume chose the model.) Globs that
+    match nothing are left to find_volumes."""
+    pattern = data.get("train_image")
+    train = {os.path.realpath(p) for p in glob.glob(str(pattern))} if pattern else set()
+    for split in ("val", "test"):
+        other = data.get(f"{split}_image")
+        for path in sorted(glob.glob(str(other))) if other else []:
+            if os.path.realpath(path) in train:
                 raise DataError(
-                    f"{path} matches both data.{first}_image={data[f'{first}_image']} and "
-                    f"data.{split}_image={pattern}: a volume in two splits is scored on what it trained on; make the "
-                    f"globs exclusive (e.g. data.{first}_image with a pattern the other cannot match, such as "
-                    f"vol[0-9]*_im.h5 beside vol_val*_im.h5)"
+                    f"{path} matches both data.train_image={pattern} and data.{split}_image={other}: a volume in two "
+                    f"splits is scored on what it trained on; make the globs exclusive (e.g. vol[0-9]*_im.h5 for "
+                    f"training beside vol_val*_im.h5)"
                 )
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
+import glob
+import os
 import time
 
 import h5py
@@ -94,8 +96,8 @@ def score(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def test_volumes(cfg: dict, overrides: list[str]):
-    """data.test_* (else the validation, else the training volumes). Overriding data.test_image alone drops the
-    checkpoint's test labels and mask: they belonged to other volumes."""
+    """(volumes, the split they come from): data.test_* (else the validation, else the training volumes).
+    Overriding data.test_image alone drops the checkpoint's test labels and mask: they belonged to other volumes."""
     data = dict(cfg["data"])
     given = {item.split("=", 1)[0] for item in overrides}
     if "data.test_image" in given:
@@ -105,15 +107,28 @@ def test_volumes(cfg: dict, overrides: list[str]):
     for split in ("test", "val", "train"):
         volumes = find_volumes(data, split, need_labels=False)
         if volumes:
-            return volumes
+            return volumes, split
     raise DataError("no test volume: set data.test_image (and data.test_label to score it)")
+
+
+def seen_by_training(volume, cfg: dict) -> str:
+    """What training did with a volume: 'trained on', 'validated on (chose the model)' or 'held out'."""
+    path = os.path.realpath(volume.image)
+    for split, role in (("train", "trained on"), ("val", "validated on (chose the model)")):
+        pattern = cfg["data"].get(f"{split}_image")
+        if pattern and path in {os.path.realpath(p) for p in glob.glob(str(pattern))}:
+            return role
+    return "held out"
 
 
 def main(args) -> Path:
     device = pick_device()
     model, checkpoint = load_model(args.checkpoint, device)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
-    volumes = test_volumes(cfg, args.overrides)
+    volumes, split = test_volumes(cfg, args.overrides)
+    roles = [seen_by_training(v, cfg) for v in volumes]
+    if split != "test":
+        print(f"no data.test_image: scoring the {'validation' if split == 'val' else 'training'} volumes instead")
     names = [v.name for v in volumes]
     if len(set(names)) < len(names):  # e.g. DATA/a/im.h5 and DATA/b/im.h5
         names = [f"{v.image.parent.name}_{v.name}" for v in volumes]
@@ -123,6 +138,8 @@ def main(args) -> Path:
     inference, decoding = cfg["inference"], cfg["decoding"]
     ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
     report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
+    note = "test volumes" if split == "test" else f"no data.test_image: the {split} volumes"
+    report["scored"] = {"split": split, "held_out": all(r == "held out" for r in roles), "note": note}
     report["volumes"] = {}
     for volume, name in tqdm(list(zip(volumes, names, strict=True)), desc="volumes", disable=len(volumes) == 1):
         started = time.time()
@@ -132,7 +149,8 @@ def main(args) -> Path:
         if args.fast_dev_run:  # one window of the first volume
             image = np.asarray(image[: window[0], : window[1], : window[2]])
         shape = tuple(image.shape)
-        print(f"{name}: {shape} voxels, windows {window}, overlap {inference['overlap']}, TTA {inference['tta']}")
+        print(f"{name} ({roles[names.index(name)]} by training): {shape} voxels, windows {window}, overlap "
+              f"{inference['overlap']}, TTA {inference['tta']}")  # fmt: skip
         files = {"predictions": out / f"{prefix}predictions.h5", "segmentation": out / f"{prefix}segmentation.h5"}
         f, predictions = write_h5(files["predictions"], (3, *shape), np.uint8)
 
@@ -159,6 +177,7 @@ def main(args) -> Path:
         entry = {"image": str(volume.image), "label": volume.label and str(volume.label)}
         entry.update({"mask": volume.mask and str(volume.mask), "shape": list(shape), "seconds": round(seconds, 2)})
         entry.update({k: str(v) for k, v in files.items()})
+        entry["training"] = roles[names.index(name)]  # trained on, validated on (chose the model) or held out
         report["volumes"][name] = entry
         if volume.label is None:
             continue

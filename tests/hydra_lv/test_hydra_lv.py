@@ -260,7 +260,10 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
     outputs += ["results/predictions.h5", "results/segmentation.h5", "results/test_results.json", "test_results.log"]
     for name in outputs:
         assert (run / name).is_file(), name
-    report = json.loads((run / "results" / "test_results.json").read_text())["volumes"]["vol3"]
+    results = json.loads((run / "results" / "test_results.json").read_text())
+    report = results["volumes"]["vol3"]
+    # the demo tests on its validation volume, and says so
+    assert report["training"] == "validated on (chose the model)" and results["scored"]["held_out"] is False
     baseline = report["baseline_threshold_connected_components"]
     assert report["adapted_rand_error"] < baseline["adapted_rand_error"] - 0.15, (report, baseline)
     assert report["instance_f1"] > 0.7
@@ -292,6 +295,7 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
         ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), f"data.test_image={data / 'vol1_im.h5'}"]
     ))  # fmt: skip
     entry = json.loads((other / "test_results.json").read_text())["volumes"]["vol1"]
+    assert entry["training"] == "trained on"  # a training volume segmented in test mode is named as one
     assert entry["label"] is None and "adapted_rand_error" not in entry and (other / "segmentation.h5").is_file()
     figures = hydra_visualize.main(hydra_visualize.parse_args(["--results", str(other)]))
     assert len(figures) == 2
