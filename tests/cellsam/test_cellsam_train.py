@@ -223,7 +223,7 @@ def test_search_killed_and_resumed_from_the_command_line(tmp_path, data):
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        third = tmp_path / "cli_search" / "trials" / "trial_002"
+        third = tmp_path / "cli_search" / "trials" / "random" / "trial_002"
         if results.is_file() and len(results.read_text().splitlines()) >= 3 and third.is_dir():
             break  # 2 trials finished (the header and 2 rows), the third under way
         time.sleep(0.2)
@@ -485,7 +485,7 @@ def test_a_grid_point_given_to_two_workers_runs_once():
     """GridSampler can hand the same last point to two workers that ask at once; the later trial stands down."""
     import optuna
 
-    from cellsam.search import count_started, grid_point_taken
+    from cellsam.search import count_started, grid_point_taken, trials_before
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study()
@@ -500,3 +500,6 @@ def test_a_grid_point_given_to_two_workers_runs_once():
     third = study.ask()
     study._storage.set_trial_system_attr(third._trial_id, "grid_id", 0)
     assert not grid_point_taken(study, third.number)
+    assert trials_before(study, third.number) == 0  # neither the stood-down nor the cut-off trial counts
+    extra = study.ask()  # a worker asked for one more while `third` ran: with n_trials 1 it stands down
+    assert trials_before(study, extra.number) == 1
