@@ -93,6 +93,8 @@ def read_array(path: Path) -> tuple[np.ndarray, str, str]:
         raise DataError(f"{path}: cannot read the image (empty or corrupt file)")
     keep = [i for i, n in enumerate(array.shape) if n > 1 or axes[i] in "YX"]
     array, axes = array.reshape([array.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    if "S" in axes and axes[-1] != "S":  # planar (channel-first) RGB: samples last, as in a PNG
+        array, axes = np.moveaxis(array, axes.index("S"), -1), axes.replace("S", "") + "S"
     if set(axes) - set("YXCZTSQI") or not {"Y", "X"} <= set(axes):
         raise DataError(f"{path}: expected an image with Y and X axes, found {_describe(axes, array.shape, kind)}")
     return array, axes, kind
@@ -268,9 +270,7 @@ def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.
     values is a label image (Fiji, napari, CellProfiler): each value is one granule, so touching granules stay
     apart. A mask with one non-zero value (0/1, 0/255, a palette PNG, a colour mask with any channel > 0) is
     binary: each 8-connected component is one granule."""
-    array, axes, kind = read_array(path)
-    if axes == "YXS":
-        array, axes = (array[..., :3] > 0).any(-1), "YX"
+    array, axes, kind = mask_plane(path)
     if axes != "YX":
         raise DataError(f"{path}: a mask is one 2D plane, found {_describe(axes, array.shape, kind)}")
     if array.shape != image_shape:
@@ -441,9 +441,19 @@ def make_sample(name: str, feature_path: Path, mask: np.ndarray, crop_size: int)
     )
 
 
+def mask_plane(path: Path) -> tuple[np.ndarray, str, str]:
+    """A mask file's pixels: a colour mask (RGB, RGBA, grey + alpha) becomes one plane, granule where any colour
+    channel is > 0 (the alpha channel, opaque everywhere, is left out)."""
+    array, axes, kind = read_array(path)
+    if axes == "YXS":
+        colours = array.shape[-1] - 1 if array.shape[-1] in (2, 4) else array.shape[-1]
+        array, axes = (array[..., :colours] > 0).any(-1), "YX"
+    return array, axes, kind
+
+
 def mask_has_granules(pairs) -> dict:
     """image path -> whether its mask holds a granule (False: a control image); reads each mask once."""
-    return {image_path: bool((read_array(mask_path)[0] > 0).any()) for image_path, mask_path in pairs}
+    return {image_path: bool((mask_plane(mask_path)[0] > 0).any()) for image_path, mask_path in pairs}
 
 
 def load_samples(pairs, args, cache_dir: Path, log=print, progress: bool = True) -> list:

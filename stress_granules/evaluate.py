@@ -326,9 +326,13 @@ def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
 
 def main(args):
     device = pick_device()
-    ctx, _ = mixed_precision(device, args.use_mixed_precision)
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
+    enabled = args.use_mixed_precision
+    if enabled is None:  # as the run validated: its own setting where it ran on this kind of device
+        stored = checkpoint.get("args", {}).get("use_mixed_precision")
+        enabled = device.type == "cuda" if stored is None or device.type != "cuda" else bool(stored)
+    ctx, _ = mixed_precision(device, enabled)
     if args.run_report and args.images:
         raise SystemExit("--run_report scores the run's own test (or validation) images: leave out --images")
     prep, settings = run_settings(args, checkpoint)
@@ -448,7 +452,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--overlap", type=int, help="overlap of neighbouring tiles in px; without it, a quarter tile")
     add("--output_dir", "--output-dir", help="a new predictions_<timestamp> folder is made in here; without it, the "
         "checkpoint's folder")  # fmt: skip
-    add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); on for CUDA")
+    add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); without it, on "
+        "CUDA as the run trained, off elsewhere")  # fmt: skip
     add("--use-mixed-precision", dest="use_mixed_precision", action=flag, help=argparse.SUPPRESS)  # hidden twin
     add("--run_report", "--run-report", action="store_true",
         help="write the run's evaluation_report.json and <split>_predictions.png, see above")  # fmt: skip
@@ -456,10 +461,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Autocast is on where train.py turns it on by default: CUDA."""
-    parser = get_args_parser()
-    parser.set_defaults(use_mixed_precision=pick_device().type == "cuda")
-    return parser.parse_args(argv)
+    """Autocast: as given, else on CUDA the run's own setting (on where train.py turns it on by default), off
+    elsewhere."""
+    return get_args_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -869,3 +869,21 @@ def test_the_design_documents_commands_and_outputs(tmp_path, data):
                             text=True, cwd=tmp_path / "metrics", timeout=120)  # fmt: skip
     assert result.returncode != 0 and "data/stress_granules/images: no such folder (--images)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_colour_masks_with_alpha_and_planar_rgb_tiffs(tmp_path):
+    from PIL import Image
+
+    control = np.zeros((20, 24, 4), np.uint8)
+    control[..., 3] = 255  # an empty, opaque RGBA mask: a control, not 480 granule pixels
+    Image.fromarray(control, mode="RGBA").save(tmp_path / "rgba.png")
+    grey_alpha = np.zeros((20, 24, 2), np.uint8)
+    grey_alpha[..., 1] = 255
+    grey_alpha[2:6, 3:8, 0] = 255
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    assert granule_data.read_mask(tmp_path / "rgba.png", (20, 24), tmp_path / "x.tif").max() == 0
+    assert granule_data.mask_has_granules([(tmp_path / "x.tif", tmp_path / "rgba.png")]) == {tmp_path / "x.tif": False}
+    assert (granule_data.read_mask(tmp_path / "la.png", (20, 24), tmp_path / "x.tif") > 0).sum() == 20
+    grey = np.random.default_rng(0).integers(0, 4000, (20, 24)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.stack([grey] * 3), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), grey)  # channel-first RGB: samples last
