@@ -215,20 +215,20 @@ def expand(pattern: str | None, key: str) -> list[Path]:
 
 
 def check_splits_disjoint(data: dict) -> None:
-    """No training volume may also be a validation or test volume. The document's `vol*_im.h5` also matches its
-    `vol_val*_im.h5`: validation volumes would be trained on, and their score would not be a score. (Validation and
-    test may share a volume, as the demo's do; test mode then reports that the volume chose the model.) Globs that
-    match nothing are left to find_volumes."""
-    pattern = data.get("train_image")
-    train = {os.path.realpath(p) for p in glob.glob(str(pattern))} if pattern else set()
-    for split in ("val", "test"):
-        other = data.get(f"{split}_image")
-        for path in sorted(glob.glob(str(other))) if other else []:
-            if os.path.realpath(path) in train:
+    """No volume may be in two of training, validation and test. The document's `vol*_im.h5` also matches its
+    `vol_val*_im.h5`: validation volumes would be trained on, and their score would not be a score; a test volume
+    that validated chose the model, so its score is not independent either. Globs that match nothing are left to
+    find_volumes."""
+    matched = {}
+    for split in ("train", "val", "test"):
+        pattern = data.get(f"{split}_image")
+        for path in sorted(glob.glob(str(pattern))) if pattern else []:
+            first = matched.setdefault(os.path.realpath(path), split)
+            if first != split:
                 raise DataError(
-                    f"{path} matches both data.train_image={pattern} and data.{split}_image={other}: a volume in two "
-                    f"splits is scored on what it trained on; make the globs exclusive (e.g. vol[0-9]*_im.h5 for "
-                    f"training beside vol_val*_im.h5)"
+                    f"{path} matches both data.{first}_image={data[f'{first}_image']} and data.{split}_image="
+                    f"{pattern}: a volume in two splits is scored on what chose or trained the model; make the globs "
+                    f"exclusive (e.g. vol[0-9]*_im.h5 for training beside vol_val*_im.h5)"
                 )
 
 
@@ -238,10 +238,51 @@ class VolumeFiles:
     label: Path | None
     mask: Path | None
     shape: tuple[int, int, int]
+    bounds: tuple[tuple[int, int], ...] | None = None  # a region (start, stop per axis): patches lie inside it
 
     @property
     def name(self) -> str:
         return self.image.name.removesuffix(".h5").removesuffix("_im")
+
+    @property
+    def region(self) -> str:
+        """'' for the whole volume, else e.g. ' z 19:24' (the axes the region cuts)."""
+        if self.bounds is None:
+            return ""
+        cuts = [
+            f"{axis} {a}:{b}"
+            for axis, (a, b), n in zip("zyx", self.bounds, self.shape, strict=True)
+            if (a, b) != (0, n)
+        ]
+        return " " + " ".join(cuts)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in (self.bounds or [(0, n) for n in self.shape]))
+
+
+def held_out_regions(volumes: list[VolumeFiles], patch, fraction: float) -> tuple[list, list]:
+    """Without validation volumes: (training regions, validation regions). Of each training volume the last
+    `fraction` of its z sections (at least one patch deep) is held out for validation and never sampled by
+    training; a volume too shallow for two patches in z is cut along x instead."""
+    train, val = [], []
+    for volume in volumes:
+        for axis in (0, 2, 1):
+            n, p = volume.shape[axis], int(patch[axis])
+            held = max(p, int(round(n * float(fraction))))
+            if n - held >= p:
+                break
+        else:
+            raise DataError(
+                f"{volume.image}: {list(volume.shape)} voxels hold no validation region besides a training one of "
+                f"data.patch_size={list(patch)}: give validation volumes (data.val_image, data.val_label)"
+            )
+        cut = n - held
+        whole = [(0, m) for m in volume.shape]
+        train.append(VolumeFiles(volume.image, volume.label, volume.mask, volume.shape,
+                                 tuple(whole[:axis] + [(0, cut)] + whole[axis + 1 :])))  # fmt: skip
+        val.append(VolumeFiles(volume.image, volume.label, volume.mask, volume.shape,
+                               tuple(whole[:axis] + [(cut, n)] + whole[axis + 1 :])))  # fmt: skip
+    return train, val
 
 
 def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[VolumeFiles]:
@@ -331,14 +372,16 @@ def read_block(path: Path, start, stop, reflect: bool = False) -> np.ndarray:
 
 def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
     """(3, z, y, x) float32 targets from an instance volume, as in the connectomics tutorial:
-    0 binary foreground; 1 instance boundary, 1 voxel thick, drawn per 2D section (z sections are 30 nm apart,
-    too far for a 3D contour): a foreground voxel with a 4-neighbour in its section of another id (background or
-    a touching vesicle); 2 per-instance Euclidean distance to the instance's outside, in physical units
-    (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on background."""
+    0 binary foreground; 1 instance boundary on both sides of every border (pytorch_connectomics' edge_mode
+    `all`), drawn per 2D section (z sections are 30 nm apart, too far for a 3D contour): a voxel, vesicle or
+    background, with a 4-neighbour in its section of another id, so two touching vesicles are parted by a 2-voxel
+    line and each vesicle is ringed inside and out; 2 per-instance Euclidean distance to the instance's outside,
+    in physical units (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on
+    background."""
     labels = relabel_sequential(np.asarray(labels))[0]  # ids 1..n: find_objects costs memory per id value
     binary = labels > 0
-    # per section, scikit-image's inner boundaries with 4-connected (in-plane) neighbours
-    boundary = np.stack([find_boundaries(section, connectivity=1, mode="inner") for section in labels]) & binary
+    # per section, scikit-image's thick boundaries (both sides) with 4-connected (in-plane) neighbours
+    boundary = np.stack([find_boundaries(section, connectivity=1, mode="thick") for section in labels])
     distance = np.full(labels.shape, -1.0, dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
@@ -349,6 +392,20 @@ def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
         peak = edt[inside].max()
         distance[box][inside] = edt[inside] / peak
     return np.stack([binary, boundary, distance]).astype(np.float32)
+
+
+def cut_by_border(labels: np.ndarray) -> np.ndarray:
+    """The voxels of every instance that touches the border of the block: its distance target is uncertain there
+    (the instance goes on outside the block, so its distances and its maximum are not known), and the loss leaves
+    it out. data.pad_size of context around a patch keeps this to vesicles larger than the context."""
+    faces = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        index = [slice(None)] * labels.ndim
+        for end in (0, -1):
+            index[axis] = end
+            faces[tuple(index)] = True
+    touching = np.unique(labels[faces & (labels > 0)])
+    return np.isin(labels, touching) if len(touching) else np.zeros(labels.shape, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,9 +464,11 @@ def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
     volume (the middle, for a volume smaller than the patch), where the valid-region mask is set (every grid point
     without a mask). The mask is read section by section: memory stays small for any volume."""
     grid = []
-    for n, p, s in zip(volume.shape, patch, step, strict=True):
-        first, last = p // 2, n - (p - p // 2)  # a patch starts at centre - p // 2
-        grid.append(np.unique(np.append(np.arange(first, last, s), last)) if last >= first else np.array([n // 2]))
+    bounds = volume.bounds or [(0, n) for n in volume.shape]
+    for (lo, hi), p, s in zip(bounds, patch, step, strict=True):
+        first, last = lo + p // 2, hi - (p - p // 2)  # a patch starts at centre - p // 2
+        middle = np.array([(lo + hi) // 2])
+        grid.append(np.unique(np.append(np.arange(first, last, s), last)) if last >= first else middle)
     if volume.mask is None:
         return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3)
     centres = []
@@ -426,7 +485,9 @@ def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
 
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of `patch` voxels with their targets and loss weights (the valid mask):
-    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (1, z, y, x)}.
+    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (2, z, y, x)}: weight 0 is the valid mask (inside
+    the volume and its mask), weight 1 the same without vesicles cut by the border of the block read (patch and
+    data.pad_size), whose distance target is uncertain (cut_by_border).
 
     Training (fixed=False): `length` random patches per epoch, centred where the mask is set, augmented; each
     item's randomness comes from (epoch seed, index), so an epoch is the same whichever worker draws it.
@@ -457,26 +518,40 @@ class PatchDataset(torch.utils.data.Dataset):
     def item(self, i: int, epoch_seed: int) -> dict:
         rng = np.random.default_rng([self.seed, 0 if self.fixed else epoch_seed, i])
         v = int(rng.choice(len(self.volumes), p=self.volume_share))
-        volume, centres = self.volumes[v], self.centres[v]
+        centres = self.centres[v]
         jitter = np.array([rng.integers(-1, 2), *rng.integers(-8, 9, 2)])  # off the coarse grid
         centre = centres[rng.integers(len(centres))] + jitter
+        return self.patch_at(v, centre, rng)
+
+    def patch_at(self, v: int, centre, rng: np.random.Generator | None = None) -> dict:
+        """The patch of volume v centred at `centre` (z, y, x), with its context; augmented when rng is given."""
+        volume = self.volumes[v]
         start = [int(c) - p // 2 - q for c, p, q in zip(centre, self.patch, self.pad, strict=True)]
         stop = [s + p + 2 * q for s, p, q in zip(start, self.patch, self.pad, strict=True)]
         image = scale_intensity(read_block(volume.image, start, stop, reflect=True), self.scales[v])
         labels = read_block(volume.label, start, stop).astype(np.int64)
         # loss and metrics count inside the volume (not its mirrored margin) and inside the valid mask
         mask = np.zeros(labels.shape, bool)
-        mask[tuple(slice(max(0, -a), min(b, n) - a) for a, b, n in zip(start, stop, volume.shape, strict=True))] = True
+        # (and inside its region: a held-out validation slab carries no training loss, whatever the jitter)
+        bounds = volume.bounds or [(0, n) for n in volume.shape]
+        mask[
+            tuple(
+                slice(max(lo - a, 0), max(min(hi, b) - a, 0))
+                for a, b, (lo, hi) in zip(start, stop, bounds, strict=True)
+            )
+        ] = True
         if volume.mask is not None:
             mask &= read_block(volume.mask, start, stop) > 0
-        if self.augment:
+        if self.augment and rng is not None:
             image, labels, mask = augment_em(image, labels, mask.astype(np.uint8), rng)
         target = make_targets(labels, self.resolution)
+        cut = cut_by_border(labels)
         crop = tuple(slice(q, q + p) for p, q in zip(self.patch, self.pad, strict=True))
+        valid = np.ascontiguousarray(mask[crop] > 0)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image[crop]))[None],
             "target": torch.from_numpy(np.ascontiguousarray(target[(slice(None), *crop)])),
-            "weight": torch.from_numpy(np.ascontiguousarray(mask[crop] > 0)).float()[None],
+            "weight": torch.from_numpy(np.stack([valid, valid & ~cut[crop]])).float(),
         }
 
 
@@ -557,7 +632,7 @@ def write_volume(path: Path, volume: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_demo_volumes(root: str | Path, n_volumes: int = 3, shape=(24, 160, 160), seed: int = 0) -> Path:
+def write_demo_volumes(root: str | Path, n_volumes: int = 4, shape=(24, 160, 160), seed: int = 0) -> Path:
     """vol1..volN as <name>_im.h5, <name>_vesicle_ins.h5, <name>_mask.h5 in root. Skips writing when the same set
     exists already."""
     root = Path(root)

@@ -5,7 +5,9 @@
     python hydra_lv/evaluate.py --checkpoint best.ckpt data.test_image=DATA/vol5_im.h5 data.test_label=null
     python hydra_lv/evaluate.py --checkpoint best.ckpt inference.tta=true decoding.seed_binary=0.8
 
-Volumes: data.test_* of the run's config (overridable as above), else its validation (else training) volumes.
+Volumes: data.test_* of the run's config (overridable as above), else its validation volumes, else the regions of
+its training volumes that training held out for validation (data.val_fraction); test_results.json and the console
+say which, and whether training saw them.
 Inference: windows of model.input_size with inference.overlap (0.25), Gaussian blending, flip TTA with
 inference.tta; the volume streams through one window row at a time and finished sections are written to disk, so
 memory does not grow with the volume's depth. Decoding (decoding.*): seeds where binary > 0.9, boundary < 0.8
@@ -42,15 +44,17 @@ from hydra_lv.data import (
     HelpFormatter,
     apply_overrides,
     find_volumes,
+    held_out_regions,
     intensity_scale,
     new_folder,
     open_dataset,
     write_json,
 )
 from hydra_lv.model import (
-    build_model,
     connected_components_baseline,
     decode_instances,
+    load_weights,
+    model_from_config,
     pick_device,
     precision_setting,
     sliding_window_inference,
@@ -69,9 +73,8 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
         raise SystemExit(f"--checkpoint {path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("domain") != DOMAIN:
         raise SystemExit(f"--checkpoint {path}: not a {DOMAIN} checkpoint")
-    m = checkpoint["config"]["model"]
-    model = build_model(m["architecture"], m["in_channels"], m["out_channels"], m["filters"])
-    model.load_state_dict(checkpoint["model"])
+    model = model_from_config(checkpoint["config"])
+    load_weights(model, checkpoint["model"], path)
     return model.to(device).eval(), checkpoint
 
 
@@ -112,7 +115,10 @@ def test_volumes(cfg: dict, overrides: list[str]):
 
 
 def seen_by_training(volume, cfg: dict) -> str:
-    """What training did with a volume: 'trained on', 'validated on (chose the model)' or 'held out'."""
+    """What training did with a volume: 'trained on', 'validated on (chose the model)' or 'held out'. A held-out
+    region of a training volume was validated on."""
+    if volume.bounds is not None:
+        return "validated on (chose the model)"
     path = os.path.realpath(volume.image)
     for split, role in (("train", "trained on"), ("val", "validated on (chose the model)")):
         pattern = cfg["data"].get(f"{split}_image")
@@ -126,9 +132,17 @@ def main(args) -> Path:
     model, checkpoint = load_model(args.checkpoint, device)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
     volumes, split = test_volumes(cfg, args.overrides)
+    if split == "train":  # no test, no validation volumes: the regions training held out to validate on
+        volumes = held_out_regions(volumes, cfg["data"]["patch_size"], cfg["data"].get("val_fraction", 0.2))[1]
     roles = [seen_by_training(v, cfg) for v in volumes]
+    note = {
+        "test": "test volumes",
+        "val": "no data.test_image: the validation volumes, which chose the model (not an independent score)",
+        "train": "no data.test_image or data.val_image: the held-out regions of the training volumes, never trained "
+        "on but validated on (they chose the model: not an independent score)",
+    }[split]
     if split != "test":
-        print(f"no data.test_image: scoring the {'validation' if split == 'val' else 'training'} volumes instead")
+        print(f"scoring {note}")
     names = [v.name for v in volumes]
     if len(set(names)) < len(names):  # e.g. DATA/a/im.h5 and DATA/b/im.h5
         names = [f"{v.image.parent.name}_{v.name}" for v in volumes]
@@ -138,7 +152,6 @@ def main(args) -> Path:
     inference, decoding = cfg["inference"], cfg["decoding"]
     ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
     report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
-    note = "test volumes" if split == "test" else f"no data.test_image: the {split} volumes"
     report["scored"] = {"split": split, "held_out": all(r == "held out" for r in roles), "note": note}
     report["volumes"] = {}
     for volume, name in tqdm(list(zip(volumes, names, strict=True)), desc="volumes", disable=len(volumes) == 1):
@@ -146,11 +159,13 @@ def main(args) -> Path:
         prefix = "" if len(volumes) == 1 else f"{name}_"
         image = open_dataset(volume.image)
         scale = intensity_scale(image)  # the stretch training used: 0..255 for uint8, percentiles otherwise
+        if volume.bounds is not None:  # a held-out region, read into memory
+            image = np.asarray(image[volume.slices()])
         if args.fast_dev_run:  # one window of the first volume
             image = np.asarray(image[: window[0], : window[1], : window[2]])
         shape = tuple(image.shape)
-        print(f"{name} ({roles[names.index(name)]} by training): {shape} voxels, windows {window}, overlap "
-              f"{inference['overlap']}, TTA {inference['tta']}")  # fmt: skip
+        print(f"{name}{volume.region} ({roles[names.index(name)]} by training): {shape} voxels, windows {window}, "
+              f"overlap {inference['overlap']}, TTA {inference['tta']}")  # fmt: skip
         files = {"predictions": out / f"{prefix}predictions.h5", "segmentation": out / f"{prefix}segmentation.h5"}
         f, predictions = write_h5(files["predictions"], (3, *shape), np.uint8)
 
@@ -174,14 +189,14 @@ def main(args) -> Path:
             dataset[...] = segmentation
         seconds = time.time() - started
         print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {files['segmentation']}")
-        entry = {"image": str(volume.image), "label": volume.label and str(volume.label)}
+        entry = {"image": str(volume.image), "label": volume.label and str(volume.label), "region": volume.bounds}
         entry.update({"mask": volume.mask and str(volume.mask), "shape": list(shape), "seconds": round(seconds, 2)})
         entry.update({k: str(v) for k, v in files.items()})
         entry["training"] = roles[names.index(name)]  # trained on, validated on (chose the model) or held out
         report["volumes"][name] = entry
         if volume.label is None:
             continue
-        crop = tuple(slice(0, n) for n in shape)
+        crop = tuple(slice(r.start, r.start + n) for r, n in zip(volume.slices(), shape, strict=True))
         labels = np.asarray(open_dataset(volume.label)[crop]).astype(np.int64)
         valid = np.ones(shape, bool) if volume.mask is None else np.asarray(open_dataset(volume.mask)[crop]) > 0
         baseline = connected_components_baseline(binary, 0.5, decoding["min_object_size"])

@@ -1,14 +1,21 @@
 """Networks, loss, sliding-window inference and watershed decoding for hydra_lv.
 
 rsunet: the residual symmetric U-Net of the connectomics tutorial (Lee et al. 2017, "Superhuman accuracy on the
-SNEMI3D connectomics challenge"): pre-activation residual blocks, pooling (1, 2, 2) so z (30 nm sections) is
-never downsampled, transposed-convolution upsampling and additive skips. `filters` sets depth and width.
+SNEMI3D connectomics challenge"; pytorch_connectomics' rsunet): each level a pre-convolution, a pre-activation
+residual block and a post-convolution; (1, 3, 3) kernels at the levels where z is still coarse (its voxel at least
+twice the in-plane one, from data.resolution), 3 x 3 x 3 beyond; pooling (1, 2, 2) so z (30 nm sections) is never
+downsampled; trilinear in-plane upsampling followed by a 1 x 1 x 1 convolution (no transposed convolutions, so no
+checkerboard), additive skips. `filters` sets depth and width, model.rsunet_norm the normalisation.
 unet3d: a plain 3D U-Net (two conv-BN-ReLU per level, concatenated skips), the same in-plane-only pooling.
-Both output 3 channels: binary, boundary (logits) and distance (tanh gives -1..1).
+monai_unet: MONAI's UNet with in-plane strides. mednext: MONAI's MedNeXt (S, B, M or L) made anisotropic: no z
+downsampling and (1, k, k) kernels while z is coarse, as nnU-Net plans strides and kernels from the voxel size.
+All output 3 channels: binary, boundary (logits) and distance (tanh gives -1..1). With model.deep_supervision
+(rsunet, mednext), training also returns the 3 channels at each coarser decoder scale.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from itertools import product
 
@@ -21,9 +28,19 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.losses import DiceLoss
-from hydra_lv.data import scale_intensity
+from hydra_lv.data import DataError, scale_intensity
 
-ARCHITECTURES = ("rsunet", "unet3d", "monai_unet")
+ARCHITECTURES = ("rsunet", "unet3d", "monai_unet", "mednext")
+NORMS = ("batch", "sync_batch", "group", "instance", "none")
+# MedNeXt's sizes (Roy et al. 2023, table 1): expansion ratios of the encoder, bottleneck and decoder, blocks per
+# level (encoder, bottleneck, decoder); 4 downsamplings
+MEDNEXT_SIZES = {
+    "S": (2, 2, 2, (2, 2, 2, 2), 2, (2, 2, 2, 2)),
+    "B": ((2, 3, 4, 4), 4, (4, 4, 3, 2), (2, 2, 2, 2), 2, (2, 2, 2, 2)),
+    "M": ((2, 3, 4, 4), 4, (4, 4, 3, 2), (3, 4, 4, 4), 4, (4, 4, 4, 3)),
+    "L": ((3, 4, 8, 8), 8, (8, 8, 4, 3), (3, 4, 8, 8), 8, (8, 8, 4, 3)),
+}
+MEDNEXT_LEVELS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,49 +52,96 @@ def conv(cin: int, cout: int, kernel=(3, 3, 3)) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, kernel, padding=tuple(k // 2 for k in kernel), bias=False)
 
 
-class PreActResidual(nn.Module):
-    """x + conv(relu(bn(conv(relu(bn(x)))))) (He et al. 2016, identity mappings)."""
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """model.rsunet_norm: batch (sync_batch: converted to SyncBatchNorm under DDP), group (8 groups, or as many
+    as divide the channels), instance (with affine weights), none."""
+    if kind in ("batch", "sync_batch"):
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    return nn.Identity()
 
-    def __init__(self, channels: int):
+
+def coarse_z(resolution, level: int, z_pooled: int = 0) -> bool:
+    """Is z at this level at least twice the in-plane voxel size (in-plane halved per level, z per z pooling)?"""
+    z, y, x = (float(r) for r in resolution)
+    return z * 2**z_pooled >= 2 * min(y, x) * 2**level
+
+
+class NormActConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel, norm: str):
+        super().__init__(norm_layer(norm, cin), nn.ReLU(inplace=True), conv(cin, cout, kernel))
+
+
+class ResBlock(nn.Module):
+    """x + (norm-ReLU-conv) twice (He et al. 2016, identity mappings)."""
+
+    def __init__(self, channels: int, kernel, norm: str):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.BatchNorm3d(channels), nn.ReLU(inplace=True), conv(channels, channels),
-            nn.BatchNorm3d(channels), nn.ReLU(inplace=True), conv(channels, channels),
-        )  # fmt: skip
+        self.body = nn.Sequential(NormActConv(channels, channels, kernel, norm),
+                                  NormActConv(channels, channels, kernel, norm))  # fmt: skip
 
     def forward(self, x):
         return x + self.body(x)
 
 
-def upsamplers(filters) -> nn.ModuleList:
-    """Deepest first: transposed convolutions (1, 2, 2) from each level to the one above."""
-    levels = range(len(filters) - 1, 0, -1)
-    return nn.ModuleList(nn.ConvTranspose3d(filters[i], filters[i - 1], (1, 2, 2), stride=(1, 2, 2)) for i in levels)
+class ConvBlock(nn.Sequential):
+    """An RSUNet level: pre-convolution, residual block, post-convolution."""
+
+    def __init__(self, cin: int, cout: int, kernel, norm: str):
+        super().__init__()
+        self.pre = NormActConv(cin, cout, kernel, norm)
+        self.res = ResBlock(cout, kernel, norm)
+        self.post = NormActConv(cout, cout, kernel, norm)
+
+
+class UpBlock(nn.Module):
+    """Trilinear upsampling (1, 2, 2), a 1 x 1 x 1 convolution to the upper level's width, then the skip added."""
+
+    def __init__(self, cin: int, cout: int, norm: str):
+        super().__init__()
+        self.project = NormActConv(cin, cout, (1, 1, 1), norm)
+
+    def forward(self, x, skip):
+        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.project(x) + skip
 
 
 class RSUNet(nn.Module):
-    def __init__(self, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512)):
+    def __init__(self, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512), norm="batch",
+                 deep_supervision=False, resolution=(30, 8, 8)):  # fmt: skip
         super().__init__()
+        kernels = [(1, 3, 3) if coarse_z(resolution, level) else (3, 3, 3) for level in range(len(filters))]
         self.embed = conv(in_channels, filters[0], (1, 5, 5))  # in-plane context first, as in the tutorial
-        self.down = nn.ModuleList()
-        for i, width in enumerate(filters):
-            entry = nn.Identity() if i == 0 else nn.Sequential(nn.MaxPool3d((1, 2, 2)), conv(filters[i - 1], width))
-            self.down.append(nn.Sequential(entry, PreActResidual(width)))
-        self.up = upsamplers(filters)
-        self.up_blocks = nn.ModuleList(PreActResidual(filters[i - 1]) for i in range(len(filters) - 1, 0, -1))
-        self.head = nn.Sequential(
-            nn.BatchNorm3d(filters[0]), nn.ReLU(inplace=True), nn.Conv3d(filters[0], out_channels, 1)
+        self.pool = nn.MaxPool3d((1, 2, 2))
+        self.down = nn.ModuleList(
+            ConvBlock(filters[max(i - 1, 0)], width, kernels[i], norm) for i, width in enumerate(filters)
         )
+        levels = range(len(filters) - 2, -1, -1)  # the decoder, deepest first
+        self.up = nn.ModuleList(UpBlock(filters[i + 1], filters[i], norm) for i in levels)
+        self.up_blocks = nn.ModuleList(ConvBlock(filters[i], filters[i], kernels[i], norm) for i in levels)
+        self.head = nn.Sequential(norm_layer(norm, filters[0]), nn.ReLU(inplace=True),
+                                  nn.Conv3d(filters[0], out_channels, 1))  # fmt: skip
+        # deep supervision: a head on every decoder level but the last (the last is self.head)
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(filters[i], out_channels, 1) for i in list(levels)[:-1]
+        ) if deep_supervision else None  # fmt: skip
 
     def forward(self, x):
         x = self.embed(x)
         skips = []
-        for block in self.down:
-            x = block(x)
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
             skips.append(x)
-        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1]), strict=True):
-            x = block(up(x) + skip)  # additive skip
-        return self.head(x)
+        aux = []
+        for k, (up, block, skip) in enumerate(zip(self.up, self.up_blocks, reversed(skips[:-1]), strict=True)):
+            x = block(up(x, skip))
+            if self.aux_heads is not None and self.training and k < len(self.aux_heads):
+                aux.append(self.aux_heads[k](x))
+        out = self.head(x)
+        return (out, *aux[::-1]) if aux else out  # full resolution first, then coarser
 
 
 class UNet3D(nn.Module):
@@ -92,10 +156,11 @@ class UNet3D(nn.Module):
 
         self.down = nn.ModuleList(double(in_channels if i == 0 else filters[i - 1], f) for i, f in enumerate(filters))
         self.pool = nn.MaxPool3d((1, 2, 2))
-        self.up = upsamplers(filters)
-        self.up_blocks = nn.ModuleList(
-            double(2 * filters[i - 1], filters[i - 1]) for i in range(len(filters) - 1, 0, -1)
+        levels = range(len(filters) - 1, 0, -1)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose3d(filters[i], filters[i - 1], (1, 2, 2), stride=(1, 2, 2)) for i in levels
         )
+        self.up_blocks = nn.ModuleList(double(2 * filters[i - 1], filters[i - 1]) for i in levels)
         self.head = nn.Conv3d(filters[0], out_channels, 1)
 
     def forward(self, x):
@@ -108,22 +173,136 @@ class UNet3D(nn.Module):
         return self.head(x)
 
 
-def build_model(architecture: str, in_channels: int = 1, out_channels: int = 3, filters=(32, 64, 128, 256, 512)):
-    """rsunet, unet3d, or monai_unet (MONAI's UNet with in-plane strides where MONAI is installed, else unet3d)."""
+def mednext_z_pools(resolution, levels: int = MEDNEXT_LEVELS) -> list[bool]:
+    """For each downsampling of MedNeXt: does it halve z too? Not while z is coarse (nnU-Net's rule: an axis is
+    pooled once its voxel is under twice the finest one), so 30 x 8 x 8 nm pools in-plane first, then all three."""
+    pools, z_pooled = [], 0
+    for level in range(levels):
+        pool = not coarse_z(resolution, level, z_pooled)
+        pools.append(pool)
+        z_pooled += pool
+    return pools
+
+
+class CropFrontZ(nn.Module):
+    """MONAI's up-block pads one voxel in front of every axis after its stride-2 transposed convolution; where z
+    is not upsampled that voxel is surplus."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)[:, :, 1:]
+
+
+def anisotropic(layer: nn.Conv3d | nn.ConvTranspose3d, stride_z: bool, kernel_z: bool) -> nn.Module:
+    """The layer again with stride 1 in z where z is not resampled and kernel 1 in z where z is coarse."""
+    k, s = list(layer.kernel_size), list(layer.stride)
+    if not kernel_z:
+        k[0] = 1
+    if not stride_z:
+        s[0] = 1
+    if tuple(k) == layer.kernel_size and tuple(s) == layer.stride:
+        return layer
+    kind = type(layer)
+    return kind(layer.in_channels, layer.out_channels, tuple(k), tuple(s), tuple(n // 2 for n in k),
+                groups=layer.groups, bias=layer.bias is not None)  # fmt: skip
+
+
+def build_mednext(in_channels, out_channels, init_filters, size, deep_supervision, resolution, kernel=3):
+    from monai.networks.nets import MedNeXt
+
+    size = str(size).upper()
+    if size not in MEDNEXT_SIZES:
+        raise DataError(f"model.mednext_size={size}: choose one of {', '.join(MEDNEXT_SIZES)}")
+    enc, bottleneck, dec, down, mid, up = MEDNEXT_SIZES[size]
+    net = MedNeXt(
+        spatial_dims=3, init_filters=init_filters, in_channels=in_channels, out_channels=out_channels,
+        encoder_expansion_ratio=enc, decoder_expansion_ratio=dec, bottleneck_expansion_ratio=bottleneck,
+        kernel_size=kernel, deep_supervision=deep_supervision, use_residual_connection=True, blocks_down=down,
+        blocks_bottleneck=mid, blocks_up=up, norm_type="group",
+    )  # fmt: skip
+    pools = mednext_z_pools(resolution)
+    z_pooled = 0
+    for level in range(MEDNEXT_LEVELS + 1):  # encoder stage, its down block; bottleneck; decoder stage, up block
+        kernel_z = not coarse_z(resolution, level, z_pooled)
+        stages = [net.enc_stages[level], net.dec_stages[MEDNEXT_LEVELS - 1 - level]] if level < MEDNEXT_LEVELS else [
+            net.bottleneck]  # fmt: skip
+        for stage in stages:
+            for block in stage:
+                block.conv1 = anisotropic(block.conv1, True, kernel_z)
+        if level < MEDNEXT_LEVELS:
+            down_block = net.down_blocks[level]
+            down_block.conv1 = anisotropic(down_block.conv1, pools[level], kernel_z)
+            down_block.res_conv = anisotropic(down_block.res_conv, pools[level], True)
+            index = MEDNEXT_LEVELS - 1 - level
+            up_block = net.up_blocks[index]
+            up_block.conv1 = anisotropic(up_block.conv1, pools[level], kernel_z)
+            up_block.res_conv = anisotropic(up_block.res_conv, pools[level], True)
+            if not pools[level]:
+                net.up_blocks[index] = CropFrontZ(up_block)
+            z_pooled += pools[level]
+    return net
+
+
+def build_model(architecture: str, in_channels: int = 1, out_channels: int = 3, filters=(32, 64, 128, 256, 512),
+                norm: str = "batch", deep_supervision: bool = False, mednext_size: str = "S",
+                resolution=(30, 8, 8)):  # fmt: skip
+    """rsunet, unet3d, monai_unet (MONAI's UNet with in-plane strides) or mednext (MONAI's MedNeXt, anisotropic;
+    filters[0] is its first width)."""
     if architecture not in ARCHITECTURES:
-        raise SystemExit(f"model.architecture={architecture}: unknown; choose one of {', '.join(ARCHITECTURES)}")
+        raise DataError(f"model.architecture={architecture}: unknown; choose one of {', '.join(ARCHITECTURES)}")
+    if norm not in NORMS:
+        raise DataError(f"model.rsunet_norm={norm}: choose one of {', '.join(NORMS)}")
+    if deep_supervision and architecture not in ("rsunet", "mednext"):
+        raise DataError(f"model.deep_supervision=true: rsunet and mednext have it, not {architecture}")
     filters = tuple(int(f) for f in filters)
     if architecture == "monai_unet":
-        try:
-            from monai.networks.nets import UNet
-        except ImportError:
-            architecture = "unet3d"
-        else:
-            strides = [(1, 2, 2)] * (len(filters) - 1)
-            return UNet(3, in_channels, out_channels, filters, strides, num_res_units=2, norm="batch")
+        from monai.networks.nets import UNet
+
+        strides = [(1, 2, 2)] * (len(filters) - 1)
+        return UNet(3, in_channels, out_channels, filters, strides, num_res_units=2, norm="batch")
+    if architecture == "mednext":
+        return build_mednext(in_channels, out_channels, filters[0], mednext_size, deep_supervision, resolution)
     if architecture == "rsunet":
-        return RSUNet(in_channels, out_channels, filters)
+        return RSUNet(in_channels, out_channels, filters, norm, deep_supervision, resolution)
     return UNet3D(in_channels, out_channels, filters)
+
+
+def model_from_config(cfg: dict) -> nn.Module:
+    """The network of a run's config (model.* and data.resolution); keys a config written before them lacks take
+    their defaults."""
+    m = cfg["model"]
+    return build_model(
+        m["architecture"], m["in_channels"], m["out_channels"], m["filters"], m.get("rsunet_norm", "batch"),
+        bool(m.get("deep_supervision", False)), m.get("mednext_size", "S"), cfg["data"].get("resolution", (30, 8, 8)),
+    )  # fmt: skip
+
+
+def load_weights(model: nn.Module, state: dict, path) -> None:
+    """The checkpoint's weights into the network its config builds; a checkpoint of an older layout (the rsunet
+    before pre/post convolutions and 1 x 1 x 1 upsampling, December 2026) is a clear error, not a key dump."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        missing = len(set(model.state_dict()) - set(state))
+        raise DataError(
+            f"{path}: its weights do not fit the network its config describes ({missing} tensors missing; "
+            f"{str(error).splitlines()[0]}). It was written by an older version of {type(model).__name__} in this "
+            f"repository: retrain, or test it with the commit that trained it"
+        ) from None
+
+
+def size_multiples(cfg: dict) -> tuple[int, int, int]:
+    """A window's (z, y, x) must be multiples of these: one halving per level in-plane (and in z where mednext
+    pools it)."""
+    m = cfg["model"]
+    if m["architecture"] == "mednext":
+        pools = mednext_z_pools(cfg["data"].get("resolution", (30, 8, 8)))
+        return 2 ** sum(pools), 2**MEDNEXT_LEVELS, 2**MEDNEXT_LEVELS
+    multiple = 2 ** (len(m["filters"]) - 1)
+    return 1, multiple, multiple
 
 
 def pick_device() -> torch.device:
@@ -160,11 +339,6 @@ def use_channels_last(device, cfg) -> bool:
     return device.type in ("cpu", "cuda") if str(setting).lower() == "auto" else bool(setting)
 
 
-def in_plane_multiple(filters) -> int:
-    """y and x of a window must be multiples of this (one halving per level)."""
-    return 2 ** (len(filters) - 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Loss: the tutorial's three terms, counted only inside the valid mask
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,9 +346,15 @@ def in_plane_multiple(filters) -> int:
 
 class HydraLoss(nn.Module):
     """weights[0] * (Dice + BCE)(binary) + weights[1] * (Dice + BCE)(boundary) + weights[2] * MSE(tanh(distance)).
-    Voxels outside the valid mask (weight 0) do not count: their logits are set to -1e4 (probability 0) for the
-    Dice term, and they carry zero weight in BCE and MSE. The MSE weights foreground voxels 3 : 1 over
-    background, so thin vesicles are not drowned by the background's -1."""
+    valid: (N, 1 or 2, z, y, x), the valid mask, and for the distance term a second channel without the vesicles
+    cut by the block's border (data.cut_by_border). Voxels outside the valid mask (weight 0) do not count: their
+    logits are set to -1e4 (probability 0) for the Dice term, and they carry zero weight in BCE and MSE. The MSE
+    weights foreground voxels 3 : 1 over background, so thin vesicles are not drowned by the background's -1.
+
+    Deep supervision (output a tuple: full resolution, then coarser scales): the same loss at scale k, on the
+    targets brought to its size (nearest voxel; the boundary by max-pooling, so thin contours survive), weighted
+    1 / 2^k as pytorch_connectomics weights its scales, and summed. The terms returned are those of the full
+    resolution (train_loss_0..2); the total includes every scale."""
 
     def __init__(self, weights=(1.0, 1.0, 3.0)):
         super().__init__()
@@ -182,15 +362,28 @@ class HydraLoss(nn.Module):
         self.dice = DiceLoss(smooth=1.0)
 
     def forward(self, output, target, valid):
+        if not isinstance(output, (tuple, list)):
+            return self.single(output, target, valid)
+        total, terms = self.single(output[0], target, valid)
+        for k, coarse in enumerate(output[1:], start=1):
+            size = coarse.shape[2:]
+            resized = torch.cat([F.interpolate(target[:, :1], size=size, mode="nearest"),
+                                 F.adaptive_max_pool3d(target[:, 1:2], size),
+                                 F.interpolate(target[:, 2:3], size=size, mode="nearest")], 1)  # fmt: skip
+            total = total + self.single(coarse, resized, F.interpolate(valid, size=size, mode="nearest"))[0] / 2**k
+        return total, terms
+
+    def single(self, output, target, valid):
         output = output.float()
         terms = {}
+        valid, distance_valid = valid[:, :1], valid
         for channel, name in ((0, "binary"), (1, "boundary")):
             logits, truth = output[:, channel : channel + 1], target[:, channel : channel + 1]
             dice = self.dice(torch.where(valid > 0, logits, torch.full_like(logits, -1e4)), truth * valid)
             bce = F.binary_cross_entropy_with_logits(logits, truth, weight=valid, reduction="sum")
             terms[name] = dice + bce / valid.sum().clamp_min(1)
         distance, truth = torch.tanh(output[:, 2:3]), target[:, 2:3]
-        weight = valid * (1 + 2 * (truth > 0).float())
+        weight = distance_valid[:, -1:] * (1 + 2 * (truth > 0).float())
         terms["distance"] = (weight * (distance - truth) ** 2).sum() / weight.sum().clamp_min(1)
         total = sum(w * term for w, term in zip(self.weights, terms.values(), strict=True))
         return total, {name: float(term.detach()) for name, term in terms.items()}

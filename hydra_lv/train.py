@@ -59,6 +59,7 @@ from hydra_lv.data import (
     check_splits_disjoint,
     describe_config,
     find_volumes,
+    held_out_regions,
     load_config,
     new_folder,
     write_demo_volumes,
@@ -66,10 +67,11 @@ from hydra_lv.data import (
 )
 from hydra_lv.model import (
     HydraLoss,
-    build_model,
-    in_plane_multiple,
+    load_weights,
+    model_from_config,
     pick_device,
     precision_setting,
+    size_multiples,
     use_channels_last,
 )
 
@@ -84,6 +86,7 @@ DEMO = {
     "data.iterations_per_epoch": 32,
     "data.val_patches": 8,
     "system.training.batch_size": 4,
+    "system.training.num_gpus": 1,
     "system.training.num_workers": 2,
     "system.inference.batch_size": 4,
     "optimization.max_epochs": 30,
@@ -243,13 +246,13 @@ def check_config(cfg: dict) -> None:
     patch, filters = cfg["data"]["patch_size"], cfg["model"]["filters"]
     if len(patch) != 3 or len(cfg["data"]["pad_size"]) != 3:
         raise DataError(f"data.patch_size={patch} and data.pad_size must have three entries (z, y, x)")
-    multiple = in_plane_multiple(filters)
+    multiples = size_multiples(cfg)
+    levels = f"{len(filters)} levels (model.filters={filters})"
+    if cfg["model"]["architecture"] == "mednext":
+        levels = f"the 4 levels of mednext at data.resolution={cfg['data']['resolution']}"
     for key, size in (("data.patch_size", patch), ("model.input_size", cfg["model"]["input_size"])):
-        if len(size) != 3 or size[1] % multiple or size[2] % multiple:
-            raise DataError(
-                f"{key}={size}: three sizes (z, y, x), y and x multiples of {multiple} for {len(filters)} levels "
-                f"(model.filters={filters})"
-            )
+        if len(size) != 3 or any(n % m for n, m in zip(size, multiples, strict=True)):
+            raise DataError(f"{key}={size}: three sizes (z, y, x), multiples of {list(multiples)} for {levels}")
     if cfg["model"]["output_size"] != cfg["model"]["input_size"]:
         raise DataError(
             f"model.output_size={cfg['model']['output_size']} must equal model.input_size="
@@ -316,7 +319,9 @@ def load_data(cfg: dict, rank: int, world: int):
     train_volumes = find_volumes(data, "train")
     if not train_volumes:
         raise DataError("data.train_image is not set: give a glob of training volumes (or use --demo)")
-    val_volumes = find_volumes(data, "val") or train_volumes
+    val_volumes = find_volumes(data, "val")
+    if not val_volumes:  # held-out regions of the training volumes, which training never samples
+        train_volumes, val_volumes = held_out_regions(train_volumes, data["patch_size"], data.get("val_fraction", 0.2))
     patch, pad, resolution = data["patch_size"], data["pad_size"], data["resolution"]
     seed = int(cfg["seed"])
     train_set = PatchDataset(
@@ -343,12 +348,11 @@ def make_loaders(train_set, val_set, cfg: dict, device, rank: int, world: int):
 def make_model(cfg: dict, device):
     """(the network, the same in DDP when torchrun runs several processes)."""
     torch.manual_seed(int(cfg["seed"]))
-    m = cfg["model"]
-    model = build_model(m["architecture"], m["in_channels"], m["out_channels"], m["filters"]).to(device)
+    model = model_from_config(cfg).to(device)
     if use_channels_last(device, cfg):
         model = model.to(memory_format=torch.channels_last_3d)
-    if dist.is_initialized() and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist.is_initialized() and cfg["model"].get("rsunet_norm") == "sync_batch":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over every GPU
     if not dist.is_initialized():
         return model, model
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -374,7 +378,7 @@ def resume_or_start(resume, model, optimizer, scheduler, scaler, cfg: dict, args
     holding config.yaml (rank 0 alone writes)."""
     state = {"epoch": 0, "best": math.inf, "patience": 0, "history": []}
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        load_weights(model, resume["model"], args.resume)
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -402,9 +406,9 @@ def log_banner(log, run_dir, state, resumed, cfg, device, world, ctx, train_volu
         f"batch {cfg['system']['training']['batch_size']} x {world} process(es)  device {gpu}  precision {precision}"
     )
     log(
-        f"train: {', '.join(v.name + str(list(v.shape)) for v in train_volumes)}; "
-        f"validation: {', '.join(v.name for v in val_volumes)}"
-        + (" (fixed patches of the training volumes)" if val_volumes is train_volumes else "")
+        f"train: {', '.join(v.name + str(list(v.shape)) + v.region for v in train_volumes)}; "
+        f"validation: {', '.join(v.name + v.region for v in val_volumes)}"
+        + (" (held-out regions of the training volumes, never trained on)" if val_volumes[0].bounds else "")
     )
     log("=" * 72)
     if cfg["system"]["training"]["num_gpus"] > 1 and world == 1:
@@ -575,10 +579,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def demo_settings(output_root: str) -> dict:
-    """DEMO with the synthetic volumes under OUTPUT_ROOT/demo_data: vol1-2 train, vol3 validates and tests."""
+    """DEMO with the synthetic volumes under OUTPUT_ROOT/demo_data: vol1-2 train, vol3 validates (chooses the
+    model), vol4 is held out for the test."""
     root = (Path(output_root) / "demo_data").resolve()
     settings = dict(DEMO)
-    for split, volumes in (("train", "vol[12]"), ("val", "vol3"), ("test", "vol3")):
+    for split, volumes in (("train", "vol[12]"), ("val", "vol3"), ("test", "vol4")):
         for kind, suffix in (("image", "im"), ("label", "vesicle_ins"), ("mask", "mask")):
             settings[f"data.{split}_{kind}"] = f"{root}/{volumes}_{suffix}.h5"
     return settings

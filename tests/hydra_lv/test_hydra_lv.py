@@ -22,6 +22,7 @@ from hydra_lv import visualize as hydra_visualize
 from hydra_lv.data import (
     PatchDataset,
     apply_overrides,
+    cut_by_border,
     find_volumes,
     load_config,
     make_targets,
@@ -29,6 +30,8 @@ from hydra_lv.data import (
     write_volume,
 )
 from hydra_lv.model import (
+    HydraLoss,
+    RSUNet,
     build_model,
     connected_components_baseline,
     decode_instances,
@@ -114,14 +117,44 @@ def test_targets_on_a_hand_made_volume():
     labels[0, 1:4, 4:7] = 2  # touching it on the right
     binary, boundary, distance = make_targets(labels, resolution=(30, 8, 8))
     assert binary.sum() == 18 and set(np.unique(binary)) == {0, 1}
-    # every voxel of both squares touches another id in-plane except the two centres
-    expected_boundary = (labels > 0).astype(np.float32)
+    # both sides of every border (edge_mode all): every voxel of both squares touches another id in-plane except
+    # the two centres, and so does each background voxel beside a square (4-neighbours: not the corners)
+    expected_boundary = np.zeros(labels.shape, np.float32)
+    expected_boundary[0, 0, 1:7] = expected_boundary[0, 4, 1:7] = 1  # above and below
+    expected_boundary[0, 1:4, 0] = expected_boundary[0, 1:4, 7] = 1  # left and right
+    expected_boundary[0, 1:4, 1:7] = 1
     expected_boundary[0, 2, 2] = expected_boundary[0, 2, 5] = 0
     assert np.array_equal(boundary, expected_boundary)
     # distance: the centre is 2 px (16 nm) from the outside, the rim 1 px (8 nm); each square scaled to its max
     square = np.array([[0.5, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 0.5]], np.float32)
     assert np.allclose(distance[0, 1:4, 1:4], square) and np.allclose(distance[0, 1:4, 4:7], square)
     assert (distance[labels == 0] == -1).all()
+
+
+def test_a_vesicle_cut_by_the_block_has_no_distance_weight_and_context_makes_the_patch_exact(tmp_path):
+    """The distance target of a vesicle the block read cuts is unknown (its maximum lies outside): the loss leaves it
+    out. With data.pad_size of context around the patch, the patch's targets are those of the whole volume."""
+    labels = np.zeros((3, 8, 12), np.int64)
+    labels[:, 2:6, 0:4] = 1  # touches the x = 0 face
+    labels[1, 3:5, 6:9] = 2  # inside
+    cut = cut_by_border(labels)
+    assert cut[labels == 1].all() and not cut[labels != 1].any()
+
+    volume = np.zeros((6, 48, 48), np.uint32)
+    zz, yy, xx = np.ogrid[:6, :48, :48]
+    volume[((zz - 2.5) / 2) ** 2 + ((yy - 24) / 9) ** 2 + ((xx - 20) / 9) ** 2 <= 1] = 7  # 18 px across
+    write_volume(tmp_path / "v_im.h5", np.full(volume.shape, 100, np.uint8))
+    write_volume(tmp_path / "v_ins.h5", volume)
+    (files,) = find_volumes({"train_image": f"{tmp_path}/v_im.h5", "train_label": f"{tmp_path}/v_ins.h5"}, "train")
+    whole = make_targets(volume)
+    for pad, certain in (((0, 0, 0), False), ((2, 16, 16), True)):
+        dataset = PatchDataset([files], (6, 16, 16), pad, (30, 8, 8), 1)
+        item = dataset.patch_at(0, (3, 24, 32))  # the patch: x 24..40, the vesicle's right edge (x 12..28)
+        inside = item["target"][0] > 0
+        assert inside.sum() > 20
+        assert bool(item["weight"][1][inside].all()) == certain and item["weight"][0][inside].all()
+        if certain:  # the same distances as the whole volume's where the patch sits
+            assert np.allclose(item["target"].numpy(), whole[:, :, 16:32, 24:40])
 
 
 def test_distance_target_is_in_physical_units():
@@ -164,7 +197,8 @@ def test_only_voxels_inside_the_volume_count(tmp_path):
     dataset = PatchDataset([volume], (8, 32, 32), (1, 4, 4), (30, 8, 8), 4)
     for i in range(4):
         item = dataset[i]
-        assert 0 < item["weight"].sum() <= 4 * 20 * 24 < 8 * 32 * 32
+        assert 0 < item["weight"][0].sum() <= 4 * 20 * 24 < 8 * 32 * 32
+        assert torch.equal(item["weight"][1], item["weight"][0])  # the vesicle lies inside the block read: certain
         assert 0 < item["target"][0].sum() <= 2 * 8 * 10 and item["target"][2].max() == 1  # the vesicle, not mirrored
 
 
@@ -249,7 +283,7 @@ def test_watershed_by_component_is_the_whole_volume_watershed_but_for_ties():
 
 def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
     """`python hydra_lv/train.py --demo`, as a user types it, for half its 30 epochs: trains, then test mode
-    scores volume 3 (measured: adapted Rand error 0.08 against the baseline's 0.48, instance F1 0.98)."""
+    scores volume 4, which training held out (volume 3 chose the model)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "hydra_lv" / "train.py"), "--demo", "optimization.max_epochs=15"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
@@ -261,9 +295,10 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
     for name in outputs:
         assert (run / name).is_file(), name
     results = json.loads((run / "results" / "test_results.json").read_text())
-    report = results["volumes"]["vol3"]
-    # the demo tests on its validation volume, and says so
-    assert report["training"] == "validated on (chose the model)" and results["scored"]["held_out"] is False
+    report = results["volumes"]["vol4"]
+    # the demo tests on a volume neither training nor validation saw, and says so
+    assert report["training"] == "held out" and results["scored"] == {"split": "test", "held_out": True,
+                                                                      "note": "test volumes"}  # fmt: skip
     baseline = report["baseline_threshold_connected_components"]
     assert report["adapted_rand_error"] < baseline["adapted_rand_error"] - 0.15, (report, baseline)
     assert report["instance_f1"] > 0.7
@@ -272,8 +307,8 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
     data = tmp_path / "outputs" / "demo_data"
     with (
         h5py.File(run / "results" / "segmentation.h5") as f,
-        h5py.File(data / "vol3_vesicle_ins.h5") as g,
-        h5py.File(data / "vol3_mask.h5") as m,
+        h5py.File(data / "vol4_vesicle_ins.h5") as g,
+        h5py.File(data / "vol4_mask.h5") as m,
     ):
         pred, true, valid = f["main"][:].astype(np.int64), g["main"][:].astype(np.int64), m["main"][:] > 0
     error, _, _ = adapted_rand_error(true * valid, pred * valid, ignore_labels=(0,))
@@ -290,7 +325,7 @@ def test_demo_beats_the_connected_components_baseline_then_visualize(tmp_path):
         hydra_train.parse_args(["--mode", "test", "--checkpoint", str(run / "checkpoints" / "best.ckpt")])
     )
     assert again == run / "results_2" and len((run / "test_results.log").read_text().splitlines()) == 2
-    # another image, no labels: segmented, not scored (the checkpoint's test labels belong to volume 3)
+    # another image, no labels: segmented, not scored (the checkpoint's test labels belong to volume 4)
     other = hydra_evaluate.main(hydra_evaluate.parse_args(
         ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), f"data.test_image={data / 'vol1_im.h5'}"]
     ))  # fmt: skip
@@ -399,11 +434,13 @@ def test_bad_inputs_give_clear_errors(tmp_path, volumes):
     with pytest.raises(SystemExit, match=r"two_im.h5: holds 2 datasets \(.*\) and none named 'main'"):
         train(tmp_path, volumes, overrides=[f"data.train_image={tmp_path}/two_im.h5", "data.train_mask=null",
                                             f"data.train_label={volumes}/vol1_vesicle_ins.h5"])  # fmt: skip
-    with pytest.raises(SystemExit, match="model.architecture=vnet: unknown; choose one of rsunet, unet3d, monai_unet"):
+    with pytest.raises(
+        SystemExit, match="model.architecture=vnet: unknown; choose one of rsunet, unet3d, monai_unet, mednext"
+    ):
         train(tmp_path, volumes, overrides=["model.architecture=vnet"])
     with pytest.raises(SystemExit, match="unknown key 'model.filter'"):
         train(tmp_path, volumes, overrides=["model.filter=[4,8]"])
-    with pytest.raises(SystemExit, match=r"data.patch_size=\[8, 33, 32\]: .*y and x multiples of 2"):
+    with pytest.raises(SystemExit, match=r"data.patch_size=\[8, 33, 32\]: .*multiples of \[1, 2, 2\] for 2 levels"):
         train(tmp_path, volumes, overrides=["data.patch_size=[8,33,32]"])
     with pytest.raises(SystemExit, match="no last.ckpt there"):
         hydra_train.main(hydra_train.parse_args(["--resume", str(tmp_path / "none")]))
@@ -431,6 +468,71 @@ def test_flip_tta_of_an_identity_model_is_the_identity():
     assert np.allclose(tta, plain, atol=1e-5)
 
 
+def test_deep_supervision_loss_is_the_full_loss_plus_halved_coarser_scales():
+    torch.manual_seed(0)
+    target = torch.zeros(1, 3, 4, 16, 16)
+    target[:, 0, :, 4:12, 4:12] = 1
+    target[:, 1, :, 4:12, 4] = 1  # a thin line: max-pooling keeps it at the coarse scale
+    target[:, 2] = torch.where(target[:, 0] > 0, 0.5, -1.0)
+    valid = torch.ones(1, 2, 4, 16, 16)
+    full, coarse = torch.randn(1, 3, 4, 16, 16), torch.randn(1, 3, 4, 8, 8)
+    loss = HydraLoss()
+    alone, terms = loss(full, target, valid)
+    both, same_terms = loss((full, coarse), target, valid)
+    small = torch.stack([target[:, 0, :, ::2, ::2], target[:, 1].reshape(1, 4, 8, 2, 8, 2).amax((3, 5)),
+                         target[:, 2, :, ::2, ::2]], 1)  # fmt: skip
+    assert small[:, 1, :, 2:6, 2].eq(1).all()
+    expected = alone + loss(coarse, small, torch.ones(1, 2, 4, 8, 8))[0] / 2
+    assert torch.allclose(both, expected) and terms == same_terms
+    # the second weight channel alone decides where the distance term counts
+    masked = valid.clone()
+    masked[:, 1] = 0
+    assert loss(full, target, masked)[1]["distance"] == 0 and loss(full, target, masked)[1]["binary"] == terms["binary"]
+
+
+@pytest.mark.parametrize("norm", ["batch", "sync_batch", "group", "instance", "none"])
+def test_rsunet_follows_the_connectomics_layout(norm):
+    model = build_model("rsunet", filters=(4, 8, 16), norm=norm, deep_supervision=True, resolution=(30, 8, 8))
+    assert isinstance(model, RSUNet)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.ConvTranspose3d not in kinds  # upsampling + 1x1x1 convolution, no checkerboard
+    expected = {"batch": torch.nn.BatchNorm3d, "sync_batch": torch.nn.BatchNorm3d, "group": torch.nn.GroupNorm,
+                "instance": torch.nn.InstanceNorm3d, "none": None}[norm]  # fmt: skip
+    assert expected is None or expected in kinds
+    if expected is None:
+        assert not kinds & {torch.nn.BatchNorm3d, torch.nn.GroupNorm, torch.nn.InstanceNorm3d}
+    level0, level2 = model.down[0], model.down[2]
+    assert level0.pre[2].kernel_size == (1, 3, 3) and level2.pre[2].kernel_size == (3, 3, 3)  # z coarse at 8 nm
+    assert hasattr(level0, "res") and hasattr(level0, "post")
+    outputs = model.train()(torch.zeros(2, 1, 4, 32, 32))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 4, 32, 32), (2, 3, 4, 16, 16)]
+    assert model.eval()(torch.zeros(1, 1, 4, 32, 32)).shape == (1, 3, 4, 32, 32)
+
+
+@pytest.mark.parametrize("architecture", ["mednext", "rsunet"])
+def test_mednext_and_deep_supervision_train_one_step(tmp_path, volumes, architecture):
+    """One epoch of the real loop with deep supervision, then test mode loads the checkpoint."""
+    sizes = ["data.patch_size=[8,32,32]", "model.input_size=[8,32,32]", "model.output_size=[8,32,32]"]
+    run = train(tmp_path, volumes, overrides=[f"model.architecture={architecture}", "model.deep_supervision=true",
+                                              "optimization.max_epochs=1", *sizes])  # fmt: skip
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    if architecture == "mednext":
+        assert any("enc_stages" in key for key in checkpoint["model"])
+    history = list(csv.DictReader(open(run / "metrics.csv")))
+    assert np.isfinite(float(history[0]["train_loss"])) and float(history[0]["train_loss"]) > 0
+    model, _ = hydra_evaluate.load_model(run / "checkpoints" / "best.ckpt", torch.device("cpu"))
+    assert model(torch.zeros(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)  # eval: one output
+
+
+def test_an_old_checkpoint_is_a_clear_error(tmp_path, volumes):
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=1"])
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["model"] = {k.replace(".pre.", ".old."): v for k, v in checkpoint["model"].items()}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(SystemExit, match=r"old.ckpt: its weights do not fit .* older version of RSUNet"):
+        hydra_evaluate.load_model(tmp_path / "old.ckpt", torch.device("cpu"))
+
+
 def test_monai_unet_is_monai_and_trains_on_anisotropic_patches():
     from monai.networks.nets import UNet
 
@@ -452,9 +554,46 @@ def test_train_validation_and_test_globs_that_share_a_file_are_an_error(tmp_path
     check_splits_disjoint({**data, "train_image": str(tmp_path / "vol[0-9]*_im.h5")})  # exclusive globs pass
     with pytest.raises(DataError, match="vol2_im.h5 matches both data.train_image=.* and data.test_image="):
         check_splits_disjoint({"train_image": str(tmp_path / "vol[0-9]*_im.h5"), "test_image": str(tmp_path / "vol2*")})
+    with pytest.raises(DataError, match="vol_val1_im.h5 matches both data.val_image=.* and data.test_image="):
+        check_splits_disjoint({"val_image": str(tmp_path / "vol_val*"), "test_image": str(tmp_path / "vol_val1*")})
     with pytest.raises(SystemExit, match="matches both"):  # training stops on it before anything is written
         cfg = hydra_train.load_config(hydra_train.DEFAULT_CONFIG, [f"data.{k}={v}" for k, v in data.items()])
         hydra_train.load_data(cfg, 0, 1)
+
+
+def test_without_validation_volumes_training_holds_out_regions_and_test_mode_says_so(tmp_path, volumes):
+    from hydra_lv.data import held_out_regions
+
+    vols = find_volumes({"train_image": f"{volumes}/vol[12]_im.h5", "train_label": f"{volumes}/vol[12]_vesicle_ins.h5",
+                         "train_mask": f"{volumes}/vol[12]_mask.h5"}, "train")  # fmt: skip
+    deep = [v.__class__(v.image, v.label, v.mask, (40, 96, 96)) for v in vols]  # z deep enough: a z-slab
+    train_regions, val_regions = held_out_regions(deep, (8, 32, 32), 0.2)
+    assert train_regions[0].bounds == ((0, 32), (0, 96), (0, 96)) and val_regions[0].bounds == (
+        (32, 40),
+        (0, 96),
+        (0, 96),
+    )
+    train_regions, val_regions = held_out_regions(vols, (8, 32, 32), 0.2)  # 12 sections: cut along x instead
+    assert train_regions[0].bounds == ((0, 12), (0, 96), (0, 64)) and val_regions[0].region == " x 64:96"
+    dataset = PatchDataset(train_regions, (8, 32, 32), (1, 4, 4), (30, 8, 8), 16, augment=True, seed=3)
+    assert all(c[2] + 16 <= 64 for centres in dataset.centres for c in centres)  # every patch inside the region
+    for i in range(16):  # jitter may push a patch over the cut: the held-out voxels carry no weight
+        item = dataset.item(i, 5)
+        assert item["weight"].sum() > 0
+    with pytest.raises(SystemExit, match=r"vol1_im.h5: \[12, 96, 96\] voxels hold no validation region .* give "):
+        held_out_regions(vols, (8, 96, 96), 0.2)
+
+    no_val = ["data.val_image=null", "data.val_label=null", "data.val_mask=null"]
+    run = hydra_train.main(hydra_train.parse_args(
+        ["--output-root", str(tmp_path / "outputs"), *tiny(volumes, *no_val), "optimization.max_epochs=1"]
+    ))  # fmt: skip
+    assert "validation: vol1 x 64:96, vol2 x 64:96 (held-out regions" in (run / "train.log").read_text()
+    results = json.loads((run / "results" / "test_results.json").read_text())
+    assert results["scored"]["split"] == "train" and results["scored"]["held_out"] is False
+    assert "held-out regions of the training volumes" in results["scored"]["note"]
+    entry = results["volumes"]["vol1"]
+    assert entry["region"] == [[0, 12], [0, 96], [64, 96]] and entry["shape"] == [12, 96, 32]
+    assert entry["training"] == "validated on (chose the model)" and "adapted_rand_error" in entry
 
 
 def test_a_truncated_hdf5_file_and_overrides_among_the_flags(tmp_path):
