@@ -377,7 +377,9 @@ def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
     background, with a 4-neighbour in its section of another id, so two touching vesicles are parted by a 2-voxel
     line and each vesicle is ringed inside and out; 2 per-instance Euclidean distance to the instance's outside,
     in physical units (`resolution`, nm per voxel), divided by the instance's maximum: (0, 1] inside, -1 on
-    background."""
+    background. The border of the block is not an outside: a vesicle it cuts is taken to go on beyond it, so its
+    distances near the cut are not truncated to zero (data.pad_size of context around each patch keeps the
+    remaining error, in its maximum, to vesicles larger than the context)."""
     labels = relabel_sequential(np.asarray(labels))[0]  # ids 1..n: find_objects costs memory per id value
     binary = labels > 0
     # per section, scikit-image's thick boundaries (both sides) with 4-connected (in-plane) neighbours
@@ -388,24 +390,12 @@ def make_targets(labels: np.ndarray, resolution=(30, 8, 8)) -> np.ndarray:
             continue
         box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # one voxel of outside around it
         inside = labels[box] == index
-        edt = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=resolution)[1:-1, 1:-1, 1:-1]
+        # edge padding: where the box meets the block's border the vesicle goes on beyond it (its distances are not
+        # cut short there); elsewhere the box holds one voxel of outside, which the padding repeats
+        edt = ndimage.distance_transform_edt(np.pad(inside, 1, mode="edge"), sampling=resolution)[1:-1, 1:-1, 1:-1]
         peak = edt[inside].max()
         distance[box][inside] = edt[inside] / peak
     return np.stack([binary, boundary, distance]).astype(np.float32)
-
-
-def cut_by_border(labels: np.ndarray) -> np.ndarray:
-    """The voxels of every instance that touches the border of the block: its distance target is uncertain there
-    (the instance goes on outside the block, so its distances and its maximum are not known), and the loss leaves
-    it out. data.pad_size of context around a patch keeps this to vesicles larger than the context."""
-    faces = np.zeros(labels.shape, bool)
-    for axis in range(labels.ndim):
-        index = [slice(None)] * labels.ndim
-        for end in (0, -1):
-            index[axis] = end
-            faces[tuple(index)] = True
-    touching = np.unique(labels[faces & (labels > 0)])
-    return np.isin(labels, touching) if len(touching) else np.zeros(labels.shape, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,9 +475,7 @@ def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
 
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of `patch` voxels with their targets and loss weights (the valid mask):
-    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (2, z, y, x)}: weight 0 is the valid mask (inside
-    the volume and its mask), weight 1 the same without vesicles cut by the border of the block read (patch and
-    data.pad_size), whose distance target is uncertain (cut_by_border).
+    {"image": (1, z, y, x), "target": (3, z, y, x), "weight": (1, z, y, x)}.
 
     Training (fixed=False): `length` random patches per epoch, centred where the mask is set, augmented; each
     item's randomness comes from (epoch seed, index), so an epoch is the same whichever worker draws it.
@@ -545,13 +533,11 @@ class PatchDataset(torch.utils.data.Dataset):
         if self.augment and rng is not None:
             image, labels, mask = augment_em(image, labels, mask.astype(np.uint8), rng)
         target = make_targets(labels, self.resolution)
-        cut = cut_by_border(labels)
         crop = tuple(slice(q, q + p) for p, q in zip(self.patch, self.pad, strict=True))
-        valid = np.ascontiguousarray(mask[crop] > 0)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image[crop]))[None],
             "target": torch.from_numpy(np.ascontiguousarray(target[(slice(None), *crop)])),
-            "weight": torch.from_numpy(np.stack([valid, valid & ~cut[crop]])).float(),
+            "weight": torch.from_numpy(np.ascontiguousarray(mask[crop] > 0)).float()[None],
         }
 
 

@@ -35,6 +35,7 @@ import time
 import h5py
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from common.metrics import adapted_rand, match_instances, variation_of_information
@@ -127,7 +128,113 @@ def seen_by_training(volume, cfg: dict) -> str:
     return "held out"
 
 
+# decoding.* searched by --tune-decoding: (low, high, log scale); the seeds and sizes as pytorch_connectomics tunes
+DECODING_SPACE = {
+    "seed_binary": (0.5, 0.98, False), "seed_contour": (0.2, 0.95, False), "seed_distance": (0.0, 0.9, False),
+    "foreground": (0.3, 0.95, False), "min_seed_size": (2, 128, True), "min_object_size": (8, 512, True),
+}  # fmt: skip
+
+
+def validation_volumes(cfg: dict) -> list:
+    """The volumes that chose the model: data.val_*, else the held-out regions of the training volumes."""
+    volumes = find_volumes(cfg["data"], "val", need_labels=True)
+    if volumes:
+        return volumes
+    train = find_volumes(cfg["data"], "train")
+    return held_out_regions(train, cfg["data"]["patch_size"], cfg["data"].get("val_fraction", 0.2))[1]
+
+
+def predict_volume(model, volume, cfg: dict, device, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(binary, boundary, distance, labels, valid) of a labelled volume or region, in memory."""
+    image = open_dataset(volume.image)
+    scale = intensity_scale(image)
+    image = np.asarray(image[volume.slices()])
+    inference = cfg["inference"]
+    maps = sliding_window_inference(
+        model, image, cfg["model"]["input_size"], inference["overlap"], cfg["system"]["inference"]["batch_size"],
+        inference["tta"], inference["blending"], device, ctx=ctx, scale=scale,
+    )  # fmt: skip
+    labels = np.asarray(open_dataset(volume.label)[volume.slices()]).astype(np.int64)
+    valid = (
+        np.ones(labels.shape, bool)
+        if volume.mask is None
+        else np.asarray(open_dataset(volume.mask)[volume.slices()]) > 0
+    )
+    return maps, labels * valid, valid
+
+
+def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), storage: str | None = None) -> dict:
+    """decoding.* tuned with Optuna (TPE, seeded) on the validation volumes: the objective is the mean adapted Rand
+    error of the watershed decoding there, as pytorch_connectomics tunes its decoding; the first trial is the
+    current setting, so the result is never worse on them. The best setting goes into the run's config.yaml and
+    best.ckpt, where test mode reads it; decoding_tuning.json keeps the before and after. The study lives in
+    <run>/decoding_study.db (SQLite; storage: a database URL shares it across machines), so a killed tuning goes on.
+    The test volumes are not used: they stay an independent score."""
+    import optuna
+
+    device = pick_device()
+    checkpoint_path = Path(checkpoint_path)
+    model, checkpoint = load_model(checkpoint_path, device)
+    cfg = apply_overrides(checkpoint["config"], list(overrides), "the checkpoint's config")
+    run_dir = checkpoint_path.resolve().parent.parent
+    volumes = validation_volumes(cfg)
+    ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
+    print(f"tuning decoding.* on {', '.join(v.name + v.region for v in volumes)} (validation), {n_trials} trials")
+    predicted = [predict_volume(model, v, cfg, device, ctx) for v in volumes]
+
+    def error(decoding: dict) -> float:
+        errors = []
+        for (binary, boundary, distance), labels, valid in predicted:
+            segmentation = decode_instances(binary, boundary, distance, **decoding)
+            errors.append(adapted_rand(labels, segmentation * valid)["adapted_rand_error"])
+        return float(np.mean(errors))
+
+    def objective(trial) -> float:
+        decoding = {}
+        for key, (low, high, log) in DECODING_SPACE.items():
+            suggest = trial.suggest_int if isinstance(low, int) else trial.suggest_float
+            decoding[key] = suggest(key, low, high, log=log)
+        return error(decoding)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=storage or f"sqlite:///{run_dir / 'decoding_study.db'}", study_name=f"decoding_{checkpoint_path.stem}",
+        direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(cfg["seed"])), load_if_exists=True,
+    )  # fmt: skip
+    before = {k: cfg["decoding"][k] for k in DECODING_SPACE}
+    if not study.trials:
+        study.enqueue_trial(before)
+    remaining = n_trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    study.optimize(objective, n_trials=max(0, remaining))
+    best = {**cfg["decoding"], **study.best_params}
+    result = {
+        "tuned_on": [v.name + v.region for v in volumes],
+        "trials": len(study.trials),
+        "before": {"decoding": before, "adapted_rand_error": study.trials[0].value},
+        "after": {"decoding": {k: best[k] for k in DECODING_SPACE}, "adapted_rand_error": study.best_value},
+    }
+    print(f"decoding: adapted Rand error on validation {result['before']['adapted_rand_error']:.4f} -> "
+          f"{study.best_value:.4f} with {result['after']['decoding']}")  # fmt: skip
+    # the run's config and its best checkpoint carry the tuned decoding: test mode uses it
+    checkpoint["config"]["decoding"] = best
+    checkpoint["decoding_tuning"] = result
+    tmp = checkpoint_path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, checkpoint_path)
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        stored = yaml.safe_load(config_file.read_text())
+        stored["decoding"] = best
+        tmp = config_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(stored, sort_keys=False))
+        os.replace(tmp, config_file)
+    write_json(run_dir / "decoding_tuning.json", result)
+    return result
+
+
 def main(args) -> Path:
+    if args.tune_decoding:
+        tune_decoding(args.checkpoint, args.tune_decoding, args.overrides)
     device = pick_device()
     model, checkpoint = load_model(args.checkpoint, device)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
@@ -152,6 +259,8 @@ def main(args) -> Path:
     inference, decoding = cfg["inference"], cfg["decoding"]
     ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
     report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
+    if "decoding_tuning" in checkpoint:  # --tune-decoding chose these on the validation volumes
+        report["decoding_tuning"] = checkpoint["decoding_tuning"]
     report["scored"] = {"split": split, "held_out": all(r == "held out" for r in roles), "note": note}
     report["volumes"] = {}
     for volume, name in tqdm(list(zip(volumes, names, strict=True)), desc="volumes", disable=len(volumes) == 1):
@@ -235,6 +344,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--output-dir", "--output_dir", dest="output_dir", help="results/ goes in here; unset: the run folder"
     )
     p.add_argument("--fast-dev-run", "--fast_dev_run", dest="fast_dev_run", action="store_true", help="one window only")
+    p.add_argument(
+        "--tune-decoding", "--tune_decoding", dest="tune_decoding", type=int, default=0, metavar="N",
+        help="first tune decoding.* in N Optuna trials on the validation volumes (written into the run's config)",
+    )  # fmt: skip
     return p
 
 

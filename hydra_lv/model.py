@@ -2,10 +2,11 @@
 
 rsunet: the residual symmetric U-Net of the connectomics tutorial (Lee et al. 2017, "Superhuman accuracy on the
 SNEMI3D connectomics challenge"; pytorch_connectomics' rsunet): each level a pre-convolution, a pre-activation
-residual block and a post-convolution; (1, 3, 3) kernels at the levels where z is still coarse (its voxel at least
-twice the in-plane one, from data.resolution), 3 x 3 x 3 beyond; pooling (1, 2, 2) so z (30 nm sections) is never
-downsampled; trilinear in-plane upsampling followed by a 1 x 1 x 1 convolution (no transposed convolutions, so no
-checkerboard), additive skips. `filters` sets depth and width, model.rsunet_norm the normalisation.
+residual block (3 x 3 x 3) and a post-convolution; the pre- and post-convolutions (1, 3, 3) at the levels where z
+is still coarse (its voxel at least twice the in-plane one, from data.resolution), 3 x 3 x 3 beyond; pooling
+(1, 2, 2) so z (30 nm sections) is never downsampled; trilinear in-plane upsampling followed by a 1 x 1 x 1
+convolution (no transposed convolutions, so no checkerboard), additive skips. `filters` sets depth and width,
+model.rsunet_norm the normalisation.
 unet3d: a plain 3D U-Net (two conv-BN-ReLU per level, concatenated skips), the same in-plane-only pooling.
 monai_unet: MONAI's UNet with in-plane strides. mednext: MONAI's MedNeXt (S, B, M or L) made anisotropic: no z
 downsampling and (1, k, k) kernels while z is coarse, as nnU-Net plans strides and kernels from the voxel size.
@@ -88,12 +89,13 @@ class ResBlock(nn.Module):
 
 
 class ConvBlock(nn.Sequential):
-    """An RSUNet level: pre-convolution, residual block, post-convolution."""
+    """An RSUNet level: pre-convolution and post-convolution of `kernel` ((1, 3, 3) where z is coarse), and
+    between them a 3 x 3 x 3 residual block, which carries the level's z context."""
 
     def __init__(self, cin: int, cout: int, kernel, norm: str):
         super().__init__()
         self.pre = NormActConv(cin, cout, kernel, norm)
-        self.res = ResBlock(cout, kernel, norm)
+        self.res = ResBlock(cout, (3, 3, 3), norm)
         self.post = NormActConv(cout, cout, kernel, norm)
 
 
@@ -346,8 +348,7 @@ def use_channels_last(device, cfg) -> bool:
 
 class HydraLoss(nn.Module):
     """weights[0] * (Dice + BCE)(binary) + weights[1] * (Dice + BCE)(boundary) + weights[2] * MSE(tanh(distance)).
-    valid: (N, 1 or 2, z, y, x), the valid mask, and for the distance term a second channel without the vesicles
-    cut by the block's border (data.cut_by_border). Voxels outside the valid mask (weight 0) do not count: their
+    Voxels outside the valid mask (weight 0) do not count: their
     logits are set to -1e4 (probability 0) for the Dice term, and they carry zero weight in BCE and MSE. The MSE
     weights foreground voxels 3 : 1 over background, so thin vesicles are not drowned by the background's -1.
 
@@ -376,14 +377,13 @@ class HydraLoss(nn.Module):
     def single(self, output, target, valid):
         output = output.float()
         terms = {}
-        valid, distance_valid = valid[:, :1], valid
         for channel, name in ((0, "binary"), (1, "boundary")):
             logits, truth = output[:, channel : channel + 1], target[:, channel : channel + 1]
             dice = self.dice(torch.where(valid > 0, logits, torch.full_like(logits, -1e4)), truth * valid)
             bce = F.binary_cross_entropy_with_logits(logits, truth, weight=valid, reduction="sum")
             terms[name] = dice + bce / valid.sum().clamp_min(1)
         distance, truth = torch.tanh(output[:, 2:3]), target[:, 2:3]
-        weight = distance_valid[:, -1:] * (1 + 2 * (truth > 0).float())
+        weight = valid * (1 + 2 * (truth > 0).float())
         terms["distance"] = (weight * (distance - truth) ** 2).sum() / weight.sum().clamp_min(1)
         total = sum(w * term for w, term in zip(self.weights, terms.values(), strict=True))
         return total, {name: float(term.detach()) for name, term in terms.items()}

@@ -534,6 +534,10 @@ def main(args):
         dist.destroy_process_group()  # test mode runs on rank 0 alone, after the others have left
     if rank == 0:
         log(f"best validation loss {state['best']:.4f}; {run_dir}")
+        if args.tune_decoding and not args.fast_dev_run:  # decoding.* on the validation volumes, into the config
+            from hydra_lv import evaluate  # imported here: evaluate imports this module
+
+            evaluate.tune_decoding(run_dir / "checkpoints" / "best.ckpt", args.tune_decoding)
         if args.test_after or args.fast_dev_run:
             test_mode(run_dir / "checkpoints" / "best.ckpt", fast_dev_run=args.fast_dev_run)
     return run_dir
@@ -570,6 +574,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="batches/s of the loader alone and with the real training step, then exit")  # fmt: skip
     add("--output-root", "--output_root", dest="output_root", default="outputs",
         help="the folder of run folders")  # fmt: skip
+    add("--tune-decoding", "--tune_decoding", dest="tune_decoding", type=int, default=0, metavar="N",
+        help="after training, tune decoding.* in N Optuna trials on the validation volumes (adapted Rand error); "
+             "test mode then uses them (--demo: 20)")  # fmt: skip
     add("--test-after", dest="test_after", action=argparse.BooleanOptionalAction, default=True,
         help="test best.ckpt with evaluate.py after training")  # fmt: skip
     # the _ spelling as a hidden action: the usage line would list a BooleanOptionalAction's every name
@@ -595,7 +602,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     chosen, _ = get_args_parser(add_help=False).parse_known_args(argv)
     parser = get_args_parser()
     preset = demo_settings(chosen.output_root) if chosen.demo else {}
-    parser.set_defaults(preset=preset)
+    parser.set_defaults(preset=preset, **({"tune_decoding": 20} if chosen.demo else {}))
     parser.epilog = describe_config(chosen.config, preset, " with --demo's values" if chosen.demo else "")
     return parser.parse_intermixed_args(argv)  # dotted overrides before, between or after the flags
 

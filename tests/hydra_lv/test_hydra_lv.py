@@ -22,7 +22,6 @@ from hydra_lv import visualize as hydra_visualize
 from hydra_lv.data import (
     PatchDataset,
     apply_overrides,
-    cut_by_border,
     find_volumes,
     load_config,
     make_targets,
@@ -131,14 +130,14 @@ def test_targets_on_a_hand_made_volume():
     assert (distance[labels == 0] == -1).all()
 
 
-def test_a_vesicle_cut_by_the_block_has_no_distance_weight_and_context_makes_the_patch_exact(tmp_path):
-    """The distance target of a vesicle the block read cuts is unknown (its maximum lies outside): the loss leaves it
-    out. With data.pad_size of context around the patch, the patch's targets are those of the whole volume."""
-    labels = np.zeros((3, 8, 12), np.int64)
-    labels[:, 2:6, 0:4] = 1  # touches the x = 0 face
-    labels[1, 3:5, 6:9] = 2  # inside
-    cut = cut_by_border(labels)
-    assert cut[labels == 1].all() and not cut[labels != 1].any()
+def test_a_vesicle_cut_by_the_block_goes_on_beyond_it_and_context_makes_the_patch_exact(tmp_path):
+    """The block's border is not the vesicle's outside: a 4 x 3 px rectangle cut by the x = 0 face keeps 16 nm (its
+    maximum) at the face instead of 8 nm (truncated). With data.pad_size of context around the patch, the patch's
+    targets are those of the whole volume."""
+    labels = np.zeros((1, 5, 8), np.int64)
+    labels[0, 1:4, 0:4] = 1  # rows 1-3, columns 0-3: touches the x = 0 face
+    distance = make_targets(labels, resolution=(30, 8, 8))[2, 0]
+    assert np.allclose(distance[2, :4], [1.0, 1.0, 1.0, 0.5]) and np.allclose(distance[1, :4], 0.5)
 
     volume = np.zeros((6, 48, 48), np.uint32)
     zz, yy, xx = np.ogrid[:6, :48, :48]
@@ -147,14 +146,16 @@ def test_a_vesicle_cut_by_the_block_has_no_distance_weight_and_context_makes_the
     write_volume(tmp_path / "v_ins.h5", volume)
     (files,) = find_volumes({"train_image": f"{tmp_path}/v_im.h5", "train_label": f"{tmp_path}/v_ins.h5"}, "train")
     whole = make_targets(volume)
-    for pad, certain in (((0, 0, 0), False), ((2, 16, 16), True)):
+    for pad in ((0, 0, 0), (2, 16, 16)):
         dataset = PatchDataset([files], (6, 16, 16), pad, (30, 8, 8), 1)
         item = dataset.patch_at(0, (3, 24, 32))  # the patch: x 24..40, the vesicle's right edge (x 12..28)
-        inside = item["target"][0] > 0
-        assert inside.sum() > 20
-        assert bool(item["weight"][1][inside].all()) == certain and item["weight"][0][inside].all()
-        if certain:  # the same distances as the whole volume's where the patch sits
-            assert np.allclose(item["target"].numpy(), whole[:, :, 16:32, 24:40])
+        target = item["target"].numpy()
+        assert (target[0] > 0).sum() > 20 and item["weight"].all()
+        if pad == (0, 0, 0):  # cut at the patch's x = 0: the distances there are not the rim's smallest
+            face = target[2][:, :, 0][target[0][:, :, 0] > 0]
+            assert face.max() == pytest.approx(1.0)
+        else:  # the same targets as the whole volume's where the patch sits
+            assert np.allclose(target, whole[:, :, 16:32, 24:40])
 
 
 def test_distance_target_is_in_physical_units():
@@ -197,8 +198,7 @@ def test_only_voxels_inside_the_volume_count(tmp_path):
     dataset = PatchDataset([volume], (8, 32, 32), (1, 4, 4), (30, 8, 8), 4)
     for i in range(4):
         item = dataset[i]
-        assert 0 < item["weight"][0].sum() <= 4 * 20 * 24 < 8 * 32 * 32
-        assert torch.equal(item["weight"][1], item["weight"][0])  # the vesicle lies inside the block read: certain
+        assert 0 < item["weight"].sum() <= 4 * 20 * 24 < 8 * 32 * 32
         assert 0 < item["target"][0].sum() <= 2 * 8 * 10 and item["target"][2].max() == 1  # the vesicle, not mirrored
 
 
@@ -474,7 +474,7 @@ def test_deep_supervision_loss_is_the_full_loss_plus_halved_coarser_scales():
     target[:, 0, :, 4:12, 4:12] = 1
     target[:, 1, :, 4:12, 4] = 1  # a thin line: max-pooling keeps it at the coarse scale
     target[:, 2] = torch.where(target[:, 0] > 0, 0.5, -1.0)
-    valid = torch.ones(1, 2, 4, 16, 16)
+    valid = torch.ones(1, 1, 4, 16, 16)
     full, coarse = torch.randn(1, 3, 4, 16, 16), torch.randn(1, 3, 4, 8, 8)
     loss = HydraLoss()
     alone, terms = loss(full, target, valid)
@@ -482,12 +482,8 @@ def test_deep_supervision_loss_is_the_full_loss_plus_halved_coarser_scales():
     small = torch.stack([target[:, 0, :, ::2, ::2], target[:, 1].reshape(1, 4, 8, 2, 8, 2).amax((3, 5)),
                          target[:, 2, :, ::2, ::2]], 1)  # fmt: skip
     assert small[:, 1, :, 2:6, 2].eq(1).all()
-    expected = alone + loss(coarse, small, torch.ones(1, 2, 4, 8, 8))[0] / 2
+    expected = alone + loss(coarse, small, torch.ones(1, 1, 4, 8, 8))[0] / 2
     assert torch.allclose(both, expected) and terms == same_terms
-    # the second weight channel alone decides where the distance term counts
-    masked = valid.clone()
-    masked[:, 1] = 0
-    assert loss(full, target, masked)[1]["distance"] == 0 and loss(full, target, masked)[1]["binary"] == terms["binary"]
 
 
 @pytest.mark.parametrize("norm", ["batch", "sync_batch", "group", "instance", "none"])
@@ -594,6 +590,29 @@ def test_without_validation_volumes_training_holds_out_regions_and_test_mode_say
     entry = results["volumes"]["vol1"]
     assert entry["region"] == [[0, 12], [0, 96], [64, 96]] and entry["shape"] == [12, 96, 32]
     assert entry["training"] == "validated on (chose the model)" and "adapted_rand_error" in entry
+
+
+def test_tune_decoding_on_the_validation_volume_writes_the_best_into_the_run(tmp_path, volumes):
+    """Four Optuna trials on vol3 (validation): trial 0 is the config's decoding, and its objective is the adapted Rand
+    error test mode reports for vol3 with that decoding; the best setting lands in best.ckpt and config.yaml, and test
+    mode then reports the tuned score."""
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=3"])
+    best = run / "checkpoints" / "best.ckpt"
+    untuned = json.loads((hydra_evaluate.main(hydra_evaluate.parse_args(["--checkpoint", str(best)])) /
+                          "test_results.json").read_text())  # fmt: skip
+    tuned_dir = hydra_evaluate.main(hydra_evaluate.parse_args(["--checkpoint", str(best), "--tune-decoding", "4"]))
+    result = json.loads((run / "decoding_tuning.json").read_text())
+    assert result["tuned_on"] == ["vol3"] and result["trials"] == 4
+    assert result["before"]["decoding"] == {k: untuned["decoding"][k] for k in hydra_evaluate.DECODING_SPACE}
+    assert result["before"]["adapted_rand_error"] == pytest.approx(untuned["volumes"]["vol3"]["adapted_rand_error"])
+    assert result["after"]["adapted_rand_error"] <= result["before"]["adapted_rand_error"]
+    stored = torch.load(best, weights_only=True)["config"]["decoding"]
+    assert {k: stored[k] for k in result["after"]["decoding"]} == result["after"]["decoding"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["decoding"] == stored
+    report = json.loads((tuned_dir / "test_results.json").read_text())
+    assert report["decoding"] == stored and report["decoding_tuning"]["tuned_on"] == ["vol3"]
+    assert report["volumes"]["vol3"]["adapted_rand_error"] == pytest.approx(result["after"]["adapted_rand_error"])
+    assert (run / "decoding_study.db").is_file()
 
 
 def test_a_truncated_hdf5_file_and_overrides_among_the_flags(tmp_path):
