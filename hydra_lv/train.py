@@ -17,12 +17,13 @@ MSE on tanh(distance)), inside the valid mask. AdamW, ReduceLROnPlateau on the v
 gradient clipping and accumulation, mixed precision by optimization.precision (auto: bf16 autocast where the GPU has it,
 fp16 with a loss scaler on others, fp32 on the CPU). Stops when the training loss falls below
 optimization.early_stopping.loss_threshold, or after optimization.early_stopping.patience epochs without a better
-validation loss.
+validation loss. Without validation volumes, held-out regions of the training volumes (data.val_fraction) validate.
+--tune-decoding N then tunes decoding.* on the validation volumes with Optuna.
 
 Each run writes outputs/<experiment_name>/ (outputs/<experiment_name>_2/ ... if that holds an earlier run):
 config.yaml (the merged settings), checkpoints/last.ckpt (resume) and best.ckpt (lowest validation loss),
 metrics.csv, train.log, and TensorBoard scalars and images in tensorboard/. After training (and with --mode test)
-hydra_lv/evaluate.py tests the best checkpoint on data.test_* (or the validation volumes).
+hydra_lv/evaluate.py tests the best checkpoint on data.test_* (else the validation volumes or regions, and says so).
 """
 
 import sys
