@@ -11,8 +11,10 @@ Images larger than the model's window are cut into overlapping tiles at their ow
 from the tile whose core holds its centre (--overlap should exceed the largest cell's diameter). The published
 CellSAM segments an image that fits its window whole, resized to 1024 px, as cellSAM's segment_cellular_image
 does. Writes a new folder <experiment>/evaluation/evaluation_<YYYYmmdd_HHMMSS>/ (output/evaluation/... for
---cellsam_checkpoint; or in --output_dir): labels/<image>.tif (int32 cell ids)
-and, with masks, report.json and per_image.csv:
+--cellsam_checkpoint; or in --output_dir): labels/<image>.tif (cell ids, uint16 or uint32, with the pixel size of
+--pixel_size or of the image's metadata, for Fiji and napari), cells/<image>.csv (a row per cell id: area,
+centroid), geojson/<image>.geojson (each cell's outline for QuPath: File > Import objects) and, with masks,
+report.json and per_image.csv:
 - CellSAM's F1 at IoU 0.5 (TP / (TP + (FP + FN) / 2), averaged per image), precision, recall, PQ;
 - average precision over IoU 0.5:0.95 as cell-segmentation papers report it (TP / (TP + FP + FN) at each IoU
   threshold 0.5, 0.55, ..., 0.95, averaged over thresholds and images);
@@ -35,12 +37,15 @@ import numpy as np
 import pandas as pd
 import tifffile
 import torch
+from skimage.measure import regionprops_table
 from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
 from cellsam.model import detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
+from cellsam.utils import write_json
+from common.formats import label_tiff, pixel_size_from_tiff, qupath_features
 from common.metrics import instance_overlaps, match_instances
 
 
@@ -126,6 +131,34 @@ def load_released(path: str, device, sam_size="vit_b", allow_missing=False, wind
     return model.to(device).eval(), config
 
 
+def write_cells(out: Path, pair, labels: np.ndarray, pixel_size: float | None) -> None:
+    """labels/<image>.tif (cell ids, with the pixel size for Fiji and napari when known), cells/<image>.csv (a row
+    per cell id: area, centroid) and geojson/<image>.geojson (each cell's outline, for QuPath)."""
+    array, options = label_tiff(labels, pixel_size)
+    tifffile.imwrite(out / "labels" / f"{pair.name}.tif", array, **options)
+    props = regionprops_table(labels, properties=("label", "area", "centroid"))
+    table = pd.DataFrame({"cell_id": props["label"], "area_px": props["area"].astype(int),
+                          "centroid_x_px": props["centroid-1"].round(2),
+                          "centroid_y_px": props["centroid-0"].round(2)})  # fmt: skip
+    if pixel_size:
+        table.insert(2, "area_um2", (table["area_px"] * pixel_size**2).round(3))
+    table.to_csv(out / "cells" / f"{pair.name}.csv", index=False)
+    areas = {int(i): {"Area px": int(a)} for i, a in zip(table["cell_id"], table["area_px"], strict=True)}
+    features = qupath_features(labels, measurements=areas, object_type="annotation", name=pair.name)
+    write_json(out / "geojson" / f"{pair.name}.geojson", features)
+
+
+def read_pixel_size(path: Path) -> float | None:
+    """The pixel size (um) in a TIFF's ImageJ, OME or per-centimetre tags; None for other files or without one."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return pixel_size_from_tiff(tif)
+    except Exception:  # unreadable metadata: reading the pixels reports the file
+        return None
+
+
 def main(args) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.experiment is None and not args.cellsam_checkpoint:
@@ -158,7 +191,8 @@ def main(args) -> Path:
             scored_on = f"fold {fold}'s validation images, which also chose its best epochs (optimistic)"
         parent = parent / "evaluation"
     out = new_experiment_dir(Path(args.output_dir or parent), f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}")
-    (out / "labels").mkdir()
+    for folder in ("labels", "cells", "geojson"):
+        (out / folder).mkdir()
     print(f"{'fold ' + str(fold) if fold else experiment}: segmenting {len(pairs)} image(s) on {device.type}; "
           f"writing {out}")  # fmt: skip
     rows, predictions, baselines, truths, detections = [], [], [], [], []
@@ -166,7 +200,7 @@ def main(args) -> Path:
     for pair in pairs:
         image, truth = read_pair(pair, config.gamma, model.read_image)
         labels = model.segment(image, threshold, args.overlap, device)
-        tifffile.imwrite(out / "labels" / f"{pair.name}.tif", labels)
+        write_cells(out, pair, labels, args.pixel_size or read_pixel_size(pair.image))
         if truth is None:
             continue
         predictions.append(labels)
@@ -214,6 +248,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="image folder [the experiment's test images, else the fold's validation images]")
     p.add_argument("--masks", help="their instance masks: adds the scores")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", help="[EXPERIMENT/evaluation]")
+    p.add_argument("--pixel_size", "--pixel-size", dest="pixel_size", type=float,
+                   help="micrometres per pixel of the images, stored in the label TIFFs [read from each image's "
+                        "ImageJ or OME-TIFF metadata; none if it has none]")  # fmt: skip
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels, above the largest cell [64]")
     return p
 

@@ -31,6 +31,7 @@ import argparse
 import glob
 import os
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -232,7 +233,81 @@ def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), stor
     return result
 
 
+class Deployed(torch.nn.Module):
+    """The network with its output activations: (N, 3, z, y, x) binary and boundary probabilities, distance."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return torch.cat([torch.sigmoid(out[:, :2]), torch.tanh(out[:, 2:3])], 1)
+
+
+def export(args) -> Path:
+    """--export DIR: the network as DIR/model.pt (TorchScript), DIR/model.onnx (opset 18, any batch size; checked
+    with onnxruntime against PyTorch, max difference 1e-4) and DIR/model.json (what goes in and comes out)."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter builds the graph with it)
+    except ImportError as error:
+        raise SystemExit(f"--export needs {error.name}: pip install -r requirements-export.txt") from None
+    out = Path(args.export)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    model, checkpoint = load_model(args.checkpoint, torch.device("cpu"))
+    cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
+    window = cfg["model"]["input_size"]
+    torch.manual_seed(0)
+    description = {
+        "domain": DOMAIN, "checkpoint": str(Path(args.checkpoint).resolve()),
+        "architecture": cfg["model"]["architecture"],
+        "input": {
+            "axes": "bczyx", "channels": ["EM intensity"], "window_zyx": window,
+            "voxel_size_nm_zyx": cfg["data"]["resolution"],
+            "normalisation": "uint8: value / 255; uint16 or float: (value - p0.5) / (p99.5 - p0.5), clipped to 0..1, "
+            "with the 0.5th and 99.5th percentiles of the whole volume",
+            "tiling": f"windows of {window} voxels, overlap {cfg['inference']['overlap']}, "
+            f"{cfg['inference']['blending']} blending (hydra_lv/model.py sliding_window_inference)",
+        },
+        "outputs": {"maps": {"channels": ["binary probability", "boundary probability", "distance (-1 outside, "
+                                          "up to 1 at a vesicle's centre)"]}},  # fmt: skip
+        "decoding": cfg["decoding"],
+    }  # fmt: skip
+
+    net, example = Deployed(model).eval(), torch.rand(1, 1, *window)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.10+ calls TorchScript deprecated (it runs); exporter chatter
+        reference = net(example).numpy()
+        torch.jit.trace(net, example, check_trace=False).save(str(out / "model.pt"))
+        script = torch.jit.load(str(out / "model.pt"))(example).numpy()
+        torch.onnx.export(net, (example,), str(out / "model.onnx"), dynamo=True, input_names=["input"],
+                          output_names=["maps"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                          opset_version=18, verbose=False)  # fmt: skip
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx = session.run(None, {"input": np.concatenate([example.numpy()] * 2)})[0]  # two at once: any batch
+    difference = float(np.abs(onnx[:1] - reference).max())
+    if difference > 1e-4:
+        raise SystemExit(f"--export: onnxruntime differs from PyTorch by {difference:.2e} (more than 1e-4)")
+    description["input"].update(name="input", dtype="float32", shape=["batch", *example.shape[1:]])
+    description["outputs"] = [
+        {"name": "maps", "shape": ["batch", *reference.shape[1:]], **description["outputs"]["maps"]}
+    ]
+    description["files"] = {"torchscript": "model.pt", "onnx": "model.onnx"}
+    description["checked"] = {"onnxruntime_max_abs_difference": difference, "on": f"an input of {list(example.shape)}",
+                              "torchscript_max_abs_difference": float(np.abs(script - reference).max())}  # fmt: skip
+    description.update(exported=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__)
+    write_json(out / "model.json", description)
+    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within {difference:.1e} of PyTorch), "
+          f"model.json")  # fmt: skip
+    return out
+
+
 def main(args) -> Path:
+    if args.export:
+        return export(args)
     if args.tune_decoding:
         tune_decoding(args.checkpoint, args.tune_decoding, args.overrides)
     device = pick_device()
@@ -344,6 +419,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--output-dir", "--output_dir", dest="output_dir", help="results/ goes in here; unset: the run folder"
     )
     p.add_argument("--fast-dev-run", "--fast_dev_run", dest="fast_dev_run", action="store_true", help="one window only")
+    p.add_argument(
+        "--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop"
+    )
     p.add_argument(
         "--tune-decoding", "--tune_decoding", dest="tune_decoding", type=int, default=0, metavar="N",
         help="first tune decoding.* in N Optuna trials on the validation volumes (written into the run's config)",

@@ -15,8 +15,10 @@ plus per_tissue.csv, and with --save_predictions masks.npy: the predicted instan
 (N, 256, 256, 6), which the official PanNuke-metrics `run.py` scores against the fold's masks.npy.
 
 Image mode (--mpp for images at another scale than PanNuke's 0.25 um/px, --stain_norm for Macenko stain
-normalisation) writes, per image, <name>_instances.tif (int32 nucleus ids), <name>_classes.png (0 = background,
-1-5 = Neoplastic, Inflammatory, Connective, Dead, Epithelial), <name>_overlay.png, and nuclei.csv (counts).
+normalisation) writes, per image, <name>_instances.tif (nucleus ids, uint16 or uint32, with the pixel size for
+Fiji and napari), <name>_nuclei.csv (a row per nucleus id: type, area, centroid), <name>_nuclei.geojson (each
+nucleus's outline and type for QuPath: File > Import objects), <name>_classes.png (0 = background, 1-5 =
+Neoplastic, Inflammatory, Connective, Dead, Epithelial), <name>_overlay.png, and nuclei.csv (counts per image).
 """
 
 import sys
@@ -32,8 +34,10 @@ import cv2
 import numpy as np
 import tifffile
 import torch
+from skimage.measure import regionprops_table
 from tqdm import tqdm
 
+from common.formats import label_tiff, qupath_features
 from common.metrics import (
     PANNUKE_CLASSES,
     ConfusionMatrix,
@@ -43,6 +47,7 @@ from common.metrics import (
     pannuke_tile_pq,
 )
 from pannuke.data import (
+    CLASS_COLORS,
     CLASS_NAMES,
     NUM_CLASSES,
     DataError,
@@ -184,6 +189,26 @@ def normalize_stains(image: np.ndarray, normalise, name: str) -> np.ndarray:
         return image
 
 
+def write_nuclei(out_dir: Path, stem: str, instances: np.ndarray, classes: np.ndarray, pixel_size: float) -> None:
+    """<stem>_nuclei.csv, one row per nucleus (its id is its value in <stem>_instances.tif): type, area, centroid;
+    and <stem>_nuclei.geojson, its outline for QuPath with the type as QuPath's classification (name and colour)."""
+    props = regionprops_table(instances, properties=("label", "area", "centroid"))
+    rows = [
+        {"nucleus_id": int(i), "type": PANNUKE_CLASSES[classes[i - 1] - 1], "area_px": int(area),
+         "area_um2": round(float(area) * pixel_size**2, 3), "centroid_x_px": round(float(x), 2),
+         "centroid_y_px": round(float(y), 2)}
+        for i, area, y, x in zip(props["label"], props["area"], props["centroid-0"], props["centroid-1"], strict=True)
+    ]  # fmt: skip
+    columns = ["nucleus_id", "type", "area_px", "area_um2", "centroid_x_px", "centroid_y_px"]
+    with open(out_dir / f"{stem}_nuclei.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    types = {r["nucleus_id"]: (r["type"], CLASS_COLORS[classes[r["nucleus_id"] - 1]]) for r in rows}
+    areas = {r["nucleus_id"]: {"Area um^2": r["area_um2"]} for r in rows}
+    write_json(out_dir / f"{stem}_nuclei.geojson", qupath_features(instances, types, areas, name=stem))
+
+
 @torch.no_grad()
 def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
     paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -218,7 +243,10 @@ def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
             classes = classes[kept - 1]
             instances = np.searchsorted(np.concatenate([[0], kept]), instances).astype(np.int32)
         class_map = np.concatenate([[0], classes])[instances].astype(np.uint8)
-        tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", instances, compression="zlib")
+        pixel_size = args.mpp or PANNUKE_MPP  # um per pixel of the image (and so of the instance map)
+        array, options = label_tiff(instances, pixel_size)  # ids and pixel size, for Fiji and napari
+        tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", array, **options)
+        write_nuclei(out_dir, path.stem, instances, classes, pixel_size)
         cv2.imwrite(str(out_dir / f"{path.stem}_classes.png"), class_map)
         cv2.imwrite(str(out_dir / f"{path.stem}_overlay.png"), overlay(image, class_map, instances)[..., ::-1])
         counts = np.bincount(classes, minlength=NUM_CLASSES)

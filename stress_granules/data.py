@@ -28,7 +28,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from xml.etree import ElementTree
 
 import albumentations as A
 import cv2
@@ -40,6 +39,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
+from common.formats import label_tiff, pixel_size_from_tiff
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -151,49 +151,22 @@ def read_image(path: Path, channel: int | None = None, z_projection: str | None 
     return array.astype(np.uint8) if array.dtype == bool else array
 
 
-MICROMETRES_PER_UNIT = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
-                        "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4}  # fmt: skip
-
-
 def read_pixel_size(path: Path) -> float | None:
-    """The pixel size in micrometres stored in a TIFF: OME's PhysicalSizeX (with its unit), or ImageJ's
-    XResolution with the unit of its metadata. None for PNGs and TIFFs without either (a plain TIFF's
-    resolution is a print setting, such as 72 dpi, not a pixel size)."""
+    """The pixel size in micrometres stored in a TIFF (OME, ImageJ, or per centimetre: see
+    common.formats.pixel_size_from_tiff); None for PNGs and TIFFs without one."""
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
         with tifffile.TiffFile(path) as tif:
-            if tif.is_ome:
-                for element in ElementTree.fromstring(tif.ome_metadata).iter():
-                    if element.tag.endswith("Pixels") and element.get("PhysicalSizeX"):
-                        unit = element.get("PhysicalSizeXUnit", "µm")
-                        return float(element.get("PhysicalSizeX")) * _micrometres(unit)
-            if tif.is_imagej:
-                unit = (tif.imagej_metadata or {}).get("unit")
-                resolution = tif.pages[0].tags.get("XResolution")
-                if unit and resolution and resolution.value[0] and _micrometres(unit):
-                    numerator, denominator = resolution.value
-                    return denominator / numerator * _micrometres(unit)
+            return pixel_size_from_tiff(tif)
     except Exception:  # unreadable metadata: the caller reads the pixels and reports the file then
         return None
-    return None
-
-
-def _micrometres(unit: str) -> float | None:
-    unit = unit.strip().replace("\\u00B5", "u").replace("µ", "u").replace("μ", "u").lower()
-    return MICROMETRES_PER_UNIT.get(unit)
 
 
 def write_labels(path: Path, labels: np.ndarray, pixel_size: float | None) -> None:
-    """A label TIFF (uint16 as ImageJ reads it, uint32 when ids pass 65,535) with the pixel size in ImageJ's
-    resolution tags and unit, so Fiji and napari open it at its scale."""
-    if labels.max(initial=0) < 65536:  # uncompressed: every ImageJ reads it
-        extra = {"resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um"}} if pixel_size else {}
-        tifffile.imwrite(path, labels.astype(np.uint16), imagej=True, **extra)
-    else:
-        per_cm = 1e4 / pixel_size if pixel_size else None
-        extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"} if pixel_size else {}
-        tifffile.imwrite(path, labels.astype(np.uint32), compression="zlib", **extra)
+    """A label TIFF at its pixel size (common.formats.label_tiff: uint16 ImageJ, uint32 past 65,535 ids)."""
+    array, options = label_tiff(labels, pixel_size)
+    tifffile.imwrite(path, array, **options)
 
 
 def list_images(folder: Path) -> dict[str, Path]:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -286,6 +287,24 @@ def test_evaluate_rescored_from_its_label_images_and_figures(tmp_path, data):
         cellsam_evaluate.get_args_parser().parse_args([str(root), "--images", str(data / "images")])
     )
     assert len(list((bare / "labels").glob("*.tif"))) == 6 and not (bare / "report.json").exists()
+    # for Fiji / napari and QuPath: each label image's ids are the rows of its CSV and the features of its GeoJSON
+    from shapely.geometry import shape
+
+    from cellsam.evaluate import read_pixel_size
+
+    for name in held_out:
+        labels = tifffile.imread(out / "labels" / f"{name}.tif")
+        ids = np.unique(labels[labels > 0]).tolist()
+        assert pd.read_csv(out / "cells" / f"{name}.csv")["cell_id"].tolist() == ids
+        features = json.loads((out / "geojson" / f"{name}.geojson").read_text())["features"]
+        assert [f["properties"]["label_id"] for f in features] == ids
+        assert all(shape(f["geometry"]).is_valid and shape(f["geometry"]).area > 0 for f in features)
+    assert read_pixel_size(out / "labels" / f"{held_out[0]}.tif") is None  # PNG images: no pixel size to keep
+    scaled = cellsam_evaluate.main(cellsam_evaluate.get_args_parser().parse_args(
+        [str(root), "--images", str(data / "images"), "--pixel_size", "0.65"]))  # fmt: skip
+    one = sorted((scaled / "labels").glob("*.tif"))[0]
+    assert read_pixel_size(one) == pytest.approx(0.65, rel=1e-5)
+    assert "area_um2" in pd.read_csv(scaled / "cells" / f"{one.stem}.csv").columns
     figures = [cellsam_visualize.main(cellsam_visualize.get_args_parser().parse_args([kind, str(root), "--n", "1"]))
                for kind in ("boxes", "masks", "curves", "summary")]  # fmt: skip
     assert len(set(figures)) == 4 and all(p.is_file() and p.parent == root / "figures" for p in figures)

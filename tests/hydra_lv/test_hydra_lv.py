@@ -666,3 +666,28 @@ def test_uint16_and_float_volumes_are_stretched_the_same_in_training_and_inferen
 
     out = sliding_window_inference(Identity(), open_dataset(tmp_path / "deep_im.h5"), (4, 32, 32), scale=(low, span))
     np.testing.assert_allclose(out[0], np.clip(scaled, 1e-4, 1 - 1e-4), atol=1e-5)  # read as training reads it
+
+
+def test_export_writes_torchscript_and_onnx_that_onnxruntime_runs_like_pytorch(tmp_path, volumes):
+    import onnxruntime
+
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=1"])
+    out = hydra_evaluate.main(hydra_evaluate.parse_args(
+        ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--export", str(tmp_path / "export")]))  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["input"]["shape"] == ["batch", 1, 8, 32, 32] and spec["input"]["voxel_size_nm_zyx"] == [30, 8, 8]
+    assert spec["outputs"][0]["name"] == "maps" and spec["outputs"][0]["shape"] == ["batch", 3, 8, 32, 32]
+    # a real window of vol3, as the spec says to read it: onnxruntime against PyTorch's sliding window (one window)
+    with h5py.File(volumes / "vol3_im.h5") as f:
+        window = (f["main"][:8, :32, :32] / 255.0).astype(np.float32)[None, None]
+    model, _ = hydra_evaluate.load_model(run / "checkpoints" / "best.ckpt", torch.device("cpu"))
+    expected = sliding_window_inference(model, window[0, 0], (8, 32, 32), blending="constant")
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (maps,) = session.run(None, {"input": np.concatenate([window, window])})
+    assert maps.shape == (2, 3, 8, 32, 32) and np.abs(maps[1] - expected).max() <= 1e-4
+    with torch.no_grad():
+        scripted = torch.jit.load(str(out / "model.pt"))(torch.from_numpy(window))[0]
+    assert np.abs(scripted.numpy() - expected).max() <= 1e-4
+    with pytest.raises(SystemExit, match="not empty"):
+        hydra_evaluate.main(hydra_evaluate.parse_args(
+            ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--export", str(out)]))  # fmt: skip

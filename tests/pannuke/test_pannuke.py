@@ -503,6 +503,30 @@ def test_evaluate_segments_a_folder_of_images_of_any_size(sota_run, tmp_path):
     assert tifffile.imread(out / "wide_instances.tif").shape == (200, 300)
     assert cv2.imread(str(out / "small_overlay.png")).shape == (100, 120, 3)
     assert (out / "nuclei.csv").read_text().splitlines()[0].startswith("image,nuclei,Neoplastic")
+    # for Fiji / napari and QuPath: the label TIFF at its pixel size, a row per nucleus id, and its outline
+    import json
+
+    import pandas as pd
+    from shapely.geometry import Point, shape
+
+    from common.formats import pixel_size_from_tiff
+    from common.metrics import PANNUKE_CLASSES
+
+    instances = tifffile.imread(out / "wide_instances.tif")
+    with tifffile.TiffFile(out / "wide_instances.tif") as tif:
+        assert pixel_size_from_tiff(tif) == pytest.approx(0.25, rel=1e-5)
+    ids = np.unique(instances[instances > 0])
+    table = pd.read_csv(out / "wide_nuclei.csv")
+    assert len(ids) >= 1 and table["nucleus_id"].tolist() == ids.tolist()  # the tiny test model finds few
+    assert np.array_equal(table["area_px"], np.bincount(instances.ravel())[ids])
+    features = json.loads((out / "wide_nuclei.geojson").read_text())["features"]
+    assert [f["properties"]["label_id"] for f in features] == ids.tolist()
+    for feature, (_, row) in zip(features, table.iterrows(), strict=True):
+        assert feature["properties"]["classification"]["name"] == row["type"] in PANNUKE_CLASSES
+        polygon, (ys, xs) = shape(feature["geometry"]), np.nonzero(instances == row["nucleus_id"])
+        near = polygon.buffer(1.0)
+        assert polygon.is_valid and all(near.contains(Point(x + 0.5, y + 0.5)) for y, x in zip(ys, xs, strict=True))
+        assert polygon.area <= len(ys) + 1e-6  # traced through border pixel centres: inside the pixels' area
     (images / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="broken.png"):
         pannuke_evaluate.main(pannuke_evaluate.parse_args([str(sota_run), "--images", str(images)]))
