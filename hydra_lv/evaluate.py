@@ -16,10 +16,12 @@ objects under 64 voxels removed.
 
 Writes <run>/results/ (results_2, ... when that exists): predictions.h5 (dataset `main`, uint8 (3, z, y, x):
 binary and boundary probability x 255, distance (d + 1) / 2 x 255), segmentation.h5 (`main`, uint32 instance ids);
-with several volumes, <volume>_predictions.h5 and <volume>_segmentation.h5. With labels: test_results.json
-(adapted Rand error, VOI split / merge, instance precision / recall / F1 at IoU 0.5, inside the valid mask;
-the same for a threshold + connected-components baseline on the same predictions) and a line per volume in
-<run>/test_results.log. test_results.json always lists each volume's files (visualize.py --results reads it).
+with several volumes, <volume>_predictions.h5 and <volume>_segmentation.h5; and results.ome.zarr (OME-Zarr with
+the maps and, as its label image, the segmentation, scaled by data.resolution: napari and neuroglancer open it).
+With labels: test_results.json (adapted Rand error, VOI split / merge, instance precision / recall / F1 at IoU
+0.5, inside the valid mask; the same for a threshold + connected-components baseline on the same predictions)
+and a line per volume in <run>/test_results.log. test_results.json always lists each volume's files
+(visualize.py --results reads it).
 """
 
 import sys
@@ -31,7 +33,6 @@ import argparse
 import glob
 import os
 import time
-import warnings
 
 import h5py
 import numpy as np
@@ -39,6 +40,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from common.export import deployable
 from common.metrics import adapted_rand, match_instances, variation_of_information
 from hydra_lv.data import (
     DOMAIN,
@@ -84,6 +86,22 @@ def write_h5(path: Path, shape, dtype) -> tuple[h5py.File, h5py.Dataset]:
     f = h5py.File(path, "w")
     chunks = tuple(min(n, c) for n, c in zip(shape, (1, 8, 64, 64)[-len(shape) :], strict=True))
     return f, f.create_dataset("main", shape=shape, dtype=dtype, chunks=chunks, compression="gzip", compression_opts=1)
+
+
+def write_ome_zarr(path: Path, predictions: np.ndarray, segmentation: np.ndarray, resolution) -> None:
+    """An OME-Zarr (NGFF) image that napari (napari-ome-zarr) and neuroglancer open at its voxel size: the three
+    predicted maps as a (c, z, y, x) uint8 image and the segmentation as its label image `labels/segmentation`,
+    each with an in-plane pyramid, scaled in nanometres by data.resolution."""
+    import zarr
+    from ome_zarr.writer import write_image, write_labels
+
+    z, y, x = (float(r) for r in resolution)
+    units = {axis: "nanometer" for axis in "zyx"}
+    root = zarr.open_group(str(path), mode="w")
+    write_image(predictions, root, axes="czyx", scale={"c": 1.0, "z": z, "y": y, "x": x}, axes_units=units,
+                name="predictions", storage_options={"chunks": (1, 8, 256, 256)})  # fmt: skip
+    write_labels(segmentation, root, name="segmentation", axes="zyx", scale={"z": z, "y": y, "x": x},
+                 axes_units=units, storage_options={"chunks": (8, 256, 256)})  # fmt: skip
 
 
 def score(true: np.ndarray, pred: np.ndarray) -> dict:
@@ -233,30 +251,12 @@ def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), stor
     return result
 
 
-class Deployed(torch.nn.Module):
-    """The network with its output activations: (N, 3, z, y, x) binary and boundary probabilities, distance."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        out = self.model(x)
-        return torch.cat([torch.sigmoid(out[:, :2]), torch.tanh(out[:, 2:3])], 1)
-
-
 def export(args) -> Path:
-    """--export DIR: the network as DIR/model.pt (TorchScript), DIR/model.onnx (opset 18, any batch size; checked
-    with onnxruntime against PyTorch, max difference 1e-4) and DIR/model.json (what goes in and comes out)."""
-    try:
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch.onnx's exporter builds the graph with it)
-    except ImportError as error:
-        raise SystemExit(f"--export needs {error.name}: pip install -r requirements-export.txt") from None
+    """--export DIR: the network with its output activations as DIR/model.pt (TorchScript), DIR/model.onnx
+    (checked with onnxruntime against PyTorch) and DIR/model.json (what goes in and comes out): common/export.py."""
     out = Path(args.export)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
-    out.mkdir(parents=True, exist_ok=True)
     model, checkpoint = load_model(args.checkpoint, torch.device("cpu"))
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
     window = cfg["model"]["input_size"]
@@ -277,31 +277,16 @@ def export(args) -> Path:
         "decoding": cfg["decoding"],
     }  # fmt: skip
 
-    net, example = Deployed(model).eval(), torch.rand(1, 1, *window)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch 2.10+ calls TorchScript deprecated (it runs); exporter chatter
-        reference = net(example).numpy()
-        torch.jit.trace(net, example, check_trace=False).save(str(out / "model.pt"))
-        script = torch.jit.load(str(out / "model.pt"))(example).numpy()
-        torch.onnx.export(net, (example,), str(out / "model.onnx"), dynamo=True, input_names=["input"],
-                          output_names=["maps"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                          opset_version=18, verbose=False)  # fmt: skip
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx = session.run(None, {"input": np.concatenate([example.numpy()] * 2)})[0]  # two at once: any batch
-    difference = float(np.abs(onnx[:1] - reference).max())
-    if difference > 1e-4:
-        raise SystemExit(f"--export: onnxruntime differs from PyTorch by {difference:.2e} (more than 1e-4)")
-    description["input"].update(name="input", dtype="float32", shape=["batch", *example.shape[1:]])
-    description["outputs"] = [
-        {"name": "maps", "shape": ["batch", *reference.shape[1:]], **description["outputs"]["maps"]}
-    ]
-    description["files"] = {"torchscript": "model.pt", "onnx": "model.onnx"}
-    description["checked"] = {"onnxruntime_max_abs_difference": difference, "on": f"an input of {list(example.shape)}",
-                              "torchscript_max_abs_difference": float(np.abs(script - reference).max())}  # fmt: skip
-    description.update(exported=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__)
-    write_json(out / "model.json", description)
-    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within {difference:.1e} of PyTorch), "
-          f"model.json")  # fmt: skip
+    def head(x):  # binary and boundary probabilities, distance in -1..1
+        return torch.cat([torch.sigmoid(x[:, :2]), torch.tanh(x[:, 2:3])], 1)
+
+    traced, onnx_model, spec = deployable(model, head, torch.rand(1, 1, *window), description, ["maps"])
+    out.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out / "model.pt"))
+    (out / "model.onnx").write_bytes(onnx_model)
+    write_json(out / "model.json", spec)
+    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
     return out
 
 
@@ -333,7 +318,8 @@ def main(args) -> Path:
     window = cfg["model"]["input_size"]
     inference, decoding = cfg["inference"], cfg["decoding"]
     ctx, _ = mixed_precision(device, *precision_setting(device, cfg["optimization"]["precision"]))
-    report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding}
+    report = {"checkpoint": str(Path(args.checkpoint).resolve()), "inference": inference, "decoding": decoding,
+              "voxel_size_nm": cfg["data"]["resolution"]}  # fmt: skip
     if "decoding_tuning" in checkpoint:  # --tune-decoding chose these on the validation volumes
         report["decoding_tuning"] = checkpoint["decoding_tuning"]
     report["scored"] = {"split": split, "held_out": all(r == "held out" for r in roles), "note": note}
@@ -371,6 +357,9 @@ def main(args) -> Path:
         f, dataset = write_h5(files["segmentation"], shape, np.uint32)
         with f:
             dataset[...] = segmentation
+        files["ome_zarr"] = out / f"{prefix}results.ome.zarr"
+        with h5py.File(files["predictions"], "r") as f:
+            write_ome_zarr(files["ome_zarr"], f["main"][...], segmentation, cfg["data"]["resolution"])
         seconds = time.time() - started
         print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {files['segmentation']}")
         entry = {"image": str(volume.image), "label": volume.label and str(volume.label), "region": volume.bounds}

@@ -111,8 +111,21 @@ def panels(volumes: dict, cut) -> list[tuple[str, np.ndarray, dict]]:
     return out
 
 
+def voxel_size(args) -> list[float]:
+    """nm per voxel (z, y, x): --voxel-size, else the run's data.resolution (test_results.json), else 30 x 8 x 8."""
+    if args.voxel_size:
+        return [float(v) for v in args.voxel_size]
+    if args.results:
+        stored = json.loads((Path(args.results) / "test_results.json").read_text()).get("voxel_size_nm")
+        if stored:
+            return [float(v) for v in stored]
+    return [30.0, 8.0, 8.0]
+
+
 def main(args) -> list[Path]:
     volumes = gather(args)
+    voxel = voxel_size(args)
+    stretch = voxel[0] / voxel[2]
     depth, height, _ = next(iter(volumes.values())).shape[-3:]
     slices = args.slices or sorted({int(z) for z in np.linspace(0, depth - 1, min(5, depth) + 2)[1:-1]})
     bad = [z for z in slices if not 0 <= z < depth]
@@ -136,21 +149,21 @@ def main(args) -> list[Path]:
     if not 0 <= y < height:
         raise SystemExit(f"--y {y}: the volume has y 0..{height - 1}")
     row = panels(volumes, (slice(None), y))
-    fig, axes = plt.subplots(len(row), 1, figsize=(10, 1.2 + len(row) * depth * 30 / 8 / 60), squeeze=False)
+    fig, axes = plt.subplots(len(row), 1, figsize=(10, 1.2 + len(row) * depth * stretch / 60), squeeze=False)
     for ax, (title, image, options) in zip(axes[:, 0], row, strict=True):
-        ax.imshow(image, aspect=30 / 8, interpolation="nearest", **options)  # 30 nm sections, 8 nm pixels
+        ax.imshow(image, aspect=stretch, interpolation="nearest", **options)  # e.g. 30 nm sections, 8 nm pixels
         ax.set_ylabel(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_title(f"xz view at y = {y} (z stretched 30 / 8)")
+    axes[0, 0].set_title(f"xz view at y = {y} (z stretched {voxel[0]:g} / {voxel[2]:g})")
     written.append(save(fig, folder, "xz"))
 
     if args.neuroglancer:
-        serve_neuroglancer(volumes)
+        serve_neuroglancer(volumes, voxel)
     return written
 
 
-def serve_neuroglancer(volumes: dict) -> None:
+def serve_neuroglancer(volumes: dict, voxel=(30, 8, 8)) -> None:
     """Serve the volumes on localhost with neuroglancer (pip install neuroglancer) until Ctrl-C."""
     try:
         import neuroglancer
@@ -158,7 +171,7 @@ def serve_neuroglancer(volumes: dict) -> None:
         raise SystemExit("--neuroglancer needs the neuroglancer package: pip install neuroglancer") from None
     neuroglancer.set_server_bind_address("127.0.0.1")
     viewer = neuroglancer.Viewer()
-    space = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=[30, 8, 8])
+    space = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=list(voxel))
     with viewer.txn() as state:
         if "image" in volumes:
             state.layers["image"] = neuroglancer.ImageLayer(
@@ -193,6 +206,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         dest="output_dir",
         help="where figures go; unset: figures/ beside the first file",
     )
+    add("--voxel-size", "--voxel_size", dest="voxel_size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+        help="nm per voxel; unset: the run's data.resolution (from --results), else 30 8 8")  # fmt: skip
     add("--neuroglancer", action="store_true", help="also serve the volumes on localhost (needs neuroglancer)")
     return p
 

@@ -5,6 +5,7 @@
     python pannuke/evaluate.py runs/pannuke/<run>/swa.pth --data_dir DATA --fold 3
     python pannuke/evaluate.py runs/pannuke/<run> --images slides/     # PNG/TIF images of any size, tiled
     python pannuke/evaluate.py runs/pannuke/<run> --images scans20x/ --mpp 0.5 --stain_norm
+    python pannuke/evaluate.py runs/pannuke/<run> --export exported/   # TorchScript + ONNX + model.json
 
 Fold mode writes <run>/evaluation/<timestamp>_fold<k>/evaluation_report.json with
 - Dice per class (background and the five nucleus types), their means, and binary (nucleus vs background) Dice;
@@ -37,6 +38,7 @@ import torch
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
+from common.export import deployable
 from common.formats import label_tiff, qupath_features
 from common.metrics import (
     PANNUKE_CLASSES,
@@ -265,7 +267,51 @@ def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
     return {"images": len(rows), "nuclei_per_image": rows}
 
 
+def export(args) -> Path:
+    """--export DIR: the network with softmax and sigmoid as DIR/model.pt (TorchScript), DIR/model.onnx (checked
+    with onnxruntime against PyTorch) and DIR/model.json (what goes in and comes out): common/export.py."""
+    out = Path(args.export)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
+    checkpoint_path = find_checkpoint(args.checkpoint)
+    model, checkpoint = load_checkpoint(checkpoint_path, torch.device("cpu"))
+    tile = args.tile_size
+    description = {
+        "domain": "pannuke", "checkpoint": str(checkpoint_path.resolve()), "epoch": checkpoint.get("epoch"),
+        "input": {
+            "axes": "bcyx", "channels": ["R", "G", "B"], "tile_size": tile, "pixel_size_um": PANNUKE_MPP,
+            "normalisation": "H&E RGB at 0.25 um/px (40x; resize other scans), CLAHE on the Lab lightness (clip 2, "
+            "one 32 px cell per 32 px: pannuke/data.py preprocess_image), then each tile z-scored per channel "
+            "(its own mean and standard deviation)",
+            "tiling": f"tiles of {tile} px (a multiple of 32) with {args.overlap} px overlap, raised-cosine blending "
+            "(pannuke/model.py predict_tiled)",
+        },
+        "outputs": {
+            "classes": {"channels": list(CLASS_NAMES), "meaning": "softmax probability per pixel"},
+            "distance": {"channels": ["distance"], "meaning": "sigmoid of the normalised distance to the nucleus "
+                         f"edge; seeds where it exceeds {args.seed_threshold}, nuclei under {args.min_size} px dropped "
+                         "(pannuke/model.py instances_from_outputs)"},
+        },
+    }  # fmt: skip
+
+    def head(out):
+        return out["seg"].softmax(1), out["dist"].sigmoid()
+
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, tile, tile)  # a z-scored tile
+    traced, onnx_model, spec = deployable(model, head, example, description, ["classes", "distance"])
+    out.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out / "model.pt"))
+    (out / "model.onnx").write_bytes(onnx_model)
+    write_json(out / "model.json", spec)
+    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
+    return out
+
+
 def main(args):
+    if args.export:
+        return export(args)
     device = pick_device()
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
@@ -343,6 +389,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size (at PanNuke's scale), "
         "multiple of 32")  # fmt: skip
     add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px")
+    add("--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop")
     add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass")
     add("--num_workers", "--num-workers", type=int, default=0, help="loader workers")
     return p

@@ -52,9 +52,12 @@ from sklearn.metrics import (
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.export import deployable
 from common.metrics import quadratic_weighted_kappa, roc_auc_one_vs_rest
 from retinopathy.data import (
     GRADES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FundusDataset,
     HelpFormatter,
     cache_settings,
@@ -258,7 +261,46 @@ def output_folder(args, run_dir: Path) -> Path:
     return out
 
 
+def export(args) -> Path:
+    """--export DIR: the classifier with its softmax as DIR/model.pt (TorchScript), DIR/model.onnx (checked with
+    onnxruntime against PyTorch) and DIR/model.json (what goes in and comes out): common/export.py."""
+    out = Path(args.export)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
+    model, checkpoint = load_checkpoint(args.model_path, "cpu")
+    trained, size = checkpoint["args"], checkpoint["args"]["image_size"]
+    steps = ["black border cropped and the fundus circle masked (--medical-preprocess)"] * bool(
+        trained.get("medical_preprocess"))  # fmt: skip
+    steps.append(f"resized (padded to a square) to {size} x {size} px")
+    steps += ["CLAHE (clip 2, 8 x 8 grid)"] * bool(trained.get("medical_preprocess"))
+    steps += [f"Ben Graham's local average subtracted (sigma {max(size / 30, 1.0):g})"] * bool(
+        trained.get("ben_graham")
+    )
+    steps.append(f"RGB / 255, minus ImageNet's mean {list(IMAGENET_MEAN)}, over its standard deviation "
+                 f"{list(IMAGENET_STD)}")  # fmt: skip
+    grades = ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"][: checkpoint["model_args"]["num_classes"]]
+    description = {
+        "domain": "retinopathy", "checkpoint": str(Path(args.model_path).resolve()), "epoch": checkpoint.get("epoch"),
+        "architecture": checkpoint["model_args"]["name"],
+        "input": {"axes": "bcyx", "channels": ["R", "G", "B"], "image_size": size,
+                  "normalisation": "; ".join(steps) + " (retinopathy/data.py preprocess)"},
+        "outputs": {"grade": {"classes": grades, "meaning": "softmax probability of each grade (APTOS 0-4)"}},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, size, size)
+    traced, onnx_model, spec = deployable(model, lambda x: x.softmax(1), example, description, ["grade"])
+    out.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out / "model.pt"))
+    (out / "model.onnx").write_bytes(onnx_model)
+    write_json(out / "model.json", spec)
+    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
+    return out
+
+
 def main(args) -> Path:
+    if args.export:
+        return export(args)
     device = pick_device()
     model, checkpoint = load_checkpoint(args.model_path, device)
     trained = checkpoint["args"]
@@ -345,6 +387,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--include-training-images", "--include_training_images", dest="include_training_images",
         action="store_true", help="--labels-csv: keep the photos the run trained on or chose its model with (the "
         "report then says so)")  # fmt: skip
+    add("--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop")
     add("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="images per batch")
     add("--num-workers", "--num_workers", dest="num_workers", type=int, default=2, help="loader workers")
     add(

@@ -39,11 +39,15 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
+from common.export import deployable
 from stress_granules.data import (
+    EDGE_FULL_SCALE,
+    FEATURE_SETTINGS,
     DataError,
     HelpFormatter,
     Preprocess,
@@ -324,7 +328,49 @@ def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
     return summary
 
 
+def export(args) -> Path:
+    """--export DIR: the U-Net with its sigmoid as DIR/model.pt (TorchScript), DIR/model.onnx (checked with
+    onnxruntime against PyTorch) and DIR/model.json (what goes in and comes out): common/export.py."""
+    out = Path(args.export)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
+    checkpoint_path = find_checkpoint(args.checkpoint)
+    model, checkpoint = load_checkpoint(checkpoint_path, torch.device("cpu"))
+    prep, settings = run_settings(args, checkpoint)
+    channels = checkpoint["model_args"].get("in_channels", 1)
+    features = FEATURE_SETTINGS[prep.features]
+    names = [f"CLAHE clip {clip}, grid {grid} of the normalised image" for clip, grid in features]
+    names += ["edge"] * bool(features)
+    description = {
+        "domain": "stress_granules", "checkpoint": str(checkpoint_path.resolve()), "epoch": checkpoint.get("epoch"),
+        "input": {
+            "axes": "bcyx", "channels": names or ["normalised image"], "tile_size": settings.tile,
+            "normalisation": f"the granule channel (--channel {prep.channel}, z projection {prep.z_projection}) "
+            f"stretched from its 1st to 99.8th percentile to 0..1, the stretch at least {prep.min_range:g} "
+            f"(--min_dynamic_range), then the '{prep.features}' features: CLAHE at clip limits "
+            f"{[clip for clip, _ in features]} (common/preprocessing.py multiscale_clahe) and the edge channel "
+            f"(gradient magnitude of the Gaussian-smoothed image, sigma 1 px, / 8 / {EDGE_FULL_SCALE}, clipped to "
+            "0..1): stress_granules/data.py Preprocess.compute",
+            "tiling": f"tiles of {settings.tile} px (a multiple of 16) with {settings.overlap} px overlap",
+        },
+        "outputs": {"granule": {"channels": ["granule probability"], "meaning": f"sigmoid; granules where it "
+                                f"exceeds {settings.threshold}, under {settings.min_size} px dropped"}},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    example = torch.rand(1, channels, settings.tile, settings.tile)
+    traced, onnx_model, spec = deployable(model, torch.sigmoid, example, description, ["granule"])
+    out.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out / "model.pt"))
+    (out / "model.onnx").write_bytes(onnx_model)
+    write_json(out / "model.json", spec)
+    print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
+    return out
+
+
 def main(args):
+    if args.export:
+        return export(args)
     device = pick_device()
     checkpoint_path = find_checkpoint(args.checkpoint)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
@@ -455,6 +501,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); without it, on "
         "CUDA as the run trained, off elsewhere")  # fmt: skip
     add("--use-mixed-precision", dest="use_mixed_precision", action=flag, help=argparse.SUPPRESS)  # hidden twin
+    add("--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop")
     add("--run_report", "--run-report", action="store_true",
         help="write the run's evaluation_report.json and <split>_predictions.png, see above")  # fmt: skip
     return p

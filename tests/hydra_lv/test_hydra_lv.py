@@ -691,3 +691,38 @@ def test_export_writes_torchscript_and_onnx_that_onnxruntime_runs_like_pytorch(t
     with pytest.raises(SystemExit, match="not empty"):
         hydra_evaluate.main(hydra_evaluate.parse_args(
             ["--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--export", str(out)]))  # fmt: skip
+
+
+def test_ome_zarr_and_neuroglancer_carry_the_runs_voxel_size(tmp_path, volumes, monkeypatch):
+    """results.ome.zarr, read with ome-zarr's own reader, holds the maps and the segmentation scaled by
+    data.resolution; visualize.py --neuroglancer serves them at that voxel size, not a fixed 30 x 8 x 8."""
+    import types
+
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=1", "data.resolution=[40,4,4]"])
+    out = hydra_evaluate.main(hydra_evaluate.parse_args(["--checkpoint", str(run / "checkpoints" / "best.ckpt")]))
+    report = json.loads((out / "test_results.json").read_text())
+    assert report["voxel_size_nm"] == [40, 4, 4]
+    nodes = {type(n.specs[0]).__name__: n for n in Reader(parse_url(str(out / "results.ome.zarr")))()}
+    image, labels = nodes["Multiscales"], nodes["Label"]
+    with h5py.File(out / "predictions.h5") as f, h5py.File(out / "segmentation.h5") as g:
+        assert np.array_equal(np.asarray(image.data[0]), f["main"][:])
+        assert np.array_equal(np.asarray(labels.data[0]), g["main"][:])
+    assert image.metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 40.0, 4.0, 4.0]
+    assert labels.metadata["coordinateTransformations"][0][0]["scale"] == [40.0, 4.0, 4.0]
+    assert [a.get("unit") for a in labels.metadata["axes"]] == ["nanometer"] * 3
+
+    seen = {}
+    fake = types.SimpleNamespace(
+        set_server_bind_address=lambda *a: None, LocalVolume=lambda data, space: space,
+        ImageLayer=lambda source: source, SegmentationLayer=lambda source: source,
+        CoordinateSpace=lambda **kw: seen.setdefault("space", kw),
+        Viewer=lambda: types.SimpleNamespace(txn=lambda: __import__("contextlib").nullcontext(
+            types.SimpleNamespace(layers={}))),
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "neuroglancer", fake)
+    monkeypatch.setattr(hydra_visualize.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
+    hydra_visualize.main(hydra_visualize.parse_args(["--results", str(out), "--neuroglancer"]))
+    assert seen["space"]["scales"] == [40.0, 4.0, 4.0] and seen["space"]["units"] == "nm"

@@ -489,6 +489,33 @@ def test_saved_masks_rescored_by_common_metrics_equal_the_report(sota_run, data,
     assert (out / "per_tissue.csv").read_text().startswith("tissue,tiles,mpq,bpq,aji")
 
 
+def test_export_runs_in_onnxruntime_as_in_pytorch(sota_run, tmp_path):
+    """evaluate.py --export: model.onnx, given a tile prepared as model.json says, gives PyTorch's probabilities."""
+    import json
+
+    import onnxruntime
+
+    from pannuke.data import normalize_image, preprocess_image
+    from pannuke.model import find_checkpoint, load_checkpoint, predict
+
+    out = pannuke_evaluate.main(pannuke_evaluate.parse_args([str(sota_run), "--export", str(tmp_path / "export")]))
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["input"]["shape"] == ["batch", 3, 256, 256] and spec["input"]["pixel_size_um"] == 0.25
+    assert [o["name"] for o in spec["outputs"]] == ["classes", "distance"]
+    assert (
+        spec["outputs"][0]["shape"] == ["batch", 6, 256, 256]
+        and spec["checked"]["onnxruntime_max_abs_difference"] <= 1e-4
+    )
+    tile, _ = synthetic_tile(np.random.default_rng(1), 256)
+    x = normalize_image(preprocess_image(tile))[None]
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    classes, distance = session.run(None, {"input": x})
+    model, _ = load_checkpoint(find_checkpoint(str(sota_run)), "cpu")
+    probs, dist = predict(model, torch.from_numpy(x))
+    assert np.abs(classes - probs.numpy()).max() <= 1e-4 and np.abs(distance - dist.numpy()).max() <= 1e-4
+    assert np.allclose(classes.sum(1), 1, atol=1e-5)
+
+
 def test_evaluate_segments_a_folder_of_images_of_any_size(sota_run, tmp_path):
     import cv2
     import tifffile

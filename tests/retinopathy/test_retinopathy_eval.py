@@ -80,6 +80,29 @@ def split_of(run: Path) -> dict:
     return json.loads((run / "split.json").read_text())
 
 
+def test_export_runs_in_onnxruntime_as_in_pytorch(demo_run, tmp_path):
+    """evaluate.py --export: model.onnx, on a photo prepared as model.json says, gives PyTorch's probabilities."""
+    import onnxruntime
+
+    from retinopathy.data import IMAGENET_MEAN, IMAGENET_STD, preprocess
+
+    out = fundus_evaluate.main(fundus_evaluate.parse_args(["--model-path", str(demo_run), "--export",
+                                                           str(tmp_path / "export")]))  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    model, checkpoint = load_checkpoint(demo_run)
+    args, size = checkpoint["args"], checkpoint["args"]["image_size"]
+    assert spec["input"]["shape"] == ["batch", 3, size, size] and "ImageNet" in spec["input"]["normalisation"]
+    assert spec["outputs"][0]["classes"][0] == "No DR" and spec["outputs"][0]["shape"] == ["batch", 5]
+    photo = sorted((demo_run.parent / "demo_data").glob("*/train_images/*.png"))[0]
+    image = preprocess(cv2.imread(str(photo))[..., ::-1], size, args["medical_preprocess"], args["ben_graham"])
+    x = ((image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None].astype(np.float32)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (grades,) = session.run(None, {"input": x})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).softmax(1).numpy()
+    assert np.abs(grades - expected).max() <= 1e-4 and grades.sum() == pytest.approx(1, abs=1e-5)
+
+
 def test_evaluate_on_the_validation_split_gives_the_numbers_training_chose_by(demo_run, tmp_path):
     """Validation (fp32, whatever the training precision) and evaluate.py score alike: the validation photos,
     listed in a CSV and kept with --include-training-images, give the QWK best_model.pth was saved for; the report

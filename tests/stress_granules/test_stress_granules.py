@@ -348,6 +348,28 @@ def test_robust_run_writes_its_outputs(robust_run):
     assert torch.load(copy, weights_only=True)["epoch"] == best["epoch"]
 
 
+def test_export_runs_in_onnxruntime_as_in_pytorch(robust_run, data, tmp_path):
+    """evaluate.py --export: model.onnx on a tile of real features (Preprocess.compute, as model.json describes)
+    gives the PyTorch model's granule probability."""
+    import onnxruntime
+
+    from stress_granules.model import load_checkpoint
+
+    out = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--export", str(tmp_path / "x")]))
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["input"]["shape"] == ["batch", 4, 64, 64] and len(spec["input"]["channels"]) == 4
+    assert spec["outputs"][0]["name"] == "granule" and spec["checked"]["onnxruntime_max_abs_difference"] <= 1e-4
+    model, checkpoint = load_checkpoint(robust_run / "best_model.pth")
+    prep = granule_data.Preprocess.from_args(checkpoint["args"])
+    image = prep.read(sorted((data / "images").iterdir())[0])
+    x = prep.compute(image)[None, :, :64, :64].astype(np.float32)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (probability,) = session.run(None, {"input": x})
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    assert probability.shape == (1, 1, 64, 64) and np.abs(probability - expected).max() <= 1e-4
+
+
 def test_evaluate_takes_the_runs_settings_and_reproduces_its_validation(robust_run, tmp_path):
     best = torch.load(robust_run / "best_model.pth", weights_only=True)
     out = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--split", "val", "--output_dir", "."]))

@@ -1,0 +1,96 @@
+"""A trained network made ready to leave the repository (every domain's `evaluate.py --export DIR`): traced to
+TorchScript, exported to ONNX, both checked against PyTorch, and described in a JSON that says what goes in and
+what comes out. The domain writes the three files:
+
+    DIR/model.pt     TorchScript (torch.jit.load, no code of ours needed)
+    DIR/model.onnx   ONNX (opset 18, any batch size): onnxruntime, OpenCV's dnn, Fiji's deepImageJ, ...
+    DIR/model.json   the input it expects (shape, channels, normalisation, tile size, scale) and its outputs
+
+The exported network includes the output activations (probabilities, not logits), so a user of the files needs
+only the preprocessing model.json states.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_TOLERANCE = 1e-4
+INSTALL = "pip install -r requirements-export.txt (onnx, onnxscript, onnxruntime)"
+
+
+class Deployed(nn.Module):
+    """The network followed by `head` (its outputs as the user reads them: a tensor or a tuple of tensors)."""
+
+    def __init__(self, model: nn.Module, head: Callable):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x):
+        return self.head(self.model(x))
+
+
+def _outputs(out) -> list[np.ndarray]:
+    return [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def deployable(
+    model: nn.Module, head: Callable, example: torch.Tensor, description: dict, output_names: list[str],
+) -> tuple[torch.jit.ScriptModule, bytes, dict]:  # fmt: skip
+    """(TorchScript module, ONNX file bytes, model.json dict) of model + head on inputs shaped like `example`.
+    The ONNX graph is run with onnxruntime on two copies of `example` (the batch axis is free) and must agree with
+    PyTorch within ONNX_TOLERANCE. description: what model.json says beyond shapes (domain, input channels and
+    normalisation, tile size, scale, and under "outputs" a dict of each output's meaning)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter builds the graph with it)
+    except ImportError as error:
+        raise SystemExit(f"--export needs {error.name}: {INSTALL}") from None
+    net, example = Deployed(model.eval().float(), head).eval(), example.float()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.10+ calls TorchScript deprecated (it runs); exporter chatter
+        reference = _outputs(net(example))
+        traced = torch.jit.trace(net, example, check_trace=False)
+        script = _outputs(traced(example))
+        program = torch.onnx.export(
+            net, (example,), None, dynamo=True, input_names=["input"], output_names=output_names,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=18, verbose=False,
+        )  # fmt: skip
+    onnx_bytes = program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    batch = np.concatenate([example.numpy()] * 2)
+    onnx_out = session.run(None, {"input": batch})
+    onnx_diff = max(float(np.abs(o[:1] - r).max()) for o, r in zip(onnx_out, reference, strict=True))
+    script_diff = max(float(np.abs(o - r).max()) for o, r in zip(script, reference, strict=True))
+    if onnx_diff > ONNX_TOLERANCE:
+        raise SystemExit(f"--export: onnxruntime differs from PyTorch by {onnx_diff:.2e} (> {ONNX_TOLERANCE})")
+    meanings = description.get("outputs", {})
+    spec = {
+        **description,
+        "files": {"torchscript": "model.pt", "onnx": "model.onnx"},
+        "input": {
+            **description.get("input", {}),
+            "name": "input",
+            "dtype": "float32",
+            "shape": ["batch", *example.shape[1:]],
+        },  # fmt: skip
+        "outputs": [
+            {"name": name, "shape": ["batch", *r.shape[1:]], **meanings.get(name, {})}
+            for name, r in zip(output_names, reference, strict=True)
+        ],  # fmt: skip
+        "checked": {
+            "onnxruntime_max_abs_difference": onnx_diff,
+            "torchscript_max_abs_difference": script_diff,
+            "on": f"an input of shape {list(example.shape)}",
+        },  # fmt: skip
+        "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    return traced, onnx_bytes, spec
