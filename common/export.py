@@ -41,10 +41,12 @@ def _outputs(out) -> list[np.ndarray]:
 
 def deployable(
     model: nn.Module, head: Callable, example: torch.Tensor, description: dict, output_names: list[str],
-) -> tuple[torch.jit.ScriptModule, bytes, dict]:  # fmt: skip
-    """(TorchScript module, ONNX file bytes, model.json dict) of model + head on inputs shaped like `example`.
-    The ONNX graph is run with onnxruntime on two copies of `example` (the batch axis is free) and must agree with
-    PyTorch within ONNX_TOLERANCE. description: what model.json says beyond shapes (domain, input channels and
+    spatial_multiple: int | None = None,
+) -> tuple[torch.jit.ScriptModule, bytes, dict, list[np.ndarray]]:  # fmt: skip
+    """(TorchScript module, ONNX file bytes, model.json dict, the outputs on `example`) of model + head on inputs
+    shaped like `example`: the batch axis is free, and with spatial_multiple so are the spatial axes (any multiple
+    of it). The ONNX graph is run with onnxruntime on two copies of `example` and must agree with PyTorch within
+    ONNX_TOLERANCE. description: what model.json says beyond shapes (domain, input channels and
     normalisation, tile size, scale, and under "outputs" a dict of each output's meaning)."""
     try:
         import onnx  # noqa: F401
@@ -60,7 +62,7 @@ def deployable(
         script = _outputs(traced(example))
         program = torch.onnx.export(
             net, (example,), None, dynamo=True, input_names=["input"], output_names=output_names,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=18, verbose=False,
+            dynamic_shapes=(dynamic_axes(example, spatial_multiple),), opset_version=18, verbose=False,
         )  # fmt: skip
     onnx_bytes = program.model_proto.SerializeToString()
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -71,6 +73,8 @@ def deployable(
     if onnx_diff > ONNX_TOLERANCE:
         raise SystemExit(f"--export: onnxruntime differs from PyTorch by {onnx_diff:.2e} (> {ONNX_TOLERANCE})")
     meanings = description.get("outputs", {})
+    spatial = [f"{axis} (a multiple of {spatial_multiple})" for axis in "zyx"[-(example.ndim - 2) :]] * bool(
+        spatial_multiple)  # fmt: skip
     spec = {
         **description,
         "files": {"torchscript": "model.pt", "onnx": "model.onnx"},
@@ -78,10 +82,10 @@ def deployable(
             **description.get("input", {}),
             "name": "input",
             "dtype": "float32",
-            "shape": ["batch", *example.shape[1:]],
+            "shape": ["batch", example.shape[1], *(spatial or example.shape[2:])],
         },  # fmt: skip
         "outputs": [
-            {"name": name, "shape": ["batch", *r.shape[1:]], **meanings.get(name, {})}
+            {"name": name, "shape": ["batch", r.shape[1], *(spatial or r.shape[2:])], **meanings.get(name, {})}
             for name, r in zip(output_names, reference, strict=True)
         ],  # fmt: skip
         "checked": {
@@ -93,4 +97,14 @@ def deployable(
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-    return traced, onnx_bytes, spec
+    return traced, onnx_bytes, spec, reference
+
+
+def dynamic_axes(example: torch.Tensor, spatial_multiple: int | None) -> dict:
+    """torch.export's dynamic shapes of the input: the batch, and each spatial axis as a multiple of
+    spatial_multiple (at least one)."""
+    axes = {0: torch.export.Dim("batch", min=1)}
+    if spatial_multiple:
+        for axis, name in zip(range(2, example.ndim), "zyx"[-(example.ndim - 2) :], strict=True):
+            axes[axis] = spatial_multiple * torch.export.Dim(f"{name}_blocks", min=1, max=1024)
+    return axes

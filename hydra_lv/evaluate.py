@@ -280,7 +280,7 @@ def export(args) -> Path:
     def head(x):  # binary and boundary probabilities, distance in -1..1
         return torch.cat([torch.sigmoid(x[:, :2]), torch.tanh(x[:, 2:3])], 1)
 
-    traced, onnx_model, spec = deployable(model, head, torch.rand(1, 1, *window), description, ["maps"])
+    traced, onnx_model, spec, _ = deployable(model, head, torch.rand(1, 1, *window), description, ["maps"])
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "model.pt"))
     (out / "model.onnx").write_bytes(onnx_model)

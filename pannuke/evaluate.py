@@ -35,9 +35,11 @@ import cv2
 import numpy as np
 import tifffile
 import torch
+import yaml
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
+from common.bioimageio import model_rdf
 from common.export import deployable
 from common.formats import label_tiff, qupath_features
 from common.metrics import (
@@ -57,8 +59,10 @@ from pannuke.data import (
     PanNukeDataset,
     load_fold,
     new_folder,
+    normalize_image,
     overlay,
     preprocess_image,
+    synthetic_tile,
     write_json,
 )
 from pannuke.model import (
@@ -297,16 +301,64 @@ def export(args) -> Path:
     def head(out):
         return out["seg"].softmax(1), out["dist"].sigmoid()
 
-    torch.manual_seed(0)
-    example = torch.randn(1, 3, tile, tile)  # a z-scored tile
-    traced, onnx_model, spec = deployable(model, head, example, description, ["classes", "distance"])
+    rgb, source = export_tile(checkpoint.get("args", {}), tile)
+    example = torch.from_numpy(normalize_image(preprocess_image(rgb)))[None]  # as model.json says
+    traced, onnx_model, spec, (classes, distance) = deployable(
+        model, head, example, description, ["classes", "distance"], spatial_multiple=32
+    )
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "model.pt"))
     (out / "model.onnx").write_bytes(onnx_model)
     write_json(out / "model.json", spec)
+    write_bioimageio_package(out, rgb, example.numpy(), classes, distance, source)
     print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
-          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json, and a bioimage.io "
+          f"package (rdf.yaml)")  # fmt: skip
     return out
+
+
+def export_tile(train_args: dict, tile: int) -> tuple[np.ndarray, str]:
+    """(an RGB tile of the run's test fold, where it came from), or a synthetic H&E tile when the fold is not found."""
+    fold = train_args.get("test_fold", 3)
+    found = sorted(Path(train_args.get("data_dir") or ".").glob(f"*/images/fold{fold}/images.npy"))
+    if found:
+        images = np.load(found[0], mmap_mode="r")
+        if images.shape[1] >= tile and images.shape[2] >= tile:
+            return np.clip(np.asarray(images[0, :tile, :tile, :3]), 0, 255).astype(np.uint8), f"{found[0]}, tile 0"
+    return synthetic_tile(np.random.default_rng(0), tile)[0], "a synthetic H&E tile (the run's fold was not found)"
+
+
+def write_bioimageio_package(out: Path, rgb, example, classes, distance, source: str) -> None:
+    """rdf.yaml, test tensors, cover.png and README.md beside model.pt and model.onnx: a bioimage.io model package
+    (`bioimageio test out/rdf.yaml` runs both weights on the test input). Its input is the CLAHE'd, z-scored tile
+    (bioimage.io's preprocessing steps cannot compute CLAHE, so a tool that runs it needs that step first)."""
+    np.save(out / "test_input.npy", example)
+    np.save(out / "test_classes.npy", classes)
+    np.save(out / "test_distance.npy", distance)
+    coloured = CLASS_COLORS[classes[0].argmax(0)].astype(np.uint8)
+    cover = np.concatenate([rgb, coloured], axis=1)
+    cv2.imwrite(str(out / "cover.png"), cover[..., ::-1])
+    rdf = model_rdf(
+        name="PanNuke nucleus segmentation (Attention U-Net)",
+        description="Six-class nucleus segmentation of H&E tiles at 0.25 um/px (PanNuke): class probabilities and "
+        "a distance map for separating touching nuclei.",
+        input_channels=["R", "G", "B"], outputs={"classes": list(CLASS_NAMES), "distance": ["distance"]},
+        multiple=32, minimum=32, torch_version=torch.__version__, opset=18,
+        authors=["biomedical image analysis scripts"],
+        cite=[{"text": "Gamper et al. PanNuke Dataset Extension, Insights and Baselines. arXiv 2020.",
+               "url": "https://arxiv.org/abs/2003.10778"},
+              {"text": "Oktay et al. Attention U-Net. MIDL 2018.", "url": "https://arxiv.org/abs/1804.03999"}],
+        tags=["segmentation", "instance-segmentation", "nuclei", "histopathology", "h-and-e", "2d", "pytorch", "onnx"],
+    )  # fmt: skip
+    (out / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    (out / "README.md").write_text(
+        "# PanNuke nucleus segmentation\n\nAn Attention U-Net trained with pannuke/train.py. Input: an H&E tile "
+        "at 0.25 um/px, CLAHE on the Lab lightness, then z-scored per channel (model.json states each step). "
+        f"Outputs: softmax probabilities of {', '.join(CLASS_NAMES)}, and a distance map whose peaks seed one "
+        "nucleus each.\n\n# Validation\n\n"
+        f"The test tensors are {source} prepared as above and this model's outputs on it. mPQ, bPQ and Dice on "
+        "the run's test fold are in its evaluation_report.json.\n"
+    )
 
 
 def main(args):

@@ -288,7 +288,7 @@ def export(args) -> Path:
     }  # fmt: skip
     torch.manual_seed(0)
     example = torch.randn(1, 3, size, size)
-    traced, onnx_model, spec = deployable(model, lambda x: x.softmax(1), example, description, ["grade"])
+    traced, onnx_model, spec, _ = deployable(model, lambda x: x.softmax(1), example, description, ["grade"])
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "model.pt"))
     (out / "model.onnx").write_bytes(onnx_model)

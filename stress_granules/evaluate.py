@@ -38,12 +38,15 @@ import time
 from dataclasses import replace
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
+import yaml
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
+from common.bioimageio import model_rdf
 from common.export import deployable
 from stress_granules.data import (
     EDGE_FULL_SCALE,
@@ -356,16 +359,64 @@ def export(args) -> Path:
         "outputs": {"granule": {"channels": ["granule probability"], "meaning": f"sigmoid; granules where it "
                                 f"exceeds {settings.threshold}, under {settings.min_size} px dropped"}},
     }  # fmt: skip
-    torch.manual_seed(0)
-    example = torch.rand(1, channels, settings.tile, settings.tile)
-    traced, onnx_model, spec = deployable(model, torch.sigmoid, example, description, ["granule"])
+    example, source = export_example(args, checkpoint, prep, settings.tile, channels)
+    traced, onnx_model, spec, (probability,) = deployable(
+        model, torch.sigmoid, example, description, ["granule"], spatial_multiple=16
+    )
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "model.pt"))
     (out / "model.onnx").write_bytes(onnx_model)
     write_json(out / "model.json", spec)
+    write_bioimageio_package(out, example.numpy(), probability, names, source)
     print(f"exported to {out}: model.pt (TorchScript), model.onnx (onnxruntime within "
-          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json")  # fmt: skip
+          f"{spec['checked']['onnxruntime_max_abs_difference']:.1e} of PyTorch), model.json, and a bioimage.io "
+          f"package (rdf.yaml)")  # fmt: skip
     return out
+
+
+def export_example(args, checkpoint, prep, tile: int, channels: int) -> tuple[torch.Tensor, str]:
+    """(the features of one of the run's images, cut to at most a tile, y and x multiples of 16; its file name).
+    Random features when the run's images cannot be found."""
+    try:
+        pairs, _ = image_list(args, checkpoint)
+        features = prep.compute(prep.read(pairs[0][0]))
+    except (SystemExit, IndexError, OSError):
+        torch.manual_seed(0)
+        return torch.rand(1, channels, tile, tile), "random features (the run's images were not found)"
+    h, w = (max(16, min(n, tile) // 16 * 16) for n in features.shape[1:])
+    crop = np.zeros((channels, h, w), np.float32)
+    crop[:, : features.shape[1], : features.shape[2]] = features[:, :h, :w]
+    return torch.from_numpy(crop)[None], Path(pairs[0][0]).name
+
+
+def write_bioimageio_package(out: Path, example: np.ndarray, probability: np.ndarray, channels, source) -> None:
+    """rdf.yaml, test tensors, cover.png and README.md beside model.pt and model.onnx: a bioimage.io model package
+    (`bioimageio test out/rdf.yaml` runs both weights on the test input). Its input is the run's features, not
+    the raw image: bioimage.io's preprocessing steps cannot compute CLAHE, so a tool that runs it (deepImageJ,
+    ilastik) needs those features made as stress_granules/data.py makes them."""
+    np.save(out / "test_input.npy", example)
+    np.save(out / "test_granule.npy", probability)
+    cover = np.concatenate([example[0, 0], probability[0, 0]], axis=1)
+    cv2.imwrite(str(out / "cover.png"), np.clip(cover * 255, 0, 255).astype(np.uint8))
+    rdf = model_rdf(
+        name="Stress granule segmentation (U-Net)",
+        description="Binary segmentation of stress granules in fluorescence microscopy: granule probability per "
+        "pixel from the stress_granules features (percentile stretch, CLAHE, edge channel).",
+        input_channels=list(channels), outputs={"granule": ["granule probability"]}, multiple=16, minimum=16,
+        torch_version=torch.__version__, opset=18, authors=["biomedical image analysis scripts"],
+        cite=[{"text": "Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image "
+               "Segmentation. MICCAI 2015.", "doi": "10.1007/978-3-319-24574-4_28"}],
+        tags=["segmentation", "fluorescence-light-microscopy", "2d", "stress-granules", "pytorch", "onnx"],
+    )  # fmt: skip
+    (out / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    (out / "README.md").write_text(
+        "# Stress granule segmentation\n\nA U-Net trained with stress_granules/train.py. The input is the run's "
+        f"features ({', '.join(channels)}), computed from the granule channel as stress_granules/data.py "
+        "Preprocess.compute does; model.json states every step. The output is the granule probability; "
+        "granules are its connected regions above the threshold in model.json.\n\n# Validation\n\n"
+        f"The test tensors are the features of {source} (cut to a multiple of 16) and this model's output on "
+        "them. Granule F1 and Dice on the run's held-out test images are in its evaluation_report.json.\n"
+    )
 
 
 def main(args):
