@@ -238,6 +238,26 @@ def split_pairs(args, log=print) -> tuple[list, list, list, dict]:
     return train, val, test, has_granules
 
 
+def split_from_file(path: Path, args, log=print) -> tuple[list, list, list, dict]:
+    """split_pairs' result as a run's split.json records it (a resumed run keeps the images it started with, even
+    when the splitting rule or the folder has changed since). An image it names that is gone is a DataError."""
+    stored = json.loads(Path(path).read_text())
+    pairs = pair_files(Path(args.images), Path(args.masks), args.skip_unpaired, log)
+    if args.val_images:
+        pairs += pair_files(Path(args.val_images), Path(args.val_masks), args.skip_unpaired, log)
+    by_image = {str(image): (image, mask) for image, mask in pairs}
+    parts = []
+    for name in ("train", "val", "test"):
+        missing = [p for p in stored.get(name, []) if p not in by_image]
+        if missing:
+            raise DataError(f"{path} names {missing[0]} ({name}), which is no longer in {args.images} with a mask")
+        parts.append([by_image[p] for p in stored.get(name, [])])
+    used = [pair for part in parts for pair in part]
+    counts = ", ".join(f"{len(p)} {n}" for p, n in zip(parts, ("training", "validation", "test"), strict=True))
+    log(f"split: as the run's {path} records it ({counts})")
+    return *parts, mask_has_granules(used)
+
+
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:
     """The granule label image (uint16, or int32 past 65,535 ids; 0 = background). A mask with several non-zero
     values is a label image (Fiji, napari, CellProfiler): each value is one granule, so touching granules stay

@@ -71,6 +71,7 @@ from stress_granules.data import (
     new_folder,
     plot_history,
     read_mask,
+    split_from_file,
     split_pairs,
     write_demo_dataset,
     write_json,
@@ -308,7 +309,11 @@ def load_data(args, log) -> tuple[dict, list, list]:
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
 
     def prepare():
-        train_pairs, val_pairs, test_pairs, has_granules = split_pairs(args, log)
+        recorded = Path(args.resume).parent / "split.json" if args.resume else None
+        if recorded is not None and recorded.is_file():  # a resumed run keeps its images
+            train_pairs, val_pairs, test_pairs, has_granules = split_from_file(recorded, args, log)
+        else:
+            train_pairs, val_pairs, test_pairs, has_granules = split_pairs(args, log)
         if not any(has_granules[p] for p, _ in train_pairs):
             raise SystemExit(f"no training mask in {args.masks} contains a granule: nothing to learn (all background)")
         if not any(has_granules[p] for p, _ in val_pairs):

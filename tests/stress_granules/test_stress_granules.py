@@ -441,6 +441,15 @@ def test_resume_after_interruption_repeats_the_next_epoch_exactly(tmp_path, data
     if workers == 0:  # a finished run can be extended with a larger --epochs
         granule_train.main(granule_train.parse_args(["--resume", str(cut), "--epochs", "3", "--num_workers", "0"]))
         assert len(json.loads((cut / "training_history.json").read_text())) == 3
+        # resuming takes the images of the run's split.json, not a fresh split (a run made before a change of the
+        # splitting rule keeps its own): here a recorded split that the rule would not draw
+        split = json.loads((cut / "split.json").read_text())
+        split["train"], split["test"] = split["train"][1:], split["test"] + split["train"][:1]
+        (cut / "split.json").write_text(json.dumps(split))
+        granule_train.main(granule_train.parse_args(["--resume", str(cut), "--epochs", "4", "--num_workers", "0"]))
+        report = json.loads((cut / "evaluation_report.json").read_text())
+        assert sorted(report["images"]) == sorted(split["test"])
+        assert json.loads((cut / "split.json").read_text()) == split
         with pytest.raises(SystemExit, match="resume from a run's last.pth"):
             granule_train.main(granule_train.parse_args(["--resume", str(cut / "best_model.pth")]))
 
