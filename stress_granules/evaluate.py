@@ -108,18 +108,21 @@ def run_settings(args, checkpoint: dict) -> tuple[Preprocess, Settings]:
     return prep, settings
 
 
-def run_split(checkpoint: dict) -> dict | None:
-    """The run's split.json ({"train": [...], "val": [...], "test": [...]}), or None for a bare checkpoint."""
-    run_dir = checkpoint.get("args", {}).get("run_dir")
-    if run_dir and (Path(run_dir) / "split.json").is_file():
-        return json.loads((Path(run_dir) / "split.json").read_text())
+def run_split(checkpoint: dict, folder: Path | None = None) -> dict | None:
+    """The run's split.json ({"train": [...], "val": [...], "test": [...]}): beside the checkpoint (`folder`, so a
+    run folder that was moved or copied still finds it), else in the run folder the checkpoint records; None for
+    a bare checkpoint."""
+    for run_dir in (folder, checkpoint.get("args", {}).get("run_dir")):
+        if run_dir and (Path(run_dir) / "split.json").is_file():
+            return json.loads((Path(run_dir) / "split.json").read_text())
     return None
 
 
-def image_list(args, checkpoint: dict) -> tuple[list[tuple[Path, Path | None]], dict]:
+def image_list(args, checkpoint: dict, folder: Path | None = None) -> tuple[list[tuple[Path, Path | None]], dict]:
     """(image, mask or None) pairs and where they come from: --images (and --masks), else the run's --split
-    images (test by default; its validation images, said so, when the run held none out for testing)."""
-    split = run_split(checkpoint)
+    images (test by default; its validation images, said so, when the run held none out for testing). folder:
+    the checkpoint's own folder, where split.json is looked for first."""
+    split = run_split(checkpoint, folder)
     if args.images:
         images = list_images(Path(args.images))
         masks = list_images(Path(args.masks)) if args.masks else {}
@@ -359,7 +362,7 @@ def export(args) -> Path:
         "outputs": {"granule": {"channels": ["granule probability"], "meaning": f"sigmoid; granules where it "
                                 f"exceeds {settings.threshold}, under {settings.min_size} px dropped"}},
     }  # fmt: skip
-    example, source = export_example(args, checkpoint, prep, settings.tile, channels)
+    example, source = export_example(args, checkpoint, checkpoint_path, prep, settings.tile, channels)
     traced, onnx_model, spec, (probability,) = deployable(
         model, torch.sigmoid, example, description, ["granule"], spatial_multiple=16
     )
@@ -374,11 +377,11 @@ def export(args) -> Path:
     return out
 
 
-def export_example(args, checkpoint, prep, tile: int, channels: int) -> tuple[torch.Tensor, str]:
+def export_example(args, checkpoint, checkpoint_path, prep, tile: int, channels: int) -> tuple[torch.Tensor, str]:
     """(the features of one of the run's images, cut to at most a tile, y and x multiples of 16; its file name).
     Random features when the run's images cannot be found."""
     try:
-        pairs, _ = image_list(args, checkpoint)
+        pairs, _ = image_list(args, checkpoint, Path(checkpoint_path).parent)
         features = prep.compute(prep.read(pairs[0][0]))
     except (SystemExit, IndexError, OSError):
         torch.manual_seed(0)
@@ -433,7 +436,7 @@ def main(args):
     if args.run_report and args.images:
         raise SystemExit("--run_report scores the run's own test (or validation) images: leave out --images")
     prep, settings = run_settings(args, checkpoint)
-    pairs, source = image_list(args, checkpoint)
+    pairs, source = image_list(args, checkpoint, checkpoint_path.parent)
     if args.run_report:
         return write_run_report(model, checkpoint, checkpoint_path.parent, pairs, source, prep, settings, ctx)
     cells = cell_masks(args, pairs)

@@ -61,7 +61,8 @@ def show_predictions(args) -> Path:
         masks = list_images(Path(args.masks)) if args.masks else {}
         pairs = [(images[s], masks.get(s)) for s in images]
     else:
-        pairs, _ = image_list(argparse.Namespace(images=None, masks=None, split=args.split), checkpoint)
+        pairs, _ = image_list(argparse.Namespace(images=None, masks=None, split=args.split), checkpoint,
+                              checkpoint_path.parent)  # fmt: skip
     if args.names:
         wanted = set(args.names)
         pairs = [p for p in pairs if p[0].stem in wanted]

@@ -384,6 +384,22 @@ def test_export_runs_in_onnxruntime_as_in_pytorch(robust_run, data, tmp_path):
     assert np.load(out / "test_input.npy").shape[:2] == (1, 4) and (out / "cover.png").is_file()
 
 
+def test_a_moved_run_folder_still_finds_its_split(robust_run, tmp_path):
+    """A run folder copied elsewhere (its checkpoint still names the old folder, now gone) scores its test images
+    from the split.json beside the checkpoint."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / robust_run.name
+    shutil.copytree(robust_run, moved, ignore=shutil.ignore_patterns("tensorboard"))
+    best = torch.load(moved / "best_model.pth", weights_only=True)
+    best["args"]["run_dir"] = str(tmp_path / "gone")
+    torch.save(best, moved / "best_model.pth")
+    out = granule_evaluate.main(granule_evaluate.parse_args([str(moved), "--output_dir", str(tmp_path)]))
+    report = json.loads((out / "evaluation_report.json").read_text())
+    split = json.loads((moved / "split.json").read_text())
+    assert report["images"] == split["test"] and report["split"] == "test"
+
+
 def test_evaluate_takes_the_runs_settings_and_reproduces_its_validation(robust_run, tmp_path):
     best = torch.load(robust_run / "best_model.pth", weights_only=True)
     out = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--split", "val", "--output_dir", "."]))
