@@ -258,21 +258,33 @@ def split_from_file(path: Path, args, log=print) -> tuple[list, list, list, dict
     return *parts, mask_has_granules(used)
 
 
+def anti_aliased(array: np.ndarray, top) -> bool:
+    """Is a mask with several values a binary mask drawn with anti-aliasing (a drawing program's or a resize's
+    soft edges: the top value inside, lower values only in a rim of at most 2 px beside it, and fewer of them)
+    rather than a label image? In a label image the other ids have pixels away from the top id's."""
+    inside = array == top
+    rim = (array > 0) & ~inside
+    near = ndimage.binary_dilation(inside, np.ones((5, 5)))  # OpenCV's anti-aliasing reaches 2 px out
+    return bool(rim.any()) and rim.sum() < inside.sum() and not (rim & ~near).any()
+
+
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:
     """The granule label image (uint16, or int32 past 65,535 ids; 0 = background). A mask with several non-zero
     values is a label image (Fiji, napari, CellProfiler): each value is one granule, so touching granules stay
     apart. A mask with one non-zero value (0/1, 0/255, a palette PNG, a colour mask with any channel > 0) is
-    binary: each 8-connected component is one granule."""
+    binary: each 8-connected component is one granule; so is an anti-aliased binary mask (soft edges beside the
+    top value, see anti_aliased), cut at half its top value."""
     array, axes, kind = mask_plane(path)
     if axes != "YX":
         raise DataError(f"{path}: a mask is one 2D plane, found {_describe(axes, array.shape, kind)}")
     if array.shape != image_shape:
         raise DataError(f"{path} has shape {array.shape}, but its image {image_path} has {image_shape}")
     values = np.unique(array[array > 0])
-    if len(values) > 1 and np.array_equal(values, np.round(values)):
+    if len(values) > 1 and np.array_equal(values, np.round(values)) and not anti_aliased(array, values[-1]):
         labels = array.astype(np.int64)
-    else:
-        labels = ndimage.label(array > 0, structure=np.ones((3, 3)))[0]
+    else:  # binary (an anti-aliased one cut at half its top value): 8-connected components
+        foreground = array >= values[-1] / 2 if len(values) > 1 else array > 0
+        labels = ndimage.label(foreground, structure=np.ones((3, 3)))[0]
     return labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.int32)
 
 

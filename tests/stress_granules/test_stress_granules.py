@@ -174,6 +174,21 @@ def test_masks_in_every_common_png_form_and_16_bit_png_images(tmp_path):
     assert deep.dtype == np.uint16 and deep.max() == 4100
 
 
+def test_an_anti_aliased_binary_mask_is_binary_and_a_label_image_stays_labels(tmp_path):
+    """Soft edges (a drawing program's anti-aliasing, or a resized mask) are not one granule per grey level."""
+    soft = np.zeros((40, 60), np.uint8)
+    cv2.circle(soft, (15, 20), 7, 255, -1, lineType=cv2.LINE_AA)
+    cv2.circle(soft, (42, 18), 5, 255, -1, lineType=cv2.LINE_AA)
+    assert len(np.unique(soft)) > 5  # many grey levels at the rims
+    cv2.imwrite(str(tmp_path / "soft.png"), soft)
+    labels = granule_data.read_mask(tmp_path / "soft.png", soft.shape, tmp_path / "x.tif")
+    assert labels.max() == 2 and np.array_equal(labels > 0, soft >= 128)
+    touching = np.zeros((20, 30), np.uint16)
+    touching[4:12, 3:10], touching[4:12, 10:18], touching[14:18, 20:26] = 1, 2, 3  # two touch: labels, not binary
+    tifffile.imwrite(tmp_path / "labels.tif", touching)
+    assert np.array_equal(granule_data.read_mask(tmp_path / "labels.tif", touching.shape, tmp_path / "x.tif"), touching)
+
+
 def test_presets_set_the_defaults_and_help_shows_them(monkeypatch):
     parse = granule_train.parse_args
     monkeypatch.setattr(granule_train, "pick_device", lambda: torch.device("cpu"))
