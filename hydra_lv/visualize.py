@@ -76,6 +76,9 @@ def gather(args) -> dict:
         for key, stored in (("image", "image"), ("predictions", "predictions"), ("label", "segmentation"),
                             ("ground_truth", "label")):  # fmt: skip
             files[key] = files[key] or entry.get(stored)
+        region = entry.get("region")  # a held-out region of a training volume: the image and truth cut to it
+    else:
+        region = None
     volumes = {}
     for key, path in files.items():
         if path is None:
@@ -84,6 +87,8 @@ def gather(args) -> dict:
         if not path.is_file():
             raise DataError(f"--{key.replace('_', '-')} {path}: no such file")
         volumes[key] = open_dataset(path)
+        if region and key in ("image", "ground_truth") and volumes[key].ndim == 3:
+            volumes[key] = np.asarray(volumes[key][tuple(slice(a, b) for a, b in region)])
     if "image" in volumes and volumes["image"].ndim == 4:  # a predictions.h5 given as --image
         volumes.setdefault("predictions", volumes.pop("image"))
     if not volumes:

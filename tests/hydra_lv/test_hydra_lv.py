@@ -590,6 +590,8 @@ def test_without_validation_volumes_training_holds_out_regions_and_test_mode_say
     entry = results["volumes"]["vol1"]
     assert entry["region"] == [[0, 12], [0, 96], [64, 96]] and entry["shape"] == [12, 96, 32]
     assert entry["training"] == "validated on (chose the model)" and "adapted_rand_error" in entry
+    figures = hydra_visualize.main(hydra_visualize.parse_args(["--results", str(run / "results")]))
+    assert len(figures) == 2  # the image and truth cut to the region, as the predictions are
 
 
 def test_tune_decoding_on_the_validation_volume_writes_the_best_into_the_run(tmp_path, volumes):
