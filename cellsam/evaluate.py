@@ -5,6 +5,7 @@ size, and score it where masks are given.
     python cellsam/evaluate.py output/my_cells --fold 2 --images NEW/images            # label images only
     python cellsam/evaluate.py output/my_cells --images DATA/images --masks DATA/masks  # with scores
     python cellsam/evaluate.py --cellsam_checkpoint cellsam_general.pt --images DATA/images --masks DATA/masks
+    python cellsam/evaluate.py output/my_cells --export exported/     # TorchScript + ONNX graphs, model.json
                                                    # a released (or fine-tuned) published CellSAM, as it comes
 
 Images larger than the model's window are cut into overlapping tiles at their own pixel scale; a cell is taken
@@ -42,9 +43,10 @@ from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
 from cellsam.data import boxes_from_mask, find_pairs
-from cellsam.model import detect_tiled
+from cellsam.model import decode_masks, detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from cellsam.utils import write_json
+from common.export import exported_graph
 from common.formats import label_tiff, pixel_size_from_tiff, qupath_features
 from common.metrics import instance_overlaps, match_instances
 
@@ -159,16 +161,124 @@ def read_pixel_size(path: Path) -> float | None:
         return None
 
 
+class FinderGraph(torch.nn.Module):
+    """CellFinder of the published CellSAM on an image resized to the input size (0..255): its input steps
+    (cellSAM's 8-bit truncation, SAM's pixel normalisation, ImageNet + min-max), the sigmoid of its class logits
+    (Q queries x classes) and its boxes (cx, cy, w, h as fractions of the input)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        from cellsam.published import finder_input
+
+        out = self.model.cellfinder(finder_input(image / 255, self.model.model, self.model.adv_mode))
+        return out["pred_logits"].sigmoid(), out["pred_boxes"]
+
+
+class EncoderGraph(torch.nn.Module):
+    """The masks' SAM image encoder on mask_input's output (0..255): SAM's pixel normalisation, then the ViT."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.sam = model.mask_sam
+
+    def forward(self, image):
+        return self.sam.image_encoder((image - self.sam.pixel_mean) / self.sam.pixel_std)
+
+
+class DecoderGraph(torch.nn.Module):
+    """SAM's prompt encoder and mask decoder: an image embedding and N boxes (x0, y0, x1, y1 in input pixels) ->
+    N mask probabilities at a quarter of the input size and their predicted IoU."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.sam = model.mask_sam
+
+    def forward(self, embedding, boxes):
+        logits, iou = decode_masks(self.sam, embedding, boxes)
+        return logits.sigmoid(), iou
+
+
+def export(args, model, config, source: str) -> Path:
+    """--export DIR: the published CellSAM as three graphs, each TorchScript (.pt) and ONNX (.onnx) checked with
+    onnxruntime against PyTorch: cellfinder (image -> box scores and boxes), image_encoder (the masks' input ->
+    embedding) and mask_decoder (embedding + boxes -> masks); model.json says what each takes and gives, and the
+    steps between them (cellsam/published.py), which stay outside the graphs."""
+    from cellsam.published import mask_input
+
+    out = Path(args.export)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--export {out}: the folder is not empty (an earlier export?); give a new one")
+    if config.architecture != "published":
+        raise SystemExit(
+            f"--export: the published CellSAM architecture only (this experiment is {config.architecture})"
+        )
+    model = model.cpu().eval()
+    size = model.input_size
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, size, size) * 255
+    masks_in = mask_input(image / 255, model.adv_mode)
+    with torch.no_grad():
+        embedding = EncoderGraph(model)(masks_in)
+    boxes = torch.tensor([[10.0, 20.0, size / 3, size / 2], [size / 2, size / 2, size - 8.0, size - 4.0]])
+    # one image at a time, as the pipeline runs them (CellFinder's graph fixes its batch of one)
+    graphs = {
+        "cellfinder": (FinderGraph(model), (image,), ["image"], ["scores", "boxes"], None, {"image": image.numpy()}),
+        "image_encoder": (EncoderGraph(model), (masks_in,), ["image"], ["embedding"], None,
+                          {"image": masks_in.numpy()}),
+        "mask_decoder": (DecoderGraph(model), (embedding, boxes), ["embedding", "boxes"], ["masks", "iou"],
+                         ({}, {0: torch.export.Dim("boxes", min=1)}),
+                         {"embedding": embedding.numpy(), "boxes": torch.cat([boxes, boxes]).numpy()}),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "domain": "cellsam", "checkpoint": source, "sam_size": model.sam_size, "input_size": size,
+        "pipeline": [
+            f"read the image as CellSAM does (cellsam/published.py read_image: 3 channels, each min-max scaled), "
+            f"on 0..255; resize it (or each window of a large image) to {size} x {size}",
+            "cellfinder(image): scores (1, Q, classes) and boxes (1, Q, 4) cx, cy, w, h in 0..1; a query's score is "
+            f"its best class; keep the boxes above {model.bbox_threshold} (cellSAM's dynamic threshold: "
+            "published.py box_score_threshold), in input pixels as x0, y0, x1, y1",
+            "image_encoder(mask_input(image)): mask_input clips each image to the 0th..99.5th percentile of its "
+            "non-zero values, rescales to 0..1, then ImageNet normalisation and min-max per channel, times 255 "
+            "(published.py mask_input; outside the graph: its percentile of the non-zero values)",
+            "mask_decoder(embedding, boxes): masks (N, h, w) at SAM's low resolution (graphs.mask_decoder.outputs) "
+            f"and iou (N,); keep masks with "
+            f"iou >= {model.iou_threshold}, upsample to the input size and threshold at {model.mask_threshold}, "
+            "then paint them into one label image (published.py masks_from_boxes, paint_labels)",
+        ],
+        "graphs": {},
+        "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+    }  # fmt: skip
+    for name, (net, examples, inputs, outputs, dynamic, feeds) in graphs.items():
+        traced, onnx_model, reference, checks = exported_graph(net, examples, inputs, outputs, dynamic, feeds)
+        traced.save(str(out / f"{name}.pt"))
+        (out / f"{name}.onnx").write_bytes(onnx_model)
+        spec["graphs"][name] = {
+            "files": {"torchscript": f"{name}.pt", "onnx": f"{name}.onnx"},
+            "inputs": {n: list(x.shape) for n, x in zip(inputs, examples, strict=True)},
+            "outputs": {n: list(r.shape) for n, r in zip(outputs, reference, strict=True)},
+            "checked": checks,
+        }
+    write_json(out / "model.json", spec)
+    print(f"exported to {out}: cellfinder, image_encoder and mask_decoder (.pt TorchScript, .onnx), model.json")
+    return out
+
+
 def main(args) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.experiment is None and not args.cellsam_checkpoint:
         raise SystemExit("give an experiment folder (output/<name> of cellsam/train.py) or --cellsam_checkpoint FILE")
     if args.cellsam_checkpoint:
-        if not args.images:
+        if not args.images and not args.export:
             raise SystemExit("--cellsam_checkpoint: give --images (and --masks for scores)")
-        pairs = find_pairs(args.images, args.masks)  # a bad folder stops before the model loads
+        pairs = find_pairs(args.images, args.masks) if args.images else []  # a bad folder stops before the model
         model, config = load_released(args.cellsam_checkpoint, device, args.sam_size, args.allow_missing_keys,
                                       args.window)  # fmt: skip
+        if args.export:
+            return export(args, model, config, str(Path(args.cellsam_checkpoint).resolve()))
         fold, experiment, parent = None, Path(args.cellsam_checkpoint), Path("output") / "evaluation"
         scored_on = f"--images {args.images}"
         if args.bbox_threshold is not None:
@@ -179,6 +289,8 @@ def main(args) -> Path:
         folds = json.loads(results_file.read_text()) if results_file.is_file() else []
         fold = args.fold or (folds[0]["fold"] if folds else 1)
         model, config = load_fold(experiment, fold, device)
+        if args.export:
+            return export(args, model, config, f"{experiment.resolve()} fold {fold}")
         if args.images:
             pairs, scored_on = find_pairs(args.images, args.masks), f"--images {args.images}"
         elif config.test_img_path:  # images that took no part in training or model choice
@@ -251,6 +363,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel_size", "--pixel-size", dest="pixel_size", type=float,
                    help="micrometres per pixel of the images, stored in the label TIFFs [read from each image's "
                         "ImageJ or OME-TIFF metadata; none if it has none]")  # fmt: skip
+    p.add_argument("--export", metavar="DIR", help="write the published CellSAM as TorchScript and ONNX graphs "
+                   "(cellfinder, image_encoder, mask_decoder) with model.json into DIR, and stop")  # fmt: skip
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels, above the largest cell [64]")
     return p
 

@@ -39,6 +39,47 @@ def _outputs(out) -> list[np.ndarray]:
     return [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
+def exported_graph(
+    net: nn.Module, examples: tuple, input_names: list[str], output_names: list[str], dynamic_shapes: tuple,
+    check_feeds: dict | None = None,
+) -> tuple[torch.jit.ScriptModule, bytes, list[np.ndarray], dict]:  # fmt: skip
+    """(TorchScript module, ONNX file bytes, PyTorch's outputs on `examples`, the checks) of a network with one or
+    more inputs. onnxruntime runs the ONNX graph on check_feeds (default: each example twice along its first
+    axis, which must be free) and the leading part of each output must equal PyTorch's within ONNX_TOLERANCE."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter builds the graph with it)
+    except ImportError as error:
+        raise SystemExit(f"--export needs {error.name}: {INSTALL}") from None
+    net = net.eval().float()
+    examples = tuple(x.float() for x in examples)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.10+ calls TorchScript deprecated (it runs); exporter chatter
+        reference = _outputs(net(*examples))
+        traced = torch.jit.trace(net, examples, check_trace=False)
+        script = _outputs(traced(*examples))
+        program = torch.onnx.export(
+            net, examples, None, dynamo=True, input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes, opset_version=18, verbose=False,
+        )  # fmt: skip
+    onnx_bytes = program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    feeds = check_feeds or {n: np.concatenate([x.numpy()] * 2) for n, x in zip(input_names, examples, strict=True)}
+    onnx_out = session.run(None, feeds)
+    onnx_diff = max(
+        float(np.abs(o[tuple(slice(0, n) for n in r.shape)] - r).max())
+        for o, r in zip(onnx_out, reference, strict=True)
+    )
+    script_diff = max(float(np.abs(o - r).max()) for o, r in zip(script, reference, strict=True))
+    if onnx_diff > ONNX_TOLERANCE:
+        raise SystemExit(f"--export: onnxruntime differs from PyTorch by {onnx_diff:.2e} (> {ONNX_TOLERANCE})")
+    checks = {"onnxruntime_max_abs_difference": onnx_diff, "torchscript_max_abs_difference": script_diff,
+              "on": ", ".join(f"{n} of shape {list(x.shape)}" for n, x in zip(input_names, examples, strict=True)),
+              "onnxruntime": onnxruntime.__version__}  # fmt: skip
+    return traced, onnx_bytes, reference, checks
+
+
 def deployable(
     model: nn.Module, head: Callable, example: torch.Tensor, description: dict, output_names: list[str],
     spatial_multiple: int | None = None,
@@ -48,30 +89,10 @@ def deployable(
     of it). The ONNX graph is run with onnxruntime on two copies of `example` and must agree with PyTorch within
     ONNX_TOLERANCE. description: what model.json says beyond shapes (domain, input channels and
     normalisation, tile size, scale, and under "outputs" a dict of each output's meaning)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch.onnx's exporter builds the graph with it)
-    except ImportError as error:
-        raise SystemExit(f"--export needs {error.name}: {INSTALL}") from None
     net, example = Deployed(model.eval().float(), head).eval(), example.float()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch 2.10+ calls TorchScript deprecated (it runs); exporter chatter
-        reference = _outputs(net(example))
-        traced = torch.jit.trace(net, example, check_trace=False)
-        script = _outputs(traced(example))
-        program = torch.onnx.export(
-            net, (example,), None, dynamo=True, input_names=["input"], output_names=output_names,
-            dynamic_shapes=(dynamic_axes(example, spatial_multiple),), opset_version=18, verbose=False,
-        )  # fmt: skip
-    onnx_bytes = program.model_proto.SerializeToString()
-    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    batch = np.concatenate([example.numpy()] * 2)
-    onnx_out = session.run(None, {"input": batch})
-    onnx_diff = max(float(np.abs(o[:1] - r).max()) for o, r in zip(onnx_out, reference, strict=True))
-    script_diff = max(float(np.abs(o - r).max()) for o, r in zip(script, reference, strict=True))
-    if onnx_diff > ONNX_TOLERANCE:
-        raise SystemExit(f"--export: onnxruntime differs from PyTorch by {onnx_diff:.2e} (> {ONNX_TOLERANCE})")
+    traced, onnx_bytes, reference, checks = exported_graph(
+        net, (example,), ["input"], output_names, (dynamic_axes(example, spatial_multiple),)
+    )
     meanings = description.get("outputs", {})
     spatial = [f"{axis} (a multiple of {spatial_multiple})" for axis in "zyx"[-(example.ndim - 2) :]] * bool(
         spatial_multiple)  # fmt: skip
@@ -88,14 +109,9 @@ def deployable(
             {"name": name, "shape": ["batch", r.shape[1], *(spatial or r.shape[2:])], **meanings.get(name, {})}
             for name, r in zip(output_names, reference, strict=True)
         ],  # fmt: skip
-        "checked": {
-            "onnxruntime_max_abs_difference": onnx_diff,
-            "torchscript_max_abs_difference": script_diff,
-            "on": f"an input of shape {list(example.shape)}",
-        },  # fmt: skip
+        "checked": checks,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
         "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
     }
     return traced, onnx_bytes, spec, reference
 

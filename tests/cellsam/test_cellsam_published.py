@@ -613,3 +613,44 @@ def test_a_mask_without_an_image_and_too_few_images_are_clear_errors(tmp_path, d
     with pytest.raises(SystemExit, match="--k_folds 5 needs at least 5 images"):
         train.main(train.get_args_parser().parse_args(tiny_argv(data, tmp_path / "c", "--strategy", "k_fold")))
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_export_writes_three_graphs_that_onnxruntime_runs_as_pytorch(tiny_file, data, tmp_path):
+    """evaluate.py --cellsam_checkpoint FILE --export DIR: cellfinder, image_encoder and mask_decoder, each run
+    with onnxruntime on a real image prepared as model.json says, give the PyTorch model's numbers."""
+    import onnxruntime
+
+    from cellsam import evaluate as cellsam_evaluate
+    from cellsam.model import decode_masks
+    from cellsam.published import finder_input, mask_input, resize_to_input
+
+    argv = ["--cellsam_checkpoint", str(tiny_file), "--sam_size", "vit_tiny", "--export", str(tmp_path / "x")]
+    out = cellsam_evaluate.main(cellsam_evaluate.get_args_parser().parse_args(argv))
+    spec = json.loads((out / "model.json").read_text())
+    assert sorted(spec["graphs"]) == ["cellfinder", "image_encoder", "mask_decoder"] and len(spec["pipeline"]) == 4
+    assert all(g["checked"]["onnxruntime_max_abs_difference"] <= 1e-4 for g in spec["graphs"].values())
+    model = CellSAM("vit_tiny")
+    published.load_cellsam_weights(model, tiny_file, log=lambda *_: None)
+    model.eval()
+    image = model.read_image(sorted((data / "images").iterdir())[0])
+    x = resize_to_input(torch.from_numpy(image.transpose(2, 0, 1).copy())[None], model.input_size)
+
+    def run(name, **feeds):
+        session = onnxruntime.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        return session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+    with torch.no_grad():
+        scores, boxes = run("cellfinder", image=x)
+        expected = model.cellfinder(finder_input(x / 255, model.model, model.adv_mode))
+        assert np.abs(scores - expected["pred_logits"].sigmoid().numpy()).max() <= 1e-4
+        assert np.abs(boxes - expected["pred_boxes"].numpy()).max() <= 1e-4
+        prepared = mask_input(x / 255, model.adv_mode)
+        (embedding,) = run("image_encoder", image=prepared)
+        sam = model.mask_sam
+        reference = sam.image_encoder((prepared - sam.pixel_mean) / sam.pixel_std)
+        assert np.abs(embedding - reference.numpy()).max() <= 1e-4
+        prompts = torch.tensor([[4.0, 4.0, 60.0, 50.0], [70.0, 80.0, 200.0, 210.0], [0.0, 0.0, 255.0, 255.0]])
+        masks, iou = run("mask_decoder", embedding=reference, boxes=prompts)  # three boxes: the count is free
+        logits, expected_iou = decode_masks(sam, reference, prompts)
+        assert masks.shape == tuple(logits.shape) and np.abs(masks - logits.sigmoid().numpy()).max() <= 1e-4
+        assert np.abs(iou - expected_iou.numpy()).max() <= 1e-4
