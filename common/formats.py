@@ -17,6 +17,7 @@ from scipy import ndimage
 
 MICROMETRES_PER_UNIT = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
                         "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4}  # fmt: skip
+MAX_PIXEL_SIZE_UM = 50.0  # a per-centimetre resolution coarser than this is a print setting, not a microscope's
 CENTIMETER = 3  # the TIFF ResolutionUnit of a pixel size (2, inch, is a print setting such as 72 dpi)
 
 
@@ -46,7 +47,8 @@ def pixel_size_from_tiff(tif) -> float | None:
             return denominator / numerator * _micrometres(unit)
     unit = tags.get("ResolutionUnit")
     if unit is not None and int(unit.value) == CENTIMETER:
-        return denominator / numerator * 1e4
+        size = denominator / numerator * 1e4
+        return size if size <= MAX_PIXEL_SIZE_UM else None  # 28.35 px/cm is 72 dpi, a print setting
     return None
 
 

@@ -509,6 +509,11 @@ class PatchDataset(torch.utils.data.Dataset):
         centres = self.centres[v]
         jitter = np.array([rng.integers(-1, 2), *rng.integers(-8, 9, 2)])  # off the coarse grid
         centre = centres[rng.integers(len(centres))] + jitter
+        bounds = self.volumes[v].bounds
+        if bounds is not None:  # a region: the jitter never takes the patch over its edge (into held-out voxels)
+            for axis, ((lo, hi), p) in enumerate(zip(bounds, self.patch, strict=True)):
+                if hi - lo >= p:
+                    centre[axis] = min(max(centre[axis], lo + p // 2), hi - (p - p // 2))
         return self.patch_at(v, centre, rng)
 
     def patch_at(self, v: int, centre, rng: np.random.Generator | None = None) -> dict:

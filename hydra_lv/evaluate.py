@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 
 import argparse
 import glob
+import hashlib
+import json
 import os
 import time
 
@@ -164,7 +166,8 @@ def validation_volumes(cfg: dict) -> list:
 
 
 def predict_volume(model, volume, cfg: dict, device, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(binary, boundary, distance, labels, valid) of a labelled volume or region, in memory."""
+    """(maps (3, z, y, x): binary, boundary, distance; labels inside the valid mask; valid) of a labelled volume or
+    region, in memory (tuning decodes each many times)."""
     image = open_dataset(volume.image)
     scale = intensity_scale(image)
     image = np.asarray(image[volume.slices()])
@@ -180,6 +183,20 @@ def predict_volume(model, volume, cfg: dict, device, ctx) -> tuple[np.ndarray, n
         else np.asarray(open_dataset(volume.mask)[volume.slices()]) > 0
     )
     return maps, labels * valid, valid
+
+
+def study_name(checkpoint: dict, cfg: dict) -> str:
+    """The Optuna study of one model and one way of predicting: a digest of the weights, the inference settings,
+    the validation data and the search space. A resumed tuning of the same model goes on; a retrained model, or
+    other inference settings, start a study of their own."""
+    digest = hashlib.sha1()
+    for name, tensor in checkpoint["model"].items():
+        digest.update(name.encode())
+        digest.update(tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    settings = {"inference": cfg["inference"], "window": cfg["model"]["input_size"], "space": DECODING_SPACE,
+                "data": {k: v for k, v in cfg["data"].items() if k.startswith(("val", "train"))}}  # fmt: skip
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return f"decoding_{digest.hexdigest()[:16]}"
 
 
 def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), storage: str | None = None) -> dict:
@@ -217,7 +234,7 @@ def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), stor
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=storage or f"sqlite:///{run_dir / 'decoding_study.db'}", study_name=f"decoding_{checkpoint_path.stem}",
+        storage=storage or f"sqlite:///{run_dir / 'decoding_study.db'}", study_name=study_name(checkpoint, cfg),
         direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(cfg["seed"])), load_if_exists=True,
     )  # fmt: skip
     before = {k: cfg["decoding"][k] for k in DECODING_SPACE}
@@ -226,14 +243,20 @@ def tune_decoding(checkpoint_path: str | Path, n_trials: int, overrides=(), stor
     remaining = n_trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     study.optimize(objective, n_trials=max(0, remaining))
     best = {**cfg["decoding"], **study.best_params}
+    before_error = error(before)  # the setting it started from, scored now (trial 0 may have been killed)
+    if before_error <= study.best_value:
+        best = {**cfg["decoding"], **before}
     result = {
         "tuned_on": [v.name + v.region for v in volumes],
         "trials": len(study.trials),
-        "before": {"decoding": before, "adapted_rand_error": study.trials[0].value},
-        "after": {"decoding": {k: best[k] for k in DECODING_SPACE}, "adapted_rand_error": study.best_value},
+        "before": {"decoding": before, "adapted_rand_error": before_error},
+        "after": {
+            "decoding": {k: best[k] for k in DECODING_SPACE},
+            "adapted_rand_error": min(before_error, study.best_value),
+        },  # fmt: skip
     }
-    print(f"decoding: adapted Rand error on validation {result['before']['adapted_rand_error']:.4f} -> "
-          f"{study.best_value:.4f} with {result['after']['decoding']}")  # fmt: skip
+    print(f"decoding: adapted Rand error on validation {before_error:.4f} -> "
+          f"{result['after']['adapted_rand_error']:.4f} with {result['after']['decoding']}")  # fmt: skip
     # the run's config and its best checkpoint carry the tuned decoding: test mode uses it
     checkpoint["config"]["decoding"] = best
     checkpoint["decoding_tuning"] = result

@@ -260,12 +260,13 @@ def split_from_file(path: Path, args, log=print) -> tuple[list, list, list, dict
 
 def anti_aliased(array: np.ndarray, top) -> bool:
     """Is a mask with several values a binary mask drawn with anti-aliasing (a drawing program's or a resize's
-    soft edges: the top value inside, lower values only in a rim of at most 2 px beside it, and fewer of them)
-    rather than a label image? In a label image the other ids have pixels away from the top id's."""
-    inside = array == top
-    rim = (array > 0) & ~inside
-    near = ndimage.binary_dilation(inside, np.ones((5, 5)))  # OpenCV's anti-aliasing reaches 2 px out
-    return bool(rim.any()) and rim.sum() < inside.sum() and not (rim & ~near).any()
+    soft edges) rather than a label image? In a label image the ids have interior pixels (all four neighbours of
+    the same value); soft edges are thin, so there only the top value has them."""
+    padded = np.pad(array, 1)
+    centre = padded[1:-1, 1:-1]
+    interior = (centre > 0) & (padded[:-2, 1:-1] == centre) & (padded[2:, 1:-1] == centre)
+    interior &= (padded[1:-1, :-2] == centre) & (padded[1:-1, 2:] == centre)
+    return bool(interior[array == top].any()) and not interior[(array > 0) & (array != top)].any()
 
 
 def read_mask(path: Path, image_shape: tuple[int, ...], image_path: Path) -> np.ndarray:

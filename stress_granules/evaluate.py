@@ -347,10 +347,11 @@ def export(args) -> Path:
     features = FEATURE_SETTINGS[prep.features]
     names = [f"CLAHE clip {clip}, grid {grid} of the normalised image" for clip, grid in features]
     names += ["edge"] * bool(features)
+    names = names or ["normalised image"]  # --features raw: the percentile-stretched image alone
     description = {
         "domain": "stress_granules", "checkpoint": str(checkpoint_path.resolve()), "epoch": checkpoint.get("epoch"),
         "input": {
-            "axes": "bcyx", "channels": names or ["normalised image"], "tile_size": settings.tile,
+            "axes": "bcyx", "channels": names, "tile_size": settings.tile,
             "normalisation": f"the granule channel (--channel {prep.channel}, z projection {prep.z_projection}) "
             f"stretched from its 1st to 99.8th percentile to 0..1, the stretch at least {prep.min_range:g} "
             f"(--min_dynamic_range), then the '{prep.features}' features: CLAHE at clip limits "

@@ -90,3 +90,5 @@ def test_label_tiffs_keep_ids_and_pixel_size(tmp_path, top):
     assert pixel_size(tmp_path / "none.tif") is None
     tifffile.imwrite(tmp_path / "dpi.tif", array, resolution=(72, 72), resolutionunit="INCH")
     assert pixel_size(tmp_path / "dpi.tif") is None  # a print setting, not a pixel size
+    tifffile.imwrite(tmp_path / "dpcm.tif", array, resolution=(28.35, 28.35), resolutionunit="CENTIMETER")
+    assert pixel_size(tmp_path / "dpcm.tif") is None  # 72 dpi given per centimetre: 353 um is no pixel size

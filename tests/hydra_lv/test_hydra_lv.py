@@ -615,6 +615,10 @@ def test_tune_decoding_on_the_validation_volume_writes_the_best_into_the_run(tmp
     assert report["decoding"] == stored and report["decoding_tuning"]["tuned_on"] == ["vol3"]
     assert report["volumes"]["vol3"]["adapted_rand_error"] == pytest.approx(result["after"]["adapted_rand_error"])
     assert (run / "decoding_study.db").is_file()
+    # best.ckpt now holds the tuned decoding; the same weights tune on in the same study, more trials
+    again = hydra_evaluate.tune_decoding(best, 6)
+    assert again["trials"] == 6 and again["before"]["decoding"] == result["after"]["decoding"]
+    assert again["after"]["adapted_rand_error"] <= again["before"]["adapted_rand_error"]
 
 
 def test_a_truncated_hdf5_file_and_overrides_among_the_flags(tmp_path):

@@ -183,6 +183,11 @@ def test_an_anti_aliased_binary_mask_is_binary_and_a_label_image_stays_labels(tm
     cv2.imwrite(str(tmp_path / "soft.png"), soft)
     labels = granule_data.read_mask(tmp_path / "soft.png", soft.shape, tmp_path / "x.tif")
     assert labels.max() == 2 and np.array_equal(labels > 0, soft >= 128)
+    small = np.zeros((30, 60), np.uint8)  # granule-sized soft spots: more rim than inside
+    for x in (8, 22, 36, 50):
+        cv2.circle(small, (x, 15), 2, 255, -1, lineType=cv2.LINE_AA)
+    cv2.imwrite(str(tmp_path / "small.png"), small)
+    assert granule_data.read_mask(tmp_path / "small.png", small.shape, tmp_path / "x.tif").max() == 4
     touching = np.zeros((20, 30), np.uint16)
     touching[4:12, 3:10], touching[4:12, 10:18], touching[14:18, 20:26] = 1, 2, 3  # two touch: labels, not binary
     tifffile.imwrite(tmp_path / "labels.tif", touching)
