@@ -26,6 +26,7 @@ from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 
 from common.preprocessing import percentile_normalize
+from common.tiling import block_grid
 
 SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 
@@ -158,20 +159,9 @@ def boxes_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def tile_grid(h: int, w: int, size: int, overlap: int) -> list[tuple]:
     """Tiles of size x size px overlapping by at least `overlap` px that cover an (h, w) image padded to at least
-    size: (y0, x0, core_y, core_x) each, the core (in tile coordinates) reaching on each side shared with a
-    neighbour to the middle of their overlap, so the cores tile the image without gaps or overlaps (the last tile
-    of a row, aligned to the image's end, overlaps its neighbour more)."""
-    step = size - overlap
-
-    def spans(n):
-        n = max(n, size)
-        starts = list(range(0, n - size + 1, step))
-        if starts[-1] != n - size:
-            starts.append(n - size)
-        bounds = [0] + [(a + size + b) // 2 for a, b in zip(starts, starts[1:], strict=False)] + [n]
-        return [(s, (bounds[i] - s, bounds[i + 1] - s)) for i, s in enumerate(starts)]
-
-    return [(y0, x0, core_y, core_x) for y0, core_y in spans(h) for x0, core_x in spans(w)]
+    size: (y0, x0, core_y, core_x) each, the cores (in tile coordinates) tiling the image (common.tiling's
+    block_grid)."""
+    return [(y0, x0, core_y, core_x) for (y0, x0), (core_y, core_x) in block_grid((h, w), size, overlap)]
 
 
 def xyxy_to_cxcywh(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from skimage.segmentation import relabel_sequential
@@ -32,6 +31,7 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 
 from cellsam.data import tile_grid
 from common.losses import BoundaryLoss, DiceLoss
+from common.tiling import paste_objects
 
 # the official configurations (segment_anything/build_sam.py), and a tiny one for CPUs
 SAM_SIZES = {
@@ -459,31 +459,29 @@ def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=6
     return tile_and_stitch(image, sam.image_encoder.img_size, overlap, segment)
 
 
-def tile_and_stitch(image: np.ndarray, size: int, overlap: int, segment) -> np.ndarray:
+def tile_and_stitch(image, size: int, overlap: int, segment, labels=None, on_cells=None) -> np.ndarray:
     """One label image (H, W) int32 from `segment(tile) -> labels` on tiles (size, size, C) overlapping by `overlap`
     px (one padded tile for a small image); each tile keeps the cells whose centre lies in its core (tile_grid), so
     a cell cut by one tile's edge is taken whole from its neighbour, and cells are pasted where no earlier cell
-    is."""
+    is (common.tiling.paste_objects).
+
+    Memory is one tile's: `image` may be any array that reads a region when sliced (a NumPy array, or a large
+    TIFF's zarr view), and `labels` any (H, W) integer array written a region at a time (a zarr array on disk);
+    a new NumPy array unless given. on_cells(window, y0, x0, ids) is called with each tile's new cells."""
     h, w = image.shape[:2]
-    padded = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)))
-    labels, count = np.zeros((h, w), np.int32), 0
+    labels = np.zeros((h, w), np.int32) if labels is None else labels
+    count = 0
     for y0, x0, core_y, core_x in tile_grid(h, w, size, overlap):
-        tile_labels = segment(padded[y0 : y0 + size, x0 : x0 + size])
-        for found, box in enumerate(ndimage.find_objects(tile_labels), start=1):
-            if box is None:
-                continue
-            ys, xs = np.nonzero(tile_labels[box] == found)
-            cy, cx = ys.mean() + box[0].start, xs.mean() + box[1].start
-            if not (core_y[0] <= cy < core_y[1] and core_x[0] <= cx < core_x[1]):
-                continue
-            gy, gx = ys + box[0].start + y0, xs + box[1].start + x0
-            inside = (gy < h) & (gx < w)
-            gy, gx = gy[inside], gx[inside]
-            free = labels[gy, gx] == 0
-            if free.sum() < 0.5 * len(gy):  # mostly taken by a cell found before
-                continue
-            count += 1
-            labels[gy[free], gx[free]] = count
+        tile = np.asarray(image[y0 : y0 + size, x0 : x0 + size])
+        pad = ((0, size - tile.shape[0]), (0, size - tile.shape[1])) + ((0, 0),) * (tile.ndim - 2)
+        tile_labels = segment(np.pad(tile, pad))
+        window = np.asarray(labels[y0 : y0 + size, x0 : x0 + size])
+        pasted = paste_objects(window, tile_labels, (core_y, core_x), count + 1)
+        if pasted:
+            labels[y0 : y0 + size, x0 : x0 + size] = window
+            count += len(pasted)
+            if on_cells is not None:
+                on_cells(window, y0, x0, [i for i, _ in pasted])
     return labels
 
 

@@ -64,10 +64,11 @@ def label_tiff(labels: np.ndarray, pixel_size: float | None) -> tuple[np.ndarray
     return labels.astype(np.uint32), {"compression": "zlib", **extra}
 
 
-def instance_polygons(labels: np.ndarray, scale: float = 1.0) -> dict[int, list[list[list[float]]]]:
+def instance_polygons(labels: np.ndarray, scale: float = 1.0, offset=(0.0, 0.0)) -> dict[int, list[list[list[float]]]]:
     """Instance id -> its outline as GeoJSON polygon rings: the closed outer ring [[x, y], ...], then one ring per
     hole. Traced through the centres of the border pixels (OpenCV's findContours), so the outline lies within
-    half a pixel of the instance's edge; coordinates times `scale` (e.g. back to an image's own pixels). An
+    half a pixel of the instance's edge; coordinates plus `offset` (x, y: where `labels` lies in a larger image),
+    times `scale` (e.g. back to a slide's full-resolution pixels). An
     instance in several pieces gets its largest; one or two pixels get the box of their pixel edges."""
     labels = np.asarray(labels)
     polygons = {}
@@ -80,25 +81,29 @@ def instance_polygons(labels: np.ndarray, scale: float = 1.0) -> dict[int, list[
         outer = [k for k in range(len(contours)) if hierarchy[0][k][3] < 0]
         k = max(outer, key=lambda k: (cv2.contourArea(contours[k]), len(contours[k])))
         # the crop's padded pixel (x, y) is the image's pixel (x + c0 - 1, y + r0 - 1); + 0.5: its centre
-        offset = np.array([c0 - 0.5, r0 - 0.5])
+        shift = np.array([c0 - 0.5, r0 - 0.5])
         if len(contours[k]) < 3 or cv2.contourArea(contours[k]) == 0:  # a pixel or a line of pixels
             rings = [np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]], np.float64)]
         else:
             holes = [h for h in range(len(contours)) if hierarchy[0][h][3] == k and cv2.contourArea(contours[h]) > 0]
-            rings = [contours[h][:, 0, :].astype(np.float64) + offset for h in [k, *holes]]
-        polygons[index] = [np.round(np.vstack([r, r[:1]]) * scale, 3).tolist() for r in rings]
+            rings = [contours[h][:, 0, :].astype(np.float64) + shift for h in [k, *holes]]
+        polygons[index] = [np.round((np.vstack([r, r[:1]]) + offset) * scale, 3).tolist() for r in rings]
     return polygons
 
 
 def qupath_features(
     labels: np.ndarray, classes: dict[int, tuple[str, tuple[int, int, int]]] | None = None,
     measurements: dict[int, dict] | None = None, scale: float = 1.0, object_type: str = "detection", name: str = "",
+    offset=(0.0, 0.0), id_offset: int = 0,
 ) -> dict:  # fmt: skip
     """A GeoJSON FeatureCollection that QuPath imports (File > Import objects, or drag and drop): one Polygon
     feature per instance, `objectType` detection (or annotation), its class as QuPath's `classification` {name,
-    color}, its label id and `measurements` in the properties, and a UUID stable per (name, id)."""
+    color}, its label id and `measurements` in the properties, and a UUID stable per (name, id). A block of a
+    larger image: `offset` (x, y) where it lies (see instance_polygons), and its label k is the image's id
+    k + id_offset (the key of `classes` and `measurements`)."""
     features = []
-    for index, rings in instance_polygons(labels, scale).items():
+    for local, rings in instance_polygons(labels, scale, offset).items():
+        index = local + id_offset
         properties = {"objectType": object_type, "name": str(index), "label_id": index}
         if classes and index in classes:
             label, colour = classes[index]

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 
 import argparse
 import csv
+import json
 import time
 
 import cv2
@@ -36,6 +37,7 @@ import numpy as np
 import tifffile
 import torch
 import yaml
+from scipy import ndimage
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
@@ -50,6 +52,7 @@ from common.metrics import (
     pannuke_aggregate,
     pannuke_tile_pq,
 )
+from common.tiling import block_grid, closest_level, core_slices, paste_objects, tissue_mask
 from pannuke.data import (
     CLASS_COLORS,
     CLASS_NAMES,
@@ -75,8 +78,9 @@ from pannuke.model import (
     predict_tiled,
 )
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".svs", ".ndpi", ".scn", ".bif")
 PANNUKE_MPP = 0.25  # um per pixel of PanNuke's tiles (40x), the scale the model learned
+IN_MEMORY_PX = 8192 * 8192  # a tiled TIFF larger than this is read as a slide, a region at a time
 
 
 @torch.no_grad()
@@ -195,80 +199,306 @@ def normalize_stains(image: np.ndarray, normalise, name: str) -> np.ndarray:
         return image
 
 
-def write_nuclei(out_dir: Path, stem: str, instances: np.ndarray, classes: np.ndarray, pixel_size: float) -> None:
-    """<stem>_nuclei.csv, one row per nucleus (its id is its value in <stem>_instances.tif): type, area, centroid;
-    and <stem>_nuclei.geojson, its outline for QuPath with the type as QuPath's classification (name and colour)."""
-    props = regionprops_table(instances, properties=("label", "area", "centroid"))
-    rows = [
-        {"nucleus_id": int(i), "type": PANNUKE_CLASSES[classes[i - 1] - 1], "area_px": int(area),
-         "area_um2": round(float(area) * pixel_size**2, 3), "centroid_x_px": round(float(x), 2),
-         "centroid_y_px": round(float(y), 2)}
-        for i, area, y, x in zip(props["label"], props["area"], props["centroid-0"], props["centroid-1"], strict=True)
-    ]  # fmt: skip
-    columns = ["nucleus_id", "type", "area_px", "area_um2", "centroid_x_px", "centroid_y_px"]
-    with open(out_dir / f"{stem}_nuclei.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    types = {r["nucleus_id"]: (r["type"], CLASS_COLORS[classes[r["nucleus_id"] - 1]]) for r in rows}
-    areas = {r["nucleus_id"]: {"Area um^2": r["area_um2"]} for r in rows}
-    write_json(out_dir / f"{stem}_nuclei.geojson", qupath_features(instances, types, areas, name=stem))
+class NucleusWriter:
+    """<stem>_nuclei.csv (a row per nucleus: its id in the label image, type, area, centroid) and
+    <stem>_nuclei.geojson (its outline for QuPath, the type as QuPath's classification), appended block by block
+    as the nuclei are found, so a slide's millions of nuclei never sit in memory; both are written under a
+    temporary name and renamed when complete. Centroids and outlines are in the image's full-resolution pixels
+    (a slide's level 0, as QuPath shows it): `downsample` of them per pixel of the label image."""
+
+    COLUMNS = ["nucleus_id", "type", "area_px", "area_um2", "centroid_x_px", "centroid_y_px"]
+
+    def __init__(self, out_dir: Path, stem: str, pixel_size: float, downsample: float = 1.0, keep_classes=False):
+        self.stem, self.pixel_size, self.downsample = stem, pixel_size, downsample
+        self.classes = [] if keep_classes else None  # every nucleus's type, for an image held in memory
+        self.paths = [out_dir / f"{stem}_nuclei.csv", out_dir / f"{stem}_nuclei.geojson"]
+        self.csv_file = open(self.paths[0].with_suffix(".csv.part"), "w", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=self.COLUMNS)
+        self.csv.writeheader()
+        self.geojson = open(self.paths[1].with_suffix(".geojson.part"), "w")
+        self.geojson.write('{"type": "FeatureCollection", "features": [\n')
+        self.count, self.per_class = 0, np.zeros(NUM_CLASSES, np.int64)
+
+    def add(self, window: np.ndarray, y0: int, x0: int, first_id: int, classes) -> None:
+        """The nuclei first_id .. first_id + len(classes) - 1 just pasted into `window` (the label image's
+        region at (y0, x0)), classes[k] the type (1..5) of nucleus first_id + k."""
+        local = np.where(window >= first_id, window - (first_id - 1), 0)  # the new ids as 1..k
+        props = regionprops_table(local, properties=("label", "area", "centroid"))
+        ds, rows = self.downsample, []
+        for k, area, y, x in zip(props["label"], props["area"], props["centroid-0"], props["centroid-1"], strict=True):
+            rows.append({"nucleus_id": int(k) + first_id - 1, "type": PANNUKE_CLASSES[classes[k - 1] - 1],
+                         "area_px": int(area), "area_um2": round(float(area) * self.pixel_size**2, 3),
+                         "centroid_x_px": round((float(x) + x0 + 0.5) * ds - 0.5, 2),
+                         "centroid_y_px": round((float(y) + y0 + 0.5) * ds - 0.5, 2)})  # fmt: skip
+        self.csv.writerows(rows)
+        types = {r["nucleus_id"]: (r["type"], CLASS_COLORS[classes[r["nucleus_id"] - first_id]]) for r in rows}
+        areas = {r["nucleus_id"]: {"Area um^2": r["area_um2"]} for r in rows}
+        features = qupath_features(local, types, areas, scale=ds, name=self.stem, offset=(x0, y0),
+                                   id_offset=first_id - 1)["features"]  # fmt: skip
+        for feature in features:
+            self.geojson.write(("" if self.count == 0 else ",\n") + json.dumps(feature))
+            self.count += 1
+        self.per_class += np.bincount(np.asarray(classes, np.int64), minlength=NUM_CLASSES)
+        if self.classes is not None:
+            self.classes.extend(classes)
+
+    def close(self) -> None:
+        self.geojson.write("\n]}\n")
+        for handle, path in zip((self.csv_file, self.geojson), self.paths, strict=True):
+            handle.close()
+            path.with_suffix(path.suffix + ".part").replace(path)
+
+
+class ImageSource:
+    """An H&E image read a region at a time: a whole-slide file (.svs, .ndpi, .scn, .bif, a pyramidal or very
+    large TIFF) through tiffslide at the pyramid level closest to PanNuke's scale, anything else from memory.
+    shape (h, w) and mpp are the level's, downsample its level-0 pixels per pixel."""
+
+    def __init__(self, path: Path, mpp: float | None):
+        self.path, self.slide = path, None
+        if is_slide(path):
+            try:
+                import tiffslide
+            except ImportError:
+                raise SystemExit(f"{path.name}: reading whole slides needs tiffslide: pip install tiffslide") from None
+            try:
+                self.slide = tiffslide.TiffSlide(path)
+            except Exception as error:
+                raise DataError(f"{path}: cannot open the slide ({type(error).__name__}: {error})") from None
+            base = mpp or self.slide.properties.get("tiffslide.mpp-x")
+            self.mpp_given = base is not None
+            base = float(base or PANNUKE_MPP)
+            self.level = closest_level([base * d for d in self.slide.level_downsamples], PANNUKE_MPP)
+            self.downsample = float(self.slide.level_downsamples[self.level])
+            self.mpp = base * self.downsample
+            w, h = self.slide.level_dimensions[self.level]
+            self.shape, self.array = (h, w), None
+        else:
+            self.array, self.level, self.downsample = read_image(path), 0, 1.0
+            self.mpp_given, self.mpp, self.shape = mpp is not None, mpp or PANNUKE_MPP, self.array.shape[:2]
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self.slide is None:
+            return self.array[y0:y1, x0:x1]
+        d = self.downsample
+        try:
+            region = self.slide.read_region((round(x0 * d), round(y0 * d)), self.level, (x1 - x0, y1 - y0),
+                                            as_array=True)  # fmt: skip
+        except Exception as error:
+            raise DataError(f"{self.path}: cannot read region x {x0}..{x1}, y {y0}..{y1} at level {self.level} "
+                            f"({type(error).__name__}: {error})") from None  # fmt: skip
+        region = np.asarray(region)
+        return region if region.ndim == 3 and region.shape[2] == 3 else read_region_rgb(region, self.path)
+
+    def thumbnail(self, longest: int = 2048) -> tuple[np.ndarray, float]:
+        """(RGB thumbnail, the level's pixels per thumbnail pixel), read with a stride from the slide's coarsest
+        level, a tile at a time (zarr), so even a one-level slide is never read whole."""
+        if self.slide is None:
+            step = max(1, int(np.ceil(max(self.shape) / longest)))
+            return self.array[::step, ::step], float(step)
+        import zarr
+
+        coarsest = self.slide.level_count - 1
+        group = zarr.open_group(self.slide.zarr_group.store, mode="r")
+        level = group[str(coarsest)] if str(coarsest) in group else group
+        step = max(1, int(np.ceil(max(level.shape[:2]) / longest)))
+        thumb = read_region_rgb(np.asarray(level[::step, ::step]), self.path)
+        return thumb, step * self.slide.level_downsamples[coarsest] / self.downsample
+
+
+def is_slide(path: Path) -> bool:
+    """A whole-slide format, or a TIFF that is a pyramid or larger than IN_MEMORY_PX."""
+    suffix = path.suffix.lower()
+    if suffix in (".svs", ".ndpi", ".scn", ".bif"):
+        return True
+    if suffix not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return len(tif.series[0].levels) > 1 or (page.is_tiled and page.shape[0] * page.shape[1] > IN_MEMORY_PX)
+    except Exception as error:
+        raise DataError(f"{path}: cannot read the image ({error})") from None
+
+
+def read_region_rgb(region: np.ndarray, path: Path) -> np.ndarray:
+    if region.ndim == 2:
+        region = np.repeat(region[..., None], 3, axis=2)
+    if region.ndim != 3 or region.shape[2] not in (3, 4):
+        raise DataError(f"{path}: expected an RGB slide, found regions of shape {region.shape}")
+    return region[..., :3] if region.dtype == np.uint8 else np.clip(region[..., :3] / 257.0, 0, 255).astype(np.uint8)
+
+
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image <path>/labels/nuclei/0 (uint32, chunks of `chunk` px) to fill a block at a time."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w")
+    group = root.create_group("labels").create_group("nuclei")
+    chunks = tuple(min(chunk, n) for n in shape)
+    return group.create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32", fill_value=0)
+
+
+def finish_labels(path: Path, pixel_size: float, block: int = 4096) -> None:
+    """The label image's pyramid (each level every second pixel of the one before, so ids stay ids, down to
+    about 1,024 px) and its OME-Zarr metadata in micrometres, written a block at a time; napari
+    (napari-ome-zarr) and QuPath's OME-Zarr reader open it."""
+    import zarr
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    root = zarr.open_group(str(path), mode="r+")
+    group = root["labels"]["nuclei"]
+    level, datasets = 0, []
+    while True:
+        array = group[str(level)]
+        datasets.append({"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": [pixel_size * 2**level] * 2}]})  # fmt: skip
+        if max(array.shape) <= 1024:
+            break
+        smaller = group.create_array(str(level + 1), shape=tuple((n + 1) // 2 for n in array.shape),
+                                     chunks=array.chunks, dtype=array.dtype, fill_value=0)  # fmt: skip
+        for y in range(0, array.shape[0], block):
+            for x in range(0, array.shape[1], block):
+                smaller[y // 2 : (y + block) // 2, x // 2 : (x + block) // 2] = array[
+                    y : y + block : 2, x : x + block : 2
+                ]
+        level += 1
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    write_multiscales_metadata(group, datasets=datasets, axes=axes, name="nuclei")
+    write_label_metadata(root["labels"], "nuclei")
+    root["labels"].attrs["labels"] = ["nuclei"]
+
+
+def segment_region(
+    model, region: np.ndarray, scale: float, args, normalise, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(instances, classes) of one region (H, W, 3) uint8 at its own pixels: resized by `scale` to PanNuke's, stain
+    normalised, CLAHE'd, predicted in tiles and decoded, and the instances brought back to the region's pixels."""
+    at_scale = region if normalise is None else normalize_stains(region, normalise, name)
+    if scale != 1:  # area averaging when shrinking, linear when enlarging
+        size = (max(1, round(region.shape[1] * scale)), max(1, round(region.shape[0] * scale)))
+        at_scale = cv2.resize(at_scale, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    clahe_image = torch.from_numpy(preprocess_image(at_scale)).permute(2, 0, 1)[None]
+    probs, distance = predict_tiled(model, clahe_image, args.tile_size, args.overlap, tta=args.tta)
+    instances, classes = instances_from_outputs(
+        probs[0].cpu().numpy(), distance[0, 0].cpu().numpy(), args.seed_threshold, args.min_size
+    )
+    if scale != 1:  # the instance map back on the region's own pixels (nearest neighbour keeps the ids)
+        rows_at = ((np.arange(region.shape[0]) + 0.5) * instances.shape[0] / region.shape[0]).astype(int)
+        cols_at = ((np.arange(region.shape[1]) + 0.5) * instances.shape[1] / region.shape[1]).astype(int)
+        instances = instances[np.ix_(rows_at, cols_at)]
+        kept = np.unique(instances[instances > 0])  # a nucleus may be too small to survive the resize
+        classes = classes[kept - 1]
+        instances = np.searchsorted(np.concatenate([[0], kept]), instances).astype(np.int32)
+    return instances, classes
+
+
+def segment_source(model, source: ImageSource, args, labels, normalise, writer: NucleusWriter, tissue=None) -> dict:
+    """Segment an image block by block (--block_size px at PanNuke's scale, overlapping by --block_overlap), each
+    nucleus taken from the block whose core holds its centre (common.tiling) and pasted into `labels` (a NumPy
+    array or, for a slide, a zarr array on disk) with the next id; its row and outline go to `writer`. With a
+    tissue mask (thumbnail, the level's pixels per thumbnail pixel), blocks without tissue are skipped. Memory
+    is one block's, whatever the image's size."""
+    scale = source.mpp / PANNUKE_MPP  # pixels at PanNuke's scale per pixel of the level
+    size = max(round(args.block_size / scale), 1)
+    margin = min(round(args.block_overlap / scale), size - 1)
+    blocks = block_grid(source.shape, size, margin)
+    next_id, skipped = 1, 0
+    for start, core in tqdm(blocks, desc=source.path.name, unit="block", leave=False, disable=len(blocks) == 1):
+        (y0, x0), (h, w) = start, source.shape
+        y1, x1 = min(y0 + size, h), min(x0 + size, w)
+        if tissue is not None:
+            mask, per = tissue  # the block's core on the thumbnail
+            cy, cx = core_slices(start, core, source.shape)
+            ty, tx = (
+                slice(int(cy.start / per), int(np.ceil(cy.stop / per))),
+                slice(int(cx.start / per), int(np.ceil(cx.stop / per))),
+            )
+            if not mask[ty, tx].any():
+                skipped += 1
+                continue
+        region = source.read(y0, y1, x0, x1)
+        where = source.path.name if len(blocks) == 1 else f"{source.path.name} at x {x0}, y {y0}"
+        instances, classes = segment_region(model, region, scale, args, normalise, where)
+        window = np.asarray(labels[y0:y1, x0:x1])
+        pasted = paste_objects(window, instances, core, next_id)
+        if not pasted:
+            continue
+        labels[y0:y1, x0:x1] = window
+        new_classes = [int(classes[k - 1]) for _, k in pasted]
+        writer.add(window, y0, x0, next_id, new_classes)
+        next_id += len(pasted)
+    return {"blocks": len(blocks), "blocks_without_tissue": skipped, "nuclei": next_id - 1}
 
 
 @torch.no_grad()
-def predict_folder(model, image_dir: Path, args, out_dir: Path, device) -> dict:
-    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
+    """Every image of a folder (or one file): an image that fits in memory gives <stem>_instances.tif and PNG
+    overlays, a whole slide <stem>_instances.ome.zarr and <stem>_overview.png; both the CSV and GeoJSON."""
+    paths = [images] if images.is_file() else sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    scale = (args.mpp or PANNUKE_MPP) / PANNUKE_MPP  # pixels at PanNuke's scale per pixel of these images
-    if args.mpp is None:
-        print(f"assuming the images are at PanNuke's scale, {PANNUKE_MPP} um/px (40x); give --mpp otherwise")
-    else:
-        print(f"--mpp {args.mpp}: images are resized by {scale:.3g} to PanNuke's {PANNUKE_MPP} um/px, and back")
+        raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     normalise = None
     if args.stain_norm:
         normalise, target = stain_normalizer(args.stain_reference)
         print(f"stain normalisation (Macenko) to {target}")
-    rows = []
-    for path in tqdm(paths, desc=str(image_dir), unit="image", leave=False):
-        image = read_image(path)
-        at_scale = image if normalise is None else normalize_stains(image, normalise, path.name)
-        if scale != 1:  # area averaging when shrinking, linear when enlarging
-            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-            at_scale = cv2.resize(at_scale, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        clahe_image = torch.from_numpy(preprocess_image(at_scale)).permute(2, 0, 1)[None]
-        probs, distance = predict_tiled(model, clahe_image, args.tile_size, args.overlap, tta=args.tta)
-        instances, classes = instances_from_outputs(
-            probs[0].cpu().numpy(), distance[0, 0].cpu().numpy(), args.seed_threshold, args.min_size
-        )
-        if scale != 1:  # the instance map back on the image's own pixels (nearest neighbour keeps the ids)
-            rows_at = ((np.arange(image.shape[0]) + 0.5) * instances.shape[0] / image.shape[0]).astype(int)
-            cols_at = ((np.arange(image.shape[1]) + 0.5) * instances.shape[1] / image.shape[1]).astype(int)
-            instances = instances[np.ix_(rows_at, cols_at)]
-            kept = np.unique(instances[instances > 0])  # a nucleus may be too small to survive the resize
-            classes = classes[kept - 1]
-            instances = np.searchsorted(np.concatenate([[0], kept]), instances).astype(np.int32)
-        class_map = np.concatenate([[0], classes])[instances].astype(np.uint8)
-        pixel_size = args.mpp or PANNUKE_MPP  # um per pixel of the image (and so of the instance map)
-        array, options = label_tiff(instances, pixel_size)  # ids and pixel size, for Fiji and napari
-        tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", array, **options)
-        write_nuclei(out_dir, path.stem, instances, classes, pixel_size)
-        cv2.imwrite(str(out_dir / f"{path.stem}_classes.png"), class_map)
-        cv2.imwrite(str(out_dir / f"{path.stem}_overlay.png"), overlay(image, class_map, instances)[..., ::-1])
-        counts = np.bincount(classes, minlength=NUM_CLASSES)
-        rows.append(
-            {
-                "image": path.name,
-                "nuclei": int(len(classes)),
-                **{name: int(counts[c + 1]) for c, name in enumerate(PANNUKE_CLASSES)},
-            }
-        )
-        tqdm.write(f"{path.name}: {len(classes)} nuclei")
+    rows, told = [], set()
+    for path in tqdm(paths, desc=str(images), unit="image", leave=False, disable=len(paths) == 1):
+        source = ImageSource(path, args.mpp)
+        scale = source.mpp / PANNUKE_MPP
+        message = (f"--mpp {args.mpp}: images are resized by {scale:.3g} to PanNuke's {PANNUKE_MPP} um/px, and back"
+                   if args.mpp and source.slide is None else
+                   f"assuming the images are at PanNuke's scale, {PANNUKE_MPP} um/px (40x); give --mpp otherwise"
+                   if not source.mpp_given else None)  # fmt: skip
+        if message and message not in told:
+            print(message)
+            told.add(message)
+        writer = NucleusWriter(out_dir, path.stem, source.mpp, source.downsample, keep_classes=source.slide is None)
+        entry = {"image": path.name}
+        if source.slide is None:
+            instances = np.zeros(source.shape, np.int32)
+            segment_source(model, source, args, instances, normalise, writer)
+            classes = np.asarray(writer.classes, np.int64)
+            class_map = np.concatenate([[0], classes])[instances].astype(np.uint8)
+            array, options = label_tiff(instances, source.mpp)  # ids and pixel size, for Fiji and napari
+            tifffile.imwrite(out_dir / f"{path.stem}_instances.tif", array, **options)
+            cv2.imwrite(str(out_dir / f"{path.stem}_classes.png"), class_map)
+            cv2.imwrite(
+                str(out_dir / f"{path.stem}_overlay.png"), overlay(source.array, class_map, instances)[..., ::-1]
+            )
+        else:
+            thumb, per = source.thumbnail()
+            tissue = tissue_mask(thumb) if args.tissue_mask else None
+            labels_path = out_dir / f"{path.stem}_instances.ome.zarr"
+            labels = open_labels(labels_path, source.shape)
+            h, w = source.shape
+            tqdm.write(f"{path.name}: level {source.level} of the slide ({w} x {h} px, {source.mpp:.3g} um/px)"
+                       + ("" if tissue is None else f", tissue on {tissue.mean():.0%} of the thumbnail"))  # fmt: skip
+            entry.update(level=source.level, level_mpp=source.mpp, level_size=[w, h], instances=str(labels_path))
+            searched = None if tissue is None else (tissue, per)
+            entry.update(segment_source(model, source, args, labels, normalise, writer, searched))
+            finish_labels(labels_path, source.mpp)
+            cv2.imwrite(str(out_dir / f"{path.stem}_overview.png"), overview(thumb, tissue)[..., ::-1])
+        writer.close()
+        counts = writer.per_class
+        entry.update(nuclei=int(writer.count), **{name: int(counts[c + 1]) for c, name in enumerate(PANNUKE_CLASSES)})
+        rows.append(entry)
+        tqdm.write(f"{path.name}: {writer.count} nuclei")
     with open(out_dir / "nuclei.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        columns = ["image", "nuclei", *PANNUKE_CLASSES]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return {"images": len(rows), "nuclei_per_image": rows}
+
+
+def overview(thumbnail: np.ndarray, tissue) -> np.ndarray:
+    """The slide's thumbnail with the area searched for nuclei (the tissue mask) outlined in green."""
+    out = thumbnail.copy()
+    if tissue is not None:
+        edge = tissue & ~ndimage.binary_erosion(tissue)
+        out[edge] = (0, 200, 0)
+    return out
 
 
 def export(args) -> Path:
@@ -384,10 +614,11 @@ def main(args):
                 f"--tile_size {args.tile_size} must be a multiple of 32 and --overlap {args.overlap} smaller than it"
             )
         image_dir = Path(args.images)
-        if not image_dir.is_dir():
-            raise DataError(f"--images {image_dir}: no such folder")
-        out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "predictions", image_dir.name)
+        if not image_dir.exists():
+            raise DataError(f"--images {image_dir}: no such folder or file")
+        out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "predictions", image_dir.stem)
         report.update(images=str(image_dir.resolve()), tile_size=args.tile_size, overlap=args.overlap)
+        report.update(block_size=args.block_size, block_overlap=args.block_overlap, tissue_mask=args.tissue_mask)
         report.update(mpp=args.mpp if args.mpp else f"{PANNUKE_MPP} (assumed)", model_mpp=PANNUKE_MPP)
         args.stain_norm = args.stain_norm or args.stain_reference is not None  # a reference implies --stain_norm
         report.update(stain_norm=args.stain_norm, stain_reference=args.stain_reference)
@@ -441,6 +672,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--tile_size", "--tile-size", type=int, default=256, help="--images: tile size (at PanNuke's scale), "
         "multiple of 32")  # fmt: skip
     add("--overlap", type=int, default=64, help="--images: overlap of neighbouring tiles in px")
+    add("--block_size", "--block-size", type=int, default=2048, help="--images: images are segmented in blocks of "
+        "this many px (at PanNuke's scale), each decoded on its own: memory is one block's, whatever the image "
+        "size")  # fmt: skip
+    add("--block_overlap", "--block-overlap", type=int, default=128, help="--images: overlap of neighbouring blocks "
+        "in px (at PanNuke's scale); above the largest nucleus, so each is taken whole from one block")  # fmt: skip
+    add("--tissue_mask", "--tissue-mask", action=argparse.BooleanOptionalAction, default=True, help="--images, whole "
+        "slides: skip blocks without tissue (Otsu on the saturation of a thumbnail)")  # fmt: skip
     add("--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop")
     add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass")
     add("--num_workers", "--num-workers", type=int, default=0, help="loader workers")

@@ -1020,3 +1020,89 @@ def test_stain_normalisation_gives_a_scan_the_stains_of_the_reference(sota_run, 
     assert (seen[64] == 250).all()
     report = json.loads((out / "evaluation_report.json").read_text())
     assert report["stain_norm"] is True and report["stain_reference"].endswith("reference.png")
+
+
+def write_pyramid(path, level0, mpp, levels=3):
+    """A tiled pyramidal TIFF (each level half the one before, lossless), as scanners' generic TIFF export."""
+    import cv2
+    import tifffile
+
+    options = dict(tile=(128, 128), compression="zlib", photometric="rgb", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        image = level0
+        for level in range(levels):
+            per_cm = 1e4 / (mpp * 2**level)
+            extra = {"subifds": levels - 1} if level == 0 else {"subfiletype": 1}
+            tif.write(image, resolution=(per_cm, per_cm), **options, **extra)
+            image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+
+
+def test_a_whole_slide_is_segmented_block_by_block_as_the_image_is_whole(sota_run, tmp_path, monkeypatch):
+    """A synthetic pyramidal slide at 0.125 um/px (80x): read at its 0.25 um/px level, blocks of glass skipped by
+    the tissue mask, nuclei stitched across the blocks into the same nuclei (each once) as the same pixels give
+    segmented whole; the label image is an OME-Zarr pyramid, the GeoJSON in level-0 pixels for QuPath."""
+    import cv2
+    import pandas as pd
+    import tifffile
+    import zarr
+    from shapely.geometry import shape
+
+    rng = np.random.default_rng(5)
+    level1 = np.full((600, 800, 3), 240, np.uint8)  # glass
+    level1[:, :480] = (220, 150, 200)  # eosin-pink tissue on the left
+    yy, xx = np.mgrid[:600, :800]
+    for _ in range(120):  # dark nuclei 12..20 px across, some on the blocks' borders
+        y, x, r = rng.uniform(10, 590), rng.uniform(10, 470), rng.uniform(6, 10)
+        level1[(yy - y) ** 2 + (xx - x) ** 2 <= r**2] = (90, 40, 120)
+    level0 = cv2.resize(level1, (1600, 1200), interpolation=cv2.INTER_NEAREST)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_pyramid(slides / "slide.tif", level0, mpp=0.125)
+    with tifffile.TiffFile(slides / "slide.tif") as tif:
+        read_level1 = tif.series[0].levels[1].asarray()
+    whole_dir = tmp_path / "whole"
+    whole_dir.mkdir()
+    cv2.imwrite(str(whole_dir / "level1.png"), read_level1[..., ::-1])
+
+    calls = []
+
+    def darkness(model, image, tile_size, overlap, tta=False):  # a local segmenter: dark pixels are nuclei
+        calls.append(tuple(image.shape[2:]))
+        dark = image[0].float().mean(0) < 110
+        probs = torch.zeros(1, 6, *dark.shape)
+        probs[0, 0], probs[0, 1] = (~dark).float(), dark.float()
+        return probs, dark.float()[None, None]
+
+    monkeypatch.setattr(pannuke_evaluate, "predict_tiled", darkness)
+    monkeypatch.setattr(pannuke_evaluate, "preprocess_image", lambda image: image)
+    argv = [str(sota_run), "--block_size", "256", "--block_overlap", "64", "--output_dir", str(tmp_path)]
+    out = pannuke_evaluate.main(pannuke_evaluate.parse_args([*argv, "--images", str(slides / "slide.tif")]))
+    report = json.loads((out / "evaluation_report.json").read_text())["nuclei_per_image"][0]
+    assert report["level"] == 1 and report["level_mpp"] == pytest.approx(0.25) and report["level_size"] == [800, 600]
+    assert report["blocks"] == 4 * 3 and report["blocks_without_tissue"] >= 3  # the glass on the right
+    assert len(calls) == report["blocks"] - report["blocks_without_tissue"]
+    assert max(calls) <= (256, 256)
+
+    root = zarr.open_group(str(out / "slide_instances.ome.zarr"), mode="r")
+    nuclei = root["labels"]["nuclei"]
+    streamed = np.asarray(nuclei["0"][:])
+    assert streamed.shape == (600, 800)
+    scale = nuclei.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == pytest.approx([0.25, 0.25])
+
+    whole_out = pannuke_evaluate.main(pannuke_evaluate.parse_args([*argv[:1], "--images", str(whole_dir)]))
+    whole = tifffile.imread(whole_out / "level1_instances.tif").astype(np.int64)
+    pairs = np.unique(np.stack([whole.ravel(), streamed.ravel()]), axis=1)
+    assert len(pairs[0]) == len(np.unique(whole)) == len(np.unique(streamed))  # the same nuclei, one id each
+    assert ((pairs[0] == 0) == (pairs[1] == 0)).all() and report["nuclei"] == whole.max() >= 80
+
+    table = pd.read_csv(out / "slide_nuclei.csv")
+    assert table["nucleus_id"].tolist() == list(range(1, report["nuclei"] + 1))
+    first = table.iloc[0]
+    ys, xs = np.nonzero(streamed == first["nucleus_id"])
+    assert first["centroid_x_px"] == pytest.approx((xs.mean() + 0.5) * 2 - 0.5, abs=0.01)  # level-0 pixels
+    features = json.loads((out / "slide_nuclei.geojson").read_text())["features"]
+    assert len(features) == report["nuclei"]
+    polygon = shape(features[0]["geometry"])
+    assert polygon.area == pytest.approx(len(ys) * 4, rel=0.35)  # level-0 pixels: 4 per label pixel
+    assert cv2.imread(str(out / "slide_overview.png")).shape[:2] == (300, 400)  # the coarsest level
