@@ -1,14 +1,16 @@
-"""HDF5 EM volumes for hydra_lv: the YAML configuration, lazy patch reading, targets, EM augmentations, and
+"""EM volumes for hydra_lv: the YAML configuration, lazy patch reading, targets, EM augmentations, and
 synthetic volumes for --demo.
 
 On disk (pytorch_connectomics convention, see ../shared/DATA_FORMATS.md):
     DATA/vol1_im.h5            uint8, uint16 or float (z, y, x), anisotropic voxels 30 x 8 x 8 nm
     DATA/vol1_vesicle_ins.h5   uint16/uint32 instance ids, 0 = background
     DATA/vol1_mask.h5          uint8 valid region (train and score only inside it); optional
-Each file holds one dataset, usually `main`; a file with exactly one dataset is read whatever its name.
+Each file holds one dataset, usually `main`; a file with exactly one dataset is read whatever its name. Zarr and
+OME-Zarr folders (`vol1_im.zarr`, `vol1_im.ome.zarr`: the full-resolution level) and TIFF stacks (`vol1_im.tif`,
+one page per section) are read the same way, in any split.
 
-Volumes are never loaded whole: a patch reads only its slab of each file (h5py slicing), so a volume larger than
-RAM trains. Files are opened lazily in each loader worker (h5py handles do not pickle).
+Volumes are never loaded whole: a patch reads only its slab of each file (h5py, zarr or tifffile slicing, chunk by
+chunk), so a volume larger than RAM trains. Files are opened lazily in each loader worker (handles do not pickle).
 """
 
 from __future__ import annotations
@@ -168,25 +170,70 @@ def new_folder(root: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HDF5 volumes
+# Volumes: HDF5, zarr / OME-Zarr, TIFF stacks, read a block at a time
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def open_h5(path: Path) -> h5py.File:
-    """An HDF5 file opened for reading; a truncated, unreadable or non-HDF5 file is a DataError naming it."""
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def dataset_name(path: Path) -> str:
+class Volume:
+    """A (z, y, x) volume on disk that reads only the region it is sliced with: an HDF5 dataset (`main`, or the
+    file's only dataset), a zarr array or OME-Zarr image (its full-resolution level; `.zarr` folders) or a TIFF
+    stack (one page per section, through tifffile's zarr view: tile by tile or strip by strip). shape and dtype as
+    NumPy's; close() releases the file."""
+
+    def __init__(self, path: Path):
+        self.path = path = Path(path)
+        suffix = path.suffix.lower()
+        self._file = None
+        try:
+            if suffix in H5_SUFFIXES:
+                try:
+                    self._file = h5py.File(path, "r")
+                except OSError as error:
+                    raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+                self.array = self._file[h5_dataset_name(self._file, path)]
+            elif suffix == ".zarr":
+                self.array = zarr_array(path)
+            elif suffix in TIFF_SUFFIXES:
+                import tifffile
+                import zarr
+
+                self._file = tifffile.imread(path, aszarr=True)
+                node = zarr.open(self._file, mode="r")
+                self.array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
+            else:
+                raise DataError(f"{path}: not a volume format we read (HDF5 {', '.join(H5_SUFFIXES)}, .zarr, "
+                                f"TIFF {', '.join(TIFF_SUFFIXES)})")  # fmt: skip
+        except (OSError, ValueError, KeyError) as error:
+            raise DataError(f"{path}: not a readable volume ({type(error).__name__}: {error})") from None
+        self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self.array[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # the whole volume: for small ones only
+        return np.asarray(self.array[...], dtype=dtype)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def h5_dataset_name(f: h5py.File, path: Path) -> str:
     """`main`, or the only dataset of the file."""
-    with open_h5(path) as f:
-        if "main" in f and isinstance(f["main"], h5py.Dataset):
-            return "main"
-        names = []
-        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if "main" in f and isinstance(f["main"], h5py.Dataset):
+        return "main"
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     if len(names) == 1:
         return names[0]
     if not names:
@@ -194,14 +241,32 @@ def dataset_name(path: Path) -> str:
     raise DataError(f"{path}: holds {len(names)} datasets ({', '.join(names[:6])}) and none named 'main'")
 
 
+def zarr_array(path: Path):
+    """The array of a .zarr folder: the array itself, an OME-Zarr image's first (full-resolution) level, or a
+    group's `main` or only array."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if hasattr(node, "shape"):
+        return node
+    multiscales = node.attrs.get("ome", node.attrs).get("multiscales")
+    if multiscales:
+        return node[multiscales[0]["datasets"][0]["path"]]
+    arrays = [name for name, _ in node.arrays()]
+    if "main" in arrays or len(arrays) == 1:
+        return node["main" if "main" in arrays else arrays[0]]
+    raise DataError(f"{path}: a zarr group with {len(arrays)} arrays ({', '.join(arrays[:6])}), no OME-Zarr "
+                    "multiscales and none named 'main'")  # fmt: skip
+
+
 def volume_shape(path: Path) -> tuple[int, ...]:
-    with open_h5(path) as f:
-        return tuple(f[dataset_name(path)].shape)
+    with Volume(path) as volume:
+        return volume.shape
 
 
 def volume_dtype(path: Path) -> np.dtype:
-    with open_h5(path) as f:
-        return f[dataset_name(path)].dtype
+    with Volume(path) as volume:
+        return volume.dtype
 
 
 def expand(pattern: str | None, key: str) -> list[Path]:
@@ -242,7 +307,10 @@ class VolumeFiles:
 
     @property
     def name(self) -> str:
-        return self.image.name.removesuffix(".h5").removesuffix("_im")
+        name = self.image.name
+        for suffix in (".ome.zarr", ".zarr", *H5_SUFFIXES, *TIFF_SUFFIXES):
+            name = name.removesuffix(suffix)
+        return name.removesuffix("_im")
 
     @property
     def region(self) -> str:
@@ -319,12 +387,12 @@ def find_volumes(data: dict, split: str, need_labels: bool = True) -> list[Volum
 _OPEN: dict = {}
 
 
-def open_dataset(path: Path) -> h5py.Dataset:
-    """The volume's dataset, opened once per process (a loader worker opens its own handle: they do not pickle
-    and must not cross a fork)."""
+def open_dataset(path: Path) -> Volume:
+    """The volume, opened once per process (a loader worker opens its own handle: they do not pickle and must
+    not cross a fork)."""
     key = (os.getpid(), str(path))
     if key not in _OPEN:
-        _OPEN[key] = h5py.File(path, "r")[dataset_name(path)]
+        _OPEN[key] = Volume(path)
     return _OPEN[key]
 
 
@@ -462,8 +530,7 @@ def valid_centres(volume: VolumeFiles, patch, step=(4, 16, 16)) -> np.ndarray:
     if volume.mask is None:
         return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3)
     centres = []
-    with h5py.File(volume.mask, "r") as f:  # not the cached handle: loader workers fork after this
-        dataset = f[dataset_name(volume.mask)]
+    with Volume(volume.mask) as dataset:  # not the cached handle: loader workers fork after this
         for z in grid[0]:
             ys, xs = np.nonzero(dataset[int(z)][np.ix_(grid[1], grid[2])] > 0)
             centres.append(np.stack([np.full(len(ys), z), grid[1][ys], grid[2][xs]], -1))
@@ -488,8 +555,8 @@ class PatchDataset(torch.utils.data.Dataset):
         self.centres = [valid_centres(v, self.patch) for v in volumes]
         self.scales = []  # each volume's intensity stretch (opened here and closed: loader workers fork later)
         for v in volumes:
-            with open_h5(v.image) as f:
-                self.scales.append(intensity_scale(f[dataset_name(v.image)]))
+            with Volume(v.image) as image:
+                self.scales.append(intensity_scale(image))
         sizes = np.array([len(c) for c in self.centres], float)
         self.volume_share = sizes / sizes.sum()
 

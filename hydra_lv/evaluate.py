@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from common.export import deployable
 from common.metrics import adapted_rand, match_instances, variation_of_information
+from common.tiling import block_grid, core_slices, paste_objects
 from hydra_lv.data import (
     DOMAIN,
     DataError,
@@ -52,6 +53,7 @@ from hydra_lv.data import (
     find_volumes,
     held_out_regions,
     intensity_scale,
+    load_config,
     new_folder,
     open_dataset,
     write_json,
@@ -90,20 +92,100 @@ def write_h5(path: Path, shape, dtype) -> tuple[h5py.File, h5py.Dataset]:
     return f, f.create_dataset("main", shape=shape, dtype=dtype, chunks=chunks, compression="gzip", compression_opts=1)
 
 
-def write_ome_zarr(path: Path, predictions: np.ndarray, segmentation: np.ndarray, resolution) -> None:
-    """An OME-Zarr (NGFF) image that napari (napari-ome-zarr) and neuroglancer open at its voxel size: the three
-    predicted maps as a (c, z, y, x) uint8 image and the segmentation as its label image `labels/segmentation`,
-    each with an in-plane pyramid, scaled in nanometres by data.resolution."""
-    import zarr
-    from ome_zarr.writer import write_image, write_labels
+class ResultsZarr:
+    """results.ome.zarr, filled a block at a time: the three predicted maps as a (c, z, y, x) uint8 OME-Zarr image
+    and the segmentation as its label image `labels/segmentation`; finish() adds the in-plane pyramid (every
+    second voxel of the level before, block by block) and the NGFF metadata in nanometres from data.resolution,
+    so that napari (napari-ome-zarr) and neuroglancer open it at its voxel size."""
 
-    z, y, x = (float(r) for r in resolution)
-    units = {axis: "nanometer" for axis in "zyx"}
-    root = zarr.open_group(str(path), mode="w")
-    write_image(predictions, root, axes="czyx", scale={"c": 1.0, "z": z, "y": y, "x": x}, axes_units=units,
-                name="predictions", storage_options={"chunks": (1, 8, 256, 256)})  # fmt: skip
-    write_labels(segmentation, root, name="segmentation", axes="zyx", scale={"z": z, "y": y, "x": x},
-                 axes_units=units, storage_options={"chunks": (8, 256, 256)})  # fmt: skip
+    def __init__(self, path: Path, shape):
+        import zarr
+
+        self.path, self.shape = path, tuple(shape)
+        self.root = zarr.open_group(str(path), mode="w")
+        self.labels_group = self.root.create_group("labels").create_group("segmentation")
+        chunks = tuple(min(c, n) for c, n in zip((8, 256, 256), self.shape, strict=True))
+        self.maps = self.root.create_array("0", shape=(3, *self.shape), chunks=(1, *chunks), dtype="uint8")
+        self.labels = self.labels_group.create_array("0", shape=self.shape, chunks=chunks, dtype="uint32",
+                                                     fill_value=0)  # fmt: skip
+
+    def finish(self, resolution, block: int = 1024) -> None:
+        from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+        z, y, x = (float(r) for r in resolution)
+        for group, channels in ((self.root, True), (self.labels_group, False)):
+            level, datasets = 0, []
+            while True:
+                array = group[str(level)]
+                scale = [z, y * 2**level, x * 2**level]
+                datasets.append({"path": str(level), "coordinateTransformations": [
+                    {"type": "scale", "scale": ([1.0] if channels else []) + scale}]})  # fmt: skip
+                if max(array.shape[-2:]) <= 256:
+                    break
+                shape = (*array.shape[:-2], *((n + 1) // 2 for n in array.shape[-2:]))
+                smaller = group.create_array(str(level + 1), shape=shape, chunks=array.chunks, dtype=array.dtype,
+                                             fill_value=0)  # fmt: skip
+                depth = array.chunks[-3]
+                for z0 in range(0, array.shape[-3], depth):
+                    for y0 in range(0, array.shape[-2], block):
+                        for x0 in range(0, array.shape[-1], block):
+                            source = (..., slice(z0, z0 + depth), slice(y0, y0 + block, 2), slice(x0, x0 + block, 2))
+                            target = (..., slice(z0, z0 + depth), slice(y0 // 2, (y0 + block) // 2),
+                                      slice(x0 // 2, (x0 + block) // 2))  # fmt: skip
+                            smaller[target] = array[source]
+                level += 1
+            units = ([{"name": "c", "type": "channel"}] if channels else []) + [
+                {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]  # fmt: skip
+            write_multiscales_metadata(group, datasets=datasets, axes=units,
+                                       name="predictions" if channels else "segmentation")  # fmt: skip
+        write_label_metadata(self.root["labels"], "segmentation")
+        self.root["labels"].attrs["labels"] = ["segmentation"]
+
+
+def block_settings(cfg: dict, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(block, overlap) of block-wise segmentation: inference.block_size (at least a window, at most the
+    volume) and inference.block_overlap (below the block)."""
+    window = [int(w) for w in cfg["model"]["input_size"]]
+    block = [max(min(int(b), n), w) for b, n, w in zip(cfg["inference"]["block_size"], shape, window, strict=True)]
+    overlap = [min(int(o), b - 1) for o, b in zip(cfg["inference"]["block_overlap"], block, strict=True)]
+    return tuple(block), tuple(overlap)
+
+
+def segment_volume(model, image, origin, shape, scale, cfg, device, ctx, maps_out, labels_out, progress=False) -> int:
+    """Segment image[origin : origin + shape] block by block (inference.block_size, overlapping by
+    inference.block_overlap): each block is read, predicted window by window and decoded on its own; its maps'
+    core go to every array of `maps_out` ((3, z, y, x) uint8), and each vesicle whose centre lies in the core
+    is pasted with the next id into every array of `labels_out` (common.tiling: a vesicle cut by one block's edge
+    is taken whole from its neighbour, so each gets one id). Memory is one block's, whatever the volume's size.
+    Returns the number of vesicles."""
+    inference = cfg["inference"]
+    block, overlap = block_settings(cfg, shape)
+    blocks = block_grid(shape, block, overlap)
+    next_id = 1
+    for start, core in tqdm(blocks, desc="blocks", unit="block", disable=not progress or len(blocks) == 1, leave=False):
+        stop = [min(a + b, n) for a, b, n in zip(start, block, shape, strict=True)]
+        region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        read = tuple(slice(o + a, o + b) for o, a, b in zip(origin, start, stop, strict=True))
+        maps = sliding_window_inference(
+            model, image[read], cfg["model"]["input_size"], inference["overlap"],
+            cfg["system"]["inference"]["batch_size"], inference["tta"], inference["blending"], device, ctx=ctx,
+            progress=progress and len(blocks) == 1, scale=scale,
+        )  # fmt: skip
+        stored = maps.copy()
+        stored[2] = (stored[2] + 1) / 2  # distance -1..1 stored as 0..1
+        stored = np.clip(np.round(stored * 255), 0, 255).astype(np.uint8)
+        inside = core_slices(start, core, shape)
+        local = tuple(slice(c.start - a, c.stop - a) for c, a in zip(inside, start, strict=True))
+        for out in maps_out:
+            out[(slice(None), *inside)] = stored[(slice(None), *local)]
+        found = decode_instances(maps[0], maps[1], maps[2], **cfg["decoding"])
+        window = np.asarray(labels_out[0][region])
+        pasted = paste_objects(window, found, core, next_id)
+        if pasted:
+            for out in labels_out:
+                out[region] = window
+            next_id += len(pasted)
+    return next_id - 1
 
 
 def score(true: np.ndarray, pred: np.ndarray) -> dict:
@@ -320,6 +402,8 @@ def main(args) -> Path:
         tune_decoding(args.checkpoint, args.tune_decoding, args.overrides)
     device = pick_device()
     model, checkpoint = load_model(args.checkpoint, device)
+    for key, value in load_config()["inference"].items():  # settings added since the checkpoint was trained
+        checkpoint["config"]["inference"].setdefault(key, value)
     cfg = apply_overrides(checkpoint["config"], args.overrides, "the checkpoint's config")
     volumes, split = test_volumes(cfg, args.overrides)
     if split == "train":  # no test, no validation volumes: the regions training held out to validate on
@@ -352,39 +436,25 @@ def main(args) -> Path:
         prefix = "" if len(volumes) == 1 else f"{name}_"
         image = open_dataset(volume.image)
         scale = intensity_scale(image)  # the stretch training used: 0..255 for uint8, percentiles otherwise
-        if volume.bounds is not None:  # a held-out region, read into memory
-            image = np.asarray(image[volume.slices()])
+        origin = [a for a, _ in volume.bounds] if volume.bounds is not None else [0, 0, 0]
+        shape = tuple(b - a for a, b in volume.bounds) if volume.bounds is not None else tuple(image.shape)
         if args.fast_dev_run:  # one window of the first volume
-            image = np.asarray(image[: window[0], : window[1], : window[2]])
-        shape = tuple(image.shape)
+            shape = tuple(min(n, w) for n, w in zip(shape, window, strict=True))
+        block, block_overlap = block_settings(cfg, shape)
         print(f"{name}{volume.region} ({roles[names.index(name)]} by training): {shape} voxels, windows {window}, "
-              f"overlap {inference['overlap']}, TTA {inference['tta']}")  # fmt: skip
-        files = {"predictions": out / f"{prefix}predictions.h5", "segmentation": out / f"{prefix}segmentation.h5"}
+              f"overlap {inference['overlap']}, TTA {inference['tta']}; blocks {list(block)} overlapping by "
+              f"{list(block_overlap)}")  # fmt: skip
+        files = {"predictions": out / f"{prefix}predictions.h5", "segmentation": out / f"{prefix}segmentation.h5",
+                 "ome_zarr": out / f"{prefix}results.ome.zarr"}  # fmt: skip
+        results = ResultsZarr(files["ome_zarr"], shape)
         f, predictions = write_h5(files["predictions"], (3, *shape), np.uint8)
-
-        def write(z0, z1, output, predictions=predictions):
-            output = output.copy()
-            output[2] = (output[2] + 1) / 2  # distance -1..1 stored as 0..1
-            predictions[:, z0:z1] = np.clip(np.round(output * 255), 0, 255).astype(np.uint8)
-
-        with f:
-            sliding_window_inference(
-                model, image, window, inference["overlap"], cfg["system"]["inference"]["batch_size"],
-                inference["tta"], inference["blending"], device, write, ctx, progress=True, scale=scale,
-            )  # fmt: skip
-        # decoding and scoring hold the whole volume's maps in memory (the watershed needs them all)
-        with h5py.File(files["predictions"], "r") as f:
-            binary, boundary, distance = (f["main"][c].astype(np.float32) / 255 for c in range(3))
-        distance = distance * 2 - 1
-        segmentation = decode_instances(binary, boundary, distance, **decoding)
-        f, dataset = write_h5(files["segmentation"], shape, np.uint32)
-        with f:
-            dataset[...] = segmentation
-        files["ome_zarr"] = out / f"{prefix}results.ome.zarr"
-        with h5py.File(files["predictions"], "r") as f:
-            write_ome_zarr(files["ome_zarr"], f["main"][...], segmentation, cfg["data"]["resolution"])
+        g, segmentation = write_h5(files["segmentation"], shape, np.uint32)
+        with f, g:
+            found = segment_volume(model, image, origin, shape, scale, cfg, device, ctx, [predictions, results.maps],
+                                   [segmentation, results.labels], progress=True)  # fmt: skip
+        results.finish(cfg["data"]["resolution"])
         seconds = time.time() - started
-        print(f"  {int(segmentation.max())} vesicles in {seconds:.1f}s -> {files['segmentation']}")
+        print(f"  {found} vesicles in {seconds:.1f}s -> {files['segmentation']}")
         entry = {"image": str(volume.image), "label": volume.label and str(volume.label), "region": volume.bounds}
         entry.update({"mask": volume.mask and str(volume.mask), "shape": list(shape), "seconds": round(seconds, 2)})
         entry.update({k: str(v) for k, v in files.items()})
@@ -392,9 +462,12 @@ def main(args) -> Path:
         report["volumes"][name] = entry
         if volume.label is None:
             continue
+        # scoring holds the volume's labels, segmentation and binary map in memory (inference above does not)
         crop = tuple(slice(r.start, r.start + n) for r, n in zip(volume.slices(), shape, strict=True))
         labels = np.asarray(open_dataset(volume.label)[crop]).astype(np.int64)
         valid = np.ones(shape, bool) if volume.mask is None else np.asarray(open_dataset(volume.mask)[crop]) > 0
+        with h5py.File(files["predictions"], "r") as f, h5py.File(files["segmentation"], "r") as g:
+            binary, segmentation = f["main"][0].astype(np.float32) / 255, g["main"][...]
         baseline = connected_components_baseline(binary, 0.5, decoding["min_object_size"])
         # scored inside the valid region only: outside it, nothing was annotated
         entry.update(score(labels * valid, segmentation * valid))

@@ -84,7 +84,7 @@ def gather(args) -> dict:
         if path is None:
             continue
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"--{key.replace('_', '-')} {path}: no such file")
         volumes[key] = open_dataset(path)
         if region and key in ("image", "ground_truth") and volumes[key].ndim == 3:

@@ -732,3 +732,72 @@ def test_ome_zarr_and_neuroglancer_carry_the_runs_voxel_size(tmp_path, volumes, 
     monkeypatch.setattr(hydra_visualize.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
     hydra_visualize.main(hydra_visualize.parse_args(["--results", str(out), "--neuroglancer"]))
     assert seen["space"]["scales"] == [40.0, 4.0, 4.0] and seen["space"]["units"] == "nm"
+
+
+def blob_volume(shape=(30, 200, 200), seed=3):
+    """Separate bright ellipsoids (5-7 sections, 12-18 px across) on a jittered grid, on a dark background."""
+    rng = np.random.default_rng(seed)
+    volume = np.full(shape, 40, np.uint8)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    count = 0
+    for z in range(4, shape[0] - 3, 8):
+        for y in range(12, shape[1] - 11, 30):
+            for x in range(12, shape[2] - 11, 30):
+                cz, cy, cx = z + rng.uniform(-1, 1), y + rng.uniform(-4, 4), x + rng.uniform(-4, 4)
+                rz, r = rng.uniform(2.5, 3.2), rng.uniform(6, 9)
+                volume[((zz - cz) / rz) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1] = 220
+                count += 1
+    return volume, count
+
+
+def test_large_volumes_are_segmented_block_by_block_as_whole_from_tiff_stacks_and_ome_zarr(
+    tmp_path, volumes, monkeypatch
+):
+    """Test mode cuts a volume into overlapping blocks, predicts and decodes each on its own and stitches them:
+    with a segmenter that only looks at each voxel (here the maps are the thresholded image), small blocks give
+    the same vesicles as one block, each vesicle crossing a block border once; a TIFF stack and an OME-Zarr of
+    the same volume are read chunk by chunk to the same result."""
+    import tifffile
+    import zarr
+    from ome_zarr.writer import write_image
+
+    from common.tiling import block_grid, core_slices
+    from hydra_lv.data import scale_intensity
+
+    volume, count = blob_volume()
+    tifffile.imwrite(tmp_path / "big_im.tif", volume, tile=(64, 64))
+    write_image(volume, zarr.open_group(str(tmp_path / "big_im.ome.zarr"), mode="w"), axes="zyx",
+                storage_options={"chunks": (8, 64, 64)})  # fmt: skip
+    run = train(tmp_path, volumes, overrides=["optimization.max_epochs=1"])
+    reads = []
+
+    def threshold(model, image, window, overlap, batch, tta, blending, device, write=None, ctx=None, progress=False,
+                  scale=None):  # fmt: skip
+        reads.append(image.shape)
+        binary = (scale_intensity(image, scale) > 0.5).astype(np.float32)
+        return np.stack([binary, np.zeros_like(binary), binary])
+
+    monkeypatch.setattr(hydra_evaluate, "sliding_window_inference", threshold)
+    checkpoint = str(run / "checkpoints" / "best.ckpt")
+    results = {}
+    for name, blocks in (("big_im.tif", ["inference.block_size=[64,256,256]"]),
+                         ("big_im.ome.zarr", ["inference.block_size=[12,64,64]", "inference.block_overlap=[6,32,32]"])):  # fmt: skip
+        reads.clear()
+        argv = ["--checkpoint", checkpoint, "--output-dir", str(tmp_path / f"out_{name}"), f"data.test_image={tmp_path / name}",
+                "data.test_label=null", "data.test_mask=null", "decoding.min_object_size=20", *blocks]  # fmt: skip
+        out = hydra_evaluate.main(hydra_evaluate.parse_args(argv))
+        with h5py.File(out / "segmentation.h5") as f:
+            results[name] = f["main"][:]
+        results[name + " reads"] = list(reads)
+        root = zarr.open_group(str(out / "results.ome.zarr"), mode="r")
+        assert np.array_equal(root["labels"]["segmentation"]["0"][:], results[name])
+    whole, tiled = results["big_im.tif"].astype(np.int64), results["big_im.ome.zarr"].astype(np.int64)
+    assert results["big_im.tif reads"] == [volume.shape]  # one block
+    assert len(results["big_im.ome.zarr reads"]) > 20 and max(results["big_im.ome.zarr reads"]) <= (12, 64, 64)
+    assert whole.max() == tiled.max() == count
+    pairs = np.unique(np.stack([whole.ravel(), tiled.ravel()]), axis=1)
+    assert len(pairs[0]) == count + 1 and ((pairs[0] == 0) == (pairs[1] == 0)).all()  # the same vesicles
+    owner = np.zeros(volume.shape, int)
+    for i, (start, core) in enumerate(block_grid(volume.shape, (12, 64, 64), (6, 32, 32))):
+        owner[core_slices(start, core, volume.shape)] = i
+    assert sum(len(np.unique(owner[tiled == k])) > 1 for k in range(1, count + 1)) >= 10  # crossing block borders
