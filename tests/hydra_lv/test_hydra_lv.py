@@ -780,11 +780,12 @@ def test_large_volumes_are_segmented_block_by_block_as_whole_from_tiff_stacks_an
     monkeypatch.setattr(hydra_evaluate, "sliding_window_inference", threshold)
     checkpoint = str(run / "checkpoints" / "best.ckpt")
     results = {}
-    for name, blocks in (("big_im.tif", ["inference.block_size=[64,256,256]"]),
-                         ("big_im.ome.zarr", ["inference.block_size=[12,64,64]", "inference.block_overlap=[6,32,32]"])):  # fmt: skip
+    small_blocks = ["inference.block_size=[12,64,64]", "inference.block_overlap=[6,32,32]"]
+    for name, blocks in (("big_im.tif", ["inference.block_size=[64,256,256]"]), ("big_im.ome.zarr", small_blocks)):
         reads.clear()
-        argv = ["--checkpoint", checkpoint, "--output-dir", str(tmp_path / f"out_{name}"), f"data.test_image={tmp_path / name}",
-                "data.test_label=null", "data.test_mask=null", "decoding.min_object_size=20", *blocks]  # fmt: skip
+        argv = ["--checkpoint", checkpoint, "--output-dir", str(tmp_path / f"out_{name}"),
+                f"data.test_image={tmp_path / name}", "data.test_label=null", "data.test_mask=null",
+                "decoding.min_object_size=20", *blocks]  # fmt: skip
         out = hydra_evaluate.main(hydra_evaluate.parse_args(argv))
         with h5py.File(out / "segmentation.h5") as f:
             results[name] = f["main"][:]
