@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 
-from common.preprocessing import percentile_normalize
+from common.preprocessing import stretch
 from common.tiling import block_grid
 
 SUFFIXES = (".png", ".tif", ".tiff", ".npy")
@@ -100,19 +100,105 @@ def read_array(path: Path) -> np.ndarray:
 
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) float32 in 0..255, see the module docstring."""
-    array = read_array(path)
+    array = image_channels(read_array(path), path)
+    low, high = np.percentile(array, (1, 99.8), axis=(0, 1))
+    return scale_channels(array, low, high)
+
+
+def image_channels(array: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, C) with C in 1..3: grey gets a channel axis, RGBA loses alpha; more channels are an error."""
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == 4:  # RGBA: drop alpha
         array = array[..., :3]
     if array.shape[-1] not in (1, 2, 3):
         raise DataError(f"{path}: {array.shape[-1]} channels; expected grey, 2 (nuclear, whole-cell) or RGB")
-    scaled = percentile_normalize(array.astype(np.float32), 1, 99.8, channel_axis=-1)
+    return array
+
+
+def scale_channels(array: np.ndarray, low, high) -> np.ndarray:
+    """(H, W, C) stretched per channel from `low` to `high` (its 1st and 99.8th percentiles) to 0..255, as
+    (H, W, 3) float32: grey repeated, two channels as (nuclear, whole-cell, 0)."""
+    scaled = np.stack([stretch(array[..., c], low[c], high[c]) for c in range(array.shape[-1])], -1)
     if scaled.shape[-1] == 1:
         scaled = np.repeat(scaled, 3, -1)
     elif scaled.shape[-1] == 2:
         scaled = np.concatenate([scaled, np.zeros_like(scaled[..., :1])], -1)
     return (np.clip(scaled, 0, 1) * 255).astype(np.float32)
+
+
+IN_MEMORY_PX = 8192 * 8192  # a TIFF larger than this is segmented a tile at a time (LargeImage)
+
+
+def is_large(path: Path) -> bool:
+    """A TIFF whose planes are larger than IN_MEMORY_PX pixels."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
+    except Exception:  # the reader names the file and its problem
+        return False
+
+
+class LargeImage:
+    """A large TIFF (H, W), (H, W, C) or channels first, read a region at a time through tifffile's zarr view
+    (tile by tile, or strip by strip), never whole. `image[y0:y1, x0:x1]` gives the region ready for the model,
+    (h, w, 3) float32 0..255: `prepare(region (h, w, C))` (a model's normalisation with statistics of the whole
+    image, from sample()); `raw[...]` the pixels as stored."""
+
+    def __init__(self, path: Path, prepare=None):
+        import zarr
+
+        self.path, self.prepare = path, prepare
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+            self.store = tifffile.imread(path, aszarr=True)
+            node = zarr.open(self.store, mode="r")
+            self.array = node if hasattr(node, "shape") else node["0"]
+        except Exception as error:
+            raise DataError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
+        long = [i for i, n in enumerate(shape) if n > 1]  # the axes that are not singletons
+        if len(long) not in (2, 3):
+            raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), found shape {tuple(shape)}")
+        self.channels_first = len(long) == 3 and shape[long[0]] <= 4 and shape[long[-1]] > 4
+        channel = None if len(long) == 2 else long[0] if self.channels_first else long[-1]
+        self.roles = ["drop" if n == 1 else "channel" if i == channel else "space" for i, n in enumerate(shape)]
+        self.shape2d = tuple(shape[i] for i in long if i != channel)
+        self.shape = (*self.shape2d, 3)
+
+    def raw(self, rows: slice, cols: slice) -> np.ndarray:
+        """(h, w, C) as stored: singleton axes dropped, channels last."""
+        spatial = iter((rows, cols))
+        key = tuple(0 if r == "drop" else slice(None) if r == "channel" else next(spatial) for r in self.roles)
+        region = np.asarray(self.array[key])
+        if region.ndim == 2:
+            return region[..., None]
+        return np.moveaxis(region, 0, -1) if self.channels_first else region
+
+    def sample(self, pixels: int = 4_000_000) -> np.ndarray:
+        """A strided (every k-th pixel) sample of about `pixels` pixels, (h, w, C), read chunk by chunk."""
+        step = max(1, int(np.sqrt(self.shape2d[0] * self.shape2d[1] / pixels)))
+        return self.raw(slice(None, None, step), slice(None, None, step))
+
+    def __getitem__(self, region) -> np.ndarray:
+        rows, cols = region[:2]
+        return self.prepare(self.raw(rows, cols))
+
+
+def large_image_preparer(sample: np.ndarray, path: Path, gamma: float = 1.0):
+    """read_image's normalisation (and the input gamma) for regions of a LargeImage: each channel stretched
+    from its 1st to 99.8th percentile in `sample`."""
+    sample = image_channels(sample, path)
+    low, high = np.percentile(sample, (1, 99.8), axis=(0, 1))
+
+    def prepare(region: np.ndarray) -> np.ndarray:
+        image = scale_channels(image_channels(region, path), low, high)
+        return image if gamma == 1.0 else (255.0 * (image / 255.0) ** gamma).astype(np.float32)
+
+    return prepare
 
 
 def read_mask(path: Path, image_shape: tuple[int, int] | None = None, image_path: Path | None = None) -> np.ndarray:

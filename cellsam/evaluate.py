@@ -42,13 +42,14 @@ from skimage.measure import regionprops_table
 from torchvision.ops import box_iou
 
 from cellsam.config import ExperimentConfig
-from cellsam.data import boxes_from_mask, find_pairs
+from cellsam.data import boxes_from_mask, find_pairs, is_large
 from cellsam.model import decode_masks, detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from cellsam.utils import write_json
 from common.export import exported_graph
 from common.formats import label_tiff, pixel_size_from_tiff, qupath_features
 from common.metrics import instance_overlaps, match_instances
+from common.tiling import ngff_datasets, pyramid_plan
 
 
 def load_fold(experiment: Path, fold: int, device) -> tuple:
@@ -148,6 +149,72 @@ def write_cells(out: Path, pair, labels: np.ndarray, pixel_size: float | None) -
     areas = {int(i): {"Area px": int(a)} for i, a in zip(table["cell_id"], table["area_px"], strict=True)}
     features = qupath_features(labels, measurements=areas, object_type="annotation", name=pair.name)
     write_json(out / "geojson" / f"{pair.name}.geojson", features)
+
+
+class CellWriter:
+    """cells/<image>.csv and geojson/<image>.geojson of an image segmented a tile at a time: each tile's new cells
+    appended as they are found (tile_and_stitch's on_cells), under a temporary name until complete."""
+
+    def __init__(self, out: Path, name: str, pixel_size: float | None):
+        self.name, self.pixel_size, self.count = name, pixel_size, 0
+        self.paths = [out / "cells" / f"{name}.csv", out / "geojson" / f"{name}.geojson"]
+        self.csv = open(self.paths[0].with_suffix(".csv.part"), "w")
+        columns = ["cell_id", "area_px", *(["area_um2"] if pixel_size else []), "centroid_x_px", "centroid_y_px"]
+        self.csv.write(",".join(columns) + "\n")
+        self.geojson = open(self.paths[1].with_suffix(".geojson.part"), "w")
+        self.geojson.write('{"type": "FeatureCollection", "features": [\n')
+
+    def add(self, window: np.ndarray, y0: int, x0: int, ids: list[int]) -> None:
+        first = ids[0]  # the new ids are first, first + 1, ...: the largest in the window
+        local = np.where(window >= first, window - (first - 1), 0)
+        props = regionprops_table(local, properties=("label", "area", "centroid"))
+        areas = {}
+        for k, area, y, x in zip(props["label"], props["area"], props["centroid-0"], props["centroid-1"], strict=True):
+            um2 = [f"{area * self.pixel_size**2:.3f}"] if self.pixel_size else []
+            row = [str(k + first - 1), str(int(area)), *um2, f"{x + x0:.2f}", f"{y + y0:.2f}"]
+            self.csv.write(",".join(row) + "\n")
+            areas[int(k) + first - 1] = {"Area px": int(area)}
+        features = qupath_features(local, measurements=areas, object_type="annotation", name=self.name,
+                                   offset=(x0, y0), id_offset=first - 1)["features"]  # fmt: skip
+        for feature in features:
+            self.geojson.write(("" if self.count == 0 else ",\n") + json.dumps(feature))
+            self.count += 1
+
+    def close(self) -> None:
+        self.geojson.write("\n]}\n")
+        for handle, path in zip((self.csv, self.geojson), self.paths, strict=True):
+            handle.close()
+            path.with_suffix(path.suffix + ".part").replace(path)
+
+
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image <path>/labels/cells/0 (uint32) to fill a tile at a time."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w").create_group("labels").create_group("cells")
+    return group.create_array("0", shape=tuple(shape), chunks=tuple(min(chunk, n) for n in shape), dtype="uint32",
+                              fill_value=0)  # fmt: skip
+
+
+def finish_labels(path: Path, pixel_size: float | None) -> None:
+    """The label image's pyramid (every second pixel: ids stay ids) and OME-Zarr metadata (micrometres with a
+    pixel size, else pixels): napari (napari-ome-zarr) opens it."""
+    import zarr
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    root = zarr.open_group(str(path), mode="r+")
+    group = root["labels"]["cells"]
+    full = group["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = group[str(level - 1)]
+        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
+    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes, name="cells")
+    write_label_metadata(root["labels"], "cells")
+    root["labels"].attrs["labels"] = ["cells"]
 
 
 def read_pixel_size(path: Path) -> float | None:
@@ -310,6 +377,17 @@ def main(args) -> Path:
     rows, predictions, baselines, truths, detections = [], [], [], [], []
     threshold = config.stage1_config.score_threshold
     for pair in pairs:
+        if is_large(pair.image):  # a tile at a time: flat memory, no scores
+            pixel_size = args.pixel_size or read_pixel_size(pair.image)
+            image, writer = model.large_image(pair.image, config.gamma), CellWriter(out, pair.name, pixel_size)
+            print(f"{pair.name}: {image.shape[1]} x {image.shape[0]} px, segmented a tile at a time"
+                  + (" (its mask is not used: scores need the image whole)" if pair.mask else ""))  # fmt: skip
+            path = out / "labels" / f"{pair.name}.ome.zarr"
+            model.segment(image, threshold, args.overlap, device, open_labels(path, image.shape[:2]), writer.add)
+            finish_labels(path, pixel_size)
+            writer.close()
+            print(f"{pair.name}: {writer.count} cells -> {path}")
+            continue
         image, truth = read_pair(pair, config.gamma, model.read_image)
         labels = model.segment(image, threshold, args.overlap, device)
         write_cells(out, pair, labels, args.pixel_size or read_pixel_size(pair.image))

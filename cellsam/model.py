@@ -448,15 +448,17 @@ def predict_instances(sam, finder, image: torch.Tensor, score_threshold=0.4, nms
     return relabel_sequential(labels)[0].astype(np.int32), boxes.cpu(), scores.cpu()
 
 
-def segment_image(sam, finder, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
+def segment_image(sam, finder, image, score_threshold=0.4, overlap=64, device="cpu", labels=None,
+                  on_cells=None) -> np.ndarray:  # fmt: skip
     """A label image (H, W) int32 for an image (H, W, 3) float 0..255 of any size, at its own pixel scale: tiles of
-    SAM's input size (tile_and_stitch), each through predict_instances."""
+    SAM's input size (tile_and_stitch, which also says what `image`, `labels` and `on_cells` may be), each through
+    predict_instances."""
 
     def segment(tile: np.ndarray) -> np.ndarray:
         tile = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))).float().to(device)
         return predict_instances(sam, finder, tile, score_threshold)[0]
 
-    return tile_and_stitch(image, sam.image_encoder.img_size, overlap, segment)
+    return tile_and_stitch(image, sam.image_encoder.img_size, overlap, segment, labels, on_cells)
 
 
 def tile_and_stitch(image, size: int, overlap: int, segment, labels=None, on_cells=None) -> np.ndarray:
@@ -587,8 +589,16 @@ class SharedEncoderCellSAM(nn.Module):
         return read_image(path)
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
-        return segment_image(self.sam, self.finder, image, score_threshold, overlap, device)
+    def segment(self, image, score_threshold=0.4, overlap=64, device="cpu", labels=None, on_cells=None):
+        return segment_image(self.sam, self.finder, image, score_threshold, overlap, device, labels, on_cells)
+
+    def large_image(self, path: Path, gamma: float = 1.0):
+        """A TIFF too large to hold, read a tile at a time and normalised as read_image (with the gamma)."""
+        from cellsam.data import LargeImage, large_image_preparer
+
+        image = LargeImage(path)
+        image.prepare = large_image_preparer(image.sample(), path, gamma)
+        return image
 
     def kept_boxes(self, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
         return scores > score_threshold

@@ -146,8 +146,37 @@ class CellSAM(nn.Module):
             raise DataError(f"{path}: {error}") from None
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, score_threshold=0.4, overlap=64, device="cpu") -> np.ndarray:
-        return segment_tiled(image / 255, self, self.window, overlap, score_threshold, device)
+    def segment(self, image, score_threshold=0.4, overlap=64, device="cpu", labels=None, on_cells=None):
+        return segment_tiled(image, self, self.window, overlap, score_threshold, device, 1 / 255, labels, on_cells)
+
+    def large_image(self, path: Path, gamma: float = 1.0):
+        """A TIFF too large to hold, read a window at a time and normalised as normalize_image does the whole
+        image: each channel clipped at the 99.9th percentile of its non-zero values and stretched by its range,
+        both of a strided sample of the whole image, then CLAHE (kernel 128) on the window itself."""
+        from cellsam.data import LargeImage
+
+        image = LargeImage(path)
+        sample = format_image_shape(image.sample()).astype(np.float64)
+        bounds = []
+        for c in range(3):
+            channel = sample[..., c]
+            nonzero = channel[channel != 0]
+            top = np.percentile(nonzero, 99.9) if len(nonzero) else 0.0
+            bounds.append((min(channel.min(), top), top))
+
+        def prepare(region: np.ndarray) -> np.ndarray:
+            region = format_image_shape(region)
+            out = np.zeros_like(region)
+            for c, (low, top) in enumerate(bounds):
+                if top <= low:
+                    continue
+                channel = (np.clip(region[..., c], low, top) - low) / (top - low)
+                out[..., c] = equalize_adapthist(channel, kernel_size=128)
+            out = 255.0 * out**gamma if gamma != 1.0 else 255.0 * out
+            return out.astype(np.float32)
+
+        image.prepare = prepare
+        return image
 
     @torch.no_grad()
     def detect(self, image: np.ndarray, device="cpu") -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -425,22 +454,25 @@ def segment_cellular_image(img, model, normalize=True, postprocess=False, remove
     return labels.astype(np.int32), embedding.cpu().numpy(), boxes
 
 
-def segment_tiled(image: np.ndarray, model, window: int | None = None, overlap: int = 64, bbox_threshold=0.4,
-                  device="cpu") -> np.ndarray:  # fmt: skip
+def segment_tiled(image, model, window: int | None = None, overlap: int = 64, bbox_threshold=0.4, device="cpu",
+                  scale: float = 1.0, labels=None, on_cells=None) -> np.ndarray:  # fmt: skip
     """An image (H, W, 3) already normalised to 0..1 (normalize_image) -> label image (H, W) int32. One that fits
     one window (default: the model's input size, 1024 px) is segmented whole, as segment_cellular_image does; a
     larger one in windows of `window` px overlapping by `overlap` px, each resized to the input size as
     segment_cellular_image resizes any image, with this folder's rule for the seams (each cell from the window
     whose core holds its centre; see model.tile_and_stitch). cellSAM's wsi.py also tiles slides, in 512 px windows
-    (400 px blocks + 56 px overlap): window=512 sees cells at its scale."""
+    (400 px blocks + 56 px overlap): window=512 sees cells at its scale. `scale` multiplies the pixels first (1/255
+    for read_image's 0..255); `image`, `labels` and `on_cells` as tile_and_stitch takes them (a LargeImage and a
+    zarr array for an image too large to hold)."""
     window = window or model.input_size
 
     def segment(tile):
+        tile = tile * scale if scale != 1.0 else tile
         return segment_cellular_image(tile, model, normalize=False, bbox_threshold=bbox_threshold, device=device)[0]
 
-    if max(image.shape[:2]) <= window:
-        return segment(image)
-    return tile_and_stitch(image, window, overlap, segment)
+    if max(image.shape[:2]) <= window and labels is None:
+        return segment(np.asarray(image[:, :]))
+    return tile_and_stitch(image, window, overlap, segment, labels, on_cells)
 
 
 # ----------------------------------------------------------------------------------------------------------------

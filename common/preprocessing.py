@@ -111,10 +111,16 @@ def percentile_normalize(
     if values.size == 0:
         return np.zeros(image.shape, dtype=np.float32)
     p_low, p_high = np.percentile(values, (low, high))
-    scale = max(p_high - p_low, min_range)
+    return stretch(image, p_low, p_high, clip, min_range)
+
+
+def stretch(image: np.ndarray, p_low: float, p_high: float, clip: bool = True, min_range: float = 0.0) -> np.ndarray:
+    """percentile_normalize with the percentiles given: (image - p_low) / max(p_high - p_low, min_range), e.g.
+    for a block of an image too large to read, with percentiles of a sample of the whole."""
+    scale = max(float(p_high) - float(p_low), min_range)
     if scale <= 0:
-        return np.zeros(image.shape, dtype=np.float32)
-    out = (image.astype(np.float32) - np.float32(p_low)) / np.float32(scale)
+        return np.zeros(np.shape(image), dtype=np.float32)
+    out = (np.asarray(image).astype(np.float32) - np.float32(p_low)) / np.float32(scale)
     return np.clip(out, 0.0, 1.0) if clip else out
 
 

@@ -12,6 +12,7 @@ NumPy array, read and written back by the caller).
 """
 
 from collections.abc import Sequence
+from itertools import product
 
 import numpy as np
 from scipy import ndimage
@@ -94,3 +95,31 @@ def closest_level(level_mpp: Sequence[float], target_mpp: float) -> int:
     gaps = [abs(np.log(m / target_mpp)) for m in level_mpp]
     best = min(gaps)
     return min(i for i, g in enumerate(gaps) if g <= best + 1e-9)
+
+
+def pyramid_plan(shape: Sequence[int], smallest: int = 1024, block: int = 4096, lead: int = 8) -> list[tuple]:
+    """The levels below a full-resolution array of an image pyramid (OME-Zarr, napari): each level the last two
+    axes of the one before halved (every second pixel, so label ids stay ids), until they fit in `smallest`.
+    Returns [(shape, [(source slices in the level above, target slices), ...]), ...], the copies a block of
+    `block` px (and `lead` along a third-from-last axis) at a time, so building the pyramid holds one block."""
+    levels, shape = [], tuple(shape)
+    while max(shape[-2:]) > smallest:
+        smaller = (*shape[:-2], *((n + 1) // 2 for n in shape[-2:]))
+        leading = [range(0, n, lead if i == len(shape) - 3 else 1) for i, n in enumerate(shape[:-2])]
+        copies = []
+        for index in product(*leading, range(0, shape[-2], block), range(0, shape[-1], block)):
+            *front, y, x = index
+            head = tuple(slice(a, a + (lead if i == len(shape) - 3 else 1)) for i, a in enumerate(front))
+            copies.append(((*head, slice(y, y + block, 2), slice(x, x + block, 2)),
+                           (*head, slice(y // 2, (y + block) // 2), slice(x // 2, (x + block) // 2))))  # fmt: skip
+        levels.append((smaller, copies))
+        shape = smaller
+    return levels
+
+
+def ngff_datasets(levels: int, scale: Sequence[float]) -> list[dict]:
+    """OME-Zarr `datasets` of a pyramid of `levels` arrays named 0, 1, ...: level k's scale is `scale` (one per
+    axis) with the last two axes times 2^k."""
+    return [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [*map(float, scale[:-2]), *(float(s) * 2**k for s in scale[-2:])]}]}
+        for k in range(levels)]  # fmt: skip

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.export import deployable
 from common.metrics import adapted_rand, match_instances, variation_of_information
-from common.tiling import block_grid, core_slices, paste_objects
+from common.tiling import block_grid, core_slices, ngff_datasets, paste_objects, pyramid_plan
 from hydra_lv.data import (
     DOMAIN,
     DataError,
@@ -109,35 +109,23 @@ class ResultsZarr:
         self.labels = self.labels_group.create_array("0", shape=self.shape, chunks=chunks, dtype="uint32",
                                                      fill_value=0)  # fmt: skip
 
-    def finish(self, resolution, block: int = 1024) -> None:
+    def finish(self, resolution) -> None:
         from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-        z, y, x = (float(r) for r in resolution)
-        for group, channels in ((self.root, True), (self.labels_group, False)):
-            level, datasets = 0, []
-            while True:
-                array = group[str(level)]
-                scale = [z, y * 2**level, x * 2**level]
-                datasets.append({"path": str(level), "coordinateTransformations": [
-                    {"type": "scale", "scale": ([1.0] if channels else []) + scale}]})  # fmt: skip
-                if max(array.shape[-2:]) <= 256:
-                    break
-                shape = (*array.shape[:-2], *((n + 1) // 2 for n in array.shape[-2:]))
-                smaller = group.create_array(str(level + 1), shape=shape, chunks=array.chunks, dtype=array.dtype,
+        for group, name, channel in ((self.root, "predictions", True), (self.labels_group, "segmentation", False)):
+            full = group["0"]
+            plan = pyramid_plan(full.shape, smallest=256, block=1024)
+            for level, (shape, copies) in enumerate(plan, start=1):
+                above = group[str(level - 1)]
+                smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype,
                                              fill_value=0)  # fmt: skip
-                depth = array.chunks[-3]
-                for z0 in range(0, array.shape[-3], depth):
-                    for y0 in range(0, array.shape[-2], block):
-                        for x0 in range(0, array.shape[-1], block):
-                            source = (..., slice(z0, z0 + depth), slice(y0, y0 + block, 2), slice(x0, x0 + block, 2))
-                            target = (..., slice(z0, z0 + depth), slice(y0 // 2, (y0 + block) // 2),
-                                      slice(x0 // 2, (x0 + block) // 2))  # fmt: skip
-                            smaller[target] = array[source]
-                level += 1
-            units = ([{"name": "c", "type": "channel"}] if channels else []) + [
-                {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]  # fmt: skip
-            write_multiscales_metadata(group, datasets=datasets, axes=units,
-                                       name="predictions" if channels else "segmentation")  # fmt: skip
+                for source, target in copies:
+                    smaller[target] = above[source]
+            axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+            scale = [float(r) for r in resolution]
+            if channel:
+                axes, scale = [{"name": "c", "type": "channel"}, *axes], [1.0, *scale]
+            write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, scale), axes=axes, name=name)
         write_label_metadata(self.root["labels"], "segmentation")
         self.root["labels"].attrs["labels"] = ["segmentation"]
 

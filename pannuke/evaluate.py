@@ -52,7 +52,15 @@ from common.metrics import (
     pannuke_aggregate,
     pannuke_tile_pq,
 )
-from common.tiling import block_grid, closest_level, core_slices, paste_objects, tissue_mask
+from common.tiling import (
+    block_grid,
+    closest_level,
+    core_slices,
+    ngff_datasets,
+    paste_objects,
+    pyramid_plan,
+    tissue_mask,
+)
 from pannuke.data import (
     CLASS_COLORS,
     CLASS_NAMES,
@@ -339,32 +347,24 @@ def open_labels(path: Path, shape, chunk: int = 1024):
     return group.create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32", fill_value=0)
 
 
-def finish_labels(path: Path, pixel_size: float, block: int = 4096) -> None:
-    """The label image's pyramid (each level every second pixel of the one before, so ids stay ids, down to
-    about 1,024 px) and its OME-Zarr metadata in micrometres, written a block at a time; napari
-    (napari-ome-zarr) and QuPath's OME-Zarr reader open it."""
+def finish_labels(path: Path, pixel_size: float) -> None:
+    """The label image's pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, down to
+    1,024 px, a block at a time) and its OME-Zarr metadata in micrometres; napari (napari-ome-zarr) and QuPath's
+    OME-Zarr reader open it."""
     import zarr
     from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
     root = zarr.open_group(str(path), mode="r+")
     group = root["labels"]["nuclei"]
-    level, datasets = 0, []
-    while True:
-        array = group[str(level)]
-        datasets.append({"path": str(level), "coordinateTransformations": [
-            {"type": "scale", "scale": [pixel_size * 2**level] * 2}]})  # fmt: skip
-        if max(array.shape) <= 1024:
-            break
-        smaller = group.create_array(str(level + 1), shape=tuple((n + 1) // 2 for n in array.shape),
-                                     chunks=array.chunks, dtype=array.dtype, fill_value=0)  # fmt: skip
-        for y in range(0, array.shape[0], block):
-            for x in range(0, array.shape[1], block):
-                smaller[y // 2 : (y + block) // 2, x // 2 : (x + block) // 2] = array[
-                    y : y + block : 2, x : x + block : 2
-                ]
-        level += 1
+    full = group["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = group[str(level - 1)]
+        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
     axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
-    write_multiscales_metadata(group, datasets=datasets, axes=axes, name="nuclei")
+    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size] * 2), axes=axes, name="nuclei")
     write_label_metadata(root["labels"], "nuclei")
     root["labels"].attrs["labels"] = ["nuclei"]
 

@@ -40,7 +40,7 @@ from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
 from common.formats import label_tiff, pixel_size_from_tiff
-from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize
+from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize, stretch
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 # Input channels (--features): CLAHE settings of each set; all but "raw" add the edge channel.
@@ -149,6 +149,72 @@ def read_image(path: Path, channel: int | None = None, z_projection: str | None 
     if axes != "YX":
         raise DataError(f"{path}: expected a 2D image, found {holds}")
     return array.astype(np.uint8) if array.dtype == bool else array
+
+
+IN_MEMORY_PX = 8192 * 8192  # a TIFF plane larger than this is read a block at a time (LargeImage)
+
+
+def is_large(path: Path) -> bool:
+    """A TIFF whose planes are larger than IN_MEMORY_PX pixels: segmented block by block."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
+    except Exception:  # the reader names the file and its problem
+        return False
+
+
+class LargeImage:
+    """A 2D plane of a large TIFF read a region at a time through tifffile's zarr view (tile by tile, or strip
+    by strip), never whole: the granule channel (`channel`) of a multi-channel file; z-stacks and time series are
+    refused (project them first). shape is (H, W); `image[y0:y1, x0:x1]` reads a region."""
+
+    def __init__(self, path: Path, channel: int | None = None):
+        import zarr
+
+        self.path = path
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                axes, shape = series.axes, series.shape
+            self.store = tifffile.imread(path, aszarr=True)
+            node = zarr.open(self.store, mode="r")
+            self.array = node if hasattr(node, "shape") else node["0"]
+        except Exception as error:
+            raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
+        index, holds = [], _describe(axes, shape, "a TIFF")
+        for axis, n in zip(axes, shape, strict=True):
+            if axis in "YX":
+                index.append(slice(None))
+            elif n == 1:
+                index.append(0)
+            elif axis in "CSQI":
+                if channel is None or not 0 <= channel < n:
+                    raise DataError(f"{path} holds {holds}: give --channel 0..{n - 1} for the granule channel")
+                index.append(channel)
+            else:
+                raise DataError(f"{path} holds {holds}: a large image is read in blocks of one plane; save the "
+                                "granule channel's projection as a 2D TIFF")  # fmt: skip
+        self.index, self.axes = index, [a for a in axes if a in "YX"]
+        self.shape = tuple(n for a, n in zip(axes, shape, strict=True) if a in "YX")
+        self.dtype = np.dtype(self.array.dtype)
+
+    def __getitem__(self, region) -> np.ndarray:
+        rows, cols = region
+        key = [rows if a == "Y" else cols for a in self.axes]
+        full = [key.pop(0) if isinstance(i, slice) else i for i in self.index]
+        plane = np.asarray(self.array[tuple(full)])
+        return plane.astype(np.uint8) if plane.dtype == bool else plane
+
+    def percentiles(self, samples: int = 4_000_000) -> tuple[float, float]:
+        """The 1st and 99.8th percentiles (Preprocess.normalize) of a strided sample of about `samples`
+        pixels, read chunk by chunk."""
+        step = max(1, int(np.sqrt(self.shape[0] * self.shape[1] / samples)))
+        sample = self[::step, ::step].astype(np.float64)
+        low, high = np.percentile(sample, [1.0, 99.8])
+        return float(low), float(high)
 
 
 def read_pixel_size(path: Path) -> float | None:
@@ -325,13 +391,17 @@ class Preprocess:
     def read(self, path: Path) -> np.ndarray:
         return read_image(path, self.channel, self.z_projection)
 
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        return percentile_normalize(image, 1.0, 99.8, min_range=self.min_range)
+    def normalize(self, image: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+        """Stretched from its 1st to 99.8th percentile to 0..1; `bounds`: those percentiles of the whole image
+        (LargeImage.percentiles), for a block of an image too large to read at once."""
+        if bounds is None:
+            return percentile_normalize(image, 1.0, 99.8, min_range=self.min_range)
+        return stretch(image, *bounds, min_range=self.min_range)
 
-    def compute(self, image: np.ndarray) -> np.ndarray:
+    def compute(self, image: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
         """(C, H, W) float32 in 0..1: the CLAHE channel(s) of the normalised image and the edge channel, or
         (features="raw") the normalised image alone."""
-        normalized = self.normalize(image)
+        normalized = self.normalize(image, bounds)
         if self.features == "raw":
             return normalized[None]
         clahe_channels = multiscale_clahe(normalized, FEATURE_SETTINGS[self.features])

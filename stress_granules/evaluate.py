@@ -48,12 +48,16 @@ from tqdm import tqdm
 
 from common.bioimageio import model_rdf
 from common.export import deployable
+from common.tiling import block_grid, ngff_datasets, paste_objects, pyramid_plan
 from stress_granules.data import (
     EDGE_FULL_SCALE,
     FEATURE_SETTINGS,
+    IN_MEMORY_PX,
     DataError,
     HelpFormatter,
+    LargeImage,
     Preprocess,
+    is_large,
     list_images,
     load_features,
     new_folder,
@@ -334,6 +338,76 @@ def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
     return summary
 
 
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image <path>/labels/granules/0 (uint32) to fill a block at a time."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w").create_group("labels").create_group("granules")
+    chunks = tuple(min(chunk, n) for n in shape)
+    return group.create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32", fill_value=0)
+
+
+def finish_labels(path: Path, pixel_size: float | None) -> None:
+    """The label image's pyramid (every second pixel, so ids stay ids) and OME-Zarr metadata (in micrometres with
+    a pixel size, else in pixels): napari (napari-ome-zarr) and Fiji (OME-Zarr readers) open it."""
+    import zarr
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    root = zarr.open_group(str(path), mode="r+")
+    group = root["labels"]["granules"]
+    full = group["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = group[str(level - 1)]
+        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
+    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes,
+                               name="granules")  # fmt: skip
+    write_label_metadata(root["labels"], "granules")
+    root["labels"].attrs["labels"] = ["granules"]
+
+
+def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings, ctx, out: Path, pixel_size,
+                  block: int, overlap: int, write_rows) -> dict:  # fmt: skip
+    """An image too large to hold (data.LargeImage), block by block (`block` px overlapping by `overlap`): each
+    block is read, stretched by the whole image's percentiles (from a strided sample), given its features,
+    predicted in tiles and turned into granules on its own; each granule whose centre lies in the block's core is
+    pasted into the label image `out` (OME-Zarr, on disk) with the next id (common.tiling), and its row goes to
+    write_rows. Memory is one block's. Returns its image_summary row."""
+    image = LargeImage(image_path, prep.channel)
+    bounds = image.percentiles()
+    labels = open_labels(out, image.shape)
+    blocks = block_grid(image.shape, block, min(overlap, block - 1))
+    next_id, granule_area = 1, 0
+    for start, core in tqdm(blocks, desc=image_path.name, unit="block", leave=False):
+        (y0, x0), (h, w) = start, image.shape
+        y1, x1 = min(y0 + block, h), min(x0 + block, w)
+        raw = image[y0:y1, x0:x1]
+        features = prep.compute(raw, bounds).astype(np.float16)  # as training's cache holds them
+        probability = predict_probability(model, features, settings.tile, settings.overlap, ctx=ctx)
+        found = granules_from_probability(probability, settings.threshold, settings.min_size, settings.split)
+        window = np.asarray(labels[y0:y1, x0:x1])
+        pasted = paste_objects(window, found, core, next_id)
+        if not pasted:
+            continue
+        labels[y0:y1, x0:x1] = window
+        rows = measure(np.where(window >= next_id, window - (next_id - 1), 0), raw, image_path.name, pixel_size)
+        for row in rows:  # block coordinates and ids to the image's
+            row.update(granule_id=row["granule_id"] + next_id - 1, centroid_y=row["centroid_y"] + y0,
+                       centroid_x=row["centroid_x"] + x0)  # fmt: skip
+            granule_area += row["area_px"]
+        write_rows(rows)
+        next_id += len(pasted)
+    finish_labels(out, pixel_size)
+    n, pixels = next_id - 1, image.shape[0] * image.shape[1]
+    return {"image": image_path.name, "pixel_size_um": pixel_size, "granules": n,
+            "mean_area_px": granule_area / n if n else 0.0,
+            "mean_area_um2": granule_area / n * pixel_size**2 if n and pixel_size else None,
+            "area_fraction": granule_area / pixels, "blocks": len(blocks)}  # fmt: skip
+
+
 def export(args) -> Path:
     """--export DIR: the U-Net with its sigmoid as DIR/model.pt (TorchScript), DIR/model.onnx (checked with
     onnxruntime against PyTorch) and DIR/model.json (what goes in and comes out): common/export.py."""
@@ -447,9 +521,17 @@ def main(args):
     if not cells:
         print("counts are per image (give --cells DIR with cell or nucleus label masks for granules per cell)")
     started = time.time()
-    granule_rows, cell_rows, summary_rows = [], [], []
+    large = [pair for pair in pairs if is_large(pair[0])]  # segmented block by block, after the others
+    cell_column = ["cell_id"] if cells else []
+    granule_columns = ["image", "granule_id", *cell_column, "area_px", "area_um2", "centroid_y", "centroid_x",
+                       "mean_intensity", "max_intensity"]  # fmt: skip
+    granules_file = open(out_dir / "granules.csv", "w", newline="")  # a row per granule, written as found
+    granule_csv = csv.DictWriter(granules_file, fieldnames=granule_columns, extrasaction="ignore")
+    granule_csv.writeheader()
+    granule_count, cell_rows, summary_rows = 0, [], []
     scores, skipped = GranuleScores(), []
-    for image_path, image, mask, _, _, labels in segment(model, pairs, prep, settings, ctx, skipped):
+    small = [pair for pair in pairs if pair not in large]
+    for image_path, image, mask, _, _, labels in segment(model, small, prep, settings, ctx, skipped):
         pixel_size = args.pixel_size or read_pixel_size(image_path)
         rows = measure(labels, image, image_path.name, pixel_size)
         these_cells = None
@@ -463,18 +545,24 @@ def main(args):
             these_cells = measure_cells(labels, cell_labels, image, image_path.name, pixel_size, rows)
             cell_rows += these_cells
         write_labels(out_dir / "masks" / f"{image_path.stem}.tif", labels, pixel_size)
-        granule_rows += rows
+        granule_csv.writerows(rows)
+        granule_count += len(rows)
         if mask is not None:
             scores.update(labels, mask)
         summary_rows.append(summarise(image_path, labels, rows, these_cells, pixel_size, mask))
         tqdm.write(f"{image_path.name}: {len(rows)} granules" + (f" in {len(these_cells)} cells" if cells else ""))
-    cell_column = ["cell_id"] if cells else []
-    write_csv(
-        out_dir / "granules.csv",
-        granule_rows,
-        ["image", "granule_id", *cell_column, "area_px", "area_um2", "centroid_y", "centroid_x", "mean_intensity",
-         "max_intensity"],
-    )  # fmt: skip
+    for image_path, mask_path in large:
+        if mask_path or cells:
+            tqdm.write(f"{image_path.name}: larger than {IN_MEMORY_PX:,} px, segmented block by block; its mask and "
+                       "cell mask are not used (scores and cells need the image whole)")  # fmt: skip
+        pixel_size = args.pixel_size or read_pixel_size(image_path)
+        out = out_dir / "masks" / f"{image_path.stem}.ome.zarr"
+        summary = segment_large(model, image_path, prep, settings, ctx, out, pixel_size, args.block_size,
+                                args.block_overlap, granule_csv.writerows)  # fmt: skip
+        granule_count += summary["granules"]
+        summary_rows.append(summary)
+        tqdm.write(f"{image_path.name}: {summary['granules']} granules in {summary['blocks']} blocks -> {out}")
+    granules_file.close()
     if cells:
         columns = ["image", "cell_id", "area_px", "area_um2", "granules", "granule_area_fraction",
                    "mean_granule_intensity"]  # fmt: skip
@@ -494,8 +582,8 @@ def main(args):
         },  # fmt: skip
         "pixel_size_um": {r["image"]: r["pixel_size_um"] for r in summary_rows},
         "counts_per": "cell" if cells else "image",
-        "granules": len(granule_rows),
-        "granules_per_image": len(granule_rows) / max(len(summary_rows), 1),
+        "granules": granule_count,
+        "granules_per_image": granule_count / max(len(summary_rows), 1),
         "masks_folder": str(out_dir / "masks"),
         "granules_csv": str(out_dir / "granules.csv"),
     }
@@ -551,6 +639,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--split-touching", dest="split_touching", action=flag, help=argparse.SUPPRESS)  # hidden twin
     add("--tile_size", "--tile-size", type=int, help="inference tile, multiple of 16; without it, the run's crop size")
     add("--overlap", type=int, help="overlap of neighbouring tiles in px; without it, a quarter tile")
+    add("--block_size", "--block-size", type=int, default=2048, help="a TIFF of more than 8192 x 8192 px is "
+        "segmented in blocks of this many px, each on its own, into masks/<name>.ome.zarr: memory is one "
+        "block's")  # fmt: skip
+    add("--block_overlap", "--block-overlap", type=int, default=128, help="overlap of neighbouring blocks in px, "
+        "above the largest granule's diameter (each granule is taken whole from one block)")  # fmt: skip
     add("--output_dir", "--output-dir", help="a new predictions_<timestamp> folder is made in here; without it, the "
         "checkpoint's folder")  # fmt: skip
     add("--use_mixed_precision", action=flag, help="autocast (bf16, or fp16 on older GPUs and MPS); without it, on "

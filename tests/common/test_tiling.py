@@ -102,3 +102,21 @@ def test_closest_level():
     assert closest_level([0.25, 1.0, 4.0], 0.25) == 0
     assert closest_level([0.25, 1.0, 4.0], 0.9) == 1
     assert closest_level([0.25, 1.0, 4.0], 0.5) == 0  # a tie on the log scale: the finer
+
+
+@pytest.mark.parametrize("shape", [(2500, 3100), (2, 13, 2100, 900)])
+def test_pyramid_plan_halves_the_last_two_axes_by_blocks(shape):
+    from common.tiling import ngff_datasets, pyramid_plan
+
+    rng = np.random.default_rng(0)
+    level = rng.integers(0, 50, size=shape)
+    plan = pyramid_plan(shape, smallest=600, block=512, lead=4)
+    for smaller, copies in plan:
+        out = np.full(smaller, -1)
+        for source, target in copies:
+            out[target] = level[source]
+        assert np.array_equal(out, level[..., ::2, ::2])  # every second pixel, every pixel filled
+        level = out
+    assert max(level.shape[-2:]) <= 600 < max(level.shape[-2:]) * 2
+    datasets = ngff_datasets(len(plan) + 1, [1.0] * (len(shape) - 2) + [0.25, 0.25])
+    assert datasets[-1]["coordinateTransformations"][0]["scale"][-1] == 0.25 * 2 ** len(plan)
