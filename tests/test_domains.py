@@ -186,3 +186,23 @@ def test_a_domain_copied_by_the_readme_recipe_runs_on_its_own(tmp_path, domain):
     stored = torch.load(sorted(checkpoints)[0], map_location="cpu", weights_only=True)
     if "domain" in stored:
         assert stored["domain"] == new
+
+
+@pytest.mark.parametrize("domain", ["pannuke", "stress_granules", "cellsam", "hydra_lv"])
+def test_readme_commands_for_large_inputs_parse(domain):
+    """Each README's section on slides, large images or volumes gives commands whose flags the script takes."""
+    import shlex
+
+    text = (ROOT / domain / "README.md").read_text()
+    heading = {"pannuke": "## Whole slides", "stress_granules": "## Large images", "cellsam": "## Large images",
+               "hydra_lv": "### A volume larger than memory"}[domain]  # fmt: skip
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    commands = [c for c in re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ").splitlines()
+                if c.startswith("python ")]  # fmt: skip
+    assert commands
+    module = importlib.import_module(f"{domain}.evaluate")
+    parser = module.get_args_parser()
+    for command in commands:
+        words = shlex.split(command.split("#", 1)[0])
+        assert words[1] == f"{domain}/evaluate.py"
+        parser.parse_args(words[2:])  # an unknown flag exits
