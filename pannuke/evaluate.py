@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root:
 import argparse
 import csv
 import json
+import math
 import time
 
 import cv2
@@ -290,7 +291,8 @@ class ImageSource:
             return self.array[y0:y1, x0:x1]
         d = self.downsample
         try:
-            region = self.slide.read_region((round(x0 * d), round(y0 * d)), self.level, (x1 - x0, y1 - y0),
+            # tiffslide maps level-0 coordinates to the level by int(location / downsample): ceil keeps x0, y0 exact
+            region = self.slide.read_region((math.ceil(x0 * d), math.ceil(y0 * d)), self.level, (x1 - x0, y1 - y0),
                                             as_array=True)  # fmt: skip
         except Exception as error:
             raise DataError(f"{self.path}: cannot read region x {x0}..{x1}, y {y0}..{y1} at level {self.level} "
@@ -400,7 +402,8 @@ def segment_source(model, source: ImageSource, args, labels, normalise, writer: 
     tissue mask (thumbnail, the level's pixels per thumbnail pixel), blocks without tissue are skipped. Memory
     is one block's, whatever the image's size."""
     scale = source.mpp / PANNUKE_MPP  # pixels at PanNuke's scale per pixel of the level
-    size = max(round(args.block_size / scale), 1)
+    # an image already in memory is one block (as before blocks existed); a slide's blocks bound the memory
+    size = max(source.shape) if source.slide is None else max(round(args.block_size / scale), 1)
     margin = min(round(args.block_overlap / scale), size - 1)
     blocks = block_grid(source.shape, size, margin)
     next_id, skipped = 1, 0
@@ -677,7 +680,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "size")  # fmt: skip
     add("--block_overlap", "--block-overlap", type=int, default=128, help="--images: overlap of neighbouring blocks "
         "in px (at PanNuke's scale); above the largest nucleus, so each is taken whole from one block")  # fmt: skip
-    add("--tissue_mask", "--tissue-mask", action=argparse.BooleanOptionalAction, default=True, help="--images, whole "
+    add("--tissue_mask", action=argparse.BooleanOptionalAction, default=True, help="--images, whole "
         "slides: skip blocks without tissue (Otsu on the saturation of a thumbnail)")  # fmt: skip
     add("--export", metavar="DIR", help="write the network as TorchScript and ONNX with model.json into DIR, and stop")
     add("--batch_size", "--batch-size", type=int, default=8, help="tiles per forward pass")
