@@ -525,44 +525,48 @@ def main(args):
     cell_column = ["cell_id"] if cells else []
     granule_columns = ["image", "granule_id", *cell_column, "area_px", "area_um2", "centroid_y", "centroid_x",
                        "mean_intensity", "max_intensity"]  # fmt: skip
-    granules_file = open(out_dir / "granules.csv", "w", newline="")  # a row per granule, written as found
-    granule_csv = csv.DictWriter(granules_file, fieldnames=granule_columns, extrasaction="ignore")
-    granule_csv.writeheader()
-    granule_count, cell_rows, summary_rows = 0, [], []
-    scores, skipped = GranuleScores(), []
-    small = [pair for pair in pairs if pair not in large]
-    for image_path, image, mask, _, _, labels in segment(model, small, prep, settings, ctx, skipped):
-        pixel_size = args.pixel_size or read_pixel_size(image_path)
-        rows = measure(labels, image, image_path.name, pixel_size)
-        these_cells = None
-        if cells:
+    with open(out_dir / "granules.csv", "w", newline="") as granules_file:  # a row per granule, written as found
+        granule_csv = csv.DictWriter(granules_file, fieldnames=granule_columns, extrasaction="ignore")
+        granule_csv.writeheader()
+        granule_count, cell_rows, summary_rows = 0, [], []
+        scores, skipped = GranuleScores(), []
+        small = [pair for pair in pairs if pair not in large]
+        for image_path, image, mask, _, _, labels in segment(model, small, prep, settings, ctx, skipped):
+            pixel_size = args.pixel_size or read_pixel_size(image_path)
+            rows = measure(labels, image, image_path.name, pixel_size)
+            these_cells = None
+            if cells:
+                try:
+                    cell_labels = read_mask(cells[image_path.stem], image.shape, image_path)
+                except DataError as error:
+                    tqdm.write(f"skipped: {error}")
+                    skipped.append(str(error))
+                    continue
+                these_cells = measure_cells(labels, cell_labels, image, image_path.name, pixel_size, rows)
+                cell_rows += these_cells
+            write_labels(out_dir / "masks" / f"{image_path.stem}.tif", labels, pixel_size)
+            granule_csv.writerows(rows)
+            granule_count += len(rows)
+            if mask is not None:
+                scores.update(labels, mask)
+            summary_rows.append(summarise(image_path, labels, rows, these_cells, pixel_size, mask))
+            tqdm.write(f"{image_path.name}: {len(rows)} granules" + (f" in {len(these_cells)} cells" if cells else ""))
+        for image_path, mask_path in large:
+            if mask_path or cells:
+                tqdm.write(f"{image_path.name}: larger than {IN_MEMORY_PX:,} px, segmented block by block; its mask "
+                           "and cell mask are not used (scores and cells need the image whole)")  # fmt: skip
+            pixel_size = args.pixel_size or read_pixel_size(image_path)
+            out = out_dir / "masks" / f"{image_path.stem}.ome.zarr"
             try:
-                cell_labels = read_mask(cells[image_path.stem], image.shape, image_path)
-            except DataError as error:
+                summary = segment_large(model, image_path, prep, settings, ctx, out, pixel_size, args.block_size,
+                                        args.block_overlap, granule_csv.writerows)  # fmt: skip
+            except DataError as error:  # as for the others: recorded in the report, the run goes on
                 tqdm.write(f"skipped: {error}")
                 skipped.append(str(error))
                 continue
-            these_cells = measure_cells(labels, cell_labels, image, image_path.name, pixel_size, rows)
-            cell_rows += these_cells
-        write_labels(out_dir / "masks" / f"{image_path.stem}.tif", labels, pixel_size)
-        granule_csv.writerows(rows)
-        granule_count += len(rows)
-        if mask is not None:
-            scores.update(labels, mask)
-        summary_rows.append(summarise(image_path, labels, rows, these_cells, pixel_size, mask))
-        tqdm.write(f"{image_path.name}: {len(rows)} granules" + (f" in {len(these_cells)} cells" if cells else ""))
-    for image_path, mask_path in large:
-        if mask_path or cells:
-            tqdm.write(f"{image_path.name}: larger than {IN_MEMORY_PX:,} px, segmented block by block; its mask and "
-                       "cell mask are not used (scores and cells need the image whole)")  # fmt: skip
-        pixel_size = args.pixel_size or read_pixel_size(image_path)
-        out = out_dir / "masks" / f"{image_path.stem}.ome.zarr"
-        summary = segment_large(model, image_path, prep, settings, ctx, out, pixel_size, args.block_size,
-                                args.block_overlap, granule_csv.writerows)  # fmt: skip
-        granule_count += summary["granules"]
-        summary_rows.append(summary)
-        tqdm.write(f"{image_path.name}: {summary['granules']} granules in {summary['blocks']} blocks -> {out}")
-    granules_file.close()
+            granule_count += summary["granules"]
+            summary_rows.append(summary)
+            tqdm.write(f"{image_path.name}: {summary['granules']} granules in {summary['blocks']} blocks -> {out}")
     if cells:
         columns = ["image", "cell_id", "area_px", "area_um2", "granules", "granule_area_fraction",
                    "mean_granule_intensity"]  # fmt: skip
@@ -590,7 +594,7 @@ def main(args):
     if cells:
         report["cells"] = len(cell_rows)
         report["granules_per_cell"] = float(np.mean([c["granules"] for c in cell_rows])) if cell_rows else None
-    if any(mask_path for _, mask_path in pairs):
+    if any(mask_path for image_path, mask_path in pairs if not is_large(image_path)):  # scored whole only
         computed = scores.compute()
         report["images_with_masks"] = computed.pop("images")
         report.update(computed)

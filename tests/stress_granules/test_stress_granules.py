@@ -1012,3 +1012,13 @@ def test_a_large_tiff_is_segmented_block_by_block_as_the_whole_image(robust_run,
     assert row["area_um2"] == pytest.approx(len(ys) * 0.01)
     summary = pd.read_csv(out / "image_summary.csv")
     assert summary.loc[0, "granules"] == n and summary.loc[0, "blocks"] == 3 * 4
+    # a large z-stack cannot be read a plane-block at a time: it is skipped, named, and the other image goes on
+    stack = np.stack([image[:600, :600]] * 3)
+    tifffile.imwrite(images / "stack_B2.tif", stack, tile=(256, 256), imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(SystemExit, match="1 image\\(s\\) could not be read"):
+        granule_evaluate.main(granule_evaluate.parse_args([*argv, "--output_dir", str(tmp_path / "with_stack")]))
+    (again,) = (tmp_path / "with_stack").glob("predictions*")
+    report = json.loads((again / "evaluation_report.json").read_text())
+    assert len(report["skipped"]) == 1 and "stack_B2.tif" in report["skipped"][0] and "2D TIFF" in report["skipped"][0]
+    again_labels = zarr.open_group(str(again / "masks" / "well_A1.ome.zarr"), mode="r")["labels/granules/0"]
+    assert int(np.asarray(again_labels[:]).max()) == n
