@@ -49,7 +49,8 @@ VOLUME_FACTORS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (4
 
 def write_slide(path: Path, side: int, seed: int = 0) -> None:
     """A pyramidal tiled TIFF of side x side px at 0.25 um/px: synthetic H&E tiles (pannuke's demo) inside an
-    ellipse covering a tenth of the slide, glass elsewhere; JPEG tiles, levels halving down to under 4,096 px."""
+    ellipse covering a tenth of the slide, glass elsewhere; JPEG tiles, levels halving down to under
+    4,096 px (two at least)."""
     import tifffile
 
     from pannuke.data import synthetic_tile
@@ -58,7 +59,7 @@ def write_slide(path: Path, side: int, seed: int = 0) -> None:
     tissue_tiles = [synthetic_tile(rng, 256)[0] for _ in range(8)]
     glass = np.full((256, 256, 3), 238, np.uint8)
     levels = [side]
-    while levels[-1] >= 4096:
+    while levels[-1] >= 4096 or len(levels) < 2:  # a pyramid at every size: read as a slide
         levels.append((levels[-1] + 1) // 2)
 
     def tiles(size: int):
@@ -101,7 +102,7 @@ def write_plate(path: Path, side: int, kind: str, seed: int = 0) -> None:
 
 
 def write_em_volume(path: Path, factor: int) -> None:
-    """The demo's synthetic EM volume (24, 160, 160) tiled 1 to 16 times (z, then y, then x doubled)."""
+    """The demo's synthetic EM volume (24, 160, 160) tiled 1 to 64 times (z, then y, then x doubled)."""
     from hydra_lv.data import synthetic_em_volume, write_volume
 
     image = synthetic_em_volume((24, 160, 160), rng=np.random.default_rng(0))[0]
