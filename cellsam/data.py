@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 
+from common.formats import TiffRegions, tiff_plane_pixels
 from common.preprocessing import stretch
 from common.tiling import block_grid
 
@@ -132,34 +133,23 @@ IN_MEMORY_PX = 8192 * 8192  # a TIFF larger than this is segmented a tile at a t
 
 def is_large(path: Path) -> bool:
     """A TIFF whose planes are larger than IN_MEMORY_PX pixels."""
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
-        return False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
-    except Exception:  # the reader names the file and its problem
-        return False
+    return tiff_plane_pixels(path) > IN_MEMORY_PX
 
 
 class LargeImage:
-    """A large TIFF (H, W), (H, W, C) or channels first, read a region at a time through tifffile's zarr view
-    (tile by tile, or strip by strip), never whole. `image[y0:y1, x0:x1]` gives the region ready for the model,
-    (h, w, 3) float32 0..255: `prepare(region (h, w, C))` (a model's normalisation with statistics of the whole
-    image, from sample()); `raw[...]` the pixels as stored."""
+    """A large TIFF (H, W), (H, W, C) or channels first, read a region at a time (common.formats.TiffRegions:
+    tile by tile, strip by strip, or a memory map of an uncompressed file), never whole. `image[y0:y1, x0:x1]`
+    gives the region ready for the model, (h, w, 3) float32 0..255: `prepare(region (h, w, C))` (a model's
+    normalisation with statistics of the whole image, from sample()); `raw[...]` the pixels as stored. close()
+    (or a with block) releases the file."""
 
     def __init__(self, path: Path, prepare=None):
-        import zarr
-
         self.path, self.prepare = path, prepare
         try:
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].shape
-            self.store = tifffile.imread(path, aszarr=True)
-            node = zarr.open(self.store, mode="r")
-            self.array = node if hasattr(node, "shape") else node["0"]
+            self.array = TiffRegions(path)
         except Exception as error:
             raise DataError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
+        shape = self.array.shape
         long = [i for i, n in enumerate(shape) if n > 1]  # the axes that are not singletons
         if len(long) not in (2, 3):
             raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), found shape {tuple(shape)}")
@@ -186,6 +176,15 @@ class LargeImage:
     def __getitem__(self, region) -> np.ndarray:
         rows, cols = region[:2]
         return self.prepare(self.raw(rows, cols))
+
+    def close(self) -> None:
+        self.array.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def large_image_preparer(sample: np.ndarray, path: Path, gamma: float = 1.0):

@@ -386,6 +386,7 @@ def main(args) -> Path:
             model.segment(image, threshold, args.overlap, device, open_labels(path, image.shape[:2]), writer.add)
             finish_labels(path, pixel_size)
             writer.close()
+            image.close()
             print(f"{pair.name}: {writer.count} cells -> {path}")
             continue
         image, truth = read_pair(pair, config.gamma, model.read_image)

@@ -1,6 +1,6 @@
 """What result files that open where our users work hold: label TIFFs at their pixel size (Fiji, napari) and
 GeoJSON of instance outlines (QuPath). Pure functions (the domains write the files): shared by pannuke, cellsam
-and stress_granules.
+and stress_granules. And large TIFFs read a region at a time (TiffRegions: stress_granules, cellsam, hydra_lv).
 
 Pixel coordinates everywhere: pixel (row r, column c) covers [c, c + 1) x [r, r + 1), as QuPath and shapely read
 them; x is the column.
@@ -13,6 +13,7 @@ from xml.etree import ElementTree
 
 import cv2
 import numpy as np
+import tifffile
 from scipy import ndimage
 
 MICROMETRES_PER_UNIT = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
@@ -115,3 +116,53 @@ def qupath_features(
             "geometry": {"type": "Polygon", "coordinates": rings}, "properties": properties,
         })  # fmt: skip
     return {"type": "FeatureCollection", "features": features}
+
+
+def tiff_plane_pixels(path) -> int:
+    """Pixels of one plane (page) of a TIFF; 0 for another file or one tifffile cannot open (its reader names
+    the file and the problem)."""
+    if str(path).lower().rsplit(".", 1)[-1] not in ("tif", "tiff"):
+        return 0
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength) * int(page.imagewidth)
+    except Exception:
+        return 0
+
+
+class TiffRegions:
+    """The first series of a TIFF (its full-resolution level) as an array that reads only the region it is sliced
+    with, never the whole file: through tifffile's zarr view, chunk (tile or strip) by chunk; or, when the pixels
+    are uncompressed and lie in one run (Fiji's and tifffile's default: a plane is then one strip, one chunk of
+    the zarr view), through a memory map opened for that read only (its pages leave the process with it).
+    shape, dtype and axes (tifffile's: "YX", "CYX", "ZYX", "YXS", ...) of the series; close() releases the file.
+    OSError, ValueError or KeyError for a file tifffile cannot read."""
+
+    def __init__(self, path):
+        self.path = path
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            self.shape, self.axes, self.dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
+            whole_bytes = series.keyframe.bitspersample == 8 * self.dtype.itemsize  # not 1-bit or 12-bit packed
+            self.offset = series.dataoffset if whole_bytes else None
+            self._stored = self.dtype.newbyteorder(tif.byteorder)
+        self.ndim, self._store, self._array = len(self.shape), None, None
+        if self.offset is None:
+            import zarr
+
+            self._store = tifffile.imread(path, aszarr=True)
+            node = zarr.open(self._store, mode="r")
+            self._array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._array is not None:
+            return np.asarray(self._array[key])
+        pixels = np.memmap(self.path, dtype=self._stored, mode="r", offset=self.offset, shape=self.shape)
+        region = np.array(pixels[key], dtype=self.dtype)  # a copy in native byte order: the map closes with it
+        del pixels
+        return region
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()

@@ -180,8 +180,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 class Volume:
     """A (z, y, x) volume on disk that reads only the region it is sliced with: an HDF5 dataset (`main`, or the
     file's only dataset), a zarr array or OME-Zarr image (its full-resolution level; `.zarr` folders) or a TIFF
-    stack (one page per section, through tifffile's zarr view: tile by tile or strip by strip). shape and dtype as
-    NumPy's; close() releases the file."""
+    stack (one page per section, through common.formats.TiffRegions: tile by tile, strip by strip, or a memory map
+    of an uncompressed stack). shape and dtype as NumPy's; close() releases the file."""
 
     def __init__(self, path: Path):
         self.path = path = Path(path)
@@ -197,12 +197,9 @@ class Volume:
             elif suffix == ".zarr":
                 self.array = zarr_array(path)
             elif suffix in TIFF_SUFFIXES:
-                import tifffile
-                import zarr
+                from common.formats import TiffRegions
 
-                self._file = tifffile.imread(path, aszarr=True)
-                node = zarr.open(self._file, mode="r")
-                self.array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
+                self._file = self.array = TiffRegions(path)  # its first level if a pyramid
             else:
                 raise DataError(f"{path}: not a volume format we read (HDF5 {', '.join(H5_SUFFIXES)}, .zarr, "
                                 f"TIFF {', '.join(TIFF_SUFFIXES)})")  # fmt: skip

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root: `common` and this folder import
 
 import argparse
+import ctypes
 import glob
 import hashlib
 import json
@@ -40,6 +41,7 @@ import h5py
 import numpy as np
 import torch
 import yaml
+import zarr
 from tqdm import tqdm
 
 from common.export import deployable
@@ -99,8 +101,6 @@ class ResultsZarr:
     so that napari (napari-ome-zarr) and neuroglancer open it at its voxel size."""
 
     def __init__(self, path: Path, shape):
-        import zarr
-
         self.path, self.shape = path, tuple(shape)
         self.root = zarr.open_group(str(path), mode="w")
         self.labels_group = self.root.create_group("labels").create_group("segmentation")
@@ -383,9 +383,24 @@ def export(args) -> Path:
     return out
 
 
+def cap_malloc_arenas(arenas: int = 2) -> None:
+    """Bound the memory block-wise segmentation keeps as it goes (glibc only, where other C libraries do
+    nothing): glibc gives threads (torch's, zarr's writers') malloc arenas of their own, up to 8 per core, and
+    the blocks' freed buffers scattered over them made peak RSS creep up with the number of blocks (19 % from 1
+    to 64 blocks); with two arenas, and zarr writing from one thread, it stays within 10 % (benchmarks/
+    RESULTS.md, issue 23)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(args) -> Path:
     if args.export:
         return export(args)
+    cap_malloc_arenas()
     if args.tune_decoding:
         tune_decoding(args.checkpoint, args.tune_decoding, args.overrides)
     device = pick_device()
@@ -437,10 +452,10 @@ def main(args) -> Path:
         results = ResultsZarr(files["ome_zarr"], shape)
         f, predictions = write_h5(files["predictions"], (3, *shape), np.uint8)
         g, segmentation = write_h5(files["segmentation"], shape, np.uint32)
-        with f, g:
+        with f, g, zarr.config.set({"threading.max_workers": 1}):  # see cap_malloc_arenas
             found = segment_volume(model, image, origin, shape, scale, cfg, device, ctx, [predictions, results.maps],
                                    [segmentation, results.labels], progress=True)  # fmt: skip
-        results.finish(cfg["data"]["resolution"])
+            results.finish(cfg["data"]["resolution"])
         seconds = time.time() - started
         print(f"  {found} vesicles in {seconds:.1f}s -> {files['segmentation']}")
         entry = {"image": str(volume.image), "label": volume.label and str(volume.label), "region": volume.bounds}

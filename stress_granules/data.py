@@ -39,7 +39,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
-from common.formats import label_tiff, pixel_size_from_tiff
+from common.formats import TiffRegions, label_tiff, pixel_size_from_tiff, tiff_plane_pixels
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize, stretch
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -156,34 +156,22 @@ IN_MEMORY_PX = 8192 * 8192  # a TIFF plane larger than this is read a block at a
 
 def is_large(path: Path) -> bool:
     """A TIFF whose planes are larger than IN_MEMORY_PX pixels: segmented block by block."""
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
-        return False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
-    except Exception:  # the reader names the file and its problem
-        return False
+    return tiff_plane_pixels(path) > IN_MEMORY_PX
 
 
 class LargeImage:
-    """A 2D plane of a large TIFF read a region at a time through tifffile's zarr view (tile by tile, or strip
-    by strip), never whole: the granule channel (`channel`) of a multi-channel file; z-stacks and time series are
-    refused (project them first). shape is (H, W); `image[y0:y1, x0:x1]` reads a region."""
+    """A 2D plane of a large TIFF read a region at a time (common.formats.TiffRegions: tile by tile, strip by
+    strip, or a memory map of an uncompressed file), never whole: the granule channel (`channel`) of a
+    multi-channel file; z-stacks and time series are refused (project them first). shape is (H, W);
+    `image[y0:y1, x0:x1]` reads a region; close() (or a with block) releases the file."""
 
     def __init__(self, path: Path, channel: int | None = None):
-        import zarr
-
         self.path = path
         try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                axes, shape = series.axes, series.shape
-            self.store = tifffile.imread(path, aszarr=True)
-            node = zarr.open(self.store, mode="r")
-            self.array = node if hasattr(node, "shape") else node["0"]
+            self.array = TiffRegions(path)
         except Exception as error:
             raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
+        axes, shape = self.array.axes, self.array.shape
         index, holds = [], _describe(axes, shape, "a TIFF")
         for axis, n in zip(axes, shape, strict=True):
             if axis in "YX":
@@ -215,6 +203,15 @@ class LargeImage:
         sample = self[::step, ::step].astype(np.float64)
         low, high = np.percentile(sample, [1.0, 99.8])
         return float(low), float(high)
+
+    def close(self) -> None:
+        self.array.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def read_pixel_size(path: Path) -> float | None:

@@ -376,30 +376,30 @@ def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings,
     predicted in tiles and turned into granules on its own; each granule whose centre lies in the block's core is
     pasted into the label image `out` (OME-Zarr, on disk) with the next id (common.tiling), and its row goes to
     write_rows. Memory is one block's. Returns its image_summary row."""
-    image = LargeImage(image_path, prep.channel)
-    bounds = image.percentiles()
-    labels = open_labels(out, image.shape)
-    blocks = block_grid(image.shape, block, min(overlap, block - 1))
-    next_id, granule_area = 1, 0
-    for start, core in tqdm(blocks, desc=image_path.name, unit="block", leave=False):
-        (y0, x0), (h, w) = start, image.shape
-        y1, x1 = min(y0 + block, h), min(x0 + block, w)
-        raw = image[y0:y1, x0:x1]
-        features = prep.compute(raw, bounds).astype(np.float16)  # as training's cache holds them
-        probability = predict_probability(model, features, settings.tile, settings.overlap, ctx=ctx)
-        found = granules_from_probability(probability, settings.threshold, settings.min_size, settings.split)
-        window = np.asarray(labels[y0:y1, x0:x1])
-        pasted = paste_objects(window, found, core, next_id)
-        if not pasted:
-            continue
-        labels[y0:y1, x0:x1] = window
-        rows = measure(np.where(window >= next_id, window - (next_id - 1), 0), raw, image_path.name, pixel_size)
-        for row in rows:  # block coordinates and ids to the image's
-            row.update(granule_id=row["granule_id"] + next_id - 1, centroid_y=row["centroid_y"] + y0,
-                       centroid_x=row["centroid_x"] + x0)  # fmt: skip
-            granule_area += row["area_px"]
-        write_rows(rows)
-        next_id += len(pasted)
+    with LargeImage(image_path, prep.channel) as image:
+        bounds = image.percentiles()
+        labels = open_labels(out, image.shape)
+        blocks = block_grid(image.shape, block, min(overlap, block - 1))
+        next_id, granule_area = 1, 0
+        for start, core in tqdm(blocks, desc=image_path.name, unit="block", leave=False):
+            (y0, x0), (h, w) = start, image.shape
+            y1, x1 = min(y0 + block, h), min(x0 + block, w)
+            raw = image[y0:y1, x0:x1]
+            features = prep.compute(raw, bounds).astype(np.float16)  # as training's cache holds them
+            probability = predict_probability(model, features, settings.tile, settings.overlap, ctx=ctx)
+            found = granules_from_probability(probability, settings.threshold, settings.min_size, settings.split)
+            window = np.asarray(labels[y0:y1, x0:x1])
+            pasted = paste_objects(window, found, core, next_id)
+            if not pasted:
+                continue
+            labels[y0:y1, x0:x1] = window
+            rows = measure(np.where(window >= next_id, window - (next_id - 1), 0), raw, image_path.name, pixel_size)
+            for row in rows:  # block coordinates and ids to the image's
+                row.update(granule_id=row["granule_id"] + next_id - 1, centroid_y=row["centroid_y"] + y0,
+                           centroid_x=row["centroid_x"] + x0)  # fmt: skip
+                granule_area += row["area_px"]
+            write_rows(rows)
+            next_id += len(pasted)
     finish_labels(out, pixel_size)
     n, pixels = next_id - 1, image.shape[0] * image.shape[1]
     return {"image": image_path.name, "pixel_size_um": pixel_size, "granules": n,

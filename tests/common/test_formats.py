@@ -1,14 +1,23 @@
 """common/formats.py: label TIFFs read back with tifffile at their pixel size, GeoJSON outlines read back with
-shapely (the library QuPath-side tools use), each covering its instance within a pixel."""
+shapely (the library QuPath-side tools use), each covering its instance within a pixel; large TIFFs read a
+region at a time (TiffRegions) equal to tifffile's whole read, without reading a whole plane."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
 import tifffile
 from shapely.geometry import Point, shape
 
-from common.formats import instance_polygons, label_tiff, pixel_size_from_tiff, qupath_features
+from common.formats import (
+    TiffRegions,
+    instance_polygons,
+    label_tiff,
+    pixel_size_from_tiff,
+    qupath_features,
+    tiff_plane_pixels,
+)
 
 
 def hand_made_labels() -> np.ndarray:
@@ -92,3 +101,53 @@ def test_label_tiffs_keep_ids_and_pixel_size(tmp_path, top):
     assert pixel_size(tmp_path / "dpi.tif") is None  # a print setting, not a pixel size
     tifffile.imwrite(tmp_path / "dpcm.tif", array, resolution=(28.35, 28.35), resolutionunit="CENTIMETER")
     assert pixel_size(tmp_path / "dpcm.tif") is None  # 72 dpi given per centimetre: 353 um is no pixel size
+
+
+TIFF_KINDS = {  # tifffile.imwrite keywords: the files our users' microscopes and Fiji write
+    "uncompressed": {},  # one strip per plane: the zarr view's chunk would be the whole plane
+    "uncompressed big-endian": {"byteorder": ">"},
+    "ImageJ stack": {"imagej": True},
+    "Deflate strips": {"compression": "zlib"},
+    "LZW tiles": {"compression": "lzw", "tile": (64, 64)},
+    "pyramid": {"subifds": 1, "tile": (64, 64), "compression": "zlib"},
+}
+
+
+@pytest.mark.parametrize("kind", TIFF_KINDS)
+def test_tiff_regions_read_what_tifffile_reads(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 65535, (2, 300, 260), dtype=np.uint16)
+    path = tmp_path / "image.tif"
+    keywords = dict(TIFF_KINDS[kind])
+    with tifffile.TiffWriter(
+        path, imagej=keywords.pop("imagej", False), byteorder=keywords.pop("byteorder", None)
+    ) as tif:
+        if keywords.pop("subifds", 0):
+            tif.write(image, subifds=1, **keywords)
+            tif.write(image[:, ::2, ::2], subfiletype=1, **keywords)
+        else:
+            tif.write(image, **keywords)
+    regions = TiffRegions(path)
+    assert regions.shape == (2, 300, 260) and regions.dtype == np.uint16 and regions.ndim == 3
+    assert (regions.offset is not None) == (kind.startswith("uncompressed") or kind == "ImageJ stack")
+    for key in [(1, slice(10, 77), slice(200, 260)), (slice(None), slice(None, None, 7), slice(3, 5)), (Ellipsis,)]:
+        region = regions[key]
+        np.testing.assert_array_equal(region, image[key])
+        assert region.dtype == np.uint16 and region.dtype.isnative
+    regions.close()
+    assert tiff_plane_pixels(path) == 300 * 260
+    assert tiff_plane_pixels(tmp_path / "image.png") == 0
+
+
+def test_a_region_of_an_uncompressed_tiff_reads_only_the_region(tmp_path):
+    """An uncompressed 2,000 px plane (8 MB) is one strip; a 64 px region of it allocates about 8 kB, not the
+    plane (tifffile's zarr view decodes the whole strip)."""
+    path = tmp_path / "plate.tif"
+    tifffile.imwrite(path, np.arange(2000 * 2000, dtype=np.uint16).reshape(2000, 2000))
+    regions = TiffRegions(path)
+    tracemalloc.start()
+    region = regions[1000:1064, 1500:1564]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200_000, peak
+    assert region[0, 0] == (1000 * 2000 + 1500) % 65536 and region.shape == (64, 64)
