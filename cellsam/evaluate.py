@@ -47,9 +47,8 @@ from cellsam.model import decode_masks, detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from cellsam.utils import write_json
 from common.export import exported_graph
-from common.formats import label_tiff, pixel_size_from_tiff, qupath_features
+from common.formats import finish_label_zarr, label_tiff, open_label_zarr, pixel_size_from_tiff, qupath_features
 from common.metrics import instance_overlaps, match_instances
-from common.tiling import ngff_datasets, pyramid_plan
 
 
 def load_fold(experiment: Path, fold: int, device) -> tuple:
@@ -185,36 +184,6 @@ class CellWriter:
         for handle, path in zip((self.csv, self.geojson), self.paths, strict=True):
             handle.close()
             path.with_suffix(path.suffix + ".part").replace(path)
-
-
-def open_labels(path: Path, shape, chunk: int = 1024):
-    """A new OME-Zarr label image <path>/labels/cells/0 (uint32) to fill a tile at a time."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="w").create_group("labels").create_group("cells")
-    return group.create_array("0", shape=tuple(shape), chunks=tuple(min(chunk, n) for n in shape), dtype="uint32",
-                              fill_value=0)  # fmt: skip
-
-
-def finish_labels(path: Path, pixel_size: float | None) -> None:
-    """The label image's pyramid (every second pixel: ids stay ids) and OME-Zarr metadata (micrometres with a
-    pixel size, else pixels): napari (napari-ome-zarr) opens it."""
-    import zarr
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
-
-    root = zarr.open_group(str(path), mode="r+")
-    group = root["labels"]["cells"]
-    full = group["0"]
-    plan = pyramid_plan(full.shape)
-    for level, (shape, copies) in enumerate(plan, start=1):
-        above = group[str(level - 1)]
-        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
-        for source, target in copies:
-            smaller[target] = above[source]
-    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
-    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes, name="cells")
-    write_label_metadata(root["labels"], "cells")
-    root["labels"].attrs["labels"] = ["cells"]
 
 
 def read_pixel_size(path: Path) -> float | None:
@@ -383,8 +352,8 @@ def main(args) -> Path:
             print(f"{pair.name}: {image.shape[1]} x {image.shape[0]} px, segmented a tile at a time"
                   + (" (its mask is not used: scores need the image whole)" if pair.mask else ""))  # fmt: skip
             path = out / "labels" / f"{pair.name}.ome.zarr"
-            model.segment(image, threshold, args.overlap, device, open_labels(path, image.shape[:2]), writer.add)
-            finish_labels(path, pixel_size)
+            model.segment(image, threshold, args.overlap, device, open_label_zarr(path, image.shape[:2]), writer.add)
+            finish_label_zarr(path, "cells", pixel_size)
             writer.close()
             image.close()
             print(f"{pair.name}: {writer.count} cells -> {path}")

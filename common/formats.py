@@ -1,6 +1,7 @@
 """What result files that open where our users work hold: label TIFFs at their pixel size (Fiji, napari) and
 GeoJSON of instance outlines (QuPath). Pure functions (the domains write the files): shared by pannuke, cellsam
-and stress_granules. And large TIFFs read a region at a time (TiffRegions: stress_granules, cellsam, hydra_lv).
+and stress_granules. And what large inputs need: TIFFs read a region at a time (TiffRegions: stress_granules,
+cellsam, hydra_lv), label images written a block at a time as OME-Zarr (open_label_zarr, finish_label_zarr).
 
 Pixel coordinates everywhere: pixel (row r, column c) covers [c, c + 1) x [r, r + 1), as QuPath and shapely read
 them; x is the column.
@@ -166,3 +167,36 @@ class TiffRegions:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+def open_label_zarr(path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image at `path`, its full-resolution array `0` (uint32 ids, `chunk` px chunks, 0
+    where nothing is written) returned to be filled a block at a time; finish_label_zarr adds the rest."""
+    import zarr
+
+    chunks = tuple(min(chunk, n) for n in shape)
+    return zarr.open_group(str(path), mode="w").create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32",
+                                                            fill_value=0)  # fmt: skip
+
+
+def finish_label_zarr(path, name: str, pixel_size: float | None) -> None:
+    """The label image of open_label_zarr made an OME-Zarr (NGFF) label image that opens at `path` itself: its
+    pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, a block at a time), multiscales in
+    micrometres (in pixels without a pixel size) and image-label metadata. napari (napari-ome-zarr) opens it as a
+    labels layer, Fiji and QuPath's OME-Zarr readers as an image."""
+    import zarr
+    from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    from common.tiling import ngff_datasets, pyramid_plan
+
+    root = zarr.open_group(str(path), mode="r+")
+    full = root["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = root[str(level - 1)]
+        smaller = root.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
+    write_multiscales_metadata(root, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes, name=name)
+    add_metadata(root, {"image-label": {"version": root.attrs["ome"]["version"]}})

@@ -127,7 +127,6 @@ class ResultsZarr:
                 axes, scale = [{"name": "c", "type": "channel"}, *axes], [1.0, *scale]
             write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, scale), axes=axes, name=name)
         write_label_metadata(self.root["labels"], "segmentation")
-        self.root["labels"].attrs["labels"] = ["segmentation"]
 
 
 def block_settings(cfg: dict, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.bioimageio import model_rdf
 from common.export import deployable
-from common.formats import label_tiff, qupath_features
+from common.formats import finish_label_zarr, label_tiff, open_label_zarr, qupath_features
 from common.metrics import (
     PANNUKE_CLASSES,
     ConfusionMatrix,
@@ -57,9 +57,7 @@ from common.tiling import (
     block_grid,
     closest_level,
     core_slices,
-    ngff_datasets,
     paste_objects,
-    pyramid_plan,
     tissue_mask,
 )
 from pannuke.data import (
@@ -339,38 +337,6 @@ def read_region_rgb(region: np.ndarray, path: Path) -> np.ndarray:
     return region[..., :3] if region.dtype == np.uint8 else np.clip(region[..., :3] / 257.0, 0, 255).astype(np.uint8)
 
 
-def open_labels(path: Path, shape, chunk: int = 1024):
-    """A new OME-Zarr label image <path>/labels/nuclei/0 (uint32, chunks of `chunk` px) to fill a block at a time."""
-    import zarr
-
-    root = zarr.open_group(str(path), mode="w")
-    group = root.create_group("labels").create_group("nuclei")
-    chunks = tuple(min(chunk, n) for n in shape)
-    return group.create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32", fill_value=0)
-
-
-def finish_labels(path: Path, pixel_size: float) -> None:
-    """The label image's pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, down to
-    1,024 px, a block at a time) and its OME-Zarr metadata in micrometres; napari (napari-ome-zarr) and QuPath's
-    OME-Zarr reader open it."""
-    import zarr
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
-
-    root = zarr.open_group(str(path), mode="r+")
-    group = root["labels"]["nuclei"]
-    full = group["0"]
-    plan = pyramid_plan(full.shape)
-    for level, (shape, copies) in enumerate(plan, start=1):
-        above = group[str(level - 1)]
-        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
-        for source, target in copies:
-            smaller[target] = above[source]
-    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
-    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size] * 2), axes=axes, name="nuclei")
-    write_label_metadata(root["labels"], "nuclei")
-    root["labels"].attrs["labels"] = ["nuclei"]
-
-
 def segment_region(
     model, region: np.ndarray, scale: float, args, normalise, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -473,14 +439,14 @@ def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
             thumb, per = source.thumbnail()
             tissue = tissue_mask(thumb) if args.tissue_mask else None
             labels_path = out_dir / f"{path.stem}_instances.ome.zarr"
-            labels = open_labels(labels_path, source.shape)
+            labels = open_label_zarr(labels_path, source.shape)
             h, w = source.shape
             tqdm.write(f"{path.name}: level {source.level} of the slide ({w} x {h} px, {source.mpp:.3g} um/px)"
                        + ("" if tissue is None else f", tissue on {tissue.mean():.0%} of the thumbnail"))  # fmt: skip
             entry.update(level=source.level, level_mpp=source.mpp, level_size=[w, h], instances=str(labels_path))
             searched = None if tissue is None else (tissue, per)
             entry.update(segment_source(model, source, args, labels, normalise, writer, searched))
-            finish_labels(labels_path, source.mpp)
+            finish_label_zarr(labels_path, "nuclei", source.mpp)
             cv2.imwrite(str(out_dir / f"{path.stem}_overview.png"), overview(thumb, tissue)[..., ::-1])
         writer.close()
         counts = writer.per_class

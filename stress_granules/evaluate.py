@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 from common.bioimageio import model_rdf
 from common.export import deployable
-from common.tiling import block_grid, ngff_datasets, paste_objects, pyramid_plan
+from common.formats import finish_label_zarr, open_label_zarr
+from common.tiling import block_grid, paste_objects
 from stress_granules.data import (
     EDGE_FULL_SCALE,
     FEATURE_SETTINGS,
@@ -338,37 +339,6 @@ def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
     return summary
 
 
-def open_labels(path: Path, shape, chunk: int = 1024):
-    """A new OME-Zarr label image <path>/labels/granules/0 (uint32) to fill a block at a time."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="w").create_group("labels").create_group("granules")
-    chunks = tuple(min(chunk, n) for n in shape)
-    return group.create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32", fill_value=0)
-
-
-def finish_labels(path: Path, pixel_size: float | None) -> None:
-    """The label image's pyramid (every second pixel, so ids stay ids) and OME-Zarr metadata (in micrometres with
-    a pixel size, else in pixels): napari (napari-ome-zarr) and Fiji (OME-Zarr readers) open it."""
-    import zarr
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
-
-    root = zarr.open_group(str(path), mode="r+")
-    group = root["labels"]["granules"]
-    full = group["0"]
-    plan = pyramid_plan(full.shape)
-    for level, (shape, copies) in enumerate(plan, start=1):
-        above = group[str(level - 1)]
-        smaller = group.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
-        for source, target in copies:
-            smaller[target] = above[source]
-    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
-    write_multiscales_metadata(group, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes,
-                               name="granules")  # fmt: skip
-    write_label_metadata(root["labels"], "granules")
-    root["labels"].attrs["labels"] = ["granules"]
-
-
 def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings, ctx, out: Path, pixel_size,
                   block: int, overlap: int, write_rows) -> dict:  # fmt: skip
     """An image too large to hold (data.LargeImage), block by block (`block` px overlapping by `overlap`): each
@@ -378,7 +348,7 @@ def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings,
     write_rows. Memory is one block's. Returns its image_summary row."""
     with LargeImage(image_path, prep.channel) as image:
         bounds = image.percentiles()
-        labels = open_labels(out, image.shape)
+        labels = open_label_zarr(out, image.shape)
         blocks = block_grid(image.shape, block, min(overlap, block - 1))
         next_id, granule_area = 1, 0
         for start, core in tqdm(blocks, desc=image_path.name, unit="block", leave=False):
@@ -400,7 +370,7 @@ def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings,
                 granule_area += row["area_px"]
             write_rows(rows)
             next_id += len(pasted)
-    finish_labels(out, pixel_size)
+    finish_label_zarr(out, "granules", pixel_size)
     n, pixels = next_id - 1, image.shape[0] * image.shape[1]
     return {"image": image_path.name, "pixel_size_um": pixel_size, "granules": n,
             "mean_area_px": granule_area / n if n else 0.0,

@@ -696,7 +696,7 @@ def test_a_large_tiff_is_segmented_a_window_at_a_time_as_whole(tiny_file, tmp_pa
     out = cellsam_evaluate.main(
         cellsam_evaluate.get_args_parser().parse_args([*argv, "--output_dir", str(tmp_path / "tiled")])
     )
-    streamed = np.asarray(zarr.open_group(str(out / "labels" / "plate.ome.zarr"), mode="r")["labels/cells/0"][:])
+    streamed = np.asarray(zarr.open_group(str(out / "labels" / "plate.ome.zarr"), mode="r")["0"][:])
     assert len(windows) == 4 * 5 and max(windows) == (256, 256, 3)
     n = int(whole.max())
     assert n >= 250 and streamed.max() == n

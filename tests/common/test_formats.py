@@ -12,8 +12,10 @@ from shapely.geometry import Point, shape
 
 from common.formats import (
     TiffRegions,
+    finish_label_zarr,
     instance_polygons,
     label_tiff,
+    open_label_zarr,
     pixel_size_from_tiff,
     qupath_features,
     tiff_plane_pixels,
@@ -151,3 +153,27 @@ def test_a_region_of_an_uncompressed_tiff_reads_only_the_region(tmp_path):
     tracemalloc.stop()
     assert peak < 200_000, peak
     assert region[0, 0] == (1000 * 2000 + 1500) % 65536 and region.shape == (64, 64)
+
+
+@pytest.mark.parametrize("pixel_size", [0.5, None])
+def test_label_zarr_opens_as_a_label_image_at_its_own_path(tmp_path, pixel_size):
+    """What napari-ome-zarr sees (through ome-zarr's reader): a label image at the folder itself, its pyramid
+    every second pixel of the level above and its scale in micrometres (pixels without a pixel size)."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    path = tmp_path / "plate.ome.zarr"
+    labels = (np.arange(2500 * 1800, dtype=np.int64).reshape(2500, 1800) // 7919).astype(np.uint32)
+    array = open_label_zarr(path, labels.shape, chunk=512)
+    for y in range(0, 2500, 600):  # a block at a time
+        array[y : y + 600] = labels[y : y + 600]
+    finish_label_zarr(path, "cells", pixel_size)
+    (node,) = list(Reader(parse_url(str(path)))())
+    assert {type(s) for s in node.specs} == {Label, Multiscales}
+    assert [np.asarray(level).tolist() == labels[:: 2**k, :: 2**k].tolist() for k, level in enumerate(node.data)] == [
+        True, True, True]  # fmt: skip
+    scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+    unit = pixel_size or 1.0
+    assert scales == [[unit, unit], [2 * unit, 2 * unit], [4 * unit, 4 * unit]]
+    assert node.metadata["name"] == "cells"
+    assert [a.get("unit") for a in node.metadata["axes"]] == ["micrometer" if pixel_size else None] * 2

@@ -999,7 +999,7 @@ def test_a_large_tiff_is_segmented_block_by_block_as_the_whole_image(robust_run,
     whole = tifffile.imread(whole_out / "masks" / "well_A1.tif").astype(np.int64)
     monkeypatch.setattr(granule_data, "IN_MEMORY_PX", 500 * 500)
     out = granule_evaluate.main(granule_evaluate.parse_args([*argv, "--block_size", "384", "--block_overlap", "64"]))
-    streamed = np.asarray(zarr.open_group(str(out / "masks" / "well_A1.ome.zarr"), mode="r")["labels/granules/0"][:])
+    streamed = np.asarray(zarr.open_group(str(out / "masks" / "well_A1.ome.zarr"), mode="r")["0"][:])
     n = int(whole.max())
     assert n >= 500 and streamed.max() == n
     pairs = np.unique(np.stack([whole.ravel(), streamed.ravel()]), axis=1)
@@ -1020,5 +1020,5 @@ def test_a_large_tiff_is_segmented_block_by_block_as_the_whole_image(robust_run,
     (again,) = (tmp_path / "with_stack").glob("predictions*")
     report = json.loads((again / "evaluation_report.json").read_text())
     assert len(report["skipped"]) == 1 and "stack_B2.tif" in report["skipped"][0] and "2D TIFF" in report["skipped"][0]
-    again_labels = zarr.open_group(str(again / "masks" / "well_A1.ome.zarr"), mode="r")["labels/granules/0"]
+    again_labels = zarr.open_group(str(again / "masks" / "well_A1.ome.zarr"), mode="r")["0"]
     assert int(np.asarray(again_labels[:]).max()) == n
