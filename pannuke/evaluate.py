@@ -206,6 +206,36 @@ def normalize_stains(image: np.ndarray, normalise, name: str) -> np.ndarray:
         return image
 
 
+def slide_stain_normalizer(normalise, thumbnail: np.ndarray, tissue, name: str):
+    """normalise (MONAI's NormalizeHEStains) with the slide's own stains measured once, on its thumbnail (the
+    tissue mask's pixels, all of them without one), instead of on each block: every block of the slide then gets
+    the same transform (as slideflow's context normalisation does), and a block of mostly glass or of one stain
+    cannot skew its own. The transform is NormalizeHEStains's: absorbance, stain amounts by least squares, the
+    99th percentiles scaled to the reference's. None when the thumbnail has no stained tissue (each block is then
+    normalised on its own, as an image is)."""
+    pixels = thumbnail.reshape(-1, 3) if tissue is None else thumbnail[tissue]
+    try:
+        he = normalise.stain_extractor(pixels[:, None, :])
+    except ValueError:
+        print(f"{name}: no stained tissue on the thumbnail: stains measured block by block")
+        return None
+    tli = normalise.tli
+
+    def amounts(image: np.ndarray) -> np.ndarray:
+        absorbance = -np.log(np.minimum(image.reshape(-1, 3).astype(np.float32) + 1, tli) / tli)
+        return np.linalg.lstsq(he, absorbance.T, rcond=None)[0]
+
+    per_reference = np.percentile(amounts(pixels), 99, axis=1).astype(np.float32) / normalise.max_cref
+
+    def apply(region: np.ndarray) -> np.ndarray:
+        scaled = amounts(region) / per_reference[:, None].astype(np.float32)
+        out = (tli * np.exp(-normalise.target_he.dot(scaled))).astype(np.float32)
+        out[out > 255] = 254  # as NormalizeHEStains
+        return out.T.reshape(region.shape).astype(np.uint8)
+
+    return apply
+
+
 class NucleusWriter:
     """<stem>_nuclei.csv (a row per nucleus: its id in the label image, type, area, centroid) and
     <stem>_nuclei.geojson (its outline for QuPath, the type as QuPath's classification), appended block by block
@@ -274,6 +304,7 @@ class ImageSource:
                 raise DataError(f"{path}: cannot open the slide ({type(error).__name__}: {error})") from None
             base = mpp or self.slide.properties.get("tiffslide.mpp-x")
             self.mpp_given = base is not None
+            self.mpp_source = "--mpp" if mpp else "the slide" if base is not None else "assumed"
             base = float(base or PANNUKE_MPP)
             self.level = closest_level([base * d for d in self.slide.level_downsamples], PANNUKE_MPP)
             self.downsample = float(self.slide.level_downsamples[self.level])
@@ -283,6 +314,7 @@ class ImageSource:
         else:
             self.array, self.level, self.downsample = read_image(path), 0, 1.0
             self.mpp_given, self.mpp, self.shape = mpp is not None, mpp or PANNUKE_MPP, self.array.shape[:2]
+            self.mpp_source = "--mpp" if mpp is not None else "assumed"
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self.slide is None:
@@ -423,7 +455,7 @@ def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
             print(message)
             told.add(message)
         writer = NucleusWriter(out_dir, path.stem, source.mpp, source.downsample, keep_classes=source.slide is None)
-        entry = {"image": path.name}
+        entry = {"image": path.name, "mpp": source.mpp / source.downsample, "mpp_source": source.mpp_source}
         if source.slide is None:
             instances = np.zeros(source.shape, np.int32)
             segment_source(model, source, args, instances, normalise, writer)
@@ -438,6 +470,7 @@ def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
         else:
             thumb, per = source.thumbnail()
             tissue = tissue_mask(thumb) if args.tissue_mask else None
+            fitted = None if normalise is None else slide_stain_normalizer(normalise, thumb, tissue, path.name)
             labels_path = out_dir / f"{path.stem}_instances.ome.zarr"
             labels = open_label_zarr(labels_path, source.shape)
             h, w = source.shape
@@ -445,7 +478,7 @@ def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
                        + ("" if tissue is None else f", tissue on {tissue.mean():.0%} of the thumbnail"))  # fmt: skip
             entry.update(level=source.level, level_mpp=source.mpp, level_size=[w, h], instances=str(labels_path))
             searched = None if tissue is None else (tissue, per)
-            entry.update(segment_source(model, source, args, labels, normalise, writer, searched))
+            entry.update(segment_source(model, source, args, labels, fitted or normalise, writer, searched))
             finish_label_zarr(labels_path, "nuclei", source.mpp)
             cv2.imwrite(str(out_dir / f"{path.stem}_overview.png"), overview(thumb, tissue)[..., ::-1])
         writer.close()
@@ -588,10 +621,12 @@ def main(args):
         out_dir = new_folder(Path(args.output_dir) if args.output_dir else run_dir / "predictions", image_dir.stem)
         report.update(images=str(image_dir.resolve()), tile_size=args.tile_size, overlap=args.overlap)
         report.update(block_size=args.block_size, block_overlap=args.block_overlap, tissue_mask=args.tissue_mask)
-        report.update(mpp=args.mpp if args.mpp else f"{PANNUKE_MPP} (assumed)", model_mpp=PANNUKE_MPP)
         args.stain_norm = args.stain_norm or args.stain_reference is not None  # a reference implies --stain_norm
         report.update(stain_norm=args.stain_norm, stain_reference=args.stain_reference)
         report.update(predict_folder(model, image_dir, args, out_dir, device))
+        read = {row["mpp_source"] for row in report["nuclei_per_image"]} - {"--mpp"}
+        report.update(mpp=args.mpp if args.mpp else f"{PANNUKE_MPP} (assumed)" if read <= {"assumed"} else
+                      "each image's (nuclei_per_image: mpp, mpp_source)", model_mpp=PANNUKE_MPP)  # fmt: skip
     else:
         data_dir = args.data_dir or train_args.get("data_dir")
         fold_number = args.fold or train_args.get("test_fold", 3)

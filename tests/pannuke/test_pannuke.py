@@ -984,6 +984,26 @@ def test_hed_jitter_scales_the_stain_amounts_of_colour_deconvolution():
     assert not any(isinstance(t, HEDJitter) for t in build_augmentation(64, 0).transforms)
 
 
+def test_a_slide_is_stain_normalised_with_stains_measured_once():
+    """slide_stain_normalizer measures the stains once (here on the whole tile, as a thumbnail): on that tile it
+    gives what MONAI's NormalizeHEStains gives, and a block of the tile gets exactly the block of the whole
+    result, where NormalizeHEStains on the block alone measures the block's own stains and differs."""
+    from monai.apps.pathology.transforms import NormalizeHEStains
+    from skimage.color import hed2rgb, rgb2hed
+
+    synthetic, _ = synthetic_tile(np.random.default_rng(3), 256)
+    tile = np.clip(hed2rgb(rgb2hed(synthetic) * [1, 1, 0]) * 255, 0, 255).round().astype(np.uint8)
+    monai = NormalizeHEStains()
+    fitted = pannuke_evaluate.slide_stain_normalizer(monai, tile, None, "tile")
+    whole = fitted(tile)
+    assert np.abs(whole.astype(int) - monai(tile)).max() <= 1
+    block = tile[:96, 160:]
+    np.testing.assert_array_equal(fitted(block), whole[:96, 160:])
+    assert np.abs(monai(block).astype(int) - whole[:96, 160:]).mean() > 1
+    glass = np.full((32, 32, 3), 250, np.uint8)
+    assert pannuke_evaluate.slide_stain_normalizer(monai, glass, None, "glass") is None
+
+
 def test_stain_normalisation_gives_a_scan_the_stains_of_the_reference(sota_run, tmp_path, monkeypatch, capsys):
     """A tile restained (haematoxylin x 1.6, eosin x 0.6) and normalised to the original tile's stains (Macenko,
     MONAI) reaches the model closer to the original than it came (measured: 10 grey levels off on average, from
@@ -1077,8 +1097,11 @@ def test_a_whole_slide_is_segmented_block_by_block_as_the_image_is_whole(sota_ru
     monkeypatch.setattr(pannuke_evaluate, "preprocess_image", lambda image: image)
     argv = [str(sota_run), "--block_size", "256", "--block_overlap", "64", "--output_dir", str(tmp_path)]
     out = pannuke_evaluate.main(pannuke_evaluate.parse_args([*argv, "--images", str(slides / "slide.tif")]))
-    report = json.loads((out / "evaluation_report.json").read_text())["nuclei_per_image"][0]
+    whole_report = json.loads((out / "evaluation_report.json").read_text())
+    report = whole_report["nuclei_per_image"][0]
     assert report["level"] == 1 and report["level_mpp"] == pytest.approx(0.25) and report["level_size"] == [800, 600]
+    assert report["mpp_source"] == "the slide" and report["mpp"] == pytest.approx(0.125)  # not "assumed"
+    assert whole_report["mpp"].startswith("each image's")
     assert report["blocks"] == 4 * 3 and report["blocks_without_tissue"] >= 3  # the glass on the right
     assert len(calls) == report["blocks"] - report["blocks_without_tissue"]
     assert max(calls) <= (256, 256)
