@@ -39,6 +39,8 @@ SIZES = {  # full, quick: slide / image side in px; volume in multiples of the d
 # a network trained for seconds is unsure: decoding thresholds that let it find vesicles, so decoding is timed too
 DECODING = ["decoding.foreground=0.25", "decoding.seed_binary=0.3", "decoding.seed_contour=0.95",
             "decoding.seed_distance=0.0", "decoding.min_seed_size=4", "decoding.min_object_size=16"]  # fmt: skip
+# issue 23 asks for flat memory from 1x to 16x the demo volume (voxels here); the 64x case shows what lies beyond
+ISSUE_RANGE = {"hydra_lv": 16 * 24 * 160 * 160}
 VOLUME_FACTORS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (4, 2, 2), 64: (4, 4, 4)}
 
 
@@ -251,11 +253,15 @@ def report(rows: list[list]) -> str:
     summary = []
     for domain in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == domain]
-        peaks = [r[4] for r in mine]
-        spread = (max(peaks) - min(peaks)) / min(peaks)
-        exponent = fit_exponent([r[2] for r in mine], [r[3] for r in mine]) if len(mine) > 1 else float("nan")
-        summary.append([domain, f"{mine[0][2]:,} .. {mine[-1][2]:,}", f"{spread:.1%}", exponent,
-                        "yes" if spread <= 0.10 and exponent <= 1.1 else "no"])  # fmt: skip
+        ranges = [(mine, "")]
+        if domain in ISSUE_RANGE and mine[-1][2] > ISSUE_RANGE[domain]:  # the issue's range, then all the cases
+            ranges.insert(0, ([r for r in mine if r[2] <= ISSUE_RANGE[domain]], " (issue 23's range)"))
+        for cases, note in ranges:
+            peaks = [r[4] for r in cases]
+            spread = (max(peaks) - min(peaks)) / min(peaks)
+            exponent = fit_exponent([r[2] for r in cases], [r[3] for r in cases]) if len(cases) > 1 else float("nan")
+            summary.append([domain, f"{cases[0][2]:,} .. {cases[-1][2]:,}{note}", f"{spread:.1%}", exponent,
+                            "yes" if spread <= 0.10 and exponent <= 1.1 else "no"])  # fmt: skip
     body.append(table(["domain", "range", "peak RSS spread (max - min) / min", "time exponent (s ~ n^b)",
                        "flat (<= 10 %) and linear (b <= 1.1)"], summary))  # fmt: skip
     return "\n\n".join(body)

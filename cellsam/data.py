@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 
-from common.formats import TiffRegions, tiff_plane_pixels
+from common.formats import contiguous_pixels
 from common.preprocessing import stretch
 from common.tiling import block_grid
 
@@ -133,23 +133,38 @@ IN_MEMORY_PX = 8192 * 8192  # a TIFF larger than this is segmented a tile at a t
 
 def is_large(path: Path) -> bool:
     """A TIFF whose planes are larger than IN_MEMORY_PX pixels."""
-    return tiff_plane_pixels(path) > IN_MEMORY_PX
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
+    except Exception:  # the reader names the file and its problem
+        return False
 
 
 class LargeImage:
-    """A large TIFF (H, W), (H, W, C) or channels first, read a region at a time (common.formats.TiffRegions:
-    tile by tile, strip by strip, or a memory map of an uncompressed file), never whole. `image[y0:y1, x0:x1]`
-    gives the region ready for the model, (h, w, 3) float32 0..255: `prepare(region (h, w, C))` (a model's
-    normalisation with statistics of the whole image, from sample()); `raw[...]` the pixels as stored. close()
-    (or a with block) releases the file."""
+    """A large TIFF (H, W), (H, W, C) or channels first, read a region at a time, never whole: tile by tile or
+    strip by strip through tifffile's zarr view, or through a memory map opened for each read when the pixels are
+    uncompressed and contiguous (one strip per plane: the zarr view would decode the plane whole).
+    `image[y0:y1, x0:x1]` gives the region ready for the model, (h, w, 3) float32 0..255: `prepare(region (h, w,
+    C))` (a model's normalisation with statistics of the whole image, from sample()); `raw[...]` the pixels as
+    stored. close() (or a with block) releases the file."""
 
     def __init__(self, path: Path, prepare=None):
-        self.path, self.prepare = path, prepare
+        import zarr
+
+        self.path, self.prepare, self.store = path, prepare, None
         try:
-            self.array = TiffRegions(path)
+            with tifffile.TiffFile(path) as tif:
+                shape = self.full_shape = tuple(tif.series[0].shape)
+                self.contiguous = contiguous_pixels(tif.series[0], tif.byteorder)  # (offset, stored dtype) or None
+            if self.contiguous is None:
+                self.store = tifffile.imread(path, aszarr=True)
+                node = zarr.open(self.store, mode="r")
+                self.array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
         except Exception as error:
             raise DataError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
-        shape = self.array.shape
         long = [i for i, n in enumerate(shape) if n > 1]  # the axes that are not singletons
         if len(long) not in (2, 3):
             raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), found shape {tuple(shape)}")
@@ -163,7 +178,13 @@ class LargeImage:
         """(h, w, C) as stored: singleton axes dropped, channels last."""
         spatial = iter((rows, cols))
         key = tuple(0 if r == "drop" else slice(None) if r == "channel" else next(spatial) for r in self.roles)
-        region = np.asarray(self.array[key])
+        if self.contiguous is None:
+            region = np.asarray(self.array[key])
+        else:  # the map's pages leave the process with it
+            offset, stored = self.contiguous
+            pixels = np.memmap(self.path, dtype=stored, mode="r", offset=offset, shape=self.full_shape)
+            region = np.array(pixels[key], dtype=stored.newbyteorder("="))
+            del pixels
         if region.ndim == 2:
             return region[..., None]
         return np.moveaxis(region, 0, -1) if self.channels_first else region
@@ -178,7 +199,8 @@ class LargeImage:
         return self.prepare(self.raw(rows, cols))
 
     def close(self) -> None:
-        self.array.close()
+        if self.store is not None:
+            self.store.close()
 
     def __enter__(self):
         return self

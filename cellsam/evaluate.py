@@ -47,8 +47,9 @@ from cellsam.model import decode_masks, detect_tiled
 from cellsam.train import build_model, new_experiment_dir, otsu_watershed, read_pair, score_images
 from cellsam.utils import write_json
 from common.export import exported_graph
-from common.formats import finish_label_zarr, label_tiff, open_label_zarr, pixel_size_from_tiff, qupath_features
+from common.formats import label_image_attrs, label_tiff, pixel_size_from_tiff, qupath_features
 from common.metrics import instance_overlaps, match_instances
+from common.tiling import pyramid_plan
 
 
 def load_fold(experiment: Path, fold: int, device) -> tuple:
@@ -184,6 +185,33 @@ class CellWriter:
         for handle, path in zip((self.csv, self.geojson), self.paths, strict=True):
             handle.close()
             path.with_suffix(path.suffix + ".part").replace(path)
+
+
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image at <path> (its level 0: uint32 ids, 0 where nothing is written) to fill a
+    tile at a time; finish_labels adds the rest."""
+    import zarr
+
+    chunks = tuple(min(chunk, n) for n in shape)
+    return zarr.open_group(str(path), mode="w").create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32",
+                                                            fill_value=0)  # fmt: skip
+
+
+def finish_labels(path: Path, pixel_size: float | None) -> None:
+    """The label image's pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, a block at a
+    time) and its OME-Zarr label-image metadata at its root (common.formats.label_image_attrs): napari
+    (napari-ome-zarr) opens <path> as labels, Fiji's and QuPath's OME-Zarr readers as an image."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    full = root["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = root[str(level - 1)]
+        smaller = root.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    root.attrs.update(label_image_attrs(len(plan) + 1, pixel_size, "cells"))
 
 
 def read_pixel_size(path: Path) -> float | None:
@@ -352,8 +380,8 @@ def main(args) -> Path:
             print(f"{pair.name}: {image.shape[1]} x {image.shape[0]} px, segmented a tile at a time"
                   + (" (its mask is not used: scores need the image whole)" if pair.mask else ""))  # fmt: skip
             path = out / "labels" / f"{pair.name}.ome.zarr"
-            model.segment(image, threshold, args.overlap, device, open_label_zarr(path, image.shape[:2]), writer.add)
-            finish_label_zarr(path, "cells", pixel_size)
+            model.segment(image, threshold, args.overlap, device, open_labels(path, image.shape[:2]), writer.add)
+            finish_labels(path, pixel_size)
             writer.close()
             image.close()
             print(f"{pair.name}: {writer.count} cells -> {path}")

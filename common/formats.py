@@ -1,7 +1,7 @@
 """What result files that open where our users work hold: label TIFFs at their pixel size (Fiji, napari) and
 GeoJSON of instance outlines (QuPath). Pure functions (the domains write the files): shared by pannuke, cellsam
-and stress_granules. And what large inputs need: TIFFs read a region at a time (TiffRegions: stress_granules,
-cellsam, hydra_lv), label images written a block at a time as OME-Zarr (open_label_zarr, finish_label_zarr).
+and stress_granules. And what the domains' readers and writers of large inputs share: where an uncompressed
+TIFF's pixels lie (contiguous_pixels), the metadata of an OME-Zarr label image (label_image_attrs).
 
 Pixel coordinates everywhere: pixel (row r, column c) covers [c, c + 1) x [r, r + 1), as QuPath and shapely read
 them; x is the column.
@@ -14,8 +14,9 @@ from xml.etree import ElementTree
 
 import cv2
 import numpy as np
-import tifffile
 from scipy import ndimage
+
+from common.tiling import ngff_datasets
 
 MICROMETRES_PER_UNIT = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
                         "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4}  # fmt: skip
@@ -119,84 +120,22 @@ def qupath_features(
     return {"type": "FeatureCollection", "features": features}
 
 
-def tiff_plane_pixels(path) -> int:
-    """Pixels of one plane (page) of a TIFF; 0 for another file or one tifffile cannot open (its reader names
-    the file and the problem)."""
-    if str(path).lower().rsplit(".", 1)[-1] not in ("tif", "tiff"):
-        return 0
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            return int(page.imagelength) * int(page.imagewidth)
-    except Exception:
-        return 0
+def contiguous_pixels(series, byteorder: str) -> tuple[int, np.dtype] | None:
+    """(file offset, dtype as stored) of a tifffile series whose pixels are uncompressed and lie in one run of
+    whole bytes (Fiji's and tifffile's default for uncompressed files), so that a region of it can be read
+    through a memory map; None otherwise (compressed, tiled or packed bits: read chunk by chunk through
+    tifffile's zarr view). Such a file is one strip per plane, which the zarr view would decode whole."""
+    dtype = np.dtype(series.dtype)
+    if series.dataoffset is None or series.keyframe.bitspersample != 8 * dtype.itemsize:
+        return None
+    return int(series.dataoffset), dtype.newbyteorder(byteorder)
 
 
-class TiffRegions:
-    """The first series of a TIFF (its full-resolution level) as an array that reads only the region it is sliced
-    with, never the whole file: through tifffile's zarr view, chunk (tile or strip) by chunk; or, when the pixels
-    are uncompressed and lie in one run (Fiji's and tifffile's default: a plane is then one strip, one chunk of
-    the zarr view), through a memory map opened for that read only (its pages leave the process with it).
-    shape, dtype and axes (tifffile's: "YX", "CYX", "ZYX", "YXS", ...) of the series; close() releases the file.
-    OSError, ValueError or KeyError for a file tifffile cannot read."""
-
-    def __init__(self, path):
-        self.path = path
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            self.shape, self.axes, self.dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
-            whole_bytes = series.keyframe.bitspersample == 8 * self.dtype.itemsize  # not 1-bit or 12-bit packed
-            self.offset = series.dataoffset if whole_bytes else None
-            self._stored = self.dtype.newbyteorder(tif.byteorder)
-        self.ndim, self._store, self._array = len(self.shape), None, None
-        if self.offset is None:
-            import zarr
-
-            self._store = tifffile.imread(path, aszarr=True)
-            node = zarr.open(self._store, mode="r")
-            self._array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
-
-    def __getitem__(self, key) -> np.ndarray:
-        if self._array is not None:
-            return np.asarray(self._array[key])
-        pixels = np.memmap(self.path, dtype=self._stored, mode="r", offset=self.offset, shape=self.shape)
-        region = np.array(pixels[key], dtype=self.dtype)  # a copy in native byte order: the map closes with it
-        del pixels
-        return region
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-
-
-def open_label_zarr(path, shape, chunk: int = 1024):
-    """A new OME-Zarr label image at `path`, its full-resolution array `0` (uint32 ids, `chunk` px chunks, 0
-    where nothing is written) returned to be filled a block at a time; finish_label_zarr adds the rest."""
-    import zarr
-
-    chunks = tuple(min(chunk, n) for n in shape)
-    return zarr.open_group(str(path), mode="w").create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32",
-                                                            fill_value=0)  # fmt: skip
-
-
-def finish_label_zarr(path, name: str, pixel_size: float | None) -> None:
-    """The label image of open_label_zarr made an OME-Zarr (NGFF) label image that opens at `path` itself: its
-    pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, a block at a time), multiscales in
-    micrometres (in pixels without a pixel size) and image-label metadata. napari (napari-ome-zarr) opens it as a
-    labels layer, Fiji and QuPath's OME-Zarr readers as an image."""
-    import zarr
-    from ome_zarr.writer import add_metadata, write_multiscales_metadata
-
-    from common.tiling import ngff_datasets, pyramid_plan
-
-    root = zarr.open_group(str(path), mode="r+")
-    full = root["0"]
-    plan = pyramid_plan(full.shape)
-    for level, (shape, copies) in enumerate(plan, start=1):
-        above = root[str(level - 1)]
-        smaller = root.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
-        for source, target in copies:
-            smaller[target] = above[source]
+def label_image_attrs(levels: int, pixel_size: float | None, name: str) -> dict:
+    """The zarr attributes of an OME-Zarr (NGFF 0.5) label image of `levels` (y, x) pyramid levels named 0, 1, ...
+    (each every second pixel of the one before: common.tiling.pyramid_plan), written at the label image's own
+    root: multiscales in micrometres (in pixels without a pixel size) and image-label. napari (napari-ome-zarr)
+    opens the folder as a labels layer, Fiji and QuPath's OME-Zarr readers as an image."""
     axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if pixel_size else {})} for a in "yx"]
-    write_multiscales_metadata(root, ngff_datasets(len(plan) + 1, [pixel_size or 1.0] * 2), axes=axes, name=name)
-    add_metadata(root, {"image-label": {"version": root.attrs["ome"]["version"]}})
+    multiscale = {"name": name, "axes": axes, "datasets": ngff_datasets(levels, [pixel_size or 1.0] * 2)}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale], "image-label": {"version": "0.5"}}}

@@ -180,8 +180,9 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 class Volume:
     """A (z, y, x) volume on disk that reads only the region it is sliced with: an HDF5 dataset (`main`, or the
     file's only dataset), a zarr array or OME-Zarr image (its full-resolution level; `.zarr` folders) or a TIFF
-    stack (one page per section, through common.formats.TiffRegions: tile by tile, strip by strip, or a memory map
-    of an uncompressed stack). shape and dtype as NumPy's; close() releases the file."""
+    stack (one page per section, through tifffile's zarr view: tile by tile or strip by strip; an uncompressed
+    stack, whose sections are one strip each, through ContiguousPixels). shape and dtype as NumPy's; close()
+    releases the file."""
 
     def __init__(self, path: Path):
         self.path = path = Path(path)
@@ -197,9 +198,20 @@ class Volume:
             elif suffix == ".zarr":
                 self.array = zarr_array(path)
             elif suffix in TIFF_SUFFIXES:
-                from common.formats import TiffRegions
+                import tifffile
+                import zarr
 
-                self._file = self.array = TiffRegions(path)  # its first level if a pyramid
+                from common.formats import contiguous_pixels
+
+                with tifffile.TiffFile(path) as tif:
+                    contiguous = contiguous_pixels(tif.series[0], tif.byteorder)  # (offset, stored dtype) or None
+                    shape = tuple(tif.series[0].shape)
+                if contiguous is None:
+                    self._file = tifffile.imread(path, aszarr=True)
+                    node = zarr.open(self._file, mode="r")
+                    self.array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
+                else:
+                    self.array = ContiguousPixels(path, *contiguous, shape)
             else:
                 raise DataError(f"{path}: not a volume format we read (HDF5 {', '.join(H5_SUFFIXES)}, .zarr, "
                                 f"TIFF {', '.join(TIFF_SUFFIXES)})")  # fmt: skip
@@ -223,6 +235,21 @@ class Volume:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ContiguousPixels:
+    """An uncompressed TIFF stack's pixels (one run of bytes from `offset`) read a region at a time through a
+    memory map opened for each read, whose pages leave the process with it."""
+
+    def __init__(self, path: Path, offset: int, stored: np.dtype, shape):
+        self.path, self.offset, self.stored, self.shape = path, offset, stored, tuple(shape)
+        self.dtype = stored.newbyteorder("=")
+
+    def __getitem__(self, key) -> np.ndarray:
+        pixels = np.memmap(self.path, dtype=self.stored, mode="r", offset=self.offset, shape=self.shape)
+        region = np.array(pixels[key], dtype=self.dtype)
+        del pixels
+        return region
 
 
 def h5_dataset_name(f: h5py.File, path: Path) -> str:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.bioimageio import model_rdf
 from common.export import deployable
-from common.formats import finish_label_zarr, label_tiff, open_label_zarr, qupath_features
+from common.formats import label_image_attrs, label_tiff, qupath_features
 from common.metrics import (
     PANNUKE_CLASSES,
     ConfusionMatrix,
@@ -58,6 +58,7 @@ from common.tiling import (
     closest_level,
     core_slices,
     paste_objects,
+    pyramid_plan,
     tissue_mask,
 )
 from pannuke.data import (
@@ -369,6 +370,33 @@ def read_region_rgb(region: np.ndarray, path: Path) -> np.ndarray:
     return region[..., :3] if region.dtype == np.uint8 else np.clip(region[..., :3] / 257.0, 0, 255).astype(np.uint8)
 
 
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image at <path> (its level 0: uint32 ids, 0 where nothing is written) to fill a
+    block at a time; finish_labels adds the rest."""
+    import zarr
+
+    chunks = tuple(min(chunk, n) for n in shape)
+    return zarr.open_group(str(path), mode="w").create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32",
+                                                            fill_value=0)  # fmt: skip
+
+
+def finish_labels(path: Path, pixel_size: float | None) -> None:
+    """The label image's pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, a block at a
+    time) and its OME-Zarr label-image metadata at its root (common.formats.label_image_attrs): napari
+    (napari-ome-zarr) opens <path> as labels, QuPath's OME-Zarr reader as an image."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    full = root["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = root[str(level - 1)]
+        smaller = root.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    root.attrs.update(label_image_attrs(len(plan) + 1, pixel_size, "nuclei"))
+
+
 def segment_region(
     model, region: np.ndarray, scale: float, args, normalise, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -472,14 +500,14 @@ def predict_folder(model, images: Path, args, out_dir: Path, device) -> dict:
             tissue = tissue_mask(thumb) if args.tissue_mask else None
             fitted = None if normalise is None else slide_stain_normalizer(normalise, thumb, tissue, path.name)
             labels_path = out_dir / f"{path.stem}_instances.ome.zarr"
-            labels = open_label_zarr(labels_path, source.shape)
+            labels = open_labels(labels_path, source.shape)
             h, w = source.shape
             tqdm.write(f"{path.name}: level {source.level} of the slide ({w} x {h} px, {source.mpp:.3g} um/px)"
                        + ("" if tissue is None else f", tissue on {tissue.mean():.0%} of the thumbnail"))  # fmt: skip
             entry.update(level=source.level, level_mpp=source.mpp, level_size=[w, h], instances=str(labels_path))
             searched = None if tissue is None else (tissue, per)
             entry.update(segment_source(model, source, args, labels, fitted or normalise, writer, searched))
-            finish_label_zarr(labels_path, "nuclei", source.mpp)
+            finish_labels(labels_path, source.mpp)
             cv2.imwrite(str(out_dir / f"{path.stem}_overview.png"), overview(thumb, tissue)[..., ::-1])
         writer.close()
         counts = writer.per_class

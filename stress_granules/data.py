@@ -39,7 +39,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
-from common.formats import TiffRegions, label_tiff, pixel_size_from_tiff, tiff_plane_pixels
+from common.formats import contiguous_pixels, label_tiff, pixel_size_from_tiff
 from common.preprocessing import MULTISCALE_CLAHE_SETTINGS, multiscale_clahe, percentile_normalize, stretch
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -156,22 +156,39 @@ IN_MEMORY_PX = 8192 * 8192  # a TIFF plane larger than this is read a block at a
 
 def is_large(path: Path) -> bool:
     """A TIFF whose planes are larger than IN_MEMORY_PX pixels: segmented block by block."""
-    return tiff_plane_pixels(path) > IN_MEMORY_PX
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength) * int(page.imagewidth) > IN_MEMORY_PX
+    except Exception:  # the reader names the file and its problem
+        return False
 
 
 class LargeImage:
-    """A 2D plane of a large TIFF read a region at a time (common.formats.TiffRegions: tile by tile, strip by
-    strip, or a memory map of an uncompressed file), never whole: the granule channel (`channel`) of a
-    multi-channel file; z-stacks and time series are refused (project them first). shape is (H, W);
-    `image[y0:y1, x0:x1]` reads a region; close() (or a with block) releases the file."""
+    """A 2D plane of a large TIFF read a region at a time, never whole: tile by tile or strip by strip through
+    tifffile's zarr view, or through a memory map opened for each read when the pixels are uncompressed and
+    contiguous (one strip per plane: the zarr view would decode the plane whole). The granule channel
+    (`channel`) of a multi-channel file; z-stacks and time series are refused (project them first). shape is
+    (H, W); `image[y0:y1, x0:x1]` reads a region; close() (or a with block) releases the file."""
 
     def __init__(self, path: Path, channel: int | None = None):
-        self.path = path
+        import zarr
+
+        self.path, self.store = path, None
         try:
-            self.array = TiffRegions(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                axes, shape, self.dtype = series.axes, series.shape, np.dtype(series.dtype)
+                self.contiguous = contiguous_pixels(series, tif.byteorder)  # (offset, stored dtype) or None
+            if self.contiguous is None:
+                self.store = tifffile.imread(path, aszarr=True)
+                node = zarr.open(self.store, mode="r")
+                self.array = node if hasattr(node, "shape") else node["0"]  # a pyramid: its first level
         except Exception as error:
             raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
-        axes, shape = self.array.axes, self.array.shape
+        self.full_shape = tuple(shape)
         index, holds = [], _describe(axes, shape, "a TIFF")
         for axis, n in zip(axes, shape, strict=True):
             if axis in "YX":
@@ -187,13 +204,18 @@ class LargeImage:
                                 "granule channel's projection as a 2D TIFF")  # fmt: skip
         self.index, self.axes = index, [a for a in axes if a in "YX"]
         self.shape = tuple(n for a, n in zip(axes, shape, strict=True) if a in "YX")
-        self.dtype = np.dtype(self.array.dtype)
 
     def __getitem__(self, region) -> np.ndarray:
         rows, cols = region
         key = [rows if a == "Y" else cols for a in self.axes]
-        full = [key.pop(0) if isinstance(i, slice) else i for i in self.index]
-        plane = np.asarray(self.array[tuple(full)])
+        full = tuple(key.pop(0) if isinstance(i, slice) else i for i in self.index)
+        if self.contiguous is None:
+            plane = np.asarray(self.array[full])
+        else:  # the map's pages leave the process with it
+            offset, stored = self.contiguous
+            pixels = np.memmap(self.path, dtype=stored, mode="r", offset=offset, shape=self.full_shape)
+            plane = np.array(pixels[full], dtype=stored.newbyteorder("="))
+            del pixels
         return plane.astype(np.uint8) if plane.dtype == bool else plane
 
     def percentiles(self, samples: int = 4_000_000) -> tuple[float, float]:
@@ -205,7 +227,8 @@ class LargeImage:
         return float(low), float(high)
 
     def close(self) -> None:
-        self.array.close()
+        if self.store is not None:
+            self.store.close()
 
     def __enter__(self):
         return self
@@ -395,14 +418,27 @@ class Preprocess:
             return percentile_normalize(image, 1.0, 99.8, min_range=self.min_range)
         return stretch(image, *bounds, min_range=self.min_range)
 
-    def compute(self, image: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    def compute(self, image: np.ndarray, bounds: tuple[float, float] | None = None, train_shape=None) -> np.ndarray:
         """(C, H, W) float32 in 0..1: the CLAHE channel(s) of the normalised image and the edge channel, or
-        (features="raw") the normalised image alone."""
+        (features="raw") the normalised image alone. `train_shape`, for a block of a large image: the training
+        images' (H, W), so that CLAHE's tiles have the pixel size they had in training (block_clahe_settings)."""
         normalized = self.normalize(image, bounds)
         if self.features == "raw":
             return normalized[None]
-        clahe_channels = multiscale_clahe(normalized, FEATURE_SETTINGS[self.features])
+        settings = FEATURE_SETTINGS[self.features]
+        if train_shape is not None:
+            settings = block_clahe_settings(settings, image.shape[:2], train_shape)
+        clahe_channels = multiscale_clahe(normalized, settings)
         return np.concatenate([clahe_channels, edge_channel(normalized)[None]])
+
+
+def block_clahe_settings(settings, shape, train_shape) -> list:
+    """CLAHE settings (clip limit, (tiles across, tiles down)) for a block of `shape` (H, W) px: each grid
+    rescaled so that a tile covers as many pixels as it did on an image of `train_shape` (the training images'
+    median), so a granule's local contrast is the one training saw whatever --block_size is."""
+    (h, w), (train_h, train_w) = shape, train_shape
+    return [(clip, (max(1, round(across * w / train_w)), max(1, round(down * h / train_h))))
+            for clip, (across, down) in settings]  # fmt: skip
 
 
 def edge_channel(normalized: np.ndarray) -> np.ndarray:

@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from common.bioimageio import model_rdf
 from common.export import deployable
-from common.formats import finish_label_zarr, open_label_zarr
-from common.tiling import block_grid, paste_objects
+from common.formats import label_image_attrs
+from common.tiling import block_grid, paste_objects, pyramid_plan
 from stress_granules.data import (
     EDGE_FULL_SCALE,
     FEATURE_SETTINGS,
@@ -87,6 +87,7 @@ class Settings(NamedTuple):
     threshold: float
     min_size: int
     split: bool
+    train_shape: tuple[int, int] | None = None  # the training images' median (H, W): CLAHE's tiles on large images
 
 
 def run_settings(args, checkpoint: dict) -> tuple[Preprocess, Settings]:
@@ -105,6 +106,7 @@ def run_settings(args, checkpoint: dict) -> tuple[Preprocess, Settings]:
         threshold=stored.get("threshold", 0.5) if args.threshold is None else args.threshold,
         min_size=stored.get("min_size", 15) if args.min_size is None else args.min_size,
         split=stored["split_touching"] if args.split_touching is None else args.split_touching,
+        train_shape=stored.get("train_image_shape"),  # None in runs before it was stored: the block's own grid
     )
     if settings.tile % 16 or not 0 <= settings.overlap < settings.tile:
         raise SystemExit(
@@ -339,6 +341,33 @@ def summarise(image_path, labels, rows, cell_rows, pixel_size, mask) -> dict:
     return summary
 
 
+def open_labels(path: Path, shape, chunk: int = 1024):
+    """A new OME-Zarr label image at <path> (its level 0: uint32 ids, 0 where nothing is written) to fill a
+    block at a time; finish_labels adds the rest."""
+    import zarr
+
+    chunks = tuple(min(chunk, n) for n in shape)
+    return zarr.open_group(str(path), mode="w").create_array("0", shape=tuple(shape), chunks=chunks, dtype="uint32",
+                                                            fill_value=0)  # fmt: skip
+
+
+def finish_labels(path: Path, pixel_size: float | None) -> None:
+    """The label image's pyramid (common.tiling.pyramid_plan: every second pixel, so ids stay ids, a block at a
+    time) and its OME-Zarr label-image metadata at its root (common.formats.label_image_attrs): napari
+    (napari-ome-zarr) opens <path> as labels, Fiji's and QuPath's OME-Zarr readers as an image."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    full = root["0"]
+    plan = pyramid_plan(full.shape)
+    for level, (shape, copies) in enumerate(plan, start=1):
+        above = root[str(level - 1)]
+        smaller = root.create_array(str(level), shape=shape, chunks=full.chunks, dtype=full.dtype, fill_value=0)
+        for source, target in copies:
+            smaller[target] = above[source]
+    root.attrs.update(label_image_attrs(len(plan) + 1, pixel_size, "granules"))
+
+
 def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings, ctx, out: Path, pixel_size,
                   block: int, overlap: int, write_rows) -> dict:  # fmt: skip
     """An image too large to hold (data.LargeImage), block by block (`block` px overlapping by `overlap`): each
@@ -348,14 +377,14 @@ def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings,
     write_rows. Memory is one block's. Returns its image_summary row."""
     with LargeImage(image_path, prep.channel) as image:
         bounds = image.percentiles()
-        labels = open_label_zarr(out, image.shape)
+        labels = open_labels(out, image.shape)
         blocks = block_grid(image.shape, block, min(overlap, block - 1))
         next_id, granule_area = 1, 0
         for start, core in tqdm(blocks, desc=image_path.name, unit="block", leave=False):
             (y0, x0), (h, w) = start, image.shape
             y1, x1 = min(y0 + block, h), min(x0 + block, w)
             raw = image[y0:y1, x0:x1]
-            features = prep.compute(raw, bounds).astype(np.float16)  # as training's cache holds them
+            features = prep.compute(raw, bounds, settings.train_shape).astype(np.float16)  # as cached
             probability = predict_probability(model, features, settings.tile, settings.overlap, ctx=ctx)
             found = granules_from_probability(probability, settings.threshold, settings.min_size, settings.split)
             window = np.asarray(labels[y0:y1, x0:x1])
@@ -370,7 +399,7 @@ def segment_large(model, image_path: Path, prep: Preprocess, settings: Settings,
                 granule_area += row["area_px"]
             write_rows(rows)
             next_id += len(pasted)
-    finish_label_zarr(out, "granules", pixel_size)
+    finish_labels(out, pixel_size)
     n, pixels = next_id - 1, image.shape[0] * image.shape[1]
     return {"image": image_path.name, "pixel_size_um": pixel_size, "granules": n,
             "mean_area_px": granule_area / n if n else 0.0,

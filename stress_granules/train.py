@@ -325,6 +325,8 @@ def load_data(args, log) -> tuple[dict, list, list]:
             prep = Preprocess.from_args({**vars(args), "min_dynamic_range": 0.0})
             args.min_dynamic_range = dynamic_range_floor(train_pairs, has_granules, prep, Path(args.cache_dir))
         samples = [load_samples(pairs, args, Path(args.cache_dir), log) for pairs in (train_pairs, val_pairs)]
+        # CLAHE's tiles are a share of the image: evaluate.py gives blocks of large images tiles of this size
+        args.train_image_shape = [int(np.median([sample.mask.shape[i] for sample in samples[0]])) for i in (0, 1)]
         prep = Preprocess.from_args(args)
         for image_path, mask_path in test_pairs:  # read now: a bad test image stops the run before it trains
             read_mask(mask_path, prep.read(image_path).shape, image_path)

@@ -4,7 +4,9 @@
 - every script's --help shows each default once, taken from the parser (a recipe, preset or --demo sets parser
   defaults), and each flag under one name;
 - README's recipe for copying a domain gives a folder that runs on its own: every module it imports comes from
-  the copy, and its outputs are named after the copy.
+  the copy, and its outputs are named after the copy;
+- the readers of large TIFFs (stress_granules, cellsam, hydra_lv) read a region of any TIFF as tifffile reads
+  it, and of an uncompressed one (one strip per plane) without decoding the plane.
 """
 
 import ast
@@ -206,3 +208,49 @@ def test_readme_commands_for_large_inputs_parse(domain):
         words = shlex.split(command.split("#", 1)[0])
         assert words[1] == f"{domain}/evaluate.py"
         parser.parse_args(words[2:])  # an unknown flag exits
+
+
+def open_large_tiff(domain: str, path: Path):
+    """(reader of a region (z, rows, cols) of a (z, y, x) TIFF, close) through the domain's reader of large
+    inputs."""
+    if domain == "stress_granules":
+        from stress_granules.data import LargeImage
+
+        planes = [LargeImage(path, channel=z) for z in (0, 1)]
+        return (lambda z, rows, cols: planes[z][rows, cols]), lambda: [p.close() for p in planes]
+    if domain == "cellsam":
+        from cellsam.data import LargeImage
+
+        image = LargeImage(path)
+        return (lambda z, rows, cols: image.raw(rows, cols)[..., z]), image.close  # channels last
+    from hydra_lv.data import Volume
+
+    volume = Volume(path)
+    return (lambda z, rows, cols: volume[z, rows, cols]), volume.close
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+@pytest.mark.parametrize("domain", ["stress_granules", "cellsam", "hydra_lv"])
+def test_large_tiff_readers_read_a_region_without_the_plane(domain, compression, tmp_path):
+    """A region of a two-plane 1,500 px TIFF equals tifffile's; uncompressed (one 4.5 MB strip per plane: the
+    zarr view's chunk), reading it allocates about the region (tracemalloc), not the plane."""
+    import tracemalloc
+
+    import numpy as np
+    import tifffile
+
+    image = np.random.default_rng(0).integers(0, 65535, (2, 1500, 1500), dtype=np.uint16)
+    path = tmp_path / "plate.tif"
+    extra = {"tile": (256, 256), "compression": compression} if compression else {}
+    tifffile.imwrite(path, image, photometric="minisblack", planarconfig="separate", **extra)
+    read, close = open_large_tiff(domain, path)
+    key = (1, slice(1000, 1064), slice(700, 764))
+    read(*key)  # first reads may set up caches
+    tracemalloc.start()
+    region = read(*key)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    close()
+    np.testing.assert_array_equal(region, image[key])
+    if compression is None:
+        assert peak < 200_000, peak

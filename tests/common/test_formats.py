@@ -1,9 +1,8 @@
 """common/formats.py: label TIFFs read back with tifffile at their pixel size, GeoJSON outlines read back with
-shapely (the library QuPath-side tools use), each covering its instance within a pixel; large TIFFs read a
-region at a time (TiffRegions) equal to tifffile's whole read, without reading a whole plane."""
+shapely (the library QuPath-side tools use), each covering its instance within a pixel; where an uncompressed
+TIFF's pixels lie; OME-Zarr label-image metadata as ome-zarr's reader (napari's) reads it."""
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,14 +10,12 @@ import tifffile
 from shapely.geometry import Point, shape
 
 from common.formats import (
-    TiffRegions,
-    finish_label_zarr,
+    contiguous_pixels,
     instance_polygons,
+    label_image_attrs,
     label_tiff,
-    open_label_zarr,
     pixel_size_from_tiff,
     qupath_features,
-    tiff_plane_pixels,
 )
 
 
@@ -115,11 +112,7 @@ TIFF_KINDS = {  # tifffile.imwrite keywords: the files our users' microscopes an
 }
 
 
-@pytest.mark.parametrize("kind", TIFF_KINDS)
-def test_tiff_regions_read_what_tifffile_reads(tmp_path, kind):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 65535, (2, 300, 260), dtype=np.uint16)
-    path = tmp_path / "image.tif"
+def write_tiff(path, image, kind: str) -> None:
     keywords = dict(TIFF_KINDS[kind])
     with tifffile.TiffWriter(
         path, imagej=keywords.pop("imagej", False), byteorder=keywords.pop("byteorder", None)
@@ -129,48 +122,44 @@ def test_tiff_regions_read_what_tifffile_reads(tmp_path, kind):
             tif.write(image[:, ::2, ::2], subfiletype=1, **keywords)
         else:
             tif.write(image, **keywords)
-    regions = TiffRegions(path)
-    assert regions.shape == (2, 300, 260) and regions.dtype == np.uint16 and regions.ndim == 3
-    assert (regions.offset is not None) == (kind.startswith("uncompressed") or kind == "ImageJ stack")
-    for key in [(1, slice(10, 77), slice(200, 260)), (slice(None), slice(None, None, 7), slice(3, 5)), (Ellipsis,)]:
-        region = regions[key]
-        np.testing.assert_array_equal(region, image[key])
-        assert region.dtype == np.uint16 and region.dtype.isnative
-    regions.close()
-    assert tiff_plane_pixels(path) == 300 * 260
-    assert tiff_plane_pixels(tmp_path / "image.png") == 0
 
 
-def test_a_region_of_an_uncompressed_tiff_reads_only_the_region(tmp_path):
-    """An uncompressed 2,000 px plane (8 MB) is one strip; a 64 px region of it allocates about 8 kB, not the
-    plane (tifffile's zarr view decodes the whole strip)."""
-    path = tmp_path / "plate.tif"
-    tifffile.imwrite(path, np.arange(2000 * 2000, dtype=np.uint16).reshape(2000, 2000))
-    regions = TiffRegions(path)
-    tracemalloc.start()
-    region = regions[1000:1064, 1500:1564]
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < 200_000, peak
-    assert region[0, 0] == (1000 * 2000 + 1500) % 65536 and region.shape == (64, 64)
+@pytest.mark.parametrize("kind", TIFF_KINDS)
+def test_contiguous_pixels_are_where_the_uncompressed_pixels_lie(tmp_path, kind):
+    image = np.random.default_rng(0).integers(0, 65535, (2, 300, 260), dtype=np.uint16)
+    write_tiff(tmp_path / "image.tif", image, kind)
+    with tifffile.TiffFile(tmp_path / "image.tif") as tif:
+        found = contiguous_pixels(tif.series[0], tif.byteorder)
+    if kind.startswith("uncompressed") or kind == "ImageJ stack":
+        offset, stored = found
+        pixels = np.memmap(tmp_path / "image.tif", dtype=stored, mode="r", offset=offset, shape=(2, 300, 260))
+        np.testing.assert_array_equal(pixels, image)
+        assert stored.byteorder in ((">",) if "big" in kind else ("<", "="))
+        del pixels
+    else:
+        assert found is None
+    tifffile.imwrite(tmp_path / "b.tif", image[0] > 30000)  # 1 bit per pixel: packed, read through the zarr view
+    with tifffile.TiffFile(tmp_path / "b.tif") as tif:
+        assert contiguous_pixels(tif.series[0], tif.byteorder) is None
 
 
 @pytest.mark.parametrize("pixel_size", [0.5, None])
-def test_label_zarr_opens_as_a_label_image_at_its_own_path(tmp_path, pixel_size):
-    """What napari-ome-zarr sees (through ome-zarr's reader): a label image at the folder itself, its pyramid
-    every second pixel of the level above and its scale in micrometres (pixels without a pixel size)."""
+def test_label_image_attrs_open_as_a_label_image_at_the_folder_itself(tmp_path, pixel_size):
+    """What napari-ome-zarr sees (through ome-zarr's reader): a label image at the folder itself, its levels and
+    their scale in micrometres (in pixels without a pixel size)."""
+    import zarr
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
 
     path = tmp_path / "plate.ome.zarr"
     labels = (np.arange(2500 * 1800, dtype=np.int64).reshape(2500, 1800) // 7919).astype(np.uint32)
-    array = open_label_zarr(path, labels.shape, chunk=512)
-    for y in range(0, 2500, 600):  # a block at a time
-        array[y : y + 600] = labels[y : y + 600]
-    finish_label_zarr(path, "cells", pixel_size)
+    root = zarr.open_group(str(path), mode="w")
+    for k in range(3):
+        root.create_array(str(k), data=labels[:: 2**k, :: 2**k], chunks=(512, 512))
+    root.attrs.update(label_image_attrs(3, pixel_size, "cells"))
     (node,) = list(Reader(parse_url(str(path)))())
     assert {type(s) for s in node.specs} == {Label, Multiscales}
-    assert [np.asarray(level).tolist() == labels[:: 2**k, :: 2**k].tolist() for k, level in enumerate(node.data)] == [
+    assert [np.array_equal(np.asarray(level), labels[:: 2**k, :: 2**k]) for k, level in enumerate(node.data)] == [
         True, True, True]  # fmt: skip
     scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
     unit = pixel_size or 1.0

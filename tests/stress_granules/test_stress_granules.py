@@ -427,7 +427,8 @@ def test_evaluate_takes_the_runs_settings_and_reproduces_its_validation(robust_r
     assert report["split"] == "val" and "chose this model" in report["source"] and report["seen_by_training"] == 1
     assert report["settings"] == {"tile": 64, "overlap": 16, "threshold": 0.5, "min_size": 15, "split": True,
                                   "channel": None, "z_projection": None,
-                                  "min_dynamic_range": best["args"]["min_dynamic_range"]}  # fmt: skip
+                                  "min_dynamic_range": best["args"]["min_dynamic_range"],
+                                  "train_shape": best["args"]["train_image_shape"]}  # fmt: skip
     assert json.dumps(report["pixel"]) == json.dumps(best["val"]["pixel"])  # NaN == NaN in JSON text
     assert json.dumps(report["object"]) == json.dumps(best["val"]["object"])
     test = granule_evaluate.main(granule_evaluate.parse_args([str(robust_run), "--output_dir", "."]))
@@ -970,6 +971,25 @@ def test_colour_masks_with_alpha_and_planar_rgb_tiffs(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), grey)  # channel-first RGB: samples last
 
 
+def test_blocks_of_a_large_image_get_clahe_tiles_of_the_training_images_size():
+    """CLAHE's grid is a share of the image: a 1,024 x 2,048 px block of a run trained on 512 px images gets
+    twice and four times the tiles (64 px tiles for the 8 x 8 grid, as in training); an image of the training
+    images' size gets the features it always got; the last, narrower block keeps the tile size."""
+    settings = granule_data.FEATURE_SETTINGS["multiscale"]
+    assert settings == ((2.0, (8, 8)), (4.0, (8, 8)), (8.0, (16, 16)))
+    block = granule_data.block_clahe_settings(settings, (1024, 2048), (512, 512))
+    assert block == [(2.0, (32, 16)), (4.0, (32, 16)), (8.0, (64, 32))]  # (across, down)
+    assert granule_data.block_clahe_settings(settings, (1024, 100), (512, 512))[0] == (2.0, (2, 16))
+    rng = np.random.default_rng(0)
+    image = (rng.normal(400, 30, (512, 512)) + 2000 * (rng.random((512, 512)) > 0.995)).astype(np.uint16)
+    prep = granule_data.Preprocess("multiscale")
+    np.testing.assert_array_equal(
+        prep.compute(image, (300.0, 2500.0), (512, 512)), prep.compute(image, (300.0, 2500.0))
+    )
+    half = prep.compute(image[:256], (300.0, 2500.0), (512, 512))  # 8 x 4 tiles of 64 px, not 8 x 8 of 32 x 64
+    assert not np.array_equal(half, prep.compute(image[:256], (300.0, 2500.0)))
+
+
 def test_a_large_tiff_is_segmented_block_by_block_as_the_whole_image(robust_run, tmp_path, monkeypatch):
     """A TIFF past data.IN_MEMORY_PX is read a block at a time (tifffile's zarr view), stretched by the whole
     image's percentiles and stitched: with a per-pixel segmenter (the stretched image thresholded; the run's
@@ -990,7 +1010,7 @@ def test_a_large_tiff_is_segmented_block_by_block_as_the_whole_image(robust_run,
     tifffile.imwrite(images / "well_A1.tif", image, tile=(256, 256), resolution=(1 / 0.1, 1 / 0.1),
                      metadata={"unit": "um"}, imagej=True)  # fmt: skip
     monkeypatch.setattr(
-        granule_data.Preprocess, "compute", lambda self, im, bounds=None: self.normalize(im, bounds)[None]
+        granule_data.Preprocess, "compute", lambda self, im, bounds=None, shape=None: self.normalize(im, bounds)[None]
     )
     monkeypatch.setattr(granule_evaluate, "predict_probability", lambda model, f, *a, **k: np.asarray(f[0], np.float32))
     argv = [str(robust_run), "--images", str(images), "--output_dir", str(tmp_path), "--threshold", "0.1",
