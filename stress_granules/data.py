@@ -189,6 +189,16 @@ class LargeImage:
         except Exception as error:
             raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
         self.full_shape = tuple(shape)
+        try:
+            self.index, self.axes = self._plane(axes, shape, channel)
+        except DataError:
+            self.close()
+            raise
+        self.shape = tuple(n for a, n in zip(axes, shape, strict=True) if a in "YX")
+
+    def _plane(self, axes: str, shape, channel: int | None) -> tuple[list, list]:
+        """The index of the granule plane in the series, and its axes ("YX"); DataError for a stack."""
+        path = self.path
         index, holds = [], _describe(axes, shape, "a TIFF")
         for axis, n in zip(axes, shape, strict=True):
             if axis in "YX":
@@ -202,8 +212,7 @@ class LargeImage:
             else:
                 raise DataError(f"{path} holds {holds}: a large image is read in blocks of one plane; save the "
                                 "granule channel's projection as a 2D TIFF")  # fmt: skip
-        self.index, self.axes = index, [a for a in axes if a in "YX"]
-        self.shape = tuple(n for a, n in zip(axes, shape, strict=True) if a in "YX")
+        return index, [a for a in axes if a in "YX"]
 
     def __getitem__(self, region) -> np.ndarray:
         rows, cols = region
