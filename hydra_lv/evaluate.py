@@ -383,11 +383,11 @@ def export(args) -> Path:
 
 
 def cap_malloc_arenas(arenas: int = 2) -> None:
-    """Bound the memory block-wise segmentation keeps as it goes (glibc only, where other C libraries do
-    nothing): glibc gives threads (torch's, zarr's writers') malloc arenas of their own, up to 8 per core, and
-    the blocks' freed buffers scattered over them made peak RSS creep up with the number of blocks (19 % from 1
-    to 64 blocks); with two arenas, and zarr writing from one thread, it stays within 10 % (benchmarks/
-    RESULTS.md, issue 23)."""
+    """Bound the memory block-wise segmentation keeps as it goes (Linux with glibc; elsewhere nothing is done):
+    glibc gives threads (torch's, zarr's writers') malloc arenas of their own, up to 8 per core, and the blocks'
+    freed buffers scattered over them made peak RSS creep up with the volume's size (19 % from 1x to 64x the
+    demo volume); with two arenas, and zarr writing from one thread, 9.6 % from 1x to 16x and 11 % to 64x
+    (benchmarks/RESULTS.md, issue 23)."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -178,6 +178,13 @@ def read_image(path: Path) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def stain_amounts(image: np.ndarray, he: np.ndarray, tli: float = 240.0) -> np.ndarray:
+    """(2, pixels) haematoxylin and eosin amounts of an RGB image with stain vectors `he` (3, 2), as MONAI's
+    NormalizeHEStains measures them: absorbance against the transmitted light `tli`, by least squares."""
+    absorbance = -np.log(np.minimum(image.reshape(-1, 3).astype(np.float32) + 1, tli) / tli)
+    return np.linalg.lstsq(he, absorbance.T, rcond=None)[0]
+
+
 def stain_normalizer(reference: str | None):
     """Macenko stain normalisation (MONAI's NormalizeHEStains) to the stains of a reference H&E image (its stain
     vectors, and the 99th percentiles of its stain amounts, as the normaliser measures them), or to MONAI's
@@ -193,9 +200,7 @@ def stain_normalizer(reference: str | None):
         target_he = ExtractHEStains()(image)
     except ValueError as error:
         raise DataError(f"--stain_reference {reference}: {error} (is it an H&E image?)") from None
-    absorbance = -np.log(np.minimum(image.reshape(-1, 3).astype(np.float32) + 1, 240) / 240).T
-    amounts = np.linalg.lstsq(target_he, absorbance, rcond=None)[0]
-    max_cref = np.percentile(amounts, 99, axis=1)
+    max_cref = np.percentile(stain_amounts(image, target_he), 99, axis=1)
     return NormalizeHEStains(target_he=target_he, max_cref=max_cref), f"the stains of {reference}"
 
 
@@ -221,15 +226,10 @@ def slide_stain_normalizer(normalise, thumbnail: np.ndarray, tissue, name: str):
         print(f"{name}: no stained tissue on the thumbnail: stains measured block by block")
         return None
     tli = normalise.tli
-
-    def amounts(image: np.ndarray) -> np.ndarray:
-        absorbance = -np.log(np.minimum(image.reshape(-1, 3).astype(np.float32) + 1, tli) / tli)
-        return np.linalg.lstsq(he, absorbance.T, rcond=None)[0]
-
-    per_reference = np.percentile(amounts(pixels), 99, axis=1).astype(np.float32) / normalise.max_cref
+    per_reference = np.percentile(stain_amounts(pixels, he, tli), 99, axis=1).astype(np.float32) / normalise.max_cref
 
     def apply(region: np.ndarray) -> np.ndarray:
-        scaled = amounts(region) / per_reference[:, None].astype(np.float32)
+        scaled = stain_amounts(region, he, tli) / per_reference[:, None].astype(np.float32)
         out = (tli * np.exp(-normalise.target_he.dot(scaled))).astype(np.float32)
         out[out > 255] = 254  # as NormalizeHEStains
         return out.T.reshape(region.shape).astype(np.uint8)
